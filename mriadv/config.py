@@ -1,0 +1,223 @@
+"""The typed configuration of one training run, and the run profiles.
+
+Every default is written once, here. :meth:`TrainConfig.from_dict` rejects unknown keys and
+:meth:`TrainConfig.validate` out-of-range values, each with a message naming the key, so a
+hyperparameter that a study searches provably reaches the trainer.
+
+Perturbation budgets. ``epsilon`` and ``attack_budgets`` are squared L2 norms of the perturbation
+of one image, in normalised (z-scored) image units at the run's crop size (the seed: 1e3 and 5e3
+at 320x320). The same epsilon is a larger per-pixel perturbation on a smaller crop, so records
+carry the per-pixel RMS budget ``sqrt(epsilon / (H W))`` beside it, and :func:`scale_epsilon`
+converts the seed's 320x320 budgets to another crop at equal per-pixel RMS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+REFERENCE_CROP = 320  # the seed's crop; epsilon values "at 320" are scaled from here
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names the key."""
+
+
+def scale_epsilon(epsilon_at_reference: float, crop_size: int, reference: int = REFERENCE_CROP) -> float:
+    """A budget given for ``reference``x``reference`` images, at equal per-pixel RMS for ``crop_size``."""
+    return float(epsilon_at_reference) * (crop_size * crop_size) / (reference * reference)
+
+
+def epsilon_rms(epsilon: float, crop_size: int) -> float:
+    """Per-pixel RMS of a perturbation with squared norm ``epsilon`` on a ``crop_size``^2 image."""
+    return math.sqrt(epsilon / (crop_size * crop_size))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of the seed's Algorithm 1 (image) or Algorithm 2 (k-space).
+
+    Defaults are the seed's report (Huang & Liang, Sec. 2-3): DSSIM loss, lambda1 = 1,
+    lambda2 = 1 (its alpha2 = -1 inside the maximisation), AdamW with lr 1e-4 and weight decay 0.01
+    for both nets, batch 8, at most 5 epochs, patience 3, latent dim 100, U-Net 64/5/PReLU/avg/
+    instance norm, 320x320 crops, 4x random mask with 8% centre.
+    """
+
+    # --- objective -------------------------------------------------------------------------
+    loss: str = "dssim"  # 'mse' | 'dssim'
+    dssim_data_range: float | None = None  # None: from the target; 1.0: the seed's code's constants
+    epsilon: float = 1e3  # squared-L2 budget per image; 0 = standard training (no generator)
+    lambda1: float = 1.0  # weight of the perturbed reconstruction term
+    lambda2: float = 1.0  # weight of the hinge penalty max(0, ||G(z)||^2 - epsilon)
+    epsilon_scope: str = "image"  # 'image' (report) | 'batch' (seed code: ||batch||^2 vs B * epsilon)
+    project: bool = False  # hard projection of G(z) onto the epsilon ball
+    perturbation: str = "image"  # 'image' (Algorithm 1) | 'kspace' (Algorithm 2)
+    kspace_conditioning: str = "measurements"  # 'measurements' G(y) | 'latent' G(z), k-space only
+    kspace_sampled_only: bool = True  # k-space perturbation only on acquired columns
+    latent_dim: int = 100
+    latent_scale: float = 1.0  # z ~ N(0, latent_scale^2); the seed's code used 1e-3
+    # --- optimisation ----------------------------------------------------------------------
+    lr_recon: float = 1e-4
+    lr_gen: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    max_epochs: int = 5
+    patience: int = 3  # stop after this many epochs without validation-loss improvement
+    max_train_batches: int | None = None  # cap per epoch (smoke runs)
+    # --- models ----------------------------------------------------------------------------
+    unet_chans: int = 64
+    unet_pools: int = 5
+    unet_activation: str = "prelu"
+    unet_pooling: str = "avg"
+    unet_norm: str = "instance"
+    gen_chans: int = 64
+    # --- data ------------------------------------------------------------------------------
+    data: str | None = None  # root with singlecoil_train/ and singlecoil_val/
+    crop_size: int = 320
+    mask_type: str = "random"
+    center_fraction: float = 0.08
+    acceleration: float = 4.0
+    target_key: str = "reconstruction_esc"
+    clamp: float | None = 6.0
+    train_fraction: float = 1.0  # fraction of training volumes (seeded)
+    val_fraction: float = 1.0
+    max_train_volumes: int | None = None
+    max_val_volumes: int | None = None
+    train_eval_volumes: int = 8  # training volumes evaluated each epoch with fixed masks (Table 1)
+    num_workers: int | None = None  # data loader workers; None: auto (0 on CPU)
+    cache_dir: str | None = None  # where the volume index is cached
+    # --- robustness evaluation -------------------------------------------------------------
+    attack_budgets: tuple[float, ...] = (1e3, 5e3)  # squared-L2 budgets, same units as epsilon
+    attacks: tuple[str, ...] = ("pgd", "noise", "generator")  # + 'pgd_kspace'
+    pgd_steps: int = 10
+    pgd_step_scale: float = 2.5  # step = scale * radius / steps (Madry et al.)
+    robust_every: int = 1  # evaluate attacks every n epochs (and always at the last epoch)
+    # --- run -------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"  # 'auto' (CUDA if present) | 'cpu' | 'cuda' | 'cuda:N'
+    precision: str = "auto"  # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' | 'bf16'
+    threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def adversarial(self) -> bool:
+        return self.epsilon > 0
+
+    @property
+    def epsilon_rms(self) -> float:
+        return epsilon_rms(self.epsilon, self.crop_size)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        cfg = replace(base, **values) if base is not None else cls(**values)
+        return cfg.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raises :class:`ConfigError` naming the first bad key."""
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
+
+        choices = {
+            "loss": ("mse", "dssim"), "epsilon_scope": ("image", "batch"), "perturbation": ("image", "kspace"),
+            "kspace_conditioning": ("measurements", "latent"), "unet_activation": ("prelu", "relu", "leakyrelu"),
+            "unet_pooling": ("avg", "max"), "unet_norm": ("instance", "batch"), "mask_type": ("random", "equispaced"),
+            "target_key": ("reconstruction_esc", "reconstruction_rss", "kspace"), "precision": ("auto", "fp32", "bf16"),
+        }
+        for key, allowed in choices.items():
+            need(getattr(self, key) in allowed, key, f"must be one of {allowed}")
+        for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
+        for key in ("lr_recon", "lr_gen", "latent_scale"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, "must be a finite number > 0")
+        for key in ("batch_size", "max_epochs", "patience", "latent_dim", "unet_chans", "gen_chans", "crop_size",
+                    "pgd_steps", "robust_every"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
+        need(isinstance(self.unet_pools, int) and self.unet_pools >= 0, "unet_pools", "must be an integer >= 0")
+        need(isinstance(self.train_eval_volumes, int) and self.train_eval_volumes >= 0, "train_eval_volumes",
+             "must be an integer >= 0")
+        for key in ("max_train_batches", "max_train_volumes", "max_val_volumes", "threads"):
+            value = getattr(self, key)
+            need(value is None or (isinstance(value, int) and value >= 1), key, "must be None or an integer >= 1")
+        need(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+             "num_workers", "must be None or an integer >= 0")
+        need(0 < self.center_fraction < 1, "center_fraction", "must be in (0, 1)")
+        need(self.acceleration > 1, "acceleration", "must be > 1")
+        need(self.center_fraction * self.acceleration < 1, "center_fraction",
+             f"times acceleration ({self.acceleration}) must be < 1")
+        for key in ("train_fraction", "val_fraction"):
+            need(0 < getattr(self, key) <= 1, key, "must be in (0, 1]")
+        need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
+        need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
+        need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
+        need(all(isinstance(b, (int, float)) and b > 0 for b in self.attack_budgets), "attack_budgets",
+             "must be numbers > 0")
+        valid_attacks = ("pgd", "noise", "generator", "pgd_kspace")
+        need(all(a in valid_attacks for a in self.attacks), "attacks", f"each must be one of {valid_attacks}")
+        need(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
+             "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return self
+
+
+# Profiles: overrides of TrainConfig plus the synthetic dataset used when no --data is given.
+# 'paper' is the seed's exact setting; 'demo' is sized for a 2-core CPU in minutes; 'smoke' for tests.
+# The demo and smoke epsilons are the seed's 1e3 / 5e3 at 320x320 scaled to equal per-pixel RMS.
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    overrides: dict[str, Any]
+    synthetic: dict[str, int]  # SyntheticSpec fields
+    description: str = ""
+
+    def config(self, **more: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.overrides, **more})
+
+
+def _budgets(crop: int) -> tuple[float, ...]:
+    return tuple(scale_epsilon(e, crop) for e in (1e3, 5e3))
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        "paper", {}, dict(volumes=64, val_volumes=16, slices=16, size=320),
+        "the seed's setting: 320x320, U-Net 64 channels / 5 pools, batch 8, 5 epochs (GPU)",
+    ),
+    "demo": Profile(
+        "demo",
+        dict(crop_size=96, unet_chans=16, unet_pools=3, gen_chans=16, epsilon=_budgets(96)[0],
+             attack_budgets=_budgets(96), max_epochs=5, train_eval_volumes=4, pgd_steps=10),
+        dict(volumes=24, val_volumes=4, slices=10, size=96),
+        "CPU-sized: 96x96, U-Net 16 channels / 3 pools, ~240 training slices; minutes on 2 cores",
+    ),
+    "smoke": Profile(
+        "smoke",
+        dict(crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4, epsilon=_budgets(64)[0],
+             attack_budgets=_budgets(64), batch_size=4, max_epochs=2, patience=3, train_eval_volumes=1,
+             pgd_steps=3, max_train_batches=4),
+        dict(volumes=3, val_volumes=2, slices=4, size=64),
+        "tiny: 64x64, a few slices, seconds; for tests",
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+__all__ = ["TrainConfig", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
+           "REFERENCE_CROP"]

@@ -1,0 +1,109 @@
+"""The reconstructor f_theta: a U-Net (Ronneberger et al. 2015) as the seed describes it (Sec. 2.4).
+
+Blocks of two 3x3 convolutions, each followed by a normalisation layer and an activation; pooling
+by 2 between blocks; on the way up, bilinear 2x upsampling, concatenation with the skip connection
+and a block; at the end 1x1 convolutions down to one channel. The seed's report uses 64 channels,
+5 pool levels, PReLU, average pooling and instance norm (its published code used batch norm and
+transposed-convolution upsampling; ``norm='batch'`` offers the former).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("prelu", "relu", "leakyrelu")
+POOLINGS = ("avg", "max")
+NORMS = ("instance", "batch")
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "prelu":
+        return nn.PReLU()
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leakyrelu":
+        return nn.LeakyReLU(0.2, inplace=True)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def make_norm(name: str, channels: int) -> nn.Module:
+    if name == "instance":
+        return nn.InstanceNorm2d(channels)
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"unknown norm {name!r}; expected one of {NORMS}")
+
+
+class ConvBlock(nn.Sequential):
+    """``(conv3x3 -> norm -> activation) x 2``: ``(B, c_in, H, W) -> (B, c_out, H, W)``."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str, activation: str) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), make_norm(norm, c_out), make_activation(activation),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), make_norm(norm, c_out), make_activation(activation),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net reconstructor: ``(B, in_chans, H, W) -> (B, out_chans, H, W)`` for any H, W.
+
+    Inputs whose sides are not multiples of ``2**num_pools`` are reflect-padded up to one and the
+    output cropped back, so every level's skip connection matches exactly.
+
+    Args:
+        chans: channels of the first block; doubled at each pool level.
+        num_pools: number of 2x poolings (the bottleneck has ``chans * 2**num_pools`` channels).
+        activation: ``'prelu'`` (seed), ``'relu'`` or ``'leakyrelu'``.
+        pooling: ``'avg'`` (seed) or ``'max'``.
+        norm: ``'instance'`` (seed's report) or ``'batch'`` (seed's code).
+    """
+
+    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 64, num_pools: int = 5,
+                 activation: str = "prelu", pooling: str = "avg", norm: str = "instance") -> None:
+        super().__init__()
+        if chans < 1 or num_pools < 0:
+            raise ValueError(f"chans must be >= 1 and num_pools >= 0, got chans={chans}, num_pools={num_pools}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        self.num_pools = num_pools
+        self.pool = F.avg_pool2d if pooling == "avg" else F.max_pool2d
+        widths = [chans * 2**i for i in range(num_pools + 1)]
+        self.down = nn.ModuleList(
+            [ConvBlock(in_chans, widths[0], norm, activation)]
+            + [ConvBlock(widths[i - 1], widths[i], norm, activation) for i in range(1, num_pools + 1)]
+        )
+        # up block i takes the upsampled level i+1 concatenated with the skip of level i
+        self.up = nn.ModuleList(
+            [ConvBlock(widths[i + 1] + widths[i], widths[i], norm, activation) for i in reversed(range(num_pools))]
+        )
+        half = max(1, chans // 2)
+        self.head = nn.Sequential(
+            nn.Conv2d(widths[0], half, 1), make_activation(activation), nn.Conv2d(half, out_chans, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects (B, C, H, W), got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        m = 2**self.num_pools
+        pad_h, pad_w = (-H) % m, (-W) % m
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < H and pad_w < W else "replicate"
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode=mode)
+        skips = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                x = self.pool(x, 2)
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        x = self.head(x)
+        if pad_h or pad_w:
+            x = x[..., pad_h // 2 : pad_h // 2 + H, pad_w // 2 : pad_w // 2 + W]
+        return x

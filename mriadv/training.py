@@ -1,0 +1,550 @@
+"""Min-max training of a robust reconstructor (Huang & Liang, Algorithms 1 and 2; after Raj et al.).
+
+Per mini-batch (:meth:`Trainer.train_step`):
+
+1. **generator step** (``f`` frozen: no gradient reaches theta) — ascend
+   ``lambda1 * Loss(f(x~ + G(z)), x) - lambda2 * max(0, ||G(z)||^2 - epsilon)`` in phi;
+2. **reconstructor step** — with ``delta = G(z)`` from the *updated* generator, detached, descend
+   ``Loss(f(x~), x) + lambda1 * Loss(f(x~ + delta), x)`` in theta, the clean and perturbed inputs
+   passed through ``f`` as one batch of 2B.
+
+With ``epsilon = 0`` there is no generator and the step is standard training. With
+``perturbation='kspace'`` the perturbation is added to the normalised masked k-space before the
+inverse FFT (Algorithm 2) and the generator is conditioned on the measurements (or on z).
+
+:func:`fit` runs epochs, validates, evaluates robustness, stops early, checkpoints every epoch and
+resumes from a checkpoint, reporting each epoch through a callback of plain numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, squared_norm
+from mriadv.config import REFERENCE_CROP, ConfigError, TrainConfig
+from mriadv.data.files import ShapeBucketSampler, SliceDataset
+from mriadv.data.masks import make_mask_func
+from mriadv.data.transforms import Batch, UnetTransform, collate
+from mriadv.evaluate import EvalResult, RobustRow, evaluate, robustness
+from mriadv.losses import make_loss
+from mriadv.models import ImageGenerator, MeasurementGenerator, UNet, as_complex
+from mriadv.runtime import Runtime, seed_everything
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+STATUSES = ("running", "completed", "early_stopped", "nan")
+# fields that may differ between a checkpoint's config and the config resuming it
+RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "precision", "num_workers", "threads", "cache_dir", "data",
+                     "robust_every"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or inf; training stops instead of going on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def build_reconstructor(cfg: TrainConfig) -> UNet:
+    return UNet(1, 1, cfg.unet_chans, cfg.unet_pools, cfg.unet_activation, cfg.unet_pooling, cfg.unet_norm)
+
+
+def build_generator(cfg: TrainConfig, kspace_shape: tuple[int, int] | None = None) -> nn.Module | None:
+    """The perturbation generator for ``cfg`` (None for standard training)."""
+    if not cfg.adversarial:
+        return None
+    if cfg.perturbation == "image":
+        return ImageGenerator((cfg.crop_size, cfg.crop_size), cfg.latent_dim, cfg.gen_chans, out_chans=1)
+    if cfg.kspace_conditioning == "measurements":
+        return MeasurementGenerator(channels=cfg.gen_chans)
+    if kspace_shape is None:
+        raise ConfigError("kspace_conditioning='latent' needs the k-space shape of the data")
+    return ImageGenerator(kspace_shape, cfg.latent_dim, cfg.gen_chans, out_chans=2)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` get no gradients inside the block (input-only backward)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# one training step
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds the two networks and their optimisers and performs the named steps of Algorithm 1/2.
+
+    Args:
+        cfg: the run's configuration.
+        runtime: device and precision.
+        kspace_shape: ``(H, W)`` of the data's k-space (only for a latent-conditioned k-space generator).
+    """
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, kspace_shape: tuple[int, int] | None = None) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.loss_fn = make_loss(cfg.loss, data_range=cfg.dssim_data_range) if cfg.loss == "dssim" else make_loss("mse")
+        self.recon = runtime.prepare_model(build_reconstructor(cfg))
+        self.opt_recon = torch.optim.AdamW(self.recon.parameters(), lr=cfg.lr_recon, weight_decay=cfg.weight_decay)
+        gen = build_generator(cfg, kspace_shape)
+        self.generator = runtime.prepare_model(gen) if gen is not None else None
+        self.opt_gen = (torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.weight_decay)
+                        if self.generator is not None else None)
+        self.latent_rng = torch.Generator().manual_seed(cfg.seed + 1)
+
+    # -- perturbation -------------------------------------------------------------------------
+    @property
+    def latent_conditioned(self) -> bool:
+        return self.cfg.perturbation == "image" or self.cfg.kspace_conditioning == "latent"
+
+    def draw_latent(self, batch_size: int) -> torch.Tensor | None:
+        """z ~ N(0, latent_scale^2) ``(B, latent_dim)``, from the run's own generator (resumable)."""
+        if self.generator is None or not self.latent_conditioned:
+            return None
+        z = torch.randn(batch_size, self.cfg.latent_dim, generator=self.latent_rng) * self.cfg.latent_scale
+        return z.to(self.runtime.device)
+
+    def perturbation(self, batch: Batch, z: torch.Tensor | None) -> torch.Tensor:
+        """``G(z)`` (image: ``(B, 1, h, w)``) or ``G(y)`` / ``G(z)`` (k-space: complex ``(B, H, W)``), fp32,
+        restricted to acquired columns and projected onto the epsilon ball when configured."""
+        assert self.generator is not None
+        cfg = self.cfg
+        with self.runtime.autocast():
+            if cfg.perturbation == "image":
+                delta = self.generator(z).float()
+            else:
+                raw = self.generator(z) if self.latent_conditioned else self.generator(batch.kspace, batch.mask)
+                delta = as_complex(raw)
+                if cfg.kspace_sampled_only:
+                    delta = delta * batch.mask[:, None, :].to(delta.real.dtype)  # type: ignore[index]
+        if cfg.project:
+            delta = project_l2(delta, cfg.epsilon, cfg.epsilon_scope)
+        return delta
+
+    def perturbed_input(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
+        return apply_perturbation(batch, delta, self.cfg.perturbation, self.cfg.clamp)
+
+    def _loss(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with self.runtime.autocast():
+            out = self.recon(self.runtime.image(inputs))
+        return self.loss_fn(out.float(), target)
+
+    @staticmethod
+    def _check(value: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(value)):
+            raise NonFiniteLoss(f"{what} is {float(value.detach())}")
+
+    # -- the named steps ----------------------------------------------------------------------
+    def generator_step(self, batch: Batch, z: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One ascent step of phi on ``lambda1 Loss(f(x~ + G), x) - lambda2 hinge``; theta gets no gradient."""
+        assert self.generator is not None and self.opt_gen is not None
+        cfg = self.cfg
+        with frozen(self.recon):
+            delta = self.perturbation(batch, z)
+            adv = self._loss(self.perturbed_input(batch, delta), batch.target)
+            penalty = hinge(delta, cfg.epsilon, cfg.epsilon_scope)
+            objective = cfg.lambda1 * adv - cfg.lambda2 * penalty
+            self._check(objective, "generator objective")
+            self.opt_gen.zero_grad(set_to_none=True)
+            (-objective).backward()  # ascent
+            self.opt_gen.step()
+        return {"gen_objective": objective.detach(), "hinge": penalty.detach(), "adv_loss": adv.detach()}
+
+    def reconstructor_step(self, batch: Batch, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One descent step of theta on ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)`` (delta fixed);
+        with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
+        if delta is None:
+            total = clean = self._loss(batch.image, batch.target)
+            pert = torch.zeros(())
+        else:
+            n = len(batch)
+            inputs = torch.cat([batch.image, self.perturbed_input(batch, delta.detach())])  # (2B, 1, h, w)
+            with self.runtime.autocast():
+                out = self.recon(self.runtime.image(inputs)).float()
+            clean = self.loss_fn(out[:n], batch.target)
+            pert = self.loss_fn(out[n:], batch.target)
+            total = clean + self.cfg.lambda1 * pert
+        self._check(total, "reconstructor loss")
+        self.opt_recon.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_recon.step()
+        return {"recon_loss": total.detach(), "clean_loss": clean.detach(), "pert_loss": pert.detach()}
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """Algorithm 1 (or 2) on one batch; returns plain numbers (one device sync)."""
+        self.recon.train()
+        if self.generator is None:
+            stats = self.reconstructor_step(batch, None)
+        else:
+            self.generator.train()
+            z = self.draw_latent(len(batch))
+            stats = self.generator_step(batch, z)
+            with torch.no_grad():
+                delta = self.perturbation(batch, z)  # delta_T = G_T(z_T): the updated generator
+            stats |= self.reconstructor_step(batch, delta)
+            stats["delta_sq"] = squared_norm(delta).mean()
+        keys = list(stats)
+        values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()
+        return dict(zip(keys, values))
+
+    # -- robustness evaluation ----------------------------------------------------------------
+    def generator_perturb(self, batch: Batch) -> torch.Tensor:
+        """The generator's raw perturbation for a batch, in eval mode (for :class:`GeneratorAttack`)."""
+        assert self.generator is not None
+        was = self.generator.training
+        self.generator.eval()
+        try:
+            z = None
+            if self.latent_conditioned:  # fixed latent per evaluation: comparable across epochs
+                g = torch.Generator().manual_seed(12345)
+                z = (torch.randn(len(batch), self.cfg.latent_dim, generator=g) * self.cfg.latent_scale).to(self.runtime.device)
+            with torch.no_grad():
+                return self.perturbation(batch, z)
+        finally:
+            self.generator.train(was)
+
+    def attacks(self) -> list:
+        """The configured attacks at every budget of ``cfg.attack_budgets``."""
+        cfg, out = self.cfg, []
+        for budget in cfg.attack_budgets:
+            for name in cfg.attacks:
+                if name == "pgd":
+                    out.append(PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp))
+                elif name == "pgd_kspace":
+                    out.append(PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, "kspace", cfg.kspace_sampled_only,
+                                         cfg.clamp))
+                elif name == "noise":
+                    out.append(NoiseAttack(budget))
+                elif name == "generator" and self.generator is not None:
+                    out.append(GeneratorAttack(budget, self.generator_perturb, cfg.perturbation, cfg.clamp))
+        return out
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recon": self.recon.state_dict(),
+            "generator": self.generator.state_dict() if self.generator is not None else None,
+            "opt_recon": self.opt_recon.state_dict(),
+            "opt_gen": self.opt_gen.state_dict() if self.opt_gen is not None else None,
+            "latent_rng": self.latent_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recon.load_state_dict(state["recon"])
+        self.opt_recon.load_state_dict(state["opt_recon"])
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])
+            self.opt_gen.load_state_dict(state["opt_gen"])  # type: ignore[union-attr]
+        self.latent_rng.set_state(state["latent_rng"])
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """The datasets of a run; loaders are made per epoch so that order depends only on (seed, epoch)."""
+
+    train: SliceDataset
+    val: SliceDataset
+    train_eval: SliceDataset | None
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    bucketed: bool
+    seed: int
+
+    def loader(self, dataset: SliceDataset, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        dataset.set_epoch(epoch)
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate)
+        if self.bucketed:
+            sampler = ShapeBucketSampler(dataset.kspace_shapes(), self.batch_size, shuffle, self.seed)
+            sampler.set_epoch(epoch)
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+                                           **common)
+
+    def kspace_shape(self) -> tuple[int, int] | None:
+        shapes = {v.kspace_shape for v in self.train.volumes + self.val.volumes}
+        return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+def build_data(cfg: TrainConfig, runtime: Runtime) -> Data:
+    if cfg.data is None:
+        raise ConfigError("config key 'data' is None: give a data folder (or use a profile's synthetic data)")
+    root = Path(cfg.data)
+    mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
+    keep_k = cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
+    train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
+    fixed_tf = UnetTransform(mask_func, cfg.crop_size, train=False, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
+    common = dict(target_key=cfg.target_key, crop_size=cfg.crop_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    train = SliceDataset(root, "train", train_tf, volume_fraction=cfg.train_fraction,
+                         max_volumes=cfg.max_train_volumes, **common)
+    val = SliceDataset(root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes,
+                       **common)
+    train_eval = None
+    if cfg.train_eval_volumes > 0:
+        train_eval = SliceDataset(root, "train", fixed_tf, **common)
+        train_eval.volumes = train.volumes[: cfg.train_eval_volumes]
+        train_eval.slices = [(v, s) for v in train_eval.volumes for s in range(v.num_slices)]
+    workers = cfg.num_workers
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
+    return Data(train, val, train_eval, cfg.batch_size, workers, runtime.is_cuda, keep_k, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# records, checkpoints, fit
+# ---------------------------------------------------------------------------------------------
+def to_reference(budget: float, crop_size: int) -> float:
+    """A budget at ``crop_size`` expressed at 320x320 with the same per-pixel RMS (the seed's units)."""
+    return round(budget * REFERENCE_CROP**2 / crop_size**2, 6)
+
+
+def robust_key(attack: str, budget_ref: float, metric: str) -> str:
+    """Flat metric name, e.g. ``rob_pgd_e5000_nmse``: keyed by the 320x320-equivalent budget, so the
+    same study space gives the same names on every profile."""
+    return f"rob_{attack}_e{budget_ref:g}_{metric}".replace(".", "p").replace("+", "")
+
+
+@dataclass
+class EpochRecord:
+    """Everything known after one epoch, as plain numbers (``robustness`` holds one row per attack
+    and budget). :meth:`flat` gives the scalar dict that a study forwards to its tuner."""
+
+    epoch: int  # 1-based: epochs completed
+    status: str
+    epsilon: float
+    epsilon_rms: float
+    epsilon_ref: float  # the same per-pixel RMS expressed at 320x320 (the seed's units)
+    train_loss: float  # reconstructor objective (clean + lambda1 * perturbed)
+    train_clean_loss: float
+    train_pert_loss: float
+    gen_objective: float
+    hinge: float
+    delta_sq: float  # mean ||G(z)||^2 seen in training
+    steps: int
+    val_loss: float
+    val_nmse: float
+    val_psnr: float
+    val_ssim: float
+    val_seed_nmse: float
+    val_seed_psnr: float
+    val_seed_ssim: float
+    train_nmse: float
+    train_psnr: float
+    train_ssim: float
+    best_epoch: int
+    best_val_loss: float
+    is_best: bool
+    train_time_s: float
+    eval_time_s: float
+    robust_time_s: float
+    epoch_time_s: float
+    slices_per_s: float
+    robustness: list[dict[str, Any]] = field(default_factory=list)
+
+    def flat(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "robustness"}
+        for row in self.robustness:
+            for m in ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim"):
+                out[robust_key(row["attack"], row["budget_ref"], m)] = row[m]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EpochRecord":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class FitResult:
+    status: str  # 'completed' | 'early_stopped' | 'nan'
+    message: str
+    history: list[EpochRecord]
+    best_epoch: int
+    checkpoint: Path | None
+    best_checkpoint: Path | None
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically (temporary file, then rename): a kill never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`fit` (plain tensors and containers: ``weights_only=True``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diffs = sorted(k for k in now if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(now[k]))
+    if diffs:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diffs)
+        raise ConfigError(f"cannot resume: the checkpoint was trained with a different config ({details})")
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _mean(sums: dict[str, float], key: str, n: int) -> float:
+    return sums.get(key, 0.0) / n if n else float("nan")
+
+
+def fit(
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    on_epoch: Callable[[EpochRecord, Path | None], None] | None = None,
+    resume_from: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> FitResult:
+    """Train one model with Algorithm 1/2 and return its history.
+
+    Args:
+        cfg: the run's config (``cfg.data`` must point at a data root).
+        out_dir: where ``checkpoint.pt`` (every epoch, everything needed to resume) and ``best.pt``
+            (networks of the best validation epoch) are written; None: no files.
+        on_epoch: called after each epoch with its record and the checkpoint path.
+        resume_from: a checkpoint file or folder; training continues after its last epoch, and on
+            CPU reproduces the uninterrupted run exactly.
+        log: progress lines (None: silent).
+    """
+    cfg = cfg.validate()
+    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
+    say = log or (lambda _msg: None)
+    seed_everything(cfg.seed)
+    data = build_data(cfg, runtime)
+    trainer = Trainer(cfg, runtime, kspace_shape=data.kspace_shape())
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out else None
+    best_path = out / BEST_NAME if out else None
+
+    history: list[EpochRecord] = []
+    best_loss, best_epoch, bad_epochs, start = math.inf, 0, 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _check_resume_config(state["config"], cfg)
+        trainer.load_state_dict(state["trainer"])
+        history = [EpochRecord.from_dict(r) for r in state["history"]]
+        es = state["early_stopping"]
+        best_loss, best_epoch, bad_epochs = es["best_loss"], es["best_epoch"], es["bad_epochs"]
+        start = state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["status"] in ("early_stopped", "nan"):
+            say(f"checkpoint is final ({state['status']}); nothing to resume")
+            return FitResult(state["status"], "resumed a finished run", history, best_epoch, ckpt_path, best_path)
+        say(f"resuming after epoch {start}")
+
+    status, message = "completed", f"ran {cfg.max_epochs} epochs"
+    for epoch in range(start, cfg.max_epochs):
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = slices = 0
+        try:
+            for i, batch in enumerate(data.loader(data.train, shuffle=True, epoch=epoch)):
+                if cfg.max_train_batches is not None and i >= cfg.max_train_batches:
+                    break
+                for k, v in trainer.train_step(batch.to(runtime.device, non_blocking=True)).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+                slices += len(batch)
+        except NonFiniteLoss as exc:
+            status, message = "nan", f"epoch {epoch + 1}, step {steps + 1}: {exc}; training stopped"
+            say(f"stopped: {message}")
+            break
+        t_train = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        val = evaluate(trainer.recon, data.loader(data.val, shuffle=False), trainer.loss_fn, runtime, clamp=cfg.clamp)
+        tr = (evaluate(trainer.recon, data.loader(data.train_eval, shuffle=False), trainer.loss_fn, runtime,
+                       clamp=cfg.clamp) if data.train_eval is not None else None)
+        t_eval = time.perf_counter() - t1
+
+        improved = val.loss < best_loss
+        if improved:
+            best_loss, best_epoch, bad_epochs = val.loss, epoch + 1, 0
+        else:
+            bad_epochs += 1
+        stopping = bad_epochs >= cfg.patience
+        last = stopping or epoch + 1 == cfg.max_epochs
+
+        t2 = time.perf_counter()
+        rows: list[RobustRow] = []
+        if (epoch + 1) % cfg.robust_every == 0 or last:
+            rows = robustness(trainer.recon, data.loader(data.val, shuffle=False), trainer.loss_fn, runtime,
+                              trainer.attacks(), val, cfg.clamp)
+        t_rob = time.perf_counter() - t2
+
+        record = EpochRecord(
+            epoch=epoch + 1, status="early_stopped" if stopping else ("completed" if last else "running"),
+            epsilon=cfg.epsilon, epsilon_rms=cfg.epsilon_rms,
+            epsilon_ref=to_reference(cfg.epsilon, cfg.crop_size),
+            train_loss=_mean(sums, "recon_loss", steps), train_clean_loss=_mean(sums, "clean_loss", steps),
+            train_pert_loss=_mean(sums, "pert_loss", steps), gen_objective=_mean(sums, "gen_objective", steps),
+            hinge=_mean(sums, "hinge", steps), delta_sq=_mean(sums, "delta_sq", steps), steps=steps,
+            val_loss=val.loss, val_nmse=val.nmse, val_psnr=val.psnr, val_ssim=val.ssim,
+            val_seed_nmse=val.seed_nmse, val_seed_psnr=val.seed_psnr, val_seed_ssim=val.seed_ssim,
+            train_nmse=tr.nmse if tr else float("nan"), train_psnr=tr.psnr if tr else float("nan"),
+            train_ssim=tr.ssim if tr else float("nan"),
+            best_epoch=best_epoch, best_val_loss=best_loss, is_best=improved,
+            train_time_s=t_train, eval_time_s=t_eval, robust_time_s=t_rob,
+            epoch_time_s=time.perf_counter() - t0, slices_per_s=slices / t_train if t_train > 0 else float("nan"),
+            robustness=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows],
+        )
+        history.append(record)
+        if out is not None:
+            payload = {
+                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1, "status": record.status,
+                "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "early_stopping": {"best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs},
+                "history": [asdict(r) for r in history],
+            }
+            if improved:
+                save_checkpoint(best_path, {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
+                                            "recon": trainer.recon.state_dict(),
+                                            "generator": trainer.generator.state_dict() if trainer.generator else None})
+            save_checkpoint(ckpt_path, payload)
+        say(_progress_line(record))
+        if on_epoch is not None:
+            on_epoch(record, ckpt_path)
+        if stopping:
+            status = "early_stopped"
+            message = f"no validation improvement for {cfg.patience} epochs (best epoch {best_epoch})"
+            break
+    return FitResult(status, message, history, best_epoch, ckpt_path, best_path)
+
+
+def _progress_line(r: EpochRecord) -> str:
+    pgd = [row for row in r.robustness if row["attack"] == "pgd"]
+    rob = " ".join(f"pgd@{row['budget']:g}: nmse {row['nmse']:.4f}" for row in pgd)
+    return (f"epoch {r.epoch}: loss {r.train_loss:.4f} |delta|^2 {r.delta_sq:.1f} | val nmse {r.val_nmse:.4f} "
+            f"psnr {r.val_psnr:.2f} ssim {r.val_ssim:.4f} {rob} | {r.epoch_time_s:.0f}s"
+            + (" *" if r.is_best else ""))

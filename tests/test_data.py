@@ -1,0 +1,171 @@
+"""Dataset, transforms, index cache and the folder check, on synthetic fastMRI-format files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mriadv.data.check import check_folder
+from mriadv.data.files import SliceDataset, ShapeBucketSampler, acquired_band, build_index
+from mriadv.data.masks import RandomMaskFunc
+from mriadv.data.transforms import UnetTransform, collate, image_from_normalized_kspace
+
+
+def make_dataset(root, split="train", train=True, crop=64, keep_kspace=False, **kw):
+    tf = UnetTransform(RandomMaskFunc(0.08, 4), crop_size=crop, train=train, keep_kspace=keep_kspace)
+    return SliceDataset(root, split, tf, crop_size=crop, **kw)
+
+
+def test_dataset_shapes_order_and_normalisation(synthetic_root):
+    ds = make_dataset(synthetic_root)
+    assert len(ds) == 3 * 4
+    names = [v.name for v, _ in ds.slices]
+    assert names == sorted(names)  # deterministic order
+    s = ds[5]
+    assert s.image.shape == (1, 64, 64) and s.target.shape == (1, 64, 64)
+    assert s.image.dtype == torch.float32
+    # instance normalisation: the input has mean 0 and std 1 before clamping (clamping at 6 sigma
+    # changes them very little)
+    assert abs(float(s.image.mean())) < 0.05 and abs(float(s.image.std()) - 1) < 0.05
+    # the target is normalised with the input's statistics: de-normalising gives the file's target
+    with h5py.File(ds.folder / s.fname) as f:
+        ref = f["reconstruction_esc"][s.slice_num]
+        assert float(s.max_value) == pytest.approx(float(f.attrs["max"]))
+    denorm = s.target[0] * (s.std + 1e-11) + s.mean
+    np.testing.assert_allclose(denorm.numpy(), ref, rtol=1e-4, atol=1e-5 * ref.max())
+
+
+def test_input_is_zero_filled_magnitude_of_masked_kspace(synthetic_root):
+    ds = make_dataset(synthetic_root, "val", train=False, keep_kspace=True)
+    s = ds[1]
+    with h5py.File(ds.folder / s.fname) as f:
+        k = f["kspace"][s.slice_num]
+    mask = s.mask.numpy()
+    # independent computation in NumPy: mask columns, centred orthonormal inverse FFT, crop, magnitude
+    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k * mask[None, :]), norm="ortho"))
+    top, left = (img.shape[0] - 64) // 2, (img.shape[1] - 64) // 2
+    mag = np.abs(img[top : top + 64, left : left + 64])
+    expected = np.clip((mag - mag.mean()) / mag.std(ddof=1), -6, 6)
+    np.testing.assert_allclose(s.image[0].numpy(), expected, atol=1e-4)
+    # the carried k-space reproduces the input exactly (the path k-space perturbations take)
+    b = collate([s])
+    again = image_from_normalized_kspace(b.kspace, b.mean, b.std, (64, 64), 6.0)
+    torch.testing.assert_close(again, b.image, atol=1e-5, rtol=1e-5)
+    # zero-padded phase encodes are never sampled
+    left, right = acquired_band(h5py.File(ds.folder / s.fname)["ismrmrd_header"][()], k.shape[-1])
+    assert not mask[:left].any() and not mask[right:].any() and mask[left:right].any()
+
+
+def test_validation_masks_fixed_per_volume_training_masks_vary(synthetic_root):
+    val = make_dataset(synthetic_root, "val", train=False, keep_kspace=True)
+    a, b = val[0], val[0]
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.image, b.image)
+    assert torch.equal(val[0].mask, val[1].mask)  # same volume, same mask
+    train = make_dataset(synthetic_root, "train", train=True, keep_kspace=True)
+    m0 = train[0].mask
+    train.set_epoch(1)
+    m1 = train[0].mask
+    assert not torch.equal(m0, m1)
+    train.set_epoch(0)
+    assert torch.equal(train[0].mask, m0)  # a pure function of (seed, epoch, file, slice)
+
+
+def test_crop_smaller_than_target_and_target_from_kspace(synthetic_root):
+    ds = make_dataset(synthetic_root, crop=48)
+    assert ds[0].image.shape == (1, 48, 48)
+    # max_value is the max of the cropped target volume, computed (not attrs['max'])
+    v = ds.volumes[0]
+    with h5py.File(ds.folder / v.name) as f:
+        t = f["reconstruction_esc"][()][:, 8:56, 8:56]
+    assert v.max_value == pytest.approx(float(t.max()), rel=1e-6)
+    ds_k = SliceDataset(synthetic_root, "train", UnetTransform(RandomMaskFunc(), 64), target_key="kspace", crop_size=64)
+    s = ds_k[0]
+    with h5py.File(ds_k.folder / s.fname) as f:
+        esc = f["reconstruction_esc"][s.slice_num]
+    denorm = (s.target[0] * (s.std + 1e-11) + s.mean).numpy()
+    np.testing.assert_allclose(denorm, esc, rtol=1e-3, atol=1e-4 * esc.max())
+
+
+def test_volume_subsampling_is_seeded(synthetic_root):
+    a = make_dataset(synthetic_root, max_volumes=2, seed=1)
+    b = make_dataset(synthetic_root, max_volumes=2, seed=1)
+    assert [v.name for v in a.volumes] == [v.name for v in b.volumes]
+    assert len(a.volumes) == 2
+
+
+def test_index_is_cached_and_notices_changes(synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "singlecoil_val", data)
+    cache = tmp_path / "cache"
+    first = build_index(data, cache_dir=cache)
+    files = list(cache.glob("index-*.json"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = build_index(data, cache_dir=cache)
+    assert again == first and files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    (data / first[0].name).unlink()
+    assert len(build_index(data, cache_dir=cache)) == len(first) - 1
+
+
+def test_shape_bucket_sampler_groups_shapes():
+    shapes = [(640, 368)] * 5 + [(640, 372)] * 3
+    batches = list(ShapeBucketSampler(shapes, batch_size=2, shuffle=True, seed=0))
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert len({shapes[i] for i in b}) == 1
+
+
+def test_collate_rejects_mixed_kspace_shapes(synthetic_root):
+    s = make_dataset(synthetic_root, "val", train=False, keep_kspace=True)[0]
+    other = s._replace(kspace=torch.zeros(10, 10, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="different k-space shapes"):
+        collate([s, other])
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m mriadv.data.check
+# ----------------------------------------------------------------------------------------------
+def run_check(folder):
+    return subprocess.run([sys.executable, "-m", "mriadv.data.check", str(folder)], capture_output=True, text=True)
+
+
+def test_check_good_folder(synthetic_root):
+    out = run_check(synthetic_root)
+    assert out.returncode == 0, out.stderr
+    assert "train:" in out.stdout and "3 volumes, 12 slices" in out.stdout
+    assert "128x74" in out.stdout and "64x64" in out.stdout
+
+
+def test_check_empty_folder_is_an_error(tmp_path):
+    out = run_check(tmp_path)
+    assert out.returncode == 1
+    assert "no .h5 files" in out.stderr
+
+
+def test_check_corrupt_files_each_named(synthetic_root, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(synthetic_root / "singlecoil_val", bad)
+    good = sorted(bad.glob("*.h5"))
+    (bad / "notes.h5").write_text("this is not HDF5")
+    with h5py.File(bad / "nokspace.h5", "w") as f:
+        f["reconstruction_esc"] = np.zeros((2, 64, 64), np.float32)
+    with h5py.File(bad / "rank2.h5", "w") as f:
+        f["kspace"] = np.zeros((128, 74), np.complex64)
+    data = good[0].read_bytes()
+    (bad / "truncated.h5").write_bytes(data[: len(data) // 2])
+    out = run_check(bad)
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 4
+    for name, problem in [("notes.h5", "not a readable HDF5"), ("nokspace.h5", "no 'kspace'"),
+                          ("rank2.h5", "rank 2"), ("truncated.h5", "truncated")]:
+        assert any(name in e and problem in e for e in errors), (name, errors)
+    assert f"{len(good)} volumes" in out.stdout  # the good files are still listed
+    reports = check_folder(bad)
+    assert not reports["data"].ok

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from mriadv.models import ImageGenerator, MeasurementGenerator, UNet, as_complex
+from mriadv.models.generators import upsampling_plan
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 96), (128, 128), (37, 53), (100, 72)])
+@pytest.mark.parametrize("norm,pooling,activation", [("instance", "avg", "prelu"), ("batch", "max", "relu")])
+def test_unet_output_shape_any_size(size, norm, pooling, activation):
+    net = UNet(chans=4, num_pools=3, norm=norm, pooling=pooling, activation=activation)
+    x = torch.randn(2, 1, *size)
+    assert net(x).shape == (2, 1, *size)
+
+
+def test_unet_paper_defaults():
+    net = UNet()
+    assert net.num_pools == 5
+    assert isinstance(net.down[0][2], torch.nn.PReLU)
+    assert isinstance(net.down[0][1], torch.nn.InstanceNorm2d)
+    # bottleneck has 64 * 2**5 channels
+    assert net.down[-1][0].out_channels == 64 * 32
+
+
+def test_unet_rejects_bad_options():
+    with pytest.raises(ValueError, match="activation"):
+        UNet(activation="gelu")
+    with pytest.raises(ValueError, match="pooling"):
+        UNet(pooling="lp")
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        UNet(chans=2, num_pools=1)(torch.zeros(1, 8, 8))
+
+
+def test_generator_for_320_is_the_seed_architecture():
+    g = ImageGenerator((320, 320), channels=2)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(convs) == 7  # projection + 6 fractionally-strided convolutions
+    assert convs[0].kernel_size == (5, 5) and all(c.stride == (2, 2) for c in convs[1:])
+    assert upsampling_plan((320, 320)) == (6, (5, 5))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 96), (128, 128), (320, 320), (100, 72)])
+def test_generator_shapes_and_range(size):
+    g = ImageGenerator(size, latent_dim=100, channels=2)
+    out = g(torch.randn(3, 100))
+    assert out.shape == (3, 1, *size)
+    assert out.abs().max() <= 1.0
+
+
+def test_measurement_generator_keeps_kspace_shape():
+    g = MeasurementGenerator(channels=4, depth=3)
+    k = torch.randn(2, 40, 22, dtype=torch.complex64)
+    out = g(k, torch.ones(2, 22, dtype=torch.bool))
+    assert out.shape == (2, 2, 40, 22)
+    assert as_complex(out).shape == (2, 40, 22) and as_complex(out).is_complex()

@@ -1,0 +1,215 @@
+"""The min-max trainer: Algorithm 1's two steps, the hinge and projection, fit, resume, NaN stop."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mriadv.attacks import PGDAttack, hinge, project_l2, squared_norm
+from mriadv.config import ConfigError, TrainConfig
+from mriadv.data.transforms import Batch
+from mriadv.runtime import Runtime
+from mriadv.training import Trainer, fit, load_checkpoint
+
+CPU = Runtime.resolve("cpu", "fp32")
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(crop_size=32, unet_chans=4, unet_pools=2, gen_chans=4, batch_size=2, epsilon=20.0, loss="mse",
+                attack_budgets=(20.0,), pgd_steps=2, train_eval_volumes=1, max_epochs=2, device="cpu")
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def fake_batch(b=2, size=32, seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(b, 1, size, size, generator=g)
+    return Batch(image=target + 0.3 * torch.randn(b, 1, size, size, generator=g), target=target,
+                 mean=torch.zeros(b), std=torch.ones(b), max_value=torch.full((b,), 3.0),
+                 fnames=[f"f{i}.h5" for i in range(b)], slice_nums=torch.arange(b))
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_generator_step_leaves_reconstructor_unchanged():
+    tr = Trainer(tiny(), CPU)
+    theta, phi = params(tr.recon), params(tr.generator)
+    batch = fake_batch()
+    tr.generator_step(batch, tr.draw_latent(2))
+    assert same(theta, params(tr.recon))
+    assert all(p.grad is None for p in tr.recon.parameters())  # no gradient reached theta at all
+    assert not same(phi, params(tr.generator))
+
+
+def test_reconstructor_step_leaves_generator_unchanged():
+    tr = Trainer(tiny(), CPU)
+    batch = fake_batch()
+    with torch.no_grad():
+        delta = tr.perturbation(batch, tr.draw_latent(2))
+    theta, phi = params(tr.recon), params(tr.generator)
+    tr.reconstructor_step(batch, delta)
+    assert same(phi, params(tr.generator))
+    assert not same(theta, params(tr.recon))
+
+
+def test_reconstructor_objective_is_clean_plus_lambda1_perturbed():
+    tr = Trainer(tiny(lambda1=3.0), CPU)
+    batch = fake_batch()
+    delta = 0.1 * torch.ones_like(batch.image)
+    with torch.no_grad():
+        clean = torch.mean((tr.recon(batch.image) - batch.target) ** 2)
+        pert = torch.mean((tr.recon(batch.image + delta) - batch.target) ** 2)
+    stats = tr.reconstructor_step(batch, delta)
+    assert float(stats["recon_loss"]) == pytest.approx(float(clean + 3.0 * pert), rel=1e-5)
+
+
+def test_hinge_zero_inside_budget_and_linear_outside():
+    delta = torch.zeros(2, 1, 4, 4)
+    delta[0, 0, 0, 0] = 3.0  # ||.||^2 = 9
+    delta[1, 0, 0, :2] = 1.0  # ||.||^2 = 2
+    assert float(hinge(delta, 10.0)) == 0.0
+    assert float(hinge(delta, 5.0)) == pytest.approx((9 - 5) / 2)  # mean over the batch of max(0, n - eps)
+    assert float(hinge(delta, 1.0)) == pytest.approx(((9 - 1) + (2 - 1)) / 2)
+    # the seed's code: the whole batch's norm against B * eps
+    assert float(hinge(delta, 5.0, scope="batch")) == pytest.approx(max(0.0, 11 - 10))
+
+
+def test_projection_onto_the_epsilon_ball():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(4, 1, 8, 8, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0]).view(4, 1, 1, 1)
+    out = project_l2(delta, 10.0)
+    sq = squared_norm(out)
+    assert torch.all(sq <= 10.0 * (1 + 1e-5))
+    inside = squared_norm(delta) <= 10.0
+    assert torch.equal(out[inside], delta[inside])  # points inside the ball do not move
+    torch.testing.assert_close(sq[~inside], torch.full_like(sq[~inside], 10.0))  # others land on the sphere
+    kd = torch.randn(3, 6, 5, dtype=torch.complex64, generator=g) * 5
+    assert torch.all(squared_norm(project_l2(kd, 2.0)) <= 2.0 * (1 + 1e-5))
+
+
+def test_project_option_bounds_generator_output():
+    tr = Trainer(tiny(project=True, epsilon=0.5), CPU)
+    delta = tr.perturbation(fake_batch(), tr.draw_latent(2))
+    assert torch.all(squared_norm(delta) <= 0.5 * (1 + 1e-5))
+
+
+def test_epsilon_zero_is_standard_training():
+    tr = Trainer(tiny(epsilon=0.0), CPU)
+    assert tr.generator is None and tr.opt_gen is None and not tr.attacks()[-1].name == "generator"
+    stats = tr.train_step(fake_batch())
+    assert set(stats) == {"recon_loss", "clean_loss", "pert_loss"}
+
+
+def test_kspace_perturbation_steps():
+    cfg = tiny(perturbation="kspace", epsilon=5.0)
+    tr = Trainer(cfg, CPU)
+    b = fake_batch()
+    k = torch.randn(2, 64, 40, dtype=torch.complex64)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[:, 15:25] = True
+    b.kspace, b.mask = k * mask[:, None, :], mask
+    delta = tr.perturbation(b, None)
+    assert delta.shape == (2, 64, 40) and delta.is_complex()
+    assert torch.all(delta[..., :15] == 0) and torch.all(delta[..., 25:] == 0)  # only acquired columns
+    theta = params(tr.recon)
+    tr.generator_step(b, None)
+    assert same(theta, params(tr.recon))
+
+
+def test_pgd_increases_error_and_respects_budget():
+    torch.manual_seed(0)
+    tr = Trainer(tiny(epsilon=0.0), CPU)
+    batch = fake_batch()
+    for budget in (1.0, 20.0):
+        attack = PGDAttack(budget, steps=5)
+        out = attack(tr.recon, batch, CPU)
+        assert torch.all(out.delta_sq <= budget * (1 + 1e-4))
+        with torch.no_grad():
+            clean = torch.mean((tr.recon(batch.image) - batch.target) ** 2)
+            attacked = torch.mean((tr.recon(out.inputs) - batch.target) ** 2)
+        assert attacked > clean
+    assert all(p.requires_grad for p in tr.recon.parameters())  # restored after the attack
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("epsilon", -1.0), ("lr_recon", 0.0), ("lr_gen", -1e-4), ("patience", 0), ("batch_size", 0), ("loss", "l1"),
+     ("perturbation", "phase"), ("attack_budgets", (0.0,)), ("center_fraction", 1.5)],
+)
+def test_bad_config_values_are_rejected_by_name(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        TrainConfig.from_dict({key: value})
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ConfigError, match="lr_recn"):
+        TrainConfig.from_dict({"lr_recn": 1e-3})
+
+
+# ----------------------------------------------------------------------------------------------
+# fit on synthetic data
+# ----------------------------------------------------------------------------------------------
+def smoke_cfg(root, **kw) -> TrainConfig:
+    return tiny(data=str(root), crop_size=64, **kw)
+
+
+def test_smoke_fit_lowers_training_loss(synthetic_root, tmp_path):
+    records = []
+    res = fit(smoke_cfg(synthetic_root, max_epochs=4, lr_recon=1e-3), out_dir=tmp_path,
+              on_epoch=lambda r, p: records.append((r, p)), log=None)
+    assert res.status == "completed" and len(records) == 4
+    losses = [r.train_loss for r, _ in records]
+    assert losses[-1] < losses[0]
+    r = records[-1][0]
+    assert r.epsilon_rms == pytest.approx((20.0 / 64**2) ** 0.5)
+    assert {row["attack"] for row in r.robustness} == {"pgd", "noise", "generator"}
+    flat = r.flat()
+    assert "rob_pgd_e500_nmse" in flat and flat["rob_pgd_e500_nmse"] >= flat["val_nmse"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # loadable without pickle code
+    assert ckpt["epoch"] == 4 and len(ckpt["history"]) == 4
+
+
+def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
+    cfg = smoke_cfg(synthetic_root, max_epochs=2, max_train_batches=3)
+    full = fit(cfg, out_dir=tmp_path / "full", log=None)
+    first = fit(TrainConfig.from_dict({"max_epochs": 1}, base=cfg), out_dir=tmp_path / "part", log=None)
+    assert len(first.history) == 1
+    resumed = fit(cfg, out_dir=tmp_path / "part", resume_from=tmp_path / "part" / "checkpoint.pt", log=None)
+    a, b = full.history[-1], resumed.history[-1]
+    for key in ("train_loss", "gen_objective", "delta_sq", "val_loss", "val_nmse", "val_psnr", "val_ssim"):
+        assert getattr(a, key) == getattr(b, key), key
+    assert [r["nmse"] for r in a.robustness] == [r["nmse"] for r in b.robustness]
+    wa = load_checkpoint(tmp_path / "full")["trainer"]["recon"]
+    wb = load_checkpoint(tmp_path / "part")["trainer"]["recon"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_rejects_a_changed_config(synthetic_root, tmp_path):
+    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",))
+    fit(cfg, out_dir=tmp_path, log=None)
+    with pytest.raises(ConfigError, match="lambda1"):
+        fit(TrainConfig.from_dict({"lambda1": 2.0, "max_epochs": 2}, base=cfg), out_dir=tmp_path,
+            resume_from=tmp_path, log=None)
+
+
+def test_nan_loss_stops_the_run(synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    for path in sorted((data / "singlecoil_train").glob("*.h5")):
+        with h5py.File(path, "r+") as f:
+            k = f["kspace"][()]
+            k[:] = np.nan
+            f["kspace"][...] = k
+    res = fit(smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", log=None)
+    assert res.status == "nan"
+    assert "not finite" in res.message or "nan" in res.message
+    assert res.history == []
