@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 REFERENCE_CROP = 320  # the seed's crop; epsilon values "at 320" are scaled from here
+ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
 
 
 class ConfigError(ValueError):
@@ -165,8 +166,7 @@ class TrainConfig:
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
         need(all(isinstance(b, (int, float)) and b > 0 for b in self.attack_budgets), "attack_budgets",
              "must be numbers > 0")
-        valid_attacks = ("pgd", "noise", "generator", "pgd_kspace")
-        need(all(a in valid_attacks for a in self.attacks), "attacks", f"each must be one of {valid_attacks}")
+        need(all(a in ATTACKS for a in self.attacks), "attacks", f"each must be one of {ATTACKS}")
         need(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
              "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return self
@@ -219,5 +219,5 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["TrainConfig", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
+__all__ = ["ATTACKS", "TrainConfig", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
            "REFERENCE_CROP"]

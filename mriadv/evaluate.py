@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -144,3 +145,27 @@ def robustness(
 
 def _finite_diff(a: float, b: float) -> float:
     return a - b if math.isfinite(a) and math.isfinite(b) else float("nan")
+
+
+@torch.no_grad()
+def preview(model: nn.Module, batch: Batch, runtime: Runtime,
+            perturbed: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """Images of a few slices for logs and figures, in normalised units, each ``(B, h, w)`` float32:
+    ``input``, ``target``, ``recon``, and for each named perturbed input ``x`` in ``perturbed``
+    (e.g. ``{"pgd": ..., "generator": ...}``): ``<name>_delta`` (``x - input``), ``<name>_input``
+    and ``<name>_recon``."""
+    was_training = model.training
+    model.eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            return model(runtime.image(x)).float()
+
+    try:
+        batch = batch.to(runtime.device)
+        out = {"input": batch.image, "target": batch.target, "recon": run(batch.image)}
+        for name, x in (perturbed or {}).items():
+            out |= {f"{name}_delta": x - batch.image, f"{name}_input": x, f"{name}_recon": run(x)}
+    finally:
+        model.train(was_training)
+    return {k: v[:, 0].float().cpu().numpy() for k, v in out.items()}

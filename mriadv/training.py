@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from mriadv.config import REFERENCE_CROP, ConfigError, TrainConfig
 from mriadv.data.files import ShapeBucketSampler, SliceDataset
 from mriadv.data.masks import make_mask_func
 from mriadv.data.transforms import Batch, UnetTransform, collate
-from mriadv.evaluate import EvalResult, RobustRow, evaluate, robustness
+from mriadv.evaluate import RobustRow, evaluate, preview, robustness
 from mriadv.losses import make_loss
 from mriadv.models import ImageGenerator, MeasurementGenerator, UNet, as_complex
 from mriadv.runtime import Runtime, seed_everything
@@ -42,6 +43,7 @@ from mriadv.runtime import Runtime, seed_everything
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
+PREVIEW_NAME = "preview.npz"
 STATUSES = ("running", "completed", "early_stopped", "nan")
 # fields that may differ between a checkpoint's config and the config resuming it
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "precision", "num_workers", "threads", "cache_dir", "data",
@@ -362,7 +364,8 @@ class EpochRecord:
     robustness: list[dict[str, Any]] = field(default_factory=list)
 
     def flat(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "robustness"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("robustness", "status")}
+        out["epoch_status"] = self.status  # 'running' | 'completed' | 'early_stopped' after this epoch
         for row in self.robustness:
             for m in ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim"):
                 out[robust_key(row["attack"], row["budget_ref"], m)] = row[m]
@@ -444,6 +447,8 @@ def fit(
     data = build_data(cfg, runtime)
     trainer = Trainer(cfg, runtime, kspace_shape=data.kspace_shape())
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT_NAME if out else None
     best_path = out / BEST_NAME if out else None
 
@@ -521,6 +526,7 @@ def fit(
         )
         history.append(record)
         if out is not None:
+            write_preview(out / PREVIEW_NAME, trainer, data, runtime)
             payload = {
                 "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1, "status": record.status,
                 "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -540,6 +546,32 @@ def fit(
             message = f"no validation improvement for {cfg.patience} epochs (best epoch {best_epoch})"
             break
     return FitResult(status, message, history, best_epoch, ckpt_path, best_path)
+
+
+def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
+    """A fixed batch for previews: the middle slice of the first ``count`` volumes (or of the first)."""
+    starts, i = [], 0
+    for v in dataset.volumes:
+        starts.append(i + v.num_slices // 2)
+        i += v.num_slices
+    return collate([dataset[j] for j in starts[:count]])
+
+
+def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) -> None:
+    """``preview.npz``: clean input/target/reconstruction of two validation slices, and the same under
+    PGD at the largest attack budget and under the trained generator (see :func:`evaluate.preview`)."""
+    cfg = trainer.cfg
+    batch = preview_batch(data.val).to(runtime.device)
+    perturbed = {}
+    if cfg.attack_budgets:
+        pgd = PGDAttack(max(cfg.attack_budgets), cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp)
+        perturbed["pgd"] = pgd(trainer.recon, batch, runtime).inputs
+    if trainer.generator is not None:
+        perturbed["generator"] = trainer.perturbed_input(batch, trainer.generator_perturb(batch))
+    arrays = preview(trainer.recon, batch, runtime, perturbed)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in arrays.items()})
+    os.replace(tmp, path)
 
 
 def _progress_line(r: EpochRecord) -> str:

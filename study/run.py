@@ -1,0 +1,349 @@
+"""Run a hyperparameter study of robust MRI reconstruction on Ray Tune.
+
+    python study/run.py --space eps_sweep [--profile smoke|demo|paper] [--data DIR] [--name NAME]
+                        [--results DIR] [--num-samples N] [--max-epochs N] [--max-concurrent N]
+                        [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--resume]
+    python study/run.py --list-spaces
+
+Trials are :func:`mriadv.training.fit` runs, searched by Optuna (grid sampler for grid spaces, TPE
+otherwise; multi-objective where the space names several objectives), stopped early by the
+trainer's patience and, for sampled spaces, by ASHA. Everything lands in ``results/<name>/``:
+Tune's trial folders (checkpoints every epoch, TensorBoard events), ``trials.parquet``,
+``robustness.parquet``, ``optuna.db`` and the report. Re-running the same command on an interrupted
+study resumes it. Exit status: 0 done, 1 some trials failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # `python study/run.py`: make the repository importable, here and in Ray's
+    sys.path.insert(0, str(REPO))  # workers (which inherit PYTHONPATH on a local cluster)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+from mriadv.config import ConfigError, TrainConfig, get_profile  # noqa: E402
+from mriadv.train import default_profile, synthetic_data, validate_data  # noqa: E402
+from study.analysis import best_epochs, best_trials, finished_trials, pareto_mask  # noqa: E402
+from study.procs import ProcessRecord  # noqa: E402
+from study.results import TRIALS_FILE, read_table  # noqa: E402
+from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
+
+STATE_FILE = "study.json"
+OPTUNA_FILE = "optuna.db"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--space", help="a search space name in search_spaces/ or a YAML path")
+    p.add_argument("--list-spaces", action="store_true", help="list the available search spaces")
+    p.add_argument("--name", help="study name (default: the space name)")
+    p.add_argument("--data", type=Path, help="fastMRI-format root (default: the profile's synthetic data)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
+    p.add_argument("--profile", choices=("smoke", "demo", "paper"), help="default: paper with CUDA, else demo")
+    p.add_argument("--num-samples", type=int, help="trials of a sampled space (default: the space's)")
+    p.add_argument("--max-epochs", type=int, help="override the profile's max_epochs")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 with GPUs)")
+    p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: 1 without GPUs, else CPUs/GPUs)")
+    p.add_argument("--address", help="join a running Ray cluster (e.g. 'auto'); results must be on shared storage")
+    p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    return p
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration of a new study
+# ---------------------------------------------------------------------------------------------
+def base_config(space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, threads: int | None,
+                cache_dir: Path) -> dict[str, Any]:
+    """The config every trial starts from: profile, the space's fixed values, budgets, the run."""
+    profile = get_profile(profile_name)
+    crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
+    base = dict(profile.overrides)
+    base.update({k: space.scale(k, v, crop) for k, v in space.fixed.items()})
+    base.update(attack_budgets=space.budgets_at(crop), data=str(data), cache_dir=str(cache_dir))
+    if args.max_epochs is not None:
+        base["max_epochs"] = args.max_epochs
+    if threads is not None:
+        base["threads"] = threads
+    TrainConfig.from_dict(base)  # every trial's base must be valid before Ray starts
+    for point in (space.grid_points() if space.is_grid else []):
+        TrainConfig.from_dict({**base, **{k: space.scale(k, v, crop) for k, v in point.items()}})
+    return base
+
+
+def param_space(space: StudySpace) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for p in space.params:
+        if p.kind in ("grid", "choice"):
+            out[p.name] = tune.choice(list(p.values))
+        elif p.kind == "uniform":
+            out[p.name] = tune.uniform(p.low, p.high)
+        elif p.kind == "loguniform":
+            out[p.name] = tune.loguniform(p.low, p.high)
+        else:
+            out[p.name] = tune.randint(int(p.low), int(p.high) + 1)
+    return out
+
+
+def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if space.is_grid:
+        sampler = optuna.samplers.GridSampler({p.name: list(p.values) for p in space.params}, seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, space.num_samples // 2)))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
+    metrics = [o.metric for o in space.objectives]
+    modes = [o.mode for o in space.objectives]
+    single = len(metrics) == 1
+    return OptunaSearch(metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+                        sampler=sampler, storage=storage, study_name=name)
+
+
+def scheduler(space: StudySpace, max_epochs: int):
+    if space.scheduler.get("type") != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    obj = space.objectives[0]
+    return ASHAScheduler(time_attr="training_iteration", metric=obj.metric, mode=obj.mode, max_t=max_epochs,
+                         grace_period=int(space.scheduler.get("grace_period", 1)),
+                         reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
+
+
+def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float], int | None, int, int]:
+    """(per-trial resources, threads per trial, local CPUs, local GPUs)."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0))
+    gpus = 0 if cluster else torch.cuda.device_count()
+    gpu = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus or cluster and torch.cuda.is_available() else 0.0)
+    if gpu < 0 or (gpus and gpu > gpus):
+        raise ConfigError(f"--gpus-per-trial {gpu} is not between 0 and the {gpus} GPUs visible")
+    cpu = args.cpus_per_trial or (max(1, cpus // max(1, gpus)) if gpu else 1)
+    if cpu < 1 or (not cluster and cpu > cpus):
+        raise ConfigError(f"--cpus-per-trial {cpu} is not between 1 and the {cpus} CPUs here")
+    return {"cpu": cpu, "gpu": gpu}, cpu, cpus, gpus
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+def summarize(study_dir: Path, space: StudySpace) -> list[str]:
+    trials = read_table(study_dir / TRIALS_FILE)
+    lines = [f"results: {study_dir}"]
+    if trials.empty:
+        return lines + ["no trial reported a result"]
+    statuses = trials.groupby("trial_id")["status"].last().value_counts().to_dict()
+    lines.append("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
+    best = best_epochs(trials)
+    objectives = [(o.metric, o.mode) for o in space.objectives]
+    for metric, row in best_trials(best, objectives).items():
+        params = ", ".join(f"{p.name}={row.get(p.name)}" for p in space.params)
+        lines.append(f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
+                     f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
+                     f"ssim {row['val_ssim']:.4f}; checkpoint {trial_folder(study_dir, row['trial_id'])}/best.pt")
+    if len(objectives) > 1:
+        done = best[best["trial_id"].isin(finished_trials(trials))]
+        cols = [m for m, _ in objectives]
+        if not done.empty and all(c in done for c in cols):
+            mask = pareto_mask(done[cols].to_numpy(float), [m for _, m in objectives])
+            lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(done.loc[mask, "trial_id"]))
+    errors = trials[trials["status"] == "ERROR"].groupby("trial_id")["message"].last()
+    for trial_id, message in errors.items():
+        lines.append(f"trial {trial_id} failed: {message}")
+    lines.append(f"tables: {study_dir / TRIALS_FILE}, {study_dir / 'robustness.parquet'}")
+    lines.append(f"TensorBoard: tensorboard --logdir {study_dir}")
+    lines.append(f"Optuna: optuna-dashboard sqlite:///{study_dir / OPTUNA_FILE}")
+    return lines
+
+
+def trial_folder(study_dir: Path, trial_id: str) -> Path:
+    matches = sorted(p for p in study_dir.glob(f"*{trial_id}*") if p.is_dir())
+    return matches[0] if matches else study_dir
+
+
+def trial_statuses(study_dir: Path) -> dict[str, str]:
+    """Status of every trial in Tune's experiment state (no Ray needed)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(study_dir))
+    except Exception:  # noqa: BLE001 - no readable state yet
+        return {}
+    return {t.trial_id: t.status for t in analysis.trials}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_spaces:
+        for name in available_spaces():
+            try:
+                print(load_space(name).summary_line())
+            except SpaceError as exc:
+                print(f"{name:<14} INVALID: {exc}")
+        return 0
+    if not args.space:
+        return fail("give --space NAME (see --list-spaces)")
+    try:
+        space = load_space(args.space)
+    except SpaceError as exc:
+        return fail(str(exc))
+
+    results = args.results.resolve()
+    name = args.name or space.name
+    study_dir = results / name
+    state_file = study_dir / STATE_FILE
+    resuming = (study_dir / "tuner.pkl").is_file() and state_file.is_file()
+    cluster = args.address is not None
+    try:
+        res, threads, cpus, gpus = resources(args, cluster)
+    except ConfigError as exc:
+        return fail(str(exc))
+
+    if resuming:
+        state = json.loads(state_file.read_text())
+        profile_name, base = state["profile"], state["base"]
+        ignored = [flag for flag, given, saved in (("--profile", args.profile, profile_name),
+                                                    ("--data", args.data and str(args.data.resolve()), base["data"]),
+                                                    ("--max-epochs", args.max_epochs, base["max_epochs"]))
+                   if given is not None and given != saved]
+        statuses = trial_statuses(study_dir)
+        unfinished = [t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR")]
+        print(f"resuming study '{name}' in {study_dir}: {len(statuses) - len(unfinished)} of {len(statuses)} "
+              f"started trials finished; profile {profile_name} (as started)")
+        if ignored:
+            print(f"note: {', '.join(ignored)} ignored: a resumed study keeps the settings it started with")
+        if Path(state["space_path"]).is_file() and Path(state["space_path"]).read_text() != state["space_yaml"]:
+            print(f"note: {state['space_path']} changed since the study started; Tune resumes the original space")
+        problem = validate_data(base["data"], int(base.get("crop_size", TrainConfig.crop_size)))
+        if problem:
+            return fail(f"data folder {base['data']}: {problem}")
+    else:
+        profile_name = args.profile or default_profile()
+        profile = get_profile(profile_name)
+        print(f"profile: {profile_name} ({profile.description})")
+        if args.data is not None:
+            crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
+            problem = validate_data(args.data, crop)
+            if problem:
+                return fail(f"data folder {args.data}: {problem}")
+            data = args.data.resolve()
+        else:
+            data = synthetic_data(profile, results)
+            print(f"data: synthetic fastMRI-format set {data}")
+        try:
+            base = base_config(space, profile_name, data, args, threads if not res["gpu"] else None,
+                               results / ".cache")
+        except ConfigError as exc:
+            return fail(f"{space.path}: {exc}")
+        study_dir.mkdir(parents=True, exist_ok=True)
+        state = {"space": space.name, "space_path": str(space.path), "space_yaml": space.path.read_text(),
+                 "profile": profile_name, "base": base, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        state_file.write_text(json.dumps(state, indent=2))
+    if args.num_samples is not None and space.is_grid and args.num_samples != space.trial_count():
+        print(f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
+              f"runs {min(args.num_samples, space.trial_count())} of them")
+    max_epochs = int(base.get("max_epochs", TrainConfig.max_epochs))
+    num_samples = args.num_samples or space.trial_count()
+    if space.is_grid:
+        num_samples = min(num_samples, space.trial_count())
+    print(f"space: {space.summary_line()}")
+    print(f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
+          + (f"; cluster {args.address}" if cluster else ""))
+
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    from ray import tune
+
+    from study.results import ResultsCallback
+    from study.trainable import StudyContext, train_trial
+
+    procs = ProcessRecord(study_dir)
+    if not cluster:
+        killed = procs.kill_leftovers()
+        if killed:
+            print(f"stopped {len(killed)} Ray processes left behind by an earlier, interrupted run")
+    if cluster:
+        ray.init(address=args.address, include_dashboard=False)
+    else:
+        ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, configure_logging=False)
+    exit_code = 0
+    try:
+        if not cluster:
+            procs.update()
+        budgets_ref = space.attack_budgets
+        ctx = StudyContext(base=base, epsilon_keys=tuple(k for k in EPSILON_KEYS if k in {p.name for p in space.params}),
+                           study_dir=str(study_dir), attack_budgets_ref=budgets_ref,
+                           objective_metrics=tuple(o.metric for o in space.objectives))
+        trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), res)
+        metric_cols = ["val_nmse", "val_psnr", "val_ssim"] + [o.metric for o in space.objectives if o.metric.startswith("rob_")]
+        reporter = tune.CLIReporter(metric_columns={**{m: m for m in metric_cols}, "epoch": "epoch"},
+                                    parameter_columns=[p.name for p in space.params], max_report_frequency=30)
+        if resuming:
+            tuner = tune.Tuner.restore(str(study_dir), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(space),
+                tune_config=tune.TuneConfig(search_alg=searcher(space, study_dir, name, int(base.get("seed", 0))),
+                                            scheduler=scheduler(space, max_epochs), num_samples=num_samples,
+                                            max_concurrent_trials=args.max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(results),
+                    callbacks=[ResultsCallback(study_dir, record_processes=not cluster)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    progress_reporter=reporter, verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+        errored = [r for r in grid if r.error is not None]
+        if errored:
+            exit_code = 1
+    finally:
+        ray.shutdown()
+        if not cluster:
+            procs.kill_remaining()
+    print()
+    for line in summarize(study_dir, space):
+        print(line)
+    if not args.no_report:
+        try:
+            from study.report import write_report
+
+            folder = write_report(study_dir)
+            print(f"report: {folder}")
+        except ImportError:
+            pass
+    statuses = trial_statuses(study_dir)
+    if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
+        print(f"the study was interrupted; run the same command again to resume it")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Search spaces: YAML files in ``search_spaces/``, one study each, loaded and validated here.
+
+A space file::
+
+    description: one line shown by --list-spaces
+    parameters:                      # searched TrainConfig fields
+      epsilon: {grid: [0, 1000, 5000]}
+      lr_recon: {loguniform: [1.0e-5, 1.0e-3]}
+      loss: {choice: [mse, dssim]}
+      lambda1: {uniform: [0.5, 3]}
+    fixed: {loss: dssim}             # TrainConfig overrides for every trial
+    num_samples: 8                   # sampled spaces only (a grid runs each point once)
+    objectives: [{metric: val_nmse, mode: min}, {metric: rob_pgd_e5000_nmse, mode: min}]
+    attack_budgets: [1000, 5000]     # robustness evaluation budgets, same for every trial
+    scheduler: none | asha | {type: asha, grace_period: 1, reduction_factor: 2}
+
+Budgets (``epsilon`` values and ``attack_budgets``) are squared L2 norms for 320x320 crops, the
+seed's units; a run on a smaller crop scales them by ``(crop / 320)^2`` (equal per-pixel RMS), so
+one space file means the same perturbation strength under every profile.
+
+Every parameter and fixed key must be a :class:`mriadv.config.TrainConfig` field, and every grid
+value and range end must make a valid config, so a searched key provably reaches the trainer. Any
+problem raises :class:`SpaceError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon
+from mriadv.training import robust_key
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_KEYS = {"description", "parameters", "fixed", "num_samples", "objectives",
+            "attack_budgets", "scheduler"}
+# keys that a space may not set: they belong to the run, not to the study
+RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
+EPSILON_KEYS = ("epsilon",)
+# metrics a trial reports that can be objectives, beside the rob_<attack>_e<budget>_<metric> family
+OBJECTIVE_METRICS = ("val_loss", "val_nmse", "val_psnr", "val_ssim", "train_loss", "val_seed_nmse",
+                     "val_seed_psnr", "val_seed_ssim")
+ROBUST_METRICS = ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; read it as the float a user means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple[Any, ...] = ()  # grid / choice
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str  # 'min' | 'max'
+
+
+@dataclass(frozen=True)
+class StudySpace:
+    name: str
+    path: Path
+    description: str
+    params: tuple[Param, ...]
+    fixed: dict[str, Any]
+    num_samples: int
+    objectives: tuple[Objective, ...]
+    attack_budgets: tuple[float, ...]
+    scheduler: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_grid(self) -> bool:
+        return bool(self.params) and all(p.kind == "grid" for p in self.params)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of a grid space, in file order."""
+        names = [p.name for p in self.params]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(p.values for p in self.params))]
+
+    def trial_count(self) -> int:
+        return len(self.grid_points()) if self.is_grid else self.num_samples
+
+    def scale(self, key: str, value: Any, crop_size: int) -> Any:
+        """A value as the trainer needs it: budgets (given for 320x320) are scaled to ``crop_size`` at
+        equal per-pixel RMS; everything else passes unchanged."""
+        return scale_epsilon(float(value), crop_size) if key in EPSILON_KEYS else value
+
+    def budgets_at(self, crop_size: int) -> tuple[float, ...]:
+        return tuple(scale_epsilon(b, crop_size) for b in self.attack_budgets)
+
+    def summary_line(self) -> str:
+        kind = "grid" if self.is_grid else f"{self.num_samples} samples"
+        params = ", ".join(p.name for p in self.params)
+        return f"{self.name:<14} {self.trial_count():>3} trials ({kind}; {params}): {self.description}"
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    """A space name in ``search_spaces/`` or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SpaceError(f"{path}: no such search-space file")
+        return path
+    candidate = SPACES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise SpaceError(f"unknown search space {name_or_path!r}; available: {', '.join(available_spaces())}")
+    return candidate
+
+
+def available_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(name_or_path: str) -> StudySpace:
+    path = resolve_space_path(name_or_path)
+
+    def fail(key: str, why: str) -> SpaceError:
+        return SpaceError(f"{path}: {key}: {why}")
+
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise fail("(top level)", "expected a mapping of keys such as 'parameters' and 'objectives'")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown key; valid keys: {sorted(TOP_KEYS)}")
+
+    config_fields = set(TrainConfig.__dataclass_fields__)
+
+    def check_value(key: str, where: str, value: Any) -> None:
+        """A value must make a valid TrainConfig (at the reference crop, so scaling cannot hide errors)."""
+        try:
+            TrainConfig.from_dict({key: value})
+        except (ConfigError, TypeError) as exc:
+            raise fail(where, str(exc)) from None
+
+    params_raw = raw.get("parameters") or {}
+    if not isinstance(params_raw, dict):
+        raise fail("parameters", "expected a mapping of TrainConfig fields to distributions")
+    params = []
+    for name, spec in params_raw.items():
+        where = f"parameters.{name}"
+        if name not in config_fields:
+            raise fail(where, f"unknown parameter: not a TrainConfig field (valid: {sorted(config_fields)})")
+        if name in RUN_KEYS:
+            raise fail(where, "belongs to the run, not to a search space")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise fail(where, f"expected one distribution, e.g. {{grid: [...]}}; one of {DISTRIBUTIONS}")
+        (kind, arg), = spec.items()
+        if kind not in DISTRIBUTIONS:
+            raise fail(f"{where}.{kind}", f"unknown distribution; expected one of {DISTRIBUTIONS}")
+        if kind in ("grid", "choice"):
+            if not isinstance(arg, list) or not arg:
+                raise fail(f"{where}.{kind}", "expected a non-empty list of values")
+            if len(set(map(repr, arg))) != len(arg):
+                raise fail(f"{where}.{kind}", "values repeat")
+            for v in arg:
+                check_value(name, f"{where}.{kind}", v)
+            params.append(Param(name, kind, values=tuple(arg)))
+            continue
+        if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 for v in arg)):
+            raise fail(f"{where}.{kind}", "expected [low, high] numbers")
+        low, high = float(arg[0]), float(arg[1])
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise fail(f"{where}.{kind}", f"low must be < high, got [{arg[0]}, {arg[1]}]")
+        if kind == "loguniform" and low <= 0:
+            raise fail(f"{where}.{kind}", f"a log range must be > 0 at both ends, got [{arg[0]}, {arg[1]}]")
+        if kind == "randint" and not all(isinstance(v, int) for v in arg):
+            raise fail(f"{where}.{kind}", "randint needs integer bounds")
+        for v in (arg[0], arg[1]):
+            check_value(name, f"{where}.{kind}", v)
+        params.append(Param(name, kind, low=low, high=high))
+    if not params:
+        raise fail("parameters", "a space needs at least one searched parameter")
+    kinds = {p.kind == "grid" for p in params}
+    if len(kinds) > 1:
+        raise fail("parameters", "mixes grid and sampled distributions; use choice instead of grid for a sampled space")
+
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise fail("fixed", "expected a mapping of TrainConfig fields to values")
+    for key, value in fixed.items():
+        if key not in config_fields:
+            raise fail(f"fixed.{key}", "unknown key: not a TrainConfig field")
+        if key in RUN_KEYS:
+            raise fail(f"fixed.{key}", "belongs to the run, not to a search space")
+        if key in params_raw:
+            raise fail(f"fixed.{key}", "is also a searched parameter")
+        check_value(key, f"fixed.{key}", value)
+
+    grid = all(p.kind == "grid" for p in params)
+    num_samples = raw.get("num_samples")
+    if grid and num_samples is not None:
+        raise fail("num_samples", "a grid space runs each grid point once; add 'seed: {grid: [...]}' for repeats")
+    if num_samples is None:
+        num_samples = 1 if grid else 8
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise fail("num_samples", f"must be a positive integer, got {num_samples!r}")
+
+    budgets = raw.get("attack_budgets", [1000, 5000])
+    if not isinstance(budgets, list) or not budgets or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets):
+        raise fail("attack_budgets", "expected a non-empty list of numbers > 0")
+
+    objectives_raw = raw.get("objectives") or [{"metric": "val_nmse", "mode": "min"}]
+    if not isinstance(objectives_raw, list):
+        raise fail("objectives", "expected a list of {metric: ..., mode: min|max}")
+    objectives = []
+    allowed = set(OBJECTIVE_METRICS) | {
+        robust_key(a, b, m) for a in ATTACKS for b in budgets for m in ROBUST_METRICS
+    }
+    for i, obj in enumerate(objectives_raw):
+        where = f"objectives[{i}]"
+        if not isinstance(obj, dict) or set(obj) != {"metric", "mode"}:
+            raise fail(where, "expected {metric: ..., mode: min|max}")
+        if obj["mode"] not in ("min", "max"):
+            raise fail(f"{where}.mode", f"must be 'min' or 'max', got {obj['mode']!r}")
+        if obj["metric"] not in allowed:
+            raise fail(f"{where}.metric", f"unknown metric {obj['metric']!r}; e.g. {sorted(OBJECTIVE_METRICS)} or "
+                                          "rob_<attack>_e<budget>_<metric> for a budget in attack_budgets")
+        objectives.append(Objective(obj["metric"], obj["mode"]))
+
+    sched = raw.get("scheduler", "none" if grid else "asha")
+    if isinstance(sched, str):
+        sched = {"type": sched}
+    if not isinstance(sched, dict) or sched.get("type") not in ("none", "asha"):
+        raise fail("scheduler", "expected 'none', 'asha' or {type: asha, grace_period: N, reduction_factor: R}")
+    extra = sorted(set(sched) - {"type", "grace_period", "reduction_factor"})
+    if extra:
+        raise fail(f"scheduler.{extra[0]}", "unknown scheduler option")
+    for key in ("grace_period", "reduction_factor"):
+        if key in sched and (not isinstance(sched[key], (int, float)) or sched[key] < 1):
+            raise fail(f"scheduler.{key}", "must be a number >= 1")
+
+    return StudySpace(
+        name=path.stem, path=path, description=str(raw.get("description", "")), params=tuple(params),
+        fixed=dict(fixed), num_samples=num_samples, objectives=tuple(objectives),
+        attack_budgets=tuple(float(b) for b in budgets), scheduler=sched, raw=raw,
+    )

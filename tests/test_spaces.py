@@ -1,0 +1,96 @@
+"""Search-space files: validation errors name the file and key; every searched key reaches the trainer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mriadv.config import TrainConfig, scale_epsilon
+from study.spaces import SpaceError, available_spaces, load_space
+from study.trainable import StudyContext, trial_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text,key,why",
+    [
+        ("parameters:\n  lr_recn: {loguniform: [1e-5, 1e-3]}\n", "parameters.lr_recn", "unknown parameter"),
+        ("parameters:\n  lr_recon: {lognormal: [1e-5, 1e-3]}\n", "parameters.lr_recon.lognormal", "unknown distribution"),
+        ("parameters:\n  lambda1: {uniform: [3, 1]}\n", "parameters.lambda1.uniform", "low must be < high"),
+        ("parameters:\n  lambda1: {uniform: [2, 2]}\n", "parameters.lambda1.uniform", "low must be < high"),
+        ("parameters:\n  lr_gen: {loguniform: [0, 1e-3]}\n", "parameters.lr_gen.loguniform", "log range must be > 0"),
+        ("parameters:\n  epsilon: {grid: [0, -5]}\n", "parameters.epsilon.grid", "'epsilon'"),
+        ("parameters:\n  loss: {choice: [mse, l1]}\n", "parameters.loss.choice", "'loss'"),
+        ("parameters:\n  epsilon: {grid: [0, 1]}\nfixed: {lr_recon: -1}\n", "fixed.lr_recon", "'lr_recon'"),
+        ("parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: val_nmse, mode: up}]\n", "objectives[0].mode", "min"),
+        ("parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: accuracy, mode: max}]\n", "objectives[0].metric", "unknown metric"),
+        ("parameters:\n  epsilon: {grid: [0, 1]}\nscheduler: hyperband\n", "scheduler", "asha"),
+        ("parameters:\n  epsilon: {grid: [0, 1]}\n  lambda1: {uniform: [1, 2]}\n", "parameters", "mixes grid"),
+        ("parameters:\n  data: {choice: [a, b]}\n", "parameters.data", "belongs to the run"),
+        ("paramters:\n  epsilon: {grid: [0]}\n", "paramters", "unknown key"),
+        ("parameters: [epsilon\n", "not valid YAML", ""),
+    ],
+)
+def test_space_errors_name_file_and_key(tmp_path, text, key, why):
+    path = write(tmp_path, text)
+    with pytest.raises(SpaceError) as err:
+        load_space(str(path))
+    message = str(err.value)
+    assert str(path) in message and key in message and why in message
+
+
+def test_cli_exits_2_with_one_clear_line(tmp_path):
+    path = write(tmp_path, "parameters:\n  lr_gen: {loguniform: [0, 1e-3]}\n")
+    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", str(path)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"error: {path}: parameters.lr_gen.loguniform" in out.stderr
+    assert "Traceback" not in out.stderr
+    unknown = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", "no_such_space"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert unknown.returncode == 2 and "eps_sweep" in unknown.stderr  # lists what is available
+
+
+def test_list_spaces():
+    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--list-spaces"], capture_output=True, text=True)
+    assert out.returncode == 0
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert set(names) == set(available_spaces()) >= {"eps_sweep", "lambda_sweep", "loss_type", "lr_sweep", "full"}
+
+
+@pytest.mark.parametrize("name", ["eps_sweep", "lambda_sweep", "loss_type", "lr_sweep", "full"])
+def test_every_searched_key_reaches_the_trainer(name):
+    space = load_space(name)
+    crop = 96
+    ctx = StudyContext(base={"crop_size": crop}, epsilon_keys=("epsilon",), study_dir="/tmp",
+                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+    for p in space.params:
+        values = p.values if p.values else (p.low, (p.low + p.high) / 2, p.high)
+        for v in values:
+            cfg = trial_config(ctx, {p.name: v})
+            expected = scale_epsilon(v, crop) if p.name == "epsilon" else v
+            assert getattr(cfg, p.name) == pytest.approx(expected) if isinstance(v, float) else getattr(cfg, p.name) == expected
+            # and differs from the default for some value: a searched key is not silently ignored
+    for p in space.params:
+        values = p.values if p.values else (p.low, p.high)
+        seen = {getattr(trial_config(ctx, {p.name: v}), p.name) for v in values}
+        assert len(seen) == len(set(values)), p.name
+
+
+def test_grid_and_budgets():
+    space = load_space("eps_sweep")
+    assert space.is_grid and space.trial_count() == len(space.params[0].values)
+    assert 0 in space.params[0].values and 1000 in space.params[0].values and 5000 in space.params[0].values
+    assert space.budgets_at(320) == (1000.0, 5000.0)
+    assert space.budgets_at(160) == (250.0, 1250.0)  # same per-pixel RMS on a quarter of the pixels
+    assert TrainConfig().crop_size == 320

@@ -1,0 +1,180 @@
+"""End-to-end studies through Ray Tune (subprocesses, smoke profile, 2 CPUs).
+
+These start Ray; each driver is shut down by the runner, and the kill test checks that no Ray
+process outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(REPO / "study" / "run.py")]
+REQUIRED_COLUMNS = {"trial_id", "epoch", "epsilon", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "train_loss",
+                    "val_nmse", "val_psnr", "val_ssim", "time_s", "status"}
+
+pytestmark = pytest.mark.slow
+
+
+def run_study(*args, cwd, timeout=600, **kw):
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, **kw)
+
+
+def processes_in_session(sid: int) -> list[str]:
+    """Live (non-zombie) processes whose session id is ``sid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid and fields[0] not in "ZX":
+            out.append(f"{entry} {text[text.index('(') + 1 : text.rindex(')')]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """The README's main command on the smoke profile: eps_sweep, 6 trials."""
+    work = tmp_path_factory.mktemp("study")
+    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--results", work / "results", cwd=work)
+    return work / "results" / "eps_sweep", out
+
+
+def test_smoke_study_writes_tables(smoke_study):
+    folder, out = smoke_study
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "profile: smoke" in out.stdout and "best by val_nmse" in out.stdout
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert REQUIRED_COLUMNS <= set(trials.columns)
+    assert trials["trial_id"].nunique() == 6
+    assert not trials.duplicated(["trial_id", "epoch"]).any()
+    assert (trials.groupby("trial_id")["epoch"].apply(sorted).apply(list) == [[1, 2]] * 6).all()
+    assert set(trials["status"]) == {"TERMINATED"}
+    assert sorted(trials.groupby("trial_id")["epsilon_ref"].first()) == [0, 250, 1000, 2500, 5000, 10000]
+    robust = pd.read_parquet(folder / "robustness.parquet")
+    assert {"trial_id", "epoch", "attack", "budget", "budget_ref", "nmse", "psnr", "ssim"} <= set(robust.columns)
+    standard = trials.loc[trials["epsilon"] == 0, "trial_id"].iloc[0]
+    assert set(robust.loc[robust["trial_id"] == standard, "attack"]) == {"pgd", "noise"}  # no generator
+    assert set(robust["budget_ref"]) == {1000.0, 5000.0}
+    # the attacked NMSE in the trials table is the robustness table's number
+    row = trials[(trials["trial_id"] == standard) & (trials["epoch"] == 2)].iloc[0]
+    rob = robust[(robust["trial_id"] == standard) & (robust["epoch"] == 2) & (robust["attack"] == "pgd")
+                 & (robust["budget_ref"] == 5000.0)].iloc[0]
+    assert row["rob_pgd_e5000_nmse"] == rob["nmse"] and rob["nmse"] > row["val_nmse"]
+
+
+def test_smoke_study_optuna_and_tensorboard(smoke_study):
+    import optuna
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, out = smoke_study
+    assert out.returncode == 0
+    study = optuna.load_study(study_name="eps_sweep", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    trial_dirs = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("train_trial")]
+    assert len(trial_dirs) == 6
+    for d in trial_dirs:
+        assert (d / "best.pt").is_file() and list(d.glob("checkpoint_*"))
+        ea = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+        tags = ea.Tags()
+        assert {"val/nmse", "val/psnr", "val/ssim", "train/loss"} <= set(tags["scalars"])  # same tags everywhere
+        assert [e.step for e in ea.Scalars("val/nmse")] == [1, 2]
+        assert {"images/input", "images/recon", "images/pgd_delta"} <= set(tags["images"])
+        hp = ea.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in hp and "_hparams_/experiment" in hp
+        assert b"epsilon_ref" in hp["_hparams_/session_start_info"] and b"val/nmse" in hp["_hparams_/experiment"]
+
+
+def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
+    t0 = time.monotonic()
+    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--data", tmp_path / "nope", "--results",
+                    tmp_path / "results", cwd=tmp_path)
+    assert out.returncode == 2 and "nope" in out.stderr and "no such folder" in out.stderr
+    bad = tmp_path / "bad"
+    (bad / "singlecoil_train").mkdir(parents=True)
+    (bad / "singlecoil_val").mkdir()
+    (bad / "singlecoil_train" / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n garbage")
+    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--data", bad, "--results", tmp_path / "results",
+                    cwd=tmp_path)
+    assert out.returncode == 2
+    assert "file1.h5" in out.stderr and "not a readable HDF5" in out.stderr and "singlecoil_val" in out.stderr
+    assert "Traceback" not in out.stderr and "ray" not in out.stdout.lower()  # Ray never started
+    assert time.monotonic() - t0 < 60
+
+
+def test_an_erroring_trial_does_not_stop_the_study(tmp_path):
+    space = tmp_path / "crops.yaml"
+    space.write_text("description: one trial asks for a crop larger than the data\n"
+                     "parameters:\n  crop_size: {grid: [32, 96]}\nattack_budgets: [1000]\n")
+    out = run_study("--space", space, "--profile", "smoke", "--results", tmp_path / "results", "--no-report",
+                    cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    trials = pd.read_parquet(tmp_path / "results" / "crops" / "trials.parquet")
+    status = trials.groupby("trial_id")["status"].last()
+    assert sorted(status) == ["ERROR", "TERMINATED"]
+    failed = trials[trials["status"] == "ERROR"].iloc[0]
+    assert "crop size 96" in failed["message"] and failed["crop_size"] == 96
+    assert "failed: " in out.stdout and "crop size 96" in out.stdout
+
+
+def test_sigkill_and_resume(tmp_path):
+    """Kill the driver while one trial is finished and another mid-way; the same command resumes."""
+    space = tmp_path / "kill.yaml"
+    space.write_text("description: kill test\nparameters:\n  epsilon: {grid: [0, 1000, 5000]}\n"
+                     "objectives: [{metric: val_nmse, mode: min}]\nattack_budgets: [1000]\n")
+    args = ["--space", space, "--profile", "smoke", "--results", tmp_path / "results", "--max-epochs", 6,
+            "--max-concurrent", 1, "--no-report"]
+    table = tmp_path / "results" / "kill" / "trials.parquet"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([*RUN, *map(str, args)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    killed_at = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+        try:
+            t = pd.read_parquet(table)
+        except Exception:  # noqa: BLE001 - not written yet, or mid-rename
+            continue
+        g = t.groupby("trial_id").agg(epochs=("epoch", "max"), status=("status", "last"))
+        mid = g[(g["status"] == "RUNNING") & (g["epochs"] >= 2) & (g["epochs"] < 6)]
+        if (g["status"] == "TERMINATED").sum() >= 1 and len(mid) == 1:
+            killed_at = mid.iloc[0]["epochs"], mid.index[0]
+            os.kill(first.pid, signal.SIGKILL)
+            break
+    first.wait()
+    assert killed_at is not None, (tmp_path / "first.log").read_text()[-3000:]
+    epochs_done, interrupted = killed_at
+
+    second = subprocess.Popen([*RUN, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    stdout, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, stdout[-3000:]
+    assert "resuming study 'kill'" in stdout
+
+    t = pd.read_parquet(table)
+    assert not t.duplicated(["trial_id", "epoch"]).any()
+    assert t["trial_id"].nunique() == 3
+    for trial_id, rows in t.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(1, 7)), trial_id  # every trial completed once, nothing lost
+        assert set(rows["status"]) == {"TERMINATED"}
+    resumed = t[t["trial_id"] == interrupted].sort_values("epoch")
+    # epochs after the kill ran in a process that started from the checkpoint, not from epoch 0
+    after = resumed[resumed["epoch"] > epochs_done]
+    assert (after["start_epoch"] >= epochs_done).all() and (after["start_epoch"] > 0).all()
+    assert set(pd.read_parquet(table.parent / "robustness.parquet").groupby("trial_id")["epoch"].max()) == {6}
+    time.sleep(1.0)
+    assert processes_in_session(first.pid) == []
+    assert processes_in_session(second.pid) == []
