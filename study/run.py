@@ -158,7 +158,8 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     best = best_epochs(trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
     for metric, row in best_trials(best, objectives).items():
-        params = ", ".join(f"{p.name}={row.get(p.name)}" for p in space.params)
+        params = ", ".join(f"{p.name}={_fmt(row.get('epsilon_ref' if p.name in EPSILON_KEYS else p.name))}"
+                           for p in space.params)
         lines.append(f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
                      f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
                      f"ssim {row['val_ssim']:.4f}; checkpoint {trial_folder(study_dir, row['trial_id'])}/best.pt")
@@ -175,6 +176,10 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     lines.append(f"TensorBoard: tensorboard --logdir {study_dir}")
     lines.append(f"Optuna: optuna-dashboard sqlite:///{study_dir / OPTUNA_FILE}")
     return lines
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def trial_folder(study_dir: Path, trial_id: str) -> Path:

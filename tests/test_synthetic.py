@@ -14,6 +14,7 @@ import torch
 from scipy import ndimage
 
 from mriadv.data import synthetic
+from mriadv.data.phantom import knee_magnitude, slice_positions, smooth_polynomial
 from mriadv.data.synthetic import (
     SPLITS,
     SyntheticSpec,
@@ -150,6 +151,72 @@ def test_layout_names_and_manifest(dataset):
     manifest = json.loads((dataset / "synthetic.json").read_text())
     assert manifest["spec"] == asdict(SPEC)
     assert not [p for p in dataset.parent.iterdir() if ".partial-" in p.name]  # temp folder renamed away
+
+
+# ---------------------------------------------------------------- phantom
+
+
+def test_slice_positions_closed_form():
+    np.testing.assert_array_equal(slice_positions(1), np.zeros((1, 1, 1), np.float32))
+    t = slice_positions(5)
+    assert t.shape == (5, 1, 1) and t.dtype == np.float32
+    np.testing.assert_array_equal(t.ravel(), np.float32([-1, -0.5, 0, 0.5, 1]))
+    with pytest.raises(ValueError, match="slices"):
+        slice_positions(0)
+
+
+@pytest.mark.parametrize("crop,shape,slices", [(32, (64, 36), 1), (40, (80, 46), 3), (34, (34, 41), 2)])
+def test_knee_magnitude_shape_range_and_determinism(crop, shape, slices):
+    img = knee_magnitude(np.random.default_rng(5), crop, shape, slices, fat_suppressed=False)
+    assert img.shape == (slices, *shape) and img.dtype == np.float32
+    assert img.min() >= 0 and 0.5 < img.max() < 1.5
+    again = knee_magnitude(np.random.default_rng(5), crop, shape, slices, fat_suppressed=False)
+    assert np.array_equal(img, again)
+    assert not np.array_equal(img, knee_magnitude(np.random.default_rng(6), crop, shape, slices, False))
+
+
+def test_knee_magnitude_fills_crop_window_and_leaves_oversampled_rows_dark():
+    crop, shape = 48, (96, 56)
+    img = knee_magnitude(np.random.default_rng(0), crop, shape, 3, fat_suppressed=False)
+    centre = _crop(img, crop)
+    assert 0.3 < (centre > 0.05).mean() < 0.95
+    quarter = crop // 2 - 2
+    outer = np.concatenate([img[:, :quarter], img[:, -quarter:]], axis=1)
+    assert outer.max() == 0  # the leg lies inside the central half of the readout rows
+
+
+def test_fat_suppression_darkens_fat_and_brightens_fluid():
+    kwargs = dict(crop=64, shape=(128, 74), slices=2)
+    pd = knee_magnitude(np.random.default_rng(1), fat_suppressed=False, **kwargs)
+    fs = knee_magnitude(np.random.default_rng(1), fat_suppressed=True, **kwargs)  # same anatomy
+    obj = pd > 0.05
+    # PD: fat/marrow are the bright majority; PDFS: they are dark and only fluid stays bright
+    assert np.median(fs[obj]) < 0.75 * np.median(pd[obj])
+    assert fs.max() > 0.7 and (fs[obj] > 0.6).mean() < (pd[obj] > 0.6).mean()
+
+
+@pytest.mark.parametrize("crop,shape", [(1, (4, 4)), (32, (31, 40)), (32, (64,))])
+def test_knee_magnitude_rejects_bad_grid(crop, shape):
+    with pytest.raises(ValueError, match="crop|shape"):
+        knee_magnitude(np.random.default_rng(0), crop, shape, 2, fat_suppressed=False)
+
+
+def test_smooth_polynomial_peak_is_amplitude_and_broadcasts():
+    g = np.linspace(-1, 1, 9)
+    y, x, t = g[None, :, None], g[None, None, :], np.array([-1.0, 1.0])[:, None, None]
+    state = np.random.default_rng(3).bit_generator.state
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    field = smooth_polynomial(rng, y, x, t, 0.25)  # the grid the amplitude is defined on
+    assert field.shape == (2, 9, 9) and field.dtype == np.float32
+    assert np.abs(field).max() == pytest.approx(0.25, rel=1e-6)
+    rng.bit_generator.state = state
+    dense = np.linspace(-1, 1, 33)
+    same = smooth_polynomial(rng, dense[None, :, None], dense[None, None, :], t, 0.25)
+    np.testing.assert_array_equal(same[:, ::4, ::4], field)  # same coefficients, finer grid
+    # a quadratic: third differences vanish along both axes
+    assert np.abs(np.diff(same, n=3, axis=1)).max() < 1e-6
+    assert np.abs(np.diff(same, n=3, axis=2)).max() < 1e-6
 
 
 # ---------------------------------------------------------------- file schema

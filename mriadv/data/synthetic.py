@@ -16,13 +16,10 @@ A reader for real fastMRI folders reads the output unchanged: ``OUT/singlecoil_t
 * attributes ``max``, ``norm`` (of the esc volume), ``acquisition`` (``CORPD_FBK`` /
   ``CORPDFS_FBK``) and ``patient_id``.
 
-Each volume is a coronal knee-like phantom: leg outline with subcutaneous fat, textured muscle with
-fat septa and vessels, femur and tibia (dark cortex, trabecular marrow, growth-plate scar, optional
-fibula head and marrow lesions), cartilage, joint fluid, menisci and ligaments. Sizes and positions
-are smooth functions of the slice position and textures are interpolated between two fields, so
-neighbouring slices are alike. A smooth bias field (about +-15..30 %), a smooth phase and complex
-Gaussian measurement noise on the acquired columns make it look acquired, at fastMRI's absolute scale
-(image intensities ~1e-5..1e-4). Everything is drawn from
+Each volume is the coronal knee-like phantom of :mod:`mriadv.data.phantom` (proton density, or fat
+suppressed for ``CORPDFS_FBK``) drawn on the oversampled ``2C x W`` grid. A smooth bias field (about
++-15..30 %), a smooth phase and complex Gaussian measurement noise on the acquired columns make it
+look acquired, at fastMRI's absolute scale (image intensities ~1e-5..1e-4). Everything is drawn from
 ``numpy.random.default_rng(SeedSequence([seed, split, index]))``, so a spec gives identical k-space.
 
 Usage: ``python -m mriadv.data.synthetic OUT --volumes 24 --val-volumes 6 --slices 12 --size 128``.
@@ -44,15 +41,18 @@ from typing import NamedTuple, Sequence
 
 import h5py
 import numpy as np
+import torch
+
+from mriadv.data.phantom import knee_magnitude, slice_positions, smooth_polynomial
+from mriadv.fft import fft2c, ifft2c
 
 SPLITS = ("singlecoil_train", "singlecoil_val")
 ACQUISITIONS = ("CORPD_FBK", "CORPDFS_FBK")
 MANIFEST = "synthetic.json"
 FORMAT = "mriadv-synthetic-fastmri-singlecoil"
 # Bump when the generated content changes, so ensure() refuses a stale cached dataset.
-GENERATOR_VERSION = 1
-
-_FFT_AXES = (-2, -1)
+# 2: k-space and esc use torch's FFT (mriadv.fft) instead of numpy's; values differ in the last bits.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -127,339 +127,13 @@ def split_file_names(spec: SyntheticSpec) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure numpy math
-
-
-def fft2c_np(image: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D FFT over the last two axes (numpy twin of :func:`mriadv.fft.fft2c`)."""
-    x = np.fft.ifftshift(image, axes=_FFT_AXES)
-    return np.fft.fftshift(np.fft.fft2(x, norm="ortho", axes=_FFT_AXES), axes=_FFT_AXES)
-
-
-def ifft2c_np(kspace: np.ndarray) -> np.ndarray:
-    """Centred orthonormal inverse 2-D FFT (numpy twin of :func:`mriadv.fft.ifft2c`)."""
-    x = np.fft.ifftshift(kspace, axes=_FFT_AXES)
-    return np.fft.fftshift(np.fft.ifft2(x, norm="ortho", axes=_FFT_AXES), axes=_FFT_AXES)
+# Volumes and files
 
 
 def center_crop_np(x: np.ndarray, size: int) -> np.ndarray:
     """``(..., H, W) -> (..., size, size)``, window starting at ``(dim - size) // 2`` (fastMRI)."""
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     return x[..., top : top + size, left : left + size]
-
-
-# --------------------------------------------------------------------------------------------------
-# Phantom drawing. Anatomical coordinates are in crop half-widths: the C x C crop is [-1, 1)^2.
-
-# Relative signal of each tissue in (proton density, fat-suppressed proton density).
-_TISSUE_SIGNAL = {
-    "fat": (0.90, 0.16),
-    "muscle": (0.36, 0.30),
-    "marrow": (0.78, 0.20),
-    "cortex": (0.04, 0.03),
-    "cartilage": (0.55, 0.62),
-    "fluid": (0.62, 0.95),
-    "fibrous": (0.07, 0.06),  # menisci, ligaments
-    "vessel": (0.75, 0.85),
-}
-
-
-class _Canvas:
-    """Pixel grid of one volume mapped to anatomical coordinates, with painter's-algorithm helpers.
-
-    The anatomy is rotated, mirrored, shifted and scaled per volume, so ``ya, xa`` are ``(1, H, W)``
-    and the same for all slices; per-slice motion lives in the shape parameters ``(S, 1, 1)``.
-    """
-
-    def __init__(self, geom: KspaceGeometry, rng: np.random.Generator) -> None:
-        self.geom = geom
-        self.px = 2.0 / geom.crop  # pixel size in crop half-widths
-        self.angle = rng.uniform(-0.15, 0.15)
-        self.mirror = -1.0 if rng.random() < 0.5 else 1.0  # left or right knee
-        self.gain = rng.uniform(0.88, 1.04)  # anatomy size
-        self.offset = rng.uniform(-0.04, 0.04, size=2)
-        y = (np.arange(geom.height) - geom.height // 2) * self.px - self.offset[0]
-        x = (np.arange(geom.width) - geom.width // 2) * self.px - self.offset[1]
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        self.ya = ((c * y[:, None] + s * x[None, :]) / self.gain).astype(np.float32)[None]
-        self.xa = (self.mirror * (-s * y[:, None] + c * x[None, :]) / self.gain).astype(np.float32)[None]
-        self.px_anat = np.float32(self.px / self.gain)  # pixel size in anatomical units
-
-    def window(self, *discs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[slice, slice]:
-        """Pixel window holding the discs ``(cy, cx, radius)`` (anatomical, per slice) of all slices."""
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        rows, cols = [], []
-        for cy, cx, r in discs:
-            yy, xx = self.gain * np.asarray(cy), self.gain * self.mirror * np.asarray(cx)
-            y = c * yy - s * xx + self.offset[0]
-            x = s * yy + c * xx + self.offset[1]
-            rad = self.gain * np.asarray(r) / self.px + 2
-            rows += [np.min(y / self.px - rad), np.max(y / self.px + rad)]
-            cols += [np.min(x / self.px - rad), np.max(x / self.px + rad)]
-        h, w = self.geom.height, self.geom.width
-        r0 = int(np.clip(np.floor(min(rows)) + h // 2, 0, h))
-        r1 = int(np.clip(np.ceil(max(rows)) + h // 2 + 1, r0, h))
-        c0 = int(np.clip(np.floor(min(cols)) + w // 2, 0, w))
-        c1 = int(np.clip(np.ceil(max(cols)) + w // 2 + 1, c0, w))
-        return (slice(r0, r1), slice(c0, c1))
-
-    def shape(
-        self,
-        win: tuple[slice, slice],
-        cy: np.ndarray,
-        cx: np.ndarray,
-        ry: np.ndarray,
-        rx: np.ndarray,
-        power: float = 2.0,
-        angle: float = 0.0,
-        wobble: Sequence[tuple[int, float, float]] = (),
-    ) -> np.ndarray:
-        """Anti-aliased occupancy in [0, 1], ``(S, h, w)`` on ``win``, of a rotated superellipse.
-
-        ``|u/rx|^p + |v/ry|^p = 1`` with outline radius scaled by ``1 + sum a cos(k theta + phi)``
-        for ``(k, a, phi)`` in ``wobble``. The signed distance to the outline is approximated to first
-        order, ``(1 - rho) / |grad rho|``, and turned into a one-pixel linear ramp (area coverage).
-        """
-        dy = self.ya[:, win[0], win[1]] - cy
-        dx = self.xa[:, win[0], win[1]] - cx
-        if angle:
-            ca, sa = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-            dx, dy = ca * dx + sa * dy, ca * dy - sa * dx
-        ry = np.maximum(ry, 1e-3)
-        rx = np.maximum(rx, 1e-3)
-        a, b = np.abs(dx) / rx, np.abs(dy) / ry
-        if power == 2.0:
-            rho = np.sqrt(a * a + b * b)
-            grad = np.sqrt((a / rx) ** 2 + (b / ry) ** 2) / np.maximum(rho, 1e-9)
-        else:
-            p = np.float32(power)
-            rho = (a**p + b**p) ** (1 / p)
-            grad = np.sqrt((a ** (p - 1) / rx) ** 2 + (b ** (p - 1) / ry) ** 2)
-            grad *= np.maximum(rho, 1e-9) ** (1 - p)
-        if wobble:
-            theta = np.arctan2(dy, dx)
-            w = 1.0 + sum(np.float32(amp) * np.cos(k * theta + np.float32(ph)) for k, amp, ph in wobble)
-            rho, grad = rho / w, grad / w
-        dist = (1.0 - rho) / np.maximum(grad, 1e-6)
-        return np.clip(0.5 + dist / self.px_anat, 0.0, 1.0).astype(np.float32, copy=False)
-
-    def band(self, win: tuple[slice, slice], y0: np.ndarray, curve: float, half_width: float) -> np.ndarray:
-        """Thin anti-aliased line ``ya = y0 + curve * xa^2``, ``(S, h, w)`` on ``win``."""
-        d = np.abs(self.ya[:, win[0], win[1]] - y0 - curve * self.xa[:, win[0], win[1]] ** 2)
-        return np.clip(0.5 + (half_width - d) / self.px_anat, 0.0, 1.0)
-
-    @staticmethod
-    def paint(img: np.ndarray, win: tuple[slice, slice], mask: np.ndarray, value: float | np.ndarray) -> None:
-        """Over-paint ``img`` (S, H, W) on ``win``; ``value`` is a number or a full ``(S, H, W)`` field."""
-        region = img[:, win[0], win[1]]
-        if isinstance(value, np.ndarray):
-            value = value[:, win[0], win[1]]
-        region += mask * (value - region)
-
-
-def _slice_positions(slices: int) -> np.ndarray:
-    """Position of each slice across the stack, -1 .. 1 (0 for a single slice), float32 ``(S, 1, 1)``."""
-    t = np.linspace(-1.0, 1.0, slices) if slices > 1 else np.zeros(1)
-    return t.astype(np.float32)[:, None, None]
-
-
-def _texture_fields(rng: np.random.Generator, geom: KspaceGeometry, t: np.ndarray) -> dict[str, np.ndarray]:
-    """Band-limited unit-variance textures ``(S, H, W)`` that turn slowly across slices.
-
-    Each is ``cos(a) F1 + sin(a) F2`` with ``a`` going from 0 to pi/2 over the stack, so the variance
-    is constant and adjacent slices correlate strongly. Frequencies are in cycles per crop half-width.
-    """
-    per_unit = geom.crop / 2
-    fy = (np.fft.fftfreq(geom.height) * per_unit)[:, None]
-    fx = (np.fft.fftfreq(geom.width) * per_unit)[None, :]
-    f0 = min(16.0, 0.15 * per_unit)  # trabecular spacing, kept under a third of Nyquist
-    filters = {
-        "fat": np.exp(-(fy**2 + fx**2) / (2 * 3.0**2)),
-        "muscle": np.exp(-((fy / 2.5) ** 2) / 2 - (fx / min(12.0, 0.25 * per_unit)) ** 2 / 2),  # fibres
-        "marrow": np.exp(-(((np.hypot(fy, fx) - f0) / (0.35 * f0)) ** 2) / 2),
-        "smooth": np.exp(-(fy**2 + fx**2) / (2 * 1.5**2)),
-    }
-    alpha = ((t + 1) * (np.pi / 4)).astype(np.float32)  # (S, 1, 1)
-    out = {}
-    for name, filt in filters.items():
-        pair = []
-        for _ in range(2):
-            field = np.fft.ifft2(np.fft.fft2(rng.standard_normal((geom.height, geom.width))) * filt).real
-            pair.append(((field - field.mean()) / field.std()).astype(np.float32))
-        out[name] = np.cos(alpha) * pair[0] + np.sin(alpha) * pair[1]
-    return out
-
-
-def _knee_magnitude(
-    rng: np.random.Generator, geom: KspaceGeometry, slices: int, fat_suppressed: bool
-) -> np.ndarray:
-    """Noise-free, bias-free magnitude ``(S, H, W)`` float32 of a coronal knee-like phantom (~0..1)."""
-    S = slices
-    f32 = np.float32
-    t = _slice_positions(S)  # (S, 1, 1)
-    canvas = _Canvas(geom, rng)
-    level = {k: f32(v[int(fat_suppressed)] * rng.uniform(0.88, 1.12)) for k, v in _TISSUE_SIGNAL.items()}
-    tex = _texture_fields(rng, geom, t)
-    img = np.zeros((S, geom.height, geom.width), f32)
-
-    def smooth(c0: float, c1: float = 0.0) -> np.ndarray:
-        """A per-slice parameter ``c0 + c1 t``, ``(S, 1, 1)``."""
-        return (c0 + c1 * t).astype(f32)
-
-    def presence(centre: float, half_width: float) -> np.ndarray:
-        """Cross-section factor of a sphere-like structure centred at slice position ``centre``."""
-        return np.sqrt(np.clip(1.0 - ((t - centre) / half_width) ** 2, 0.0, 1.0)).astype(f32)
-
-    taper = np.sqrt(1.0 - (rng.uniform(0.35, 0.6) * t) ** 2).astype(f32)  # narrower at the stack ends
-    u = rng.uniform
-
-    # Leg outline: subcutaneous fat, then muscle inset by the fat thickness.
-    by, bx = smooth(u(-0.04, 0.04), u(-0.03, 0.03)), smooth(u(-0.04, 0.04), u(-0.03, 0.03))
-    bry, brx = smooth(u(0.84, 0.95)), u(0.74, 0.9) * (0.9 + 0.1 * taper)
-    wobble = [(2, u(0, 0.04), u(0, 2 * np.pi)), (3, u(0, 0.03), u(0, 2 * np.pi))]
-    power = u(2.0, 2.8)
-    win = canvas.window((by, bx, 1.1 * np.maximum(bry, brx)))
-    body = canvas.shape(win, by, bx, bry, brx, power, wobble=wobble)
-    canvas.paint(img, win, body, level["fat"] * (1 + 0.07 * tex["fat"]))
-    fat = u(0.05, 0.11)
-    muscle = np.zeros_like(img)
-    muscle[:, win[0], win[1]] = canvas.shape(win, by, bx, bry - fat, brx - fat * u(0.8, 1.3), power, wobble=wobble)
-    canvas.paint(img, win, muscle[:, win[0], win[1]], level["muscle"] * (1 + 0.16 * tex["muscle"]))
-
-    # Fat septa between muscles: thin rings clipped to the muscle.
-    for _ in range(rng.integers(2, 4)):
-        cy = smooth(u(-0.5, 0.5), u(-0.05, 0.05))
-        side = 1 if rng.random() < 0.5 else -1
-        cx = smooth(side * u(0.15, 0.5), u(-0.05, 0.05))
-        ry, rx, width = u(0.25, 0.6), u(0.12, 0.35), max(1.3 * canvas.px_anat, 0.012)
-        win = canvas.window((cy, cx, max(ry, rx)))
-        ring = canvas.shape(win, cy, cx, ry, rx) - canvas.shape(win, cy, cx, ry - width, rx - width)
-        arcs = np.clip(tex["smooth"][:, win[0], win[1]] + 0.4, 0, 1)  # broken, not closed rings
-        canvas.paint(img, win, ring * arcs * muscle[:, win[0], win[1]], 0.85 * level["fat"])
-
-    # Vessels: elongated tubes in the soft tissue, bright (slow flow) or dark (flow void).
-    for _ in range(rng.integers(3, 6)):
-        side = 1 if rng.random() < 0.5 else -1
-        cy, cx = smooth(u(-0.55, 0.55)), smooth(side * u(0.55, 0.78) * float(brx.mean()), u(-0.08, 0.08))
-        ry, rx = u(0.06, 0.3), u(0.014, 0.032)
-        win = canvas.window((cy, cx, ry))
-        value = level["vessel"] if rng.random() < 0.6 else level["cortex"]
-        tube = canvas.shape(win, cy, cx, ry, rx, angle=u(-0.3, 0.3))
-        canvas.paint(img, win, tube * muscle[:, win[0], win[1]], value)
-
-    # Joint line yj and gap between femur and tibia. A bone is a union of parts
-    # (cy, cx, ry, rx, power, cortex thickness): femur = two condyles + flaring metaphysis + shaft,
-    # tibia = plateau + metaphysis + shaft; the shafts have the thicker cortex.
-    yj = smooth(u(-0.02, 0.12), u(-0.04, 0.04))
-    gap = u(0.035, 0.06)
-    cortex, cart = u(0.018, 0.03), u(0.018, 0.03)
-    sep, rcx, rcy = u(0.17, 0.23), u(0.2, 0.25) * taper, u(0.17, 0.22) * taper
-    condyle_y = yj - gap / 2 - rcy
-    shaft = (u(0.17, 0.23), u(0.34, 0.42))  # half-width, half-length
-    femur = [
-        (condyle_y, smooth(-sep), rcy, rcx, 2.0, cortex),
-        (condyle_y, smooth(sep), rcy, rcx, 2.0, cortex),
-        (condyle_y - u(0.1, 0.16), smooth(0.0), u(0.16, 0.22), (sep + 0.8 * rcx), 2.4, cortex),
-        (yj - u(0.45, 0.52), smooth(0.0, u(-0.03, 0.03)), smooth(shaft[1]), shaft[0] * taper, 2.6, 2.5 * cortex),
-    ]
-    rty = u(0.11, 0.15)
-    plateau_y = yj + gap / 2 + rty
-    tibia = [
-        (plateau_y, smooth(0.0), smooth(rty), u(0.42, 0.5) * taper, u(2.6, 3.2), cortex),
-        (plateau_y + u(0.1, 0.15), smooth(0.0), u(0.14, 0.2), u(0.28, 0.34) * taper, 2.4, cortex),
-        (yj + u(0.5, 0.58), smooth(0.0, u(-0.03, 0.03)), smooth(shaft[1]), shaft[0] * u(0.9, 1.1) * taper, 2.6,
-         2.5 * cortex),
-    ]
-    fibula_on = presence(u(0.2, 0.8), 0.7)
-    fr = u(0.07, 0.09) * fibula_on
-    fibula = [(plateau_y + u(0.12, 0.2), smooth(u(0.42, 0.5)), fr, fr * u(0.8, 1.1), 2.0, cortex)]
-
-    def union(win: tuple[slice, slice], parts: list, grow: float = 0.0, inner: bool = False) -> np.ndarray:
-        """Occupancy of a bone grown by ``grow`` or, with ``inner``, shrunk by each part's cortex."""
-        masks = [
-            canvas.shape(win, cy, cx, ry + grow - inner * ct, rx + grow - inner * ct, p)
-            for cy, cx, ry, rx, p, ct in parts
-        ]
-        return np.maximum.reduce(masks) if len(masks) > 1 else masks[0]
-
-    def discs(parts: list) -> list:
-        return [(cy, cx, np.maximum(ry, rx) * 1.3 + 0.05) for cy, cx, ry, rx, _, _ in parts]
-
-    # Joint fluid and soft tissue around the joint, later covered by cartilage and bone.
-    fy_, fx_ = yj, smooth(0.0)
-    fry, frx = u(0.08, 0.14), u(0.45, 0.58) * taper
-    win = canvas.window((fy_, fx_, frx))
-    fluid = canvas.shape(win, fy_, fx_, fry, frx, 2.4)
-    canvas.paint(img, win, fluid, level["fluid"] * (1 + 0.05 * tex["smooth"]))
-
-    # Cartilage: bones grown by the cartilage thickness, kept only near the joint line.
-    win = canvas.window(*discs(femur[:2] + tibia[:1]))
-    ya = canvas.ya[:, win[0], win[1]]
-    near_femur = np.clip((ya - (yj - 0.16)) / 0.06, 0, 1)
-    near_tibia = np.clip(((yj + 0.12) - ya) / 0.05, 0, 1)
-    canvas.paint(img, win, union(win, femur[:2], grow=cart) * near_femur, level["cartilage"])
-    canvas.paint(img, win, union(win, tibia[:1], grow=cart) * near_tibia, level["cartilage"])
-
-    # Menisci: dark wedges at both ends of the joint gap (bone painted later trims them).
-    for side in (-1, 1):
-        cy, cx = yj + u(-0.01, 0.01), side * (sep + 0.8 * rcx) + u(-0.02, 0.02)
-        ry, rx = gap / 2 + u(0.02, 0.035), u(0.07, 0.11) * taper
-        win = canvas.window((cy, cx, rx))
-        canvas.paint(img, win, canvas.shape(win, cy, cx, ry, rx, 1.5), level["fibrous"])  # wedge-like
-
-    # Cruciate ligaments in the notch and collateral ligaments on both sides of the joint.
-    for cx0, ang in ((u(-0.04, 0.0), u(0.3, 0.6)), (u(0.0, 0.04), -u(0.3, 0.6))):
-        cy, cx = yj - u(0.07, 0.12), smooth(cx0)
-        win = canvas.window((cy, cx, 0.15))
-        ligament = canvas.shape(win, cy, cx, smooth(u(0.09, 0.13)), u(0.018, 0.028), angle=ang)
-        canvas.paint(img, win, ligament, level["fibrous"])
-    for side in (-1, 1):
-        cy, cx = yj + u(-0.03, 0.03), side * (u(0.5, 0.56) * taper)
-        win = canvas.window((cy, cx, 0.25))
-        canvas.paint(img, win, canvas.shape(win, cy, cx, u(0.14, 0.22), u(0.012, 0.02)), level["fibrous"])
-
-    # Bones: cortex (outer shape) then trabecular marrow (inner shape) and the growth-plate scar,
-    # all kept inside the muscle outline.
-    trabeculae = 1 - 0.25 * np.exp(-((tex["marrow"] / 0.35) ** 2))  # dark network on zero crossings
-    marrow = level["marrow"] * (1 + 0.08 * tex["smooth"]) * trabeculae
-    physes = (yj - u(0.3, 0.38), -u(0.1, 0.3)), (plateau_y + u(0.06, 0.12), u(0.05, 0.2)), None
-    for parts, physis in zip((femur, tibia, fibula), physes):
-        win = canvas.window(*discs(parts))
-        inside = muscle[:, win[0], win[1]]
-        canvas.paint(img, win, union(win, parts) * inside, level["cortex"])
-        inner = union(win, parts, inner=True) * inside
-        canvas.paint(img, win, inner, marrow)
-        if physis is not None:
-            line = canvas.band(win, physis[0], physis[1], half_width=0.8 * canvas.px_anat)
-            canvas.paint(img, win, line * inner, 0.35 * level["marrow"])
-
-    # Marrow lesions (oedema-like bright or sclerotic dark), present in a range of slices.
-    for _ in range(rng.integers(0, 3)):
-        side = 1 if rng.random() < 0.5 else -1
-        on_femur = rng.random() < 0.6
-        cy = yj - gap / 2 - rcy * u(0.4, 0.9) if on_femur else yj + gap / 2 + rty * u(0.8, 1.5)
-        cx = smooth(side * sep * u(0.6, 1.2))
-        r = u(0.03, 0.07) * presence(u(-0.7, 0.7), u(0.3, 0.6))
-        win = canvas.window((cy, cx, r + 0.02))
-        value = level["fluid"] if rng.random() < 0.6 else level["cortex"] * 3
-        canvas.paint(img, win, canvas.shape(win, cy, cx, r, r * u(0.7, 1.3)), value)
-
-    return img
-
-
-def _smooth_poly(
-    rng: np.random.Generator, y: np.ndarray, x: np.ndarray, t: np.ndarray, amplitude: float
-) -> np.ndarray:
-    """Quadratic in ``(y, x)`` with a slice-linear tilt, scaled so its peak over the crop is ``amplitude``."""
-
-    def poly(c: np.ndarray, yy: np.ndarray, xx: np.ndarray, tt: np.ndarray) -> np.ndarray:
-        quadratic = c[2] * xx * xx + c[3] * xx * yy + c[4] * yy * yy
-        return c[0] * xx + c[1] * yy + quadratic + tt * (c[5] * xx + c[6] * yy)
-
-    c = rng.standard_normal(7) * np.array([1, 1, 0.5, 0.5, 0.5, 0.2, 0.2])
-    g = np.linspace(-1, 1, 9)
-    peak = np.abs(poly(c, g[:, None, None], g[None, :, None], np.array([-1.0, 1.0])[None, None])).max()
-    return (poly(c * (amplitude / peak), y, x, t)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -480,20 +154,21 @@ def synthesize_volume(spec: SyntheticSpec, split: int, index: int) -> SyntheticV
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, split, index]))
     acquisition = ACQUISITIONS[index % 2]
     fat_suppressed = acquisition == "CORPDFS_FBK"
-    magnitude = _knee_magnitude(rng, geom, spec.slices, fat_suppressed)  # (S, H, W)
+    grid = (geom.height, geom.width)
+    magnitude = knee_magnitude(rng, geom.crop, grid, spec.slices, fat_suppressed)  # (S, H, W)
 
     # Scanner effects in pixel coordinates (they do not move with the anatomy).
     px = 2.0 / geom.crop
     y = ((np.arange(geom.height) - geom.height // 2) * px)[None, :, None]
     x = ((np.arange(geom.width) - geom.width // 2) * px)[None, None, :]
-    t = _slice_positions(spec.slices)
-    bias = np.clip(1.0 + _smooth_poly(rng, y, x, t, rng.uniform(0.15, 0.3)), 0.3, None)
-    phase = rng.uniform(-np.pi, np.pi) + _smooth_poly(rng, y, x, t, rng.uniform(1.5, 3.5))
+    t = slice_positions(spec.slices)
+    bias = np.clip(1.0 + smooth_polynomial(rng, y, x, t, rng.uniform(0.15, 0.3)), 0.3, None)
+    phase = rng.uniform(-np.pi, np.pi) + smooth_polynomial(rng, y, x, t, rng.uniform(1.5, 3.5))
     scale = 10.0 ** rng.uniform(-4.6, -4.1)  # fastMRI-like absolute intensities
     clean = (scale * bias * magnitude).astype(np.float32)
     image = clean * np.exp(1j * phase.astype(np.float32)).astype(np.complex64)
 
-    kspace = fft2c_np(image).astype(np.complex64)
+    kspace = fft2c(torch.from_numpy(image)).numpy()  # complex64 (S, H, W), writable
     band = slice(geom.padding_left, geom.padding_right)
     kspace[..., : geom.padding_left] = 0
     kspace[..., geom.padding_right :] = 0
@@ -503,7 +178,7 @@ def synthesize_volume(spec: SyntheticSpec, split: int, index: int) -> SyntheticV
     noise = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
     kspace[..., band] += (sigma * noise).astype(np.complex64)
 
-    esc = np.abs(center_crop_np(ifft2c_np(kspace), geom.crop)).astype(np.float32)
+    esc = np.abs(center_crop_np(ifft2c(torch.from_numpy(kspace)).numpy(), geom.crop))  # float32 (S, C, C)
     rss = np.ascontiguousarray(center_crop_np(clean, geom.crop))
     patient_id = hashlib.sha256(f"mriadv-synthetic/{spec.seed}/{split}/{index}".encode()).hexdigest()
     header = _ismrmrd_header(geom, spec.slices, acquisition, rng)
