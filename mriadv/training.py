@@ -147,11 +147,6 @@ class Trainer:
             out = self.recon(self.runtime.image(inputs))
         return self.loss_fn(out.float(), target)
 
-    @staticmethod
-    def _check(value: torch.Tensor, what: str) -> None:
-        if not bool(torch.isfinite(value)):
-            raise NonFiniteLoss(f"{what} is {float(value.detach())}")
-
     # -- the named steps ----------------------------------------------------------------------
     def generator_step(self, batch: Batch, z: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One ascent step of phi on ``lambda1 Loss(f(x~ + G), x) - lambda2 hinge``; theta gets no gradient."""
@@ -162,7 +157,6 @@ class Trainer:
             adv = self._loss(self.perturbed_input(batch, delta), batch.target)
             penalty = hinge(delta, cfg.epsilon, cfg.epsilon_scope)
             objective = cfg.lambda1 * adv - cfg.lambda2 * penalty
-            self._check(objective, "generator objective")
             self.opt_gen.zero_grad(set_to_none=True)
             (-objective).backward()  # ascent
             self.opt_gen.step()
@@ -182,7 +176,6 @@ class Trainer:
             clean = self.loss_fn(out[:n], batch.target)
             pert = self.loss_fn(out[n:], batch.target)
             total = clean + self.cfg.lambda1 * pert
-        self._check(total, "reconstructor loss")
         self.opt_recon.zero_grad(set_to_none=True)
         total.backward()
         self.opt_recon.step()
@@ -203,7 +196,13 @@ class Trainer:
             stats["delta_sq"] = squared_norm(delta).mean()
         keys = list(stats)
         values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()
-        return dict(zip(keys, values))
+        out = dict(zip(keys, values))
+        # checked once per step, after the updates (one device sync): a non-finite loss leaves this
+        # epoch's weights unusable, but the run stops here and the last checkpoint is untouched
+        bad = [k for k in ("gen_objective", "recon_loss") if k in out and not math.isfinite(out[k])]
+        if bad:
+            raise NonFiniteLoss(", ".join(f"{k} is {out[k]}" for k in bad))
+        return out
 
     # -- robustness evaluation ----------------------------------------------------------------
     def generator_perturb(self, batch: Batch) -> torch.Tensor:
@@ -301,11 +300,7 @@ def build_data(cfg: TrainConfig, runtime: Runtime) -> Data:
                          max_volumes=cfg.max_train_volumes, **common)
     val = SliceDataset(root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes,
                        **common)
-    train_eval = None
-    if cfg.train_eval_volumes > 0:
-        train_eval = SliceDataset(root, "train", fixed_tf, **common)
-        train_eval.volumes = train.volumes[: cfg.train_eval_volumes]
-        train_eval.slices = [(v, s) for v in train_eval.volumes for s in range(v.num_slices)]
+    train_eval = train.restricted(train.volumes[: cfg.train_eval_volumes], fixed_tf) if cfg.train_eval_volumes else None
     workers = cfg.num_workers
     if workers is None:
         workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
@@ -353,6 +348,9 @@ class EpochRecord:
     train_nmse: float
     train_psnr: float
     train_ssim: float
+    train_seed_nmse: float
+    train_seed_psnr: float
+    train_seed_ssim: float
     best_epoch: int
     best_val_loss: float
     is_best: bool
@@ -518,7 +516,8 @@ def fit(
             val_loss=val.loss, val_nmse=val.nmse, val_psnr=val.psnr, val_ssim=val.ssim,
             val_seed_nmse=val.seed_nmse, val_seed_psnr=val.seed_psnr, val_seed_ssim=val.seed_ssim,
             train_nmse=tr.nmse if tr else float("nan"), train_psnr=tr.psnr if tr else float("nan"),
-            train_ssim=tr.ssim if tr else float("nan"),
+            train_ssim=tr.ssim if tr else float("nan"), train_seed_nmse=tr.seed_nmse if tr else float("nan"),
+            train_seed_psnr=tr.seed_psnr if tr else float("nan"), train_seed_ssim=tr.seed_ssim if tr else float("nan"),
             best_epoch=best_epoch, best_val_loss=best_loss, is_best=improved,
             train_time_s=t_train, eval_time_s=t_eval, robust_time_s=t_rob,
             epoch_time_s=time.perf_counter() - t0, slices_per_s=slices / t_train if t_train > 0 else float("nan"),

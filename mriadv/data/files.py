@@ -10,6 +10,7 @@ synthetic ones of :mod:`mriadv.data.synthetic`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -259,6 +260,15 @@ class SliceDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Training masks depend on the epoch; call before iterating (workers are re-created)."""
         self.epoch = epoch
+
+    def restricted(self, volumes: Sequence[VolumeInfo], transform: Callable[[RawSlice, int], object]) -> "SliceDataset":
+        """The same folder and index limited to ``volumes``, read through another ``transform``
+        (e.g. the first training volumes with fixed validation masks, to evaluate on training data)."""
+        other = copy.copy(self)
+        other.transform = transform
+        other.volumes = list(volumes)
+        other.slices = [(v, s) for v in other.volumes for s in range(v.num_slices)]
+        return other
 
     def __len__(self) -> int:
         return len(self.slices)

@@ -105,6 +105,15 @@ class Batch:
             moved[f.name] = value
         return Batch(**moved)
 
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader (``pin_memory=True``) so that ``to(cuda, non_blocking=True)`` is
+        asynchronous."""
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in pinned.items():
+            if isinstance(value, torch.Tensor):
+                pinned[key] = value.pin_memory()
+        return Batch(**pinned)
+
     @property
     def crop(self) -> tuple[int, int]:
         return tuple(self.image.shape[-2:])  # type: ignore[return-value]
