@@ -1,6 +1,8 @@
-"""Reading a study's result tables: each trial's best epoch, the best trials, the Pareto front.
+"""Reading a study's result tables: each trial's best epoch, the best trials, the Pareto front,
+statuses and error messages.
 
-Pure pandas on ``trials.parquet``; used by the runner's final summary and by the report.
+Pure pandas on ``trials.parquet`` (and ``robustness.parquet``); the one place both the runner's
+final summary and the report compute these.
 """
 
 from __future__ import annotations
@@ -56,3 +58,60 @@ def pareto_mask(values: np.ndarray, modes: list[str]) -> np.ndarray:
         if dominated.any():
             mask[i] = False
     return mask
+
+
+def pareto_front(rows: pd.DataFrame, finished: np.ndarray, objectives: list[tuple[str, str]]) -> np.ndarray:
+    """Boolean mask ``(n,)`` of the ``rows`` (one per trial, e.g. from :func:`best_epochs`) on the
+    Pareto front of ``objectives`` ``(metric, mode)``, taken among the ``finished`` rows ``(n,)``
+    only: an unfinished trial is never on the front, nor does it push a finished one off it."""
+    front = np.zeros(len(rows), bool)
+    if finished.any():
+        values = rows[[metric for metric, _ in objectives]].to_numpy(float)
+        front[finished] = pareto_mask(values[finished], [mode for _, mode in objectives])
+    return front
+
+
+def trial_status(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's current status (that of its last row: ``TERMINATED``, ``ERROR``, ``RUNNING``,
+    ``early_stopped`` or ``nan``), indexed by trial id."""
+    if trials.empty or "status" not in trials:
+        return pd.Series(dtype=object)
+    last = trials.sort_values("epoch", kind="stable").groupby("trial_id").tail(1)
+    return last.set_index("trial_id")["status"].fillna("").sort_index()
+
+
+def at_best_epochs(best: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a table keyed by ``(trial_id, epoch)`` (e.g. ``robustness.parquet``) at each
+    trial's best epoch, as given by :func:`best_epochs`."""
+    if best.empty or table.empty or not {"trial_id", "epoch"} <= set(table):
+        return table.iloc[0:0]
+    keys = best[["trial_id", "epoch"]].astype({"epoch": int})
+    return table.astype({"epoch": int}).merge(keys, on=["trial_id", "epoch"]).reset_index(drop=True)
+
+
+def identical_trials(trials: pd.DataFrame, by: str = "val_loss") -> list[list[str]]:
+    """Groups (of two or more) of trials whose ``by`` is exactly equal at every epoch: runs that
+    the searched values did not change (e.g. a budget that never bound the perturbation)."""
+    if trials.empty or by not in trials:
+        return []
+    rows = trials[trials["epoch"] > 0].sort_values(["trial_id", "epoch"])
+    curves = rows.groupby("trial_id").apply(lambda g: tuple(zip(g["epoch"], g[by])), include_groups=False)
+    groups: dict[tuple, list[str]] = {}
+    for trial_id, curve in curves.items():
+        if curve and all(np.isfinite(v) for _, v in curve):
+            groups.setdefault(curve, []).append(str(trial_id))
+    return [ids for ids in groups.values() if len(ids) > 1]
+
+
+def trial_messages(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's last recorded message (a failed trial's error, why a trial stopped), indexed by
+    trial id; trials that recorded none are left out."""
+    if trials.empty or "message" not in trials:
+        return pd.Series(dtype=object)
+    return trials.dropna(subset=["message"]).groupby("trial_id")["message"].last().astype(str)
+
+
+def failed_trials(trials: pd.DataFrame) -> dict[str, str]:
+    """``{trial id: its error message}`` for the trials whose status is ``ERROR``, ordered by id."""
+    statuses, messages = trial_status(trials), trial_messages(trials)
+    return {t: messages.get(t, "") for t in statuses[statuses == "ERROR"].index}

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-PIDFILE = ".ray_processes.json"
+from study.layout import PIDFILE
 
 
 def _stat(pid: int) -> tuple[int, int] | None:

@@ -21,10 +21,9 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
+from study.layout import ROBUSTNESS_FILE, TRIALS_FILE
 from study.procs import ProcessRecord
 
-TRIALS_FILE = "trials.parquet"
-ROBUSTNESS_FILE = "robustness.parquet"
 # result keys that are Ray's bookkeeping, not ours
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
              "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +30,13 @@ if __package__ in (None, ""):  # `python study/run.py`: make the repository impo
 
 from mriadv.config import ConfigError, TrainConfig, get_profile  # noqa: E402
 from mriadv.train import default_profile, synthetic_data, validate_data  # noqa: E402
-from study.analysis import best_epochs, best_trials, finished_trials, pareto_mask  # noqa: E402
+from study.analysis import (best_epochs, best_trials, failed_trials, finished_trials, pareto_front,  # noqa: E402
+                            trial_status)
+from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
+                          best_checkpoint)
 from study.procs import ProcessRecord  # noqa: E402
-from study.results import TRIALS_FILE, read_table  # noqa: E402
+from study.results import read_table  # noqa: E402
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
-
-STATE_FILE = "study.json"
-OPTUNA_FILE = "optuna.db"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,11 +146,13 @@ def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float]
 # summary
 # ---------------------------------------------------------------------------------------------
 def summarize(study_dir: Path, space: StudySpace) -> list[str]:
+    """The lines printed at the end of a study: statuses, the best trial by each objective (at
+    its best epoch), the Pareto front of finished trials, errors, and where everything is."""
     trials = read_table(study_dir / TRIALS_FILE)
     lines = [f"results: {study_dir}"]
     if trials.empty:
         return lines + ["no trial reported a result"]
-    statuses = trials.groupby("trial_id")["status"].last().value_counts().to_dict()
+    statuses = trial_status(trials).value_counts().to_dict()
     lines.append("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     best = best_epochs(trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
@@ -162,17 +161,17 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
                            for p in space.params)
         lines.append(f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
                      f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
-                     f"ssim {row['val_ssim']:.4f}; checkpoint {trial_folder(study_dir, row['trial_id'])}/best.pt")
-    if len(objectives) > 1:
-        done = best[best["trial_id"].isin(finished_trials(trials))]
-        cols = [m for m, _ in objectives]
-        if not done.empty and all(c in done for c in cols):
-            mask = pareto_mask(done[cols].to_numpy(float), [m for _, m in objectives])
-            lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(done.loc[mask, "trial_id"]))
-    errors = trials[trials["status"] == "ERROR"].groupby("trial_id")["message"].last()
-    for trial_id, message in errors.items():
+                     f"ssim {row['val_ssim']:.4f}; checkpoint "
+                     f"{best_checkpoint(study_dir, row['trial_id']) or 'missing (no best.pt)'}")
+    cols = [m for m, _ in objectives]
+    if len(objectives) > 1 and all(c in best for c in cols):
+        done = best["trial_id"].isin(finished_trials(trials)).to_numpy()
+        if done.any():
+            front = pareto_front(best, done, objectives)
+            lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(best.loc[front, "trial_id"]))
+    for trial_id, message in failed_trials(trials).items():
         lines.append(f"trial {trial_id} failed: {message}")
-    lines.append(f"tables: {study_dir / TRIALS_FILE}, {study_dir / 'robustness.parquet'}")
+    lines.append(f"tables: {study_dir / TRIALS_FILE}, {study_dir / ROBUSTNESS_FILE}")
     lines.append(f"TensorBoard: tensorboard --logdir {study_dir}")
     lines.append(f"Optuna: optuna-dashboard sqlite:///{study_dir / OPTUNA_FILE}")
     return lines
@@ -180,11 +179,6 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def trial_folder(study_dir: Path, trial_id: str) -> Path:
-    matches = sorted(p for p in study_dir.glob(f"*{trial_id}*") if p.is_dir())
-    return matches[0] if matches else study_dir
 
 
 def trial_statuses(study_dir: Path) -> dict[str, str]:
@@ -221,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or space.name
     study_dir = results / name
     state_file = study_dir / STATE_FILE
-    resuming = (study_dir / "tuner.pkl").is_file() and state_file.is_file()
+    resuming = (study_dir / TUNER_FILE).is_file() and state_file.is_file()
     cluster = args.address is not None
     try:
         res, threads, cpus, gpus = resources(args, cluster)

@@ -25,9 +25,8 @@ from ray import tune
 from mriadv.config import TrainConfig
 from mriadv.training import (BEST_NAME, CHECKPOINT_NAME, PREVIEW_NAME, EpochRecord, fit, load_checkpoint,
                              to_reference)
+from study.layout import BEST_CHECKPOINT, HPARAM_KEYS
 
-# hyperparameters reported with every result and shown in TensorBoard's HParams dashboard
-HPARAM_KEYS = ("epsilon_ref", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "perturbation", "seed")
 # scalar tags written by TrialBoard: (tag, record field)
 SCALARS = (
     ("train/loss", "train_loss"), ("train/clean_loss", "train_clean_loss"), ("train/pert_loss", "train_pert_loss"),
@@ -142,7 +141,7 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
 
         def on_epoch(record: EpochRecord, ckpt: Path | None) -> None:
             if record.is_best and (work / BEST_NAME).is_file():
-                shutil.copy2(work / BEST_NAME, trial_dir / BEST_NAME)
+                shutil.copy2(work / BEST_NAME, trial_dir / BEST_CHECKPOINT)
             board.log_epoch(record, work / PREVIEW_NAME)
             if (work / PREVIEW_NAME).is_file():
                 shutil.copy2(work / PREVIEW_NAME, trial_dir / PREVIEW_NAME)

@@ -1,0 +1,217 @@
+"""The seed's Figure 6 (Huang & Liang) for a study: worst-case perturbations and what they do.
+
+For one validation slice and each adversarially trained trial (epsilon > 0), the worst-case (PGD)
+perturbation at the trial's epsilon and the reconstructions of the adversarially trained and the
+standard (epsilon = 0) model under their own worst cases, with the error maps. Drawn by
+:func:`study.report.write_report` as ``report/figure6.png``; this module loads the networks (torch),
+so the report imports it only when the figure is drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from mriadv.attacks import PGDAttack
+from mriadv.config import TrainConfig
+from mriadv.data.transforms import denormalize
+from mriadv.evaluate import preview
+from mriadv.metrics import nmse
+from mriadv.runtime import Runtime
+from mriadv.training import build_data, build_reconstructor, load_checkpoint, preview_batch
+from study.report import StudyResults, format_value, save_png
+
+FIGURE6_MAX_ROWS = 8
+FIGURE6_COLUMNS = ("ground truth", "adv. model,\nclean input", "worst-case δ\n(PGD)", "perturbed input",
+                   "adv. model,\nperturbed input", "std. model, its own\nworst-case input",
+                   "|error| adv. model,\nperturbed", "|error| std. model,\nits worst case")
+
+
+@dataclass
+class _Panel:
+    """One image of Figure 6 (``(h, w)``, normalised units), or, without an image, a note."""
+
+    detail: str
+    image: np.ndarray | None = None
+    kind: str = "image"  # 'image' | 'delta' | 'error'
+
+
+def figure6(res: StudyResults, path: Path) -> list[str]:
+    """Draw Figure 6 (see the module docstring) into ``path``; returns notes on what could not be drawn.
+
+    One row per adversarial trial (epsilon > 0, at most :data:`FIGURE6_MAX_ROWS`), for the middle
+    slice of the first validation volume. PGD (:class:`mriadv.attacks.PGDAttack`, deterministic)
+    runs at the trial's epsilon with its ``pgd_steps``, in its perturbation domain, against the
+    adversarially trained model and, separately, against the standard model (each meets its own
+    worst case). NMSEs are of the slice, fastMRI's definition (de-normalised images).
+    """
+    notes: list[str] = []
+    runtime = Runtime.resolve("cuda" if torch.cuda.is_available() else "cpu", "fp32")
+    models: dict[str, tuple[Any, Any] | None] = {}
+    batches: dict[tuple, Any] = {}
+
+    def load(trial_id: str):
+        if trial_id not in models:
+            ckpt = res.best_pt(trial_id)
+            if ckpt is None:  # already noted by the report (study.report._check_partial)
+                models[trial_id] = None
+            else:
+                payload = load_checkpoint(ckpt)
+                cfg = TrainConfig.from_dict(payload["config"])
+                model = build_reconstructor(cfg)
+                model.load_state_dict(payload["recon"])
+                models[trial_id] = (cfg, runtime.prepare_model(model).eval())
+        return models[trial_id]
+
+    def batch_for(cfg):
+        key = (cfg.data, cfg.crop_size, cfg.mask_type, cfg.center_fraction, cfg.acceleration, cfg.seed, cfg.clamp,
+               cfg.target_key, cfg.perturbation, tuple(cfg.attacks))
+        if key not in batches:
+            if cfg.data is None or not Path(cfg.data).is_dir():
+                raise FileNotFoundError(f"the data folder {cfg.data} is gone")
+            batches[key] = preview_batch(build_data(cfg, runtime).val, 1).to(runtime.device)
+        return batches[key]
+
+    def slice_nmse(batch, image: np.ndarray) -> float:
+        mean, std = float(batch.mean[0]), float(batch.std[0])
+        gt = denormalize(batch.target[0, 0].cpu().numpy().astype(np.float64), mean, std)
+        return nmse(gt[None], denormalize(image.astype(np.float64), mean, std)[None])
+
+    def attacked(model, cfg, budget, batch) -> dict[str, np.ndarray]:
+        """preview() of the model on the clean and the PGD-perturbed slice: (h, w) arrays."""
+        attack = PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only,
+                           cfg.clamp)
+        x = attack(model, batch, runtime).inputs
+        return {k: v[0] for k, v in preview(model, batch, runtime, {"pgd": x}).items()}
+
+    best = res.best
+    eps = best["epsilon"].astype(float) if "epsilon" in best else pd.Series(np.nan, index=best.index)
+    adversarial, standard = best[eps > 0], best[eps == 0]
+    other = [c for c in res.columns.values() if c != "epsilon_ref"]
+
+    def standard_for(row) -> str | None:
+        """The epsilon-0 trial with the same other searched values (else the first one)."""
+        same = standard
+        for c in other:
+            if c in standard and c in row:
+                same = same[same[c].astype(str) == str(row[c])]
+        pick = same if not same.empty else standard
+        return pick.iloc[0]["trial_id"] if not pick.empty else None
+
+    if len(adversarial) > FIGURE6_MAX_ROWS:
+        keep = np.unique(np.linspace(0, len(adversarial) - 1, FIGURE6_MAX_ROWS).round().astype(int))
+        notes.append(f"figure 6 shows {len(keep)} of the {len(adversarial)} adversarial trials (evenly over ε)")
+        adversarial = adversarial.iloc[keep]
+    if standard.empty:
+        notes.append("figure 6: the study has no standard-training (ε = 0) trial, so the standard model's "
+                     "columns are empty")
+    if adversarial.empty:
+        notes.append("figure 6: the study has no adversarially trained (ε > 0) trial; it shows the standard "
+                     "model under PGD at the largest attack budget only")
+
+    base = (res.state or {}).get("base") or {}
+    threads = torch.get_num_threads()
+    if runtime.device.type == "cpu":  # as many threads as the trials had: a report shares the machine too
+        torch.set_num_threads(int(base.get("threads") or min(threads, 4)))
+    rows: list[tuple[str, list[_Panel]]] = []
+    slice_name = ""
+    try:
+        for _, row in adversarial.iterrows():
+            loaded = load(row["trial_id"])
+            if loaded is None:
+                continue
+            cfg, model = loaded
+            batch = batch_for(cfg)
+            slice_name = f"{batch.fnames[0]} slice {int(batch.slice_nums[0])}"
+            a = attacked(model, cfg, cfg.epsilon, batch)
+            n_clean, n_adv = slice_nmse(batch, a["recon"]), slice_nmse(batch, a["pgd_recon"])
+            panels = [_Panel("", a["target"]), _Panel(f"NMSE {n_clean:.4f}", a["recon"]),
+                      _Panel(f"vs adv. model, ‖δ‖²≤{cfg.epsilon:.3g}", a["pgd_delta"], "delta"),
+                      _Panel("", a["pgd_input"]), _Panel(f"NMSE {n_adv:.4f}", a["pgd_recon"])]
+            std_id = standard_for(row)
+            std = load(std_id) if std_id is not None else None
+            if std is not None and std[0].crop_size != cfg.crop_size:
+                notes.append(f"figure 6: standard trial {std_id} has another crop size; not compared")
+                std = None
+            err_adv = _Panel(f"NMSE {n_adv:.4f}", np.abs(a["pgd_recon"] - a["target"]), "error")
+            if std is not None:
+                s = attacked(std[1], cfg, cfg.epsilon, batch)
+                n_std = slice_nmse(batch, s["pgd_recon"])
+                panels += [_Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]), err_adv,
+                           _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error")]
+            else:
+                why = "no standard\n(ε = 0) trial" if std_id is None else f"standard trial\n{std_id}:\nno best.pt"
+                panels += [_Panel(why), err_adv, _Panel("")]
+            rows.append(("\n".join([f"ε={format_value(row['epsilon_ref'])} (320²)", f"RMS {cfg.epsilon_rms:.3f}/px",
+                                    *(f"{p}={format_value(row[c])}" for p, c in res.columns.items() if c in other)]), panels))
+        if adversarial.empty and not standard.empty:
+            std_id = standard.iloc[0]["trial_id"]
+            loaded = load(std_id)
+            if loaded is not None:
+                cfg, model = loaded
+                batch = batch_for(cfg)
+                slice_name = f"{batch.fnames[0]} slice {int(batch.slice_nums[0])}"
+                budget = max(cfg.attack_budgets)
+                s = attacked(model, cfg, budget, batch)
+                n_clean, n_std = slice_nmse(batch, s["recon"]), slice_nmse(batch, s["pgd_recon"])
+                panels = [_Panel("", s["target"]),
+                          _Panel("no adversarially\ntrained (ε > 0) trial\n\n"
+                                 f"(std. model, clean:\nNMSE {n_clean:.4f})"),
+                          _Panel(f"vs std. model, ‖δ‖²≤{budget:.3g}", s["pgd_delta"], "delta"),
+                          _Panel("", s["pgd_input"]), _Panel(""),
+                          _Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]), _Panel(""),
+                          _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error")]
+                rows.append((f"{res.label(std_id)}\nattacked at\n{max(res.budgets or [0]):g} (320²)", panels))
+    finally:
+        torch.set_num_threads(threads)
+    if not rows:
+        raise ValueError("no trial with a best.pt to draw")
+    steps = sorted({m[0].pgd_steps for m in models.values() if m is not None})
+    where = ("at each row's training budget ε" if not adversarial.empty else
+             f"at the largest attack budget ({max(res.budgets or [0]):g} at 320²): the study has no ε > 0 trial")
+    title = (f"{res.folder.name} — Figure 6 after Huang & Liang: validation {slice_name}; worst case = L2 PGD "
+             f"({'/'.join(map(str, steps))} steps) {where}; normalised units")
+    _draw_rows(rows, title, path)
+    return notes
+
+
+def _draw_rows(rows: list[tuple[str, list[_Panel]]], title: str, path: Path) -> None:
+    """Grey images: in each row, images share the ground truth's range and the two error maps a
+    common [0, max] range; the perturbation, much smaller, has its own symmetric range."""
+    ncols = len(FIGURE6_COLUMNS)
+    fig = Figure(figsize=(1.45 * ncols + 0.8, 1.7 * len(rows) + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, (row_label, panels) in enumerate(rows):
+        target = panels[0].image
+        lo, hi = float(np.min(target)), float(np.max(target))
+        errors = [p.image for p in panels if p.kind == "error" and p.image is not None]
+        emax = max(float(np.max(e)) for e in errors) if errors else 1.0
+        for c, (ax, p) in enumerate(zip(axes[r], panels)):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            header = FIGURE6_COLUMNS[c] + "\n" if r == 0 else ""
+            if p.image is None:
+                ax.imshow(np.full_like(target, np.nan), cmap="gray")  # the same box as its neighbours
+                for side in ax.spines.values():
+                    side.set_visible(False)
+                ax.text(0.5, 0.5, p.detail, ha="center", va="center", fontsize=7, color="0.35", transform=ax.transAxes)
+                ax.set_title(header, fontsize=7)
+                continue
+            detail = p.detail
+            if p.kind == "delta":
+                m = float(np.max(np.abs(p.image))) or 1.0
+                ax.imshow(p.image, cmap="gray", vmin=-m, vmax=m, interpolation="nearest")
+                detail = f"{p.detail}\nshown ±{m:.2g}"
+            else:
+                vmin, vmax = (0.0, emax) if p.kind == "error" else (lo, hi)
+                ax.imshow(p.image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(header + detail, fontsize=7)
+        axes[r, 0].set_ylabel(f"{row_label}\nimages [{lo:.2g}, {hi:.2g}]\nerrors [0, {emax:.2g}]", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    save_png(fig, path, grey=True)

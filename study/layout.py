@@ -1,0 +1,49 @@
+"""What a study folder, ``results/<name>/``, holds, and the keys every trial reports.
+
+The runner, the result tables, the trainable and the report all name these; each is written here
+once. Only the standard library is imported, so the report (which must not import Ray or torch)
+shares the names instead of copying them.
+
+    results/<name>/
+        study.json                 STATE_FILE: space, profile, base config (written by study/run.py)
+        trials.parquet             TRIALS_FILE: one row per trial and epoch (study/results.py)
+        robustness.parquet         ROBUSTNESS_FILE: one row per trial, epoch, attack and budget
+        optuna.db                  OPTUNA_FILE: the searcher's Optuna storage
+        tuner.pkl                  TUNER_FILE: Tune's state; with study.json, the study resumes
+        .ray_processes.json        PIDFILE: the driver's Ray processes (study/procs.py)
+        train_trial_<id>_<n>_.../  one folder per trial (Tune's), see trial_folder()
+            best.pt                BEST_CHECKPOINT: the networks of the trial's best epoch
+        report/                    REPORT_DIR: written by study/report.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STATE_FILE = "study.json"
+TRIALS_FILE = "trials.parquet"
+ROBUSTNESS_FILE = "robustness.parquet"
+OPTUNA_FILE = "optuna.db"
+TUNER_FILE = "tuner.pkl"
+PIDFILE = ".ray_processes.json"
+BEST_CHECKPOINT = "best.pt"
+REPORT_DIR = "report"
+
+# hyperparameters reported with every result (besides the searched ones) and shown in
+# TensorBoard's HParams dashboard and the report's summary
+HPARAM_KEYS = ("epsilon_ref", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "perturbation", "seed")
+
+
+def trial_folder(study_dir: str | Path, trial_id: str) -> Path | None:
+    """Tune's folder of a trial, ``<trainable>_<trial_id>_<n>_<values>_<date>``, or None.
+
+    The id must stand between underscores: a bare substring could also match another trial's
+    searched values or date in its folder name."""
+    matches = sorted(p for p in Path(study_dir).glob(f"*_{trial_id}_*") if p.is_dir())
+    return matches[0] if matches else None
+
+
+def best_checkpoint(study_dir: str | Path, trial_id: str) -> Path | None:
+    """The trial's ``best.pt``, or None where the trial folder or the file is missing."""
+    folder = trial_folder(study_dir, trial_id)
+    return folder / BEST_CHECKPOINT if folder is not None and (folder / BEST_CHECKPOINT).is_file() else None

@@ -1,0 +1,737 @@
+"""The report of a finished (or running, or broken) study: the seed's Table 1 and Figure 6, and more.
+
+    python study/report.py results/<name>        (or: mriadv-report results/<name>)
+
+writes ``results/<name>/report/``:
+
+* ``table1.md``, ``table1.csv`` — Huang & Liang's Table 1 for this study: a Training and a
+  Validation row per trial at its best epoch (lowest validation loss, the networks in ``best.pt``),
+  with fastMRI's NMSE / PSNR / SSIM, the same under PGD at each attack budget and the degradation
+  (validation only), and the seed's own metric definitions as a separate, labelled column set;
+* ``figure6.png`` — the seed's Figure 6 (:mod:`study.figure6`): for one validation slice and each
+  adversarially trained trial, the worst-case (PGD) perturbation at the trial's epsilon and the
+  reconstructions of the adversarially trained and the standard (epsilon = 0) model under their own
+  worst cases;
+* ``robustness.png`` — NMSE and SSIM versus attack budget (PGD, and random noise of equal norm);
+* ``pareto.png`` — clean versus attacked NMSE over the trials, Pareto front marked;
+* ``curves.png`` — validation metrics and training loss per epoch;
+* ``summary.md`` — the study, its best trials and their checkpoints, trial statuses and errors.
+
+Whatever is missing (a study still running, errored trials, lost checkpoints) gives a report of
+what exists, with a note in ``summary.md`` and on stdout. Exit status: 0 report written (possibly
+partial), 2 the folder does not exist or is not a study folder. Budgets are shown in the seed's
+units, squared L2 norms for 320x320 images (``epsilon_ref``, ``budget_ref``), beside the per-pixel
+RMS in normalised units.
+
+Only pandas and matplotlib (object API, Agg canvas, no pyplot state) are imported here; Figure 6,
+which loads the networks with torch, is imported when it is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+if __package__ in (None, ""):  # `python study/report.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mriadv.config import REFERENCE_CROP  # noqa: E402 - the seed's crop; light (no torch)
+from study.analysis import (at_best_epochs, best_epochs, best_trials, failed_trials, finished_trials,  # noqa: E402
+                            identical_trials, pareto_front, trial_messages, trial_status)
+from study.layout import (HPARAM_KEYS, REPORT_DIR, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
+                          best_checkpoint, trial_folder)
+
+REPORT_FILES = ("summary.md", "table1.md", "table1.csv", "figure6.png", "robustness.png", "pareto.png", "curves.png")
+METRICS = ("nmse", "psnr", "ssim")
+METRIC_NAMES = {"nmse": "NMSE", "psnr": "PSNR", "ssim": "SSIM"}
+ATTACK_NAMES = {"pgd": "PGD", "pgd_kspace": "k-space PGD", "noise": "random noise",
+                "generator": "the trial's generator"}
+STATUS_ORDER = ("TERMINATED", "early_stopped", "nan", "ERROR", "RUNNING")
+DPI = 100
+# The seed's Table 1 (Huang & Liang), its own metric definitions, fastMRI single-coil knee, 320x320.
+SEED_TABLE1 = (
+    ("0", "Training-S", 0.21083, 25.64586, 0.64354), ("0", "Validation-S", 0.23234, 25.35955, 0.62848),
+    ("1000", "Training-A", 0.19351, 25.87200, 0.63597), ("1000", "Validation-A", 0.21883, 25.19485, 0.60633),
+    ("5000", "Training-A", 0.22061, 25.10864, 0.61624), ("5000", "Validation-A", 0.23862, 24.87306, 0.60115),
+)
+METRIC_DEFINITIONS = (
+    "NMSE, PSNR and SSIM are fastMRI's definitions: computed per volume on de-normalised magnitude images "
+    "(PSNR and SSIM with the volume's maximum as data range) and averaged over volumes. The columns marked "
+    "\"(seed def.)\" repeat the seed's published evaluation instead: per mini-batch, on the normalised and "
+    "clamped network tensors, with prediction and reference swapped (NMSE divided by the prediction's energy, "
+    "PSNR's peak and SSIM's range taken from the prediction), averaged over batches. Only the \"(seed def.)\" "
+    "numbers can be set beside the seed's Table 1, and the two sets cannot be compared with each other."
+)
+
+
+class NotAStudyFolder(ValueError):
+    """The folder does not exist or holds no study (no study.json, trials.parquet or Tune state)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StudyResults:
+    """What a study folder holds, read once. ``best``: one row per trial at its best epoch, in
+    display order (searched parameters, epsilon first); ``columns``: searched parameter -> the
+    column that shows it (``epsilon`` -> ``epsilon_ref``, the seed's units)."""
+
+    folder: Path
+    state: dict[str, Any] | None
+    trials: pd.DataFrame
+    robust: pd.DataFrame
+    best: pd.DataFrame
+    columns: dict[str, str]
+    objectives: list[tuple[str, str]]
+    budgets: list[float]  # attack budgets, 320x320 units
+    labels: dict[str, str]  # trial id -> "ε=1000" or "lambda1=3, lambda2=0.1"
+    description: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def trial_folder(self, trial_id: str) -> Path | None:
+        return trial_folder(self.folder, trial_id)
+
+    def best_pt(self, trial_id: str) -> Path | None:
+        return best_checkpoint(self.folder, trial_id)
+
+    def label(self, trial_id: str) -> str:
+        return self.labels.get(trial_id, trial_id)
+
+
+def is_study_folder(folder: Path) -> bool:
+    return folder.is_dir() and (any((folder / name).is_file() for name in (STATE_FILE, TRIALS_FILE, TUNER_FILE))
+                                or any(folder.glob("experiment_state-*.json")))
+
+
+def load_results(study_dir: str | Path) -> StudyResults:
+    """Read ``study.json``, the two tables and the search space; problems become notes."""
+    folder = Path(study_dir).resolve()
+    if not folder.is_dir():
+        raise NotAStudyFolder(f"{folder}: no such folder")
+    if not is_study_folder(folder):
+        raise NotAStudyFolder(f"{folder}: not a study folder (no {STATE_FILE}, {TRIALS_FILE} or Tune state); "
+                              "give results/<name> as written by study/run.py")
+    notes: list[str] = []
+    state = None
+    if (folder / STATE_FILE).is_file():
+        try:
+            state = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            notes.append(f"{STATE_FILE} is unreadable ({exc}); study settings unknown")
+    else:
+        notes.append(f"no {STATE_FILE}: study settings (space, profile, data) unknown")
+    trials = _read_table(folder / TRIALS_FILE, notes, "no trial has reported a result yet")
+    robust = _read_table(folder / ROBUSTNESS_FILE, notes, None if trials.empty else "no robustness results yet")
+
+    from study.spaces import EPSILON_KEYS  # imports torch: only here, not at module import
+
+    space = _load_space(state, notes)
+    if space is not None:
+        params = [p.name for p in space.params]
+        objectives = [(o.metric, o.mode) for o in space.objectives]
+        description = space.description
+    else:
+        params = _varying_config_keys(trials)
+        objectives = [("val_nmse", "min")]
+        description = ""
+        notes.append("the study's search space could not be read: objective taken as val_nmse (min), "
+                     f"searched parameters guessed from the table ({', '.join(params) or 'none'})")
+    columns = {p: ("epsilon_ref" if p in EPSILON_KEYS else p) for p in params}
+    budgets = sorted(float(b) for b in robust["budget_ref"].unique()) if "budget_ref" in robust else []
+    if not budgets and space is not None:
+        budgets = list(space.attack_budgets)
+    best = _order(best_epochs(trials), columns)
+    labels = _labels(trials, columns)
+    return StudyResults(folder, state, trials, robust, best, columns, objectives, budgets, labels, description, notes)
+
+
+def _read_table(path: Path, notes: list[str], missing: str | None) -> pd.DataFrame:
+    if not path.is_file():
+        if missing:
+            notes.append(f"{missing} (no {path.name})")
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable table is reported, not raised
+        notes.append(f"{path.name} is unreadable: {type(exc).__name__}: {exc}")
+        return pd.DataFrame()
+
+
+def _load_space(state: dict[str, Any] | None, notes: list[str]):
+    """The space the study ran: the YAML saved in study.json, else the file it came from."""
+    from study.spaces import SpaceError, load_space
+
+    if state is None:
+        return None
+    if state.get("space_yaml"):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"{state.get('space', 'space')}.yaml"
+            path.write_text(state["space_yaml"])
+            try:
+                return load_space(str(path))
+            except SpaceError as exc:
+                notes.append(f"the space saved in {STATE_FILE} is invalid now: {exc}")
+    path = state.get("space_path")
+    if path and Path(path).is_file():
+        try:
+            return load_space(path)
+        except SpaceError as exc:
+            notes.append(f"search space {path}: {exc}")
+    return None
+
+
+def _varying_config_keys(trials: pd.DataFrame) -> list[str]:
+    from mriadv.config import TrainConfig
+
+    if trials.empty:
+        return []
+    keys = [k for k in TrainConfig.__dataclass_fields__ if k in trials]
+    return [k for k in keys if trials.groupby("trial_id")[k].first().astype(str).nunique() > 1]
+
+
+def _order(rows: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Sort trials by their searched values, epsilon first (standard training leads), then id."""
+    keys = sorted(columns.values(), key=lambda c: c != "epsilon_ref")
+    keys = [k for k in keys if k in rows] + ["trial_id"]
+    return rows.sort_values(keys, kind="stable").reset_index(drop=True) if not rows.empty else rows
+
+
+def _labels(trials: pd.DataFrame, columns: dict[str, str]) -> dict[str, str]:
+    if trials.empty:
+        return {}
+    first = trials.groupby("trial_id").first()
+    labels = {}
+    for trial_id, row in first.iterrows():
+        # a trial that failed before its first epoch has only its sampled values (the space's units)
+        values = {p: row[c] if c in row and _present(row[c]) else row.get(p) for p, c in columns.items()}
+        parts = [f"{_symbol(p)}={format_value(v)}" for p, v in values.items() if _present(v)]
+        labels[str(trial_id)] = ", ".join(parts) or str(trial_id)
+    counts = pd.Series(list(labels.values())).value_counts()
+    return {t: (f"{lab} ({t})" if counts[lab] > 1 else lab) for t, lab in labels.items()}
+
+
+def _symbol(param: str) -> str:
+    return "ε" if param == "epsilon" else param
+
+
+def _present(value: Any) -> bool:
+    return not (value is None or (isinstance(value, float) and math.isnan(value)))
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    """Short display of a hyperparameter value: ``10000``, ``0.0001``, ``dssim``."""
+    if isinstance(value, (float, np.floating)):
+        if float(value).is_integer() and abs(value) < 1e7:
+            return str(int(value))
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _num(value: Any, spec: str) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return format(value, spec) if math.isfinite(value) else "–"
+
+
+def _get(row: pd.Series | dict, key: str) -> float:
+    value = row.get(key, math.nan)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------
+def pgd_column(budget_ref: float, metric: str) -> str:
+    """Column of table1.csv: PGD at ``budget_ref`` (320x320 units); ``metric`` like ``nmse`` or ``d_nmse``."""
+    name = ("d" + METRIC_NAMES[metric[2:]]) if metric.startswith("d_") else METRIC_NAMES[metric]
+    return f"PGD@{budget_ref:g} {name}"
+
+
+def table1(res: StudyResults) -> pd.DataFrame:
+    """Two rows per trial (Training, Validation) at its best epoch; see the module docstring."""
+    rob = at_best_epochs(res.best, res.robust)
+    pgd = rob[rob["attack"] == "pgd"] if "attack" in rob else rob
+    params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
+    rows = []
+    for _, b in res.best.iterrows():
+        eps = _get(b, "epsilon")
+        common: dict[str, Any] = {"trial_id": b["trial_id"], "epsilon_ref": _get(b, "epsilon_ref"),
+                                  "epsilon_rms": _get(b, "epsilon_rms")}
+        common |= {p: b.get(p) for p in params}
+        common |= {"model": "standard" if eps == 0 else ("adversarial" if eps > 0 else "?"),
+                   "best_epoch": int(b["epoch"]), "status": b.get("status", "")}
+        for split, prefix in (("Training", "train"), ("Validation", "val")):
+            row = {**common, "split": split}
+            for m in METRICS:
+                row[METRIC_NAMES[m]] = _get(b, f"{prefix}_{m}")
+            for m in METRICS:
+                row[f"{METRIC_NAMES[m]} (seed def.)"] = _get(b, f"{prefix}_seed_{m}")
+            for budget in res.budgets:
+                hit = pgd[(pgd["trial_id"] == b["trial_id"]) & (pgd["budget_ref"] == budget)] if not pgd.empty else pgd
+                for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
+                    row[pgd_column(budget, m)] = (float(hit.iloc[0][m]) if split == "Validation" and len(hit)
+                                                  else math.nan)
+            rows.append(row)
+    columns = (["trial_id", "epsilon_ref", "epsilon_rms", *params, "model", "split", "best_epoch", "status"]
+               + [METRIC_NAMES[m] for m in METRICS] + [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS]
+               + [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_table1(res: StudyResults, out: Path) -> pd.DataFrame:
+    """``table1.csv`` (every number) and ``table1.md`` (the seed's layout) in ``out``."""
+    table = table1(res)
+    table.to_csv(out / "table1.csv", index=False)
+    (out / "table1.md").write_text(table1_markdown(res, table))
+    return table
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def _process(row: pd.Series) -> str:
+    suffix = {"standard": "-S", "adversarial": "-A"}.get(row["model"], "")
+    return row["split"] + suffix
+
+
+def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
+    out = [f"# Table 1 — {res.folder.name}", ""]
+    if table.empty:
+        out += ["No trial has a finished epoch yet: nothing to tabulate.", ""]
+        return "\n".join(out)
+    params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
+    crop = _crop(res)
+    out += [
+        "Each trial's best epoch (lowest validation loss; the networks saved as its `best.pt`). ε is the "
+        "training budget ‖δ‖² in the seed's units (320×320 images); *RMS/px* is the same budget as a per-pixel RMS "
+        f"in normalised units{f' (the runs used {crop}×{crop} crops)' if crop else ''}. *-S*: standard training "
+        "(ε = 0), *-A*: adversarial training. PGD columns: the validation set under an L2 PGD attack of budget "
+        "‖δ‖² = b (320×320 units), each cell *attacked value (attacked − clean)*. Training rows are the fixed "
+        "training-evaluation volumes.", "",
+    ]
+    headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "NMSE", "PSNR", "SSIM"]
+    for b in res.budgets:
+        headers += [f"PGD@{b:g} NMSE", f"PGD@{b:g} PSNR", f"PGD@{b:g} SSIM"]
+    rows = []
+    for _, r in table.iterrows():
+        cells = [_num(r["epsilon_ref"], "g"), _num(r["epsilon_rms"], ".3f"), *(format_value(r[p]) for p in params),
+                 _process(r), str(r["best_epoch"]), _num(r["NMSE"], ".4f"), _num(r["PSNR"], ".2f"),
+                 _num(r["SSIM"], ".4f")]
+        for b in res.budgets:
+            for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
+                value, delta = r[pgd_column(b, m)], r[pgd_column(b, "d_" + m)]
+                cells.append("" if r["split"] == "Training" else
+                             f"{_num(value, spec)} ({_num(delta, '+' + spec)})")
+        rows.append(cells)
+    out += [_md_table(headers, rows), ""]
+
+    out += ["## The seed's metric definitions", "", METRIC_DEFINITIONS, ""]
+    seed_cols = [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS]
+    rows = [[_num(r["epsilon_ref"], "g"), *(format_value(r[p]) for p in params), _process(r),
+             *(_num(r[c], ".5f") for c in seed_cols)] for _, r in table.iterrows()]
+    out += [_md_table(["ε (320²)", *params, "Process", *seed_cols], rows), ""]
+    if table.loc[table["split"] == "Training", seed_cols].isna().all().all():
+        out += ["(No seed-definition numbers were recorded for the Training rows.)", ""]
+    out += ["For reference, the seed's published Table 1 (fastMRI single-coil knee, 320×320, its definitions):", "",
+            _md_table(["ε", "Process", "NMSE", "PSNR", "SSIM"],
+                      [[e, p, f"{n:.5f}", f"{q:.5f}", f"{s:.5f}"] for e, p, n, q, s in SEED_TABLE1]), ""]
+    return "\n".join(out)
+
+
+def _crop(res: StudyResults) -> int | None:
+    base = (res.state or {}).get("base") or {}
+    crop = base.get("crop_size")
+    return int(crop) if isinstance(crop, (int, float)) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# plots from the tables
+# ---------------------------------------------------------------------------------------------
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(0.9 * i / max(1, n - 1)) for i in range(n)]
+
+
+def save_png(fig: Figure, path: Path, grey: bool = False) -> None:
+    """PNG at DPI, stored as 8-bit grey (``grey``) or a 256-colour palette: a few times smaller
+    than matplotlib's RGBA, with no visible difference for line plots and grey images."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    image = Image.open(buffer).convert("RGB")
+    image = image.convert("L") if grey else image.quantize(256)
+    image.save(path, optimize=True)
+
+
+def plot_robustness(res: StudyResults, path: Path) -> None:
+    """NMSE and SSIM under PGD (solid) and equal-norm noise (dashed) versus the budget."""
+    rob = at_best_epochs(res.best, res.robust)
+    if rob.empty:
+        raise ValueError("no robustness results at the trials' best epochs")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for color, (_, b) in zip(_colors(len(res.best)), res.best.iterrows()):
+        mine = rob[rob["trial_id"] == b["trial_id"]]
+        for attack, style in (("pgd", "-"), ("noise", "--")):
+            r = mine[mine["attack"] == attack].sort_values("budget_ref")
+            if r.empty:
+                continue
+            for ax, m in zip(axes, ("nmse", "ssim")):
+                x = [0.0, *r["budget_ref"]]
+                y = [_get(b, f"val_{m}"), *r[m]]
+                ax.plot(x, y, style, color=color, marker="o" if attack == "pgd" else None, ms=4,
+                        label=res.label(b["trial_id"]) if attack == "pgd" else None)
+    ticks = [0.0, *res.budgets]
+    for ax, m in zip(axes, ("nmse", "ssim")):
+        ax.set_xticks(ticks, ["clean"] + [f"{b:g}\n({math.sqrt(b) / REFERENCE_CROP:.3f}/px)" for b in res.budgets],
+                      fontsize=8)
+        ax.set_ylabel(f"validation {METRIC_NAMES[m]}")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("NMSE under attack (lower is better)", fontsize=10)
+    axes[1].set_title("SSIM under attack (higher is better)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="k", ls="-", marker="o", ms=4), Line2D([], [], color="k", ls="--")]
+    labels += ["PGD (worst case)", "random noise, same ‖δ‖²"]
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, title=_legend_title(res), title_fontsize=8)
+    fig.supxlabel("attack budget ‖δ‖² in 320×320 units (per-pixel RMS in normalised units)", fontsize=9)
+    fig.suptitle(f"{res.folder.name}: robustness of each trial's best epoch (validation set)", fontsize=11)
+    save_png(fig, path)
+
+
+def _legend_title(res: StudyResults) -> str:
+    return "trial" + (f" ({', '.join(_symbol(p) for p in res.columns)})" if res.columns else "")
+
+
+@dataclass
+class ParetoPoints:
+    """Clean validation NMSE (x, min) against an attacked metric (y) per trial at its best epoch:
+    the second objective of a multi-objective study, else PGD NMSE at the largest budget. The front
+    is taken over finished trials only (see :func:`study.analysis.finished_trials`)."""
+
+    trial_ids: list[str]
+    values: np.ndarray  # (n, 2): x, y
+    finished: np.ndarray  # (n,) bool
+    front: np.ndarray  # (n,) bool
+    y_metric: str
+    y_label: str
+
+
+def pareto_points(res: StudyResults, table: pd.DataFrame) -> ParetoPoints:
+    if len(res.objectives) > 1:
+        (y_metric, y_mode), y_label = res.objectives[1], metric_label(res.objectives[1][0])
+    elif res.budgets:
+        y_metric, y_mode = pgd_column(max(res.budgets), "nmse"), "min"
+        y_label = f"NMSE under PGD, ‖δ‖² = {max(res.budgets):g} (320²)"
+    else:
+        raise ValueError("no attacked metric to compare with (no attack budgets)")
+    best = res.best.copy()
+    if y_metric.startswith("PGD@"):
+        best[y_metric] = best["trial_id"].map(table[table["split"] == "Validation"].set_index("trial_id")[y_metric])
+    if y_metric not in best:
+        raise ValueError(f"no trial reports {y_metric}")
+    finished = best["trial_id"].isin(finished_trials(res.trials)).to_numpy()
+    values = best[["val_nmse", y_metric]].to_numpy(float)
+    front = pareto_front(best, finished, [("val_nmse", "min"), (y_metric, y_mode)])
+    return ParetoPoints(list(best["trial_id"]), values, finished, front, y_metric, y_label)
+
+
+def metric_label(metric: str) -> str:
+    """Axis label of a reported metric: ``rob_pgd_e5000_nmse`` -> "NMSE under PGD, ‖δ‖² = 5000 (320²)"."""
+    found = re.fullmatch(r"rob_(.+)_e([0-9p]+)_(d_)?(nmse|psnr|ssim)", metric)
+    if found:
+        attack, budget, delta, m = found.groups()
+        return (f"{'degradation of ' if delta else ''}{METRIC_NAMES[m]} under {ATTACK_NAMES.get(attack, attack)}, "
+                f"‖δ‖² = {budget.replace('p', '.')} (320²)")
+    return metric
+
+
+def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
+    """Clean validation NMSE against the attacked metric, front marked, unfinished trials hollow."""
+    values, done, front = points.values, points.finished, points.front
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(values[done, 0], values[done, 1], s=40, color="tab:blue", label="trial (finished)", zorder=2)
+    if (~done).any():
+        ax.scatter(values[~done, 0], values[~done, 1], s=40, facecolors="none", edgecolors="tab:blue",
+                   label="trial (stopped by the scheduler, or running)", zorder=2)
+    if front.any():
+        order = np.argsort(values[front, 0])
+        ax.plot(values[front, 0][order], values[front, 1][order], "-", color="tab:red", lw=1, zorder=1)
+        ax.scatter(values[front, 0], values[front, 1], s=110, facecolors="none", edgecolors="tab:red", lw=1.5,
+                   label="Pareto front", zorder=3)
+    names = [res.label(t) for t in points.trial_ids]
+    numbered = max(map(len, names), default=0) > 24  # long labels: numbers on the plot, a key beside it
+    at: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
+    for i, ((x, y), name) in enumerate(zip(values, names)):
+        if np.isfinite(x) and np.isfinite(y):
+            at.setdefault((float(f"{x:.6g}"), float(f"{y:.6g}")), []).append(str(i + 1) if numbered else name)
+    for (x, y), labels in at.items():
+        ax.annotate((", " if numbered else "\n").join(labels), (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=7, va="bottom")
+    if numbered:
+        fig.legend([Line2D([], [], ls="")] * len(names), [f"{i + 1}: {n}" for i, n in enumerate(names)],
+                   loc="outside right center", fontsize=7, handlelength=0, title=_legend_title(res), title_fontsize=7)
+    ax.set_xlabel("clean validation NMSE")
+    ax.set_ylabel(points.y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.margins(0.15)
+    ax.set_title(f"{res.folder.name}: accuracy vs robustness (each trial's best epoch)", fontsize=10)
+    save_png(fig, path)
+
+
+def plot_curves(res: StudyResults, path: Path) -> None:
+    """Validation NMSE / PSNR / SSIM and training loss per epoch, best epochs marked."""
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    panels = (("val_nmse", "validation NMSE"), ("val_psnr", "validation PSNR (dB)"), ("val_ssim", "validation SSIM"),
+              ("train_loss", "training loss (reconstructor objective)"))
+    trials = res.trials[res.trials["epoch"] > 0] if "epoch" in res.trials else res.trials
+    order = list(res.best["trial_id"]) + sorted(set(trials["trial_id"]) - set(res.best["trial_id"]))
+    best_epoch = dict(zip(res.best["trial_id"], res.best["epoch"]))
+    for color, trial_id in zip(_colors(len(order)), order):
+        rows = trials[trials["trial_id"] == trial_id].sort_values("epoch")
+        for ax, (key, _) in zip(axes, panels):
+            if key not in rows:
+                continue
+            ax.plot(rows["epoch"], rows[key], "-o", ms=3, color=color, label=res.label(trial_id))
+            hit = rows[rows["epoch"] == best_epoch.get(trial_id, -1)]
+            ax.plot(hit["epoch"], hit[key], "*", ms=11, color=color, mec="k", mew=0.5)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="", marker="*", ms=11, color="w", mec="k"))
+    labels.append("best epoch (lowest val. loss)")
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, title=_legend_title(res), title_fontsize=8)
+    fig.suptitle(f"{res.folder.name}: training curves", fontsize=11)
+    save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+def summary_markdown(res: StudyResults, written: list[str], points: ParetoPoints | None) -> str:
+    return "\n".join([*_summary_head(res), *_summary_best(res, points), *_summary_trials(res),
+                      *_summary_files(res, written)])
+
+
+def _summary_head(res: StudyResults) -> list[str]:
+    st = res.state or {}
+    base = st.get("base") or {}
+    out = [f"# Study report: {res.folder.name}", "", f"- folder: `{res.folder}`"]
+    if st:
+        budgets = ", ".join(f"{b:g}" for b in res.budgets) or "–"
+        out += [f"- space: {st.get('space', '?')} (`{st.get('space_path', '?')}`)"
+                + (f": {res.description}" if res.description else ""),
+                f"- searched: {', '.join(res.columns) or '–'}; objectives: "
+                + ", ".join(f"{m} ({mode})" for m, mode in res.objectives),
+                f"- profile: {st.get('profile', '?')}; data: `{base.get('data', '?')}`; "
+                f"crop {base.get('crop_size', '?')}; attack budgets (320² units): {budgets}",
+                f"- started: {st.get('created', '?')}"]
+    counts = trial_status(res.trials).value_counts().to_dict()
+    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
+    out += [f"- trials: {sum(counts.values())}"
+            + (" (" + ", ".join(f"{counts[s]} {s or 'unknown'}" for s in order) + ")" if counts else ""), ""]
+    if res.notes:
+        out += ["## Notes", "", *(f"- {n}" for n in res.notes), ""]
+    return out
+
+
+def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
+    out = ["## Best trials", ""]
+    if res.best.empty:
+        return out + ["No trial has a finished epoch yet.", ""]
+    out += ["By each objective, using every trial's best epoch (lowest validation loss: the epoch in `best.pt`).", ""]
+    by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
+    picks = best_trials(by_id, res.objectives)
+    rows = []
+    for metric, row in picks.items():
+        ckpt = res.best_pt(row["trial_id"])
+        tied = by_id.loc[(by_id[metric] == row[metric]) & (by_id["trial_id"] != row["trial_id"]), "trial_id"]
+        rows.append([f"{metric} ({dict(res.objectives)[metric]})",
+                     row["trial_id"] + (f" (tied with {', '.join(tied)})" if len(tied) else ""),
+                     res.label(row["trial_id"]), str(int(row["epoch"])), _num(row[metric], ".5g"),
+                     _num(row.get("val_nmse"), ".5f"), _num(row.get("val_psnr"), ".2f"),
+                     _num(row.get("val_ssim"), ".4f"),
+                     f"`{ckpt}`" if ckpt else "missing (no best.pt)"])
+    out += [_md_table(["objective", "trial", "searched values", "best epoch", "value", "val NMSE", "val PSNR",
+                       "val SSIM", "checkpoint"], rows), ""]
+    keys = list(dict.fromkeys([*HPARAM_KEYS, *(c for c in res.columns.values() if c != "epsilon_ref")]))
+    for trial_id in dict.fromkeys(row["trial_id"] for row in picks.values()):
+        row = by_id[by_id["trial_id"] == trial_id].iloc[0]
+        values = ", ".join(f"{k}={format_value(row[k])}" for k in keys if k in row and _present(row[k]))
+        out += [f"- {trial_id} hyperparameters: {values} (its full config is stored in its best.pt)"]
+    missing = [m for m, _ in res.objectives if m not in picks]
+    out += [""] + ([f"No trial has a value for {', '.join(missing)}.", ""] if missing else [])
+    if points is not None:
+        front = [t for t, on in zip(points.trial_ids, points.front) if on]
+        out += [f"Pareto front of clean val_nmse vs {points.y_metric} (finished trials only): "
+                + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none"), ""]
+    return out
+
+
+def _summary_trials(res: StudyResults) -> list[str]:
+    statuses = trial_status(res.trials)
+    out = ["## Trials", ""]
+    if statuses.empty:
+        return out + ["None reported.", ""]
+    best = res.best.set_index("trial_id") if not res.best.empty else res.best
+    epochs = res.trials[res.trials["epoch"] > 0].groupby("trial_id")["epoch"].max()
+    ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
+    rob = at_best_epochs(res.best, res.robust)
+    top = max(res.budgets) if res.budgets else None
+    pgd = rob[(rob["attack"] == "pgd") & (rob["budget_ref"] == top)].set_index("trial_id")["nmse"] if len(rob) else {}
+    finished = finished_trials(res.trials)
+    messages = trial_messages(res.trials)
+    rows = []
+    for t in ids:
+        status = statuses.get(t, "?")
+        if status == "TERMINATED" and t not in finished:
+            status += " (stopped by the scheduler)"
+        ckpt = res.best_pt(t)
+        b = best.loc[t] if t in best.index else {}
+        rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), _num(b.get("epoch"), ".0f"),
+                     _num(b.get("val_nmse"), ".4f"), _num(pgd.get(t), ".4f"),
+                     f"`{ckpt.relative_to(res.folder)}`" if ckpt else "missing", _markdown_cell(messages.get(t, ""))])
+    headers = ["trial", "searched values", "status", "epochs", "best epoch", "val NMSE",
+               f"PGD@{top:g} NMSE" if top else "PGD NMSE", "best.pt", "message"]
+    return out + [_md_table(headers, rows), ""]
+
+
+def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
+    describe = {"table1.md": "the seed's Table 1 for this study (and the seed's metric definitions)",
+                "table1.csv": "the same, every number", "figure6.png": "the seed's Figure 6 (worst-case perturbations)",
+                "robustness.png": "NMSE / SSIM versus attack budget", "pareto.png": "clean versus attacked NMSE",
+                "curves.png": "metrics per epoch"}
+    return ["## Files", "", *(f"- [{name}]({name}): {text}" for name, text in describe.items() if name in written),
+            f"- tables: `{res.folder / TRIALS_FILE}`, `{res.folder / ROBUSTNESS_FILE}`",
+            f"- TensorBoard: `tensorboard --logdir {res.folder}`", ""]
+
+
+def _markdown_cell(text: str) -> str:
+    """A message as one Markdown table cell: no pipes, no line breaks, at most 300 characters."""
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+def write_report(study_dir: Path) -> Path:
+    """Write ``<study_dir>/report/`` and return its path; raises :class:`NotAStudyFolder` for a
+    folder that is not a study. Anything missing or broken inside a study becomes a note."""
+    res = load_results(study_dir)
+    out = res.folder / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    for name in REPORT_FILES:  # no stale file from an earlier report may survive
+        (out / name).unlink(missing_ok=True)
+    _check_partial(res)
+
+    def attempt(name: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 - a report of what exists, never a traceback
+            res.notes.append(f"{name} not written: {type(exc).__name__}: {exc}")
+            return None
+
+    table = attempt("table1", lambda: write_table1(res, out))
+    points = None
+    if not res.best.empty:
+        res.notes.extend(attempt("figure6.png", lambda: _figure6(res, out / "figure6.png")) or [])
+        attempt("robustness.png", lambda: plot_robustness(res, out / "robustness.png"))
+        points = attempt("pareto.png", lambda: pareto_points(res, table)) if table is not None else None
+        if points is not None:
+            attempt("pareto.png", lambda: plot_pareto(res, out / "pareto.png", points))
+        attempt("curves.png", lambda: plot_curves(res, out / "curves.png"))
+    else:
+        res.notes.append("no figures: no trial has a finished epoch")
+    written = [name for name in REPORT_FILES if (out / name).is_file()]
+    (out / "summary.md").write_text(summary_markdown(res, written, points))
+    for note in res.notes:
+        print(f"note: {note}")
+    return out
+
+
+def _figure6(res: StudyResults, path: Path) -> list[str]:
+    from study.figure6 import figure6  # torch and the networks: only when the figure is drawn
+
+    return figure6(res, path)
+
+
+def _check_partial(res: StudyResults) -> None:
+    """Notes on running, errored, diverged and checkpoint-less trials."""
+    statuses = trial_status(res.trials)
+    running = statuses[statuses == "RUNNING"]
+    if len(running):
+        res.notes.append(f"{len(running)} trial(s) still RUNNING: the study is running or was interrupted (run the "
+                         "same study command again to resume it); this report shows the epochs reported so far")
+    for t, message in failed_trials(res.trials).items():
+        res.notes.append(f"trial {t} ({res.label(t)}) failed: {_markdown_cell(message) or 'no message'}")
+    messages = trial_messages(res.trials)
+    for t in statuses[statuses == "nan"].index:
+        res.notes.append(f"trial {t} ({res.label(t)}) stopped on a non-finite loss: "
+                         f"{_markdown_cell(messages.get(t, ''))}")
+    no_best = set(statuses.index) - set(res.best["trial_id"] if not res.best.empty else [])
+    for t in sorted(no_best - set(statuses[statuses == "ERROR"].index)):
+        res.notes.append(f"trial {t} ({res.label(t)}) has no epoch with a finite validation loss: not in the tables")
+    for t in (res.best["trial_id"] if not res.best.empty else []):
+        if res.best_pt(t) is None:
+            res.notes.append(f"trial {t} ({res.label(t)}) has no best.pt"
+                             + ("" if res.trial_folder(t) else " (no trial folder)") + ": left out of figure 6")
+    shown = list(res.best["trial_id"]) if not res.best.empty else []
+    for group in identical_trials(res.trials):
+        group = sorted(group, key=lambda t: shown.index(t) if t in shown else len(shown))
+        res.notes.append(f"trials {', '.join(f'{t} ({res.label(t)})' for t in group)} have the same validation loss "
+                         "at every epoch: in these runs their differing hyperparameters made no difference")
+    if not res.best.empty and not {"train_seed_nmse", "train_seed_psnr", "train_seed_ssim"} <= set(res.trials):
+        res.notes.append("trials.parquet has no train_seed_* columns (an older table): Training rows lack the "
+                         "seed-definition numbers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study/report.py", description=__doc__.splitlines()[0])
+    p.add_argument("study_dir", type=Path, help="a study folder, results/<name>")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        folder = write_report(args.study_dir)
+    except NotAStudyFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The study report (study/report.py) on a real smoke study: epsilon in {0, 5000}, 2 epochs.
+
+Table 1 is checked against an independent reading of the Parquet tables; partial and broken
+studies (errored trials, lost checkpoints, no results yet, older tables) must still give a report
+with a note, and a folder that is no study must give exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from study import layout, report
+
+REPO = Path(__file__).resolve().parent.parent
+PNGS = ("figure6.png", "robustness.png", "pareto.png", "curves.png")
+slow = pytest.mark.slow  # these use a Ray study (module fixture)
+
+
+def run_report(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "study" / "report.py"), str(folder)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A finished two-trial study: standard training and adversarial training at epsilon = 5000."""
+    work = tmp_path_factory.mktemp("report")
+    space = work / "pair.yaml"
+    space.write_text("description: standard vs adversarial\nparameters:\n  epsilon: {grid: [0, 5000]}\n"
+                     "objectives:\n  - {metric: val_nmse, mode: min}\n  - {metric: rob_pgd_e5000_nmse, mode: min}\n"
+                     "attack_budgets: [1000, 5000]\n")
+    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", str(space), "--profile", "smoke",
+                          "--results", str(work / "results"), "--no-report"],
+                         capture_output=True, text=True, cwd=work, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return work / "results" / "pair"
+
+
+@pytest.fixture(scope="module")
+def written(study) -> tuple[Path, int, str]:
+    """The report of the intact study, through main(): (report folder, exit status, stdout)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = report.main([str(study)])
+    return study / "report", status, stdout.getvalue()
+
+
+def copy_study(study: Path, dest: Path) -> Path:
+    """A copy of the study folder (its trial folders hold only small checkpoints)."""
+    target = dest / study.name
+    shutil.copytree(study, target, ignore=shutil.ignore_patterns("report"))
+    # best.pt configs point at the data folder, which stays where it is: figure 6 still works
+    return target
+
+
+def png_shape(path: Path) -> tuple[int, ...]:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path).shape
+
+
+def best_rows(trials: pd.DataFrame) -> pd.DataFrame:
+    """Independently of study.analysis: per trial the row with the lowest val_loss."""
+    rows = [g.loc[g["val_loss"].astype(float).idxmin()] for _, g in trials[trials["epoch"] > 0].groupby("trial_id")]
+    return pd.DataFrame(rows).set_index("trial_id")
+
+
+def test_trial_folder_matches_the_whole_trial_id(tmp_path):
+    """Tune names a trial's folder <trainable>_<trial id>_<n>_<values>_<date>; the runner's summary
+    and the report find a trial's folder and best.pt by its whole id (study.layout)."""
+    first = tmp_path / "train_trial_058de77b_1_epsilon=0_2026-11-24_14-24-33"
+    other = tmp_path / "train_trial_058de77c_2_epsilon=1000_2026-11-24_14-24-36"
+    first.mkdir()
+    other.mkdir()
+    (other / "best.pt").write_bytes(b"")
+    assert layout.trial_folder(tmp_path, "058de77b") == first
+    assert layout.trial_folder(tmp_path, "058de77") is None  # a piece of an id is no trial's id
+    assert layout.best_checkpoint(tmp_path, "058de77b") is None  # its folder has no best.pt
+    assert layout.best_checkpoint(tmp_path, "058de77c") == other / "best.pt"
+    assert layout.trial_folder(tmp_path / "gone", "058de77b") is None
+
+
+def test_import_is_light():
+    heavy = ("torch", "ray", "matplotlib.pyplot")
+    code = f"import sys, study.report; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@slow
+def test_report_files_exist_and_images_are_valid(written):
+    folder, status, stdout = written
+    assert status == 0 and f"report: {folder}" in stdout
+    for name in report.REPORT_FILES:
+        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
+    for name in PNGS:
+        shape = png_shape(folder / name)
+        assert len(shape) >= 2 and shape[0] > 100 and shape[1] > 100, (name, shape)
+        assert (folder / name).stat().st_size < 1_000_000, name
+
+
+@slow
+def test_table1_numbers_are_the_parquet_rows(study, written):
+    folder, _, _ = written
+    table = pd.read_csv(folder / "table1.csv")
+    trials = pd.read_parquet(study / "trials.parquet")
+    robust = pd.read_parquet(study / "robustness.parquet")
+    best = best_rows(trials)
+    assert sorted(table["trial_id"]) == sorted(list(best.index) * 2)
+    assert list(table["epsilon_ref"]) == [0, 0, 5000, 5000]  # standard training first, as in the seed's table
+    assert list(table["split"]) == ["Training", "Validation"] * 2
+    assert list(table["model"]) == ["standard", "standard", "adversarial", "adversarial"]
+    budgets = sorted(robust["budget_ref"].unique())
+    assert budgets == [1000.0, 5000.0]
+    for _, row in table.iterrows():
+        b = best.loc[row["trial_id"]]
+        prefix = "train" if row["split"] == "Training" else "val"
+        assert row["best_epoch"] == b["epoch"]
+        assert math.isclose(row["epsilon_rms"], math.sqrt(5000 / 320**2) if row["epsilon_ref"] else 0.0, rel_tol=1e-6)
+        for metric in ("nmse", "psnr", "ssim"):
+            assert math.isclose(row[metric.upper()], b[f"{prefix}_{metric}"], rel_tol=1e-9), (prefix, metric)
+            assert math.isclose(row[f"{metric.upper()} (seed def.)"], b[f"{prefix}_seed_{metric}"], rel_tol=1e-9)
+        for budget in budgets:
+            r = robust[(robust["trial_id"] == row["trial_id"]) & (robust["epoch"] == b["epoch"])
+                       & (robust["attack"] == "pgd") & (robust["budget_ref"] == budget)]
+            assert len(r) == 1
+            for metric in ("nmse", "psnr", "ssim"):
+                attacked = row[f"PGD@{budget:g} {metric.upper()}"]
+                degradation = row[f"PGD@{budget:g} d{metric.upper()}"]
+                if row["split"] == "Training":  # attacks are evaluated on the validation set only
+                    assert np.isnan(attacked) and np.isnan(degradation)
+                    continue
+                assert math.isclose(attacked, r.iloc[0][metric], rel_tol=1e-9)
+                assert math.isclose(degradation, attacked - b[f"val_{metric}"], rel_tol=1e-6, abs_tol=1e-9)
+            if row["split"] == "Validation":
+                assert row[f"PGD@{budget:g} NMSE"] > row["NMSE"]  # the worst case is worse than clean
+
+
+@slow
+def test_table1_markdown_has_the_seed_layout(written):
+    folder, _, _ = written
+    text = (folder / "table1.md").read_text()
+    table = pd.read_csv(folder / "table1.csv")
+    for process in ("Training-S", "Validation-S", "Training-A", "Validation-A"):
+        assert f"| {process} |" in text
+    assert "NMSE (seed def.)" in text and "prediction and reference swapped" in text and "fastMRI" in text
+    assert "PGD@1000 NMSE" in text and "PGD@5000 SSIM" in text
+    val = table[(table["split"] == "Validation") & (table["epsilon_ref"] == 5000)].iloc[0]
+    assert f"{val['NMSE']:.4f}" in text and f"({val['PGD@5000 dNMSE']:+.4f})" in text
+
+
+@slow
+def test_summary_names_the_best_trial_and_its_checkpoint(study, written):
+    folder, _, _ = written
+    text = (folder / "summary.md").read_text()
+    best = best_rows(pd.read_parquet(study / "trials.parquet"))
+    winner = best["val_nmse"].astype(float).idxmin()
+    checkpoint = next(p for p in study.iterdir() if p.is_dir() and f"_{winner}_" in p.name) / "best.pt"
+    assert checkpoint.is_file()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| val_nmse (min) |"))
+    assert f"| {winner}" in line and str(checkpoint) in line
+    assert "profile: smoke" in text and "trials: 2 (2 TERMINATED)" in text
+    for name in ("table1.md", "figure6.png", "robustness.png", "pareto.png", "curves.png"):
+        assert f"]({name})" in text
+
+
+def test_not_a_study_folder_exits_2(tmp_path):
+    missing = run_report(tmp_path / "nope")
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+@slow
+def test_study_without_results_gives_a_note(study, tmp_path):
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    shutil.copy2(study / "study.json", folder / "study.json")  # started, nothing reported yet
+    assert report.main([str(folder)]) == 0
+    text = (folder / "report" / "summary.md").read_text()
+    assert "no trial has reported a result yet" in text and "No trial has a finished epoch yet" in text
+    assert (folder / "report" / "table1.md").is_file()
+    assert not (folder / "report" / "figure6.png").exists()
+
+
+@slow
+def test_errored_trial_and_missing_checkpoint(study, tmp_path, capsys):
+    folder = copy_study(study, tmp_path)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    standard = trials.loc[trials["epsilon"] == 0, "trial_id"].iloc[0]
+    adversarial = trials.loc[trials["epsilon"] > 0, "trial_id"].iloc[0]
+    # the adversarial trial failed after its epochs (results.py marks every row), a third failed at once
+    trials.loc[trials["trial_id"] == adversarial, ["status", "message"]] = ["ERROR", "RuntimeError: disk on fire"]
+    failed = pd.DataFrame([{"trial_id": "deadbeef", "epoch": 0, "status": "ERROR", "epsilon": 1000.0,
+                            "message": "ValueError: crop size 96 too large"}])
+    pd.concat([trials, failed], ignore_index=True).to_parquet(folder / "trials.parquet", index=False)
+    lost = next(p for p in folder.iterdir() if p.is_dir() and f"_{standard}_" in p.name) / "best.pt"
+    lost.unlink()
+
+    out = report.write_report(folder)
+    stdout = capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    for text in (summary, stdout):
+        assert f"trial {adversarial}" in text and "disk on fire" in text
+        assert "trial deadbeef (ε=1000) failed" in text and "crop size 96 too large" in text
+        assert f"trial {standard} (ε=0) has no best.pt" in text
+    assert "1 TERMINATED, 2 ERROR" in summary
+    assert "no standard" not in summary  # the standard trial exists, only its checkpoint is lost
+    trial_rows = [ln for ln in summary.splitlines() if ln.startswith(f"| {standard} |")]
+    assert trial_rows and "| missing |" in trial_rows[0]
+    table = pd.read_csv(out / "table1.csv")
+    assert set(table["trial_id"]) == {standard, adversarial}  # the errored trial's epochs still count
+    for name in PNGS:  # figure 6 draws the adversarial row without the standard model's columns
+        assert png_shape(out / name)[0] > 100, name
+
+
+@slow
+def test_one_sided_studies_and_old_tables(study, tmp_path):
+    """Only standard training (figure 6 says so), an older table without train_seed_* columns, and a
+    trial still running."""
+    folder = copy_study(study, tmp_path)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    trials = trials[trials["epsilon"] == 0].drop(columns=["train_seed_nmse", "train_seed_psnr", "train_seed_ssim"])
+    trials["status"] = "RUNNING"
+    trials.to_parquet(folder / "trials.parquet", index=False)
+    assert report.main([str(folder)]) == 0
+    summary = (folder / "report" / "summary.md").read_text()
+    assert "no adversarially trained (ε > 0) trial" in summary
+    assert "still RUNNING" in summary and "no train_seed_* columns" in summary
+    table = pd.read_csv(folder / "report" / "table1.csv")
+    assert len(table) == 2 and table.loc[table["split"] == "Training", "NMSE (seed def.)"].isna().all()
+    assert table.loc[table["split"] == "Validation", "NMSE (seed def.)"].notna().all()
+    assert png_shape(folder / "report" / "figure6.png")[0] > 100
