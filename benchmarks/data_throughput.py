@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -50,31 +49,10 @@ from mriadv.data.masks import make_mask_func  # noqa: E402
 from mriadv.data.synthetic import SyntheticSpec, generate  # noqa: E402
 from mriadv.data.transforms import UnetTransform, apply_mask, collate  # noqa: E402
 from mriadv.fft import ifft2c  # noqa: E402
+from _machine import cpu_seconds, others_share  # noqa: E402
 
 GPU_SLICES_PER_S = 60.0  # a seed-size (320x320, U-Net 64/5) adversarial epoch on one modern GPU
 SYNTHETIC = SyntheticSpec(volumes=4, val_volumes=1, slices=16, size=320)  # fastMRI knee geometry
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """``(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)``
-    from ``/proc/stat`` and ``getrusage``; None where ``/proc/stat`` is missing (not Linux)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-    own = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for k in ("ru_utime", "ru_stime"))
-    return busy / os.sysconf("SC_CLK_TCK"), own
-
-
-def others_share(start: tuple[float, float] | None, seconds: float) -> float | None:
-    """Fraction of the machine's CPU that other processes used since ``start`` (a :func:`cpu_seconds`)."""
-    end = cpu_seconds()
-    if start is None or end is None or seconds <= 0:
-        return None
-    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (seconds * (os.cpu_count() or 1))
 
 
 def epoch_batches(dataset: SliceDataset, batch_size: int, bucketed: bool, seed: int, epoch: int) -> list[list[int]]:

@@ -35,7 +35,6 @@ The last line is ``ratio: <adversarial / standard>``.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import sys
@@ -51,6 +50,7 @@ from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.training import Trainer, frozen  # noqa: E402
+from _machine import cpu_seconds, others_share  # noqa: E402
 
 TARGET_RATIO = 2.9  # the issue's target; the floor is ~2.67 plus the generator's own cost
 
@@ -65,28 +65,6 @@ def random_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> Batch
         image=image, target=target, mean=torch.zeros(b), std=torch.ones(b), max_value=torch.full((b,), 6.0),
         fnames=[f"random{i:03d}.h5" for i in range(b)], slice_nums=torch.arange(b),
     ).to(device)
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """``(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)``
-    from ``/proc/stat`` and ``getrusage``; None where ``/proc/stat`` is missing (not Linux)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-    own = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for k in ("ru_utime", "ru_stime"))
-    return busy / os.sysconf("SC_CLK_TCK"), own
-
-
-def others_share(start: tuple[float, float] | None, seconds: float) -> float | None:
-    """Fraction of the machine's CPU that other processes used since ``start`` (a :func:`cpu_seconds`)."""
-    end = cpu_seconds()
-    if start is None or end is None or seconds <= 0:
-        return None
-    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (seconds * (os.cpu_count() or 1))
 
 
 def sync(device: torch.device) -> None:

@@ -94,10 +94,12 @@ def sample_generator(batch: Batch, salt: int) -> torch.Generator:
 
 @dataclass
 class AttackOutput:
-    """``inputs``: perturbed network input ``(B, 1, h, w)``; ``delta_sq``: ``(B,)`` squared norms."""
+    """``inputs``: perturbed network input ``(B, 1, h, w)``; ``delta_sq``: ``(B,)`` squared norms;
+    ``delta``: the perturbation itself, in the attack's domain."""
 
     inputs: torch.Tensor
     delta_sq: torch.Tensor
+    delta: torch.Tensor
 
 
 class Attack(Protocol):
@@ -154,7 +156,7 @@ class PGDAttack:
             for p, r in zip(model.parameters(), requires):
                 p.requires_grad_(r)
         delta = delta.detach()
-        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta))
+        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta), delta)
 
 
 @dataclass
@@ -168,7 +170,7 @@ class NoiseAttack:
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
         noise = torch.randn(batch.image.shape, generator=sample_generator(batch, salt=7919)).to(batch.image.device)
         delta = noise * (self.budget / squared_norm(noise)).sqrt().view(-1, 1, 1, 1)
-        return AttackOutput(batch.image + delta, squared_norm(delta))
+        return AttackOutput(batch.image + delta, squared_norm(delta), delta)
 
 
 @dataclass
@@ -189,4 +191,4 @@ class GeneratorAttack:
         with torch.no_grad():
             delta = self.perturb(batch).float() if self.domain == "image" else self.perturb(batch)
             delta = delta * (self.budget / squared_norm(delta).clamp_min(1e-30)).sqrt().view(-1, *([1] * (delta.ndim - 1)))
-        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta))
+        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta), delta)

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     state_file = study_dir / STATE_FILE
     resuming = (study_dir / TUNER_FILE).is_file() and state_file.is_file()
     cluster = args.address is not None
+    if args.resume and not resuming:
+        return fail(f"--resume: there is no study to resume in {study_dir} (run without --resume to start it)")
     try:
         res, threads, cpus, gpus = resources(args, cluster)
     except ConfigError as exc:
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
     statuses = trial_statuses(study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
-        print(f"the study was interrupted; run the same command again to resume it")
+        print("the study was interrupted; run the same command again to resume it")
     return exit_code
 
 

@@ -140,6 +140,27 @@ def test_pgd_increases_error_and_respects_budget():
     assert all(p.requires_grad for p in tr.recon.parameters())  # restored after the attack
 
 
+def test_kspace_pgd_respects_budget_and_acquired_columns(synthetic_root):
+    from mriadv.data.files import SliceDataset
+    from mriadv.data.masks import RandomMaskFunc
+    from mriadv.data.transforms import UnetTransform, collate
+
+    torch.manual_seed(0)
+    ds = SliceDataset(synthetic_root, "val", UnetTransform(RandomMaskFunc(), 64, train=False, keep_kspace=True),
+                      crop_size=64)
+    batch = collate([ds[0], ds[5]])
+    tr = Trainer(tiny(epsilon=0.0, crop_size=64), CPU)
+    attack = PGDAttack(40.0, steps=3, domain="kspace")
+    out = attack(tr.recon, batch, CPU)
+    assert torch.all(out.delta_sq <= 40.0 * (1 + 1e-4)) and torch.all(out.delta_sq > 0)
+    assert out.delta.is_complex() and out.delta.shape == batch.kspace.shape
+    assert torch.all(out.delta[~batch.mask[:, None, :].expand_as(out.delta)] == 0)  # only measured columns
+    with torch.no_grad():
+        clean = torch.mean((tr.recon(batch.image) - batch.target) ** 2)
+        attacked = torch.mean((tr.recon(out.inputs) - batch.target) ** 2)
+    assert attacked > clean
+
+
 @pytest.mark.parametrize(
     "key,value",
     [("epsilon", -1.0), ("lr_recon", 0.0), ("lr_gen", -1e-4), ("patience", 0), ("batch_size", 0), ("loss", "l1"),
