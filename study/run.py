@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; cluster {args.address}" if cluster else ""))
 
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"
     import ray
     from ray import tune
 
