@@ -35,7 +35,6 @@ from study.analysis import (best_epochs, best_trials, failed_trials, finished_tr
 from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
                           best_checkpoint)
 from study.procs import ProcessRecord  # noqa: E402
-from study.results import read_table  # noqa: E402
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
 
 
@@ -148,6 +147,8 @@ def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float]
 def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     """The lines printed at the end of a study: statuses, the best trial by each objective (at
     its best epoch), the Pareto front of finished trials, errors, and where everything is."""
+    from study.results import read_table  # imports Ray: not at module import (see main)
+
     trials = read_table(study_dir / TRIALS_FILE)
     lines = [f"results: {study_dir}"]
     if trials.empty:
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"; read when
+    # Ray is imported, so nothing above may import it
     import ray
     from ray import tune
 

@@ -56,6 +56,7 @@ def test_smoke_study_writes_tables(smoke_study):
     folder, out = smoke_study
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "profile: smoke" in out.stdout and "best by val_nmse" in out.stdout
+    assert "across cluster" not in out.stdout + out.stderr  # every trial's lines, none folded by Ray's dedup
     trials = pd.read_parquet(folder / "trials.parquet")
     assert REQUIRED_COLUMNS <= set(trials.columns)
     assert trials["trial_id"].nunique() == 6
@@ -95,6 +96,14 @@ def test_smoke_study_optuna_and_tensorboard(smoke_study):
         hp = ea.PluginTagToContent("hparams")
         assert "_hparams_/session_start_info" in hp and "_hparams_/experiment" in hp
         assert b"epsilon_ref" in hp["_hparams_/session_start_info"] and b"val/nmse" in hp["_hparams_/experiment"]
+
+
+def test_runner_imports_ray_only_when_it_starts_it():
+    """Ray reads RAY_DEDUP_LOGS when it is imported: the runner sets it first, so importing the
+    runner must not import Ray."""
+    code = "import sys; import study.run; print(any(m.split('.')[0] == 'ray' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
