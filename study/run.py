@@ -197,6 +197,11 @@ def trial_statuses(study_dir: Path) -> dict[str, str]:
 # main
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    # Ray reads these when it is imported (trial_statuses may import it before ray.init), so they are
+    # set first and this module imports no Ray at its top
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"
     args = build_parser().parse_args(argv)
     if args.list_spaces:
         for name in available_spaces():
@@ -276,10 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
           + (f"; cluster {args.address}" if cluster else ""))
 
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"; read when
-    # Ray is imported, so nothing above may import it
     import ray
     from ray import tune
 
