@@ -10,7 +10,10 @@ shares the names instead of copying them.
         robustness.parquet         ROBUSTNESS_FILE: one row per trial, epoch, attack and budget
         optuna.db                  OPTUNA_FILE: the searcher's Optuna storage
         tuner.pkl                  TUNER_FILE: Tune's state; with study.json, the study resumes
-        .ray_processes.json        PIDFILE: the driver's Ray processes (study/procs.py)
+        .ray_processes             PIDFILE: the driver's Ray processes (study/procs.py), JSON; not
+                                   named *.json, which Tune copies to its staging folder on a resume
+                                   and back over the live file at every step
+        .tune_state/               TUNE_STATE_DIR: a complete copy of Tune's state (study/tune_state.py)
         train_trial_<id>_<n>_.../  one folder per trial (Tune's), see trial_folder()
             best.pt                BEST_CHECKPOINT: the networks of the trial's best epoch
         report/                    REPORT_DIR: written by study/report.py
@@ -25,7 +28,8 @@ TRIALS_FILE = "trials.parquet"
 ROBUSTNESS_FILE = "robustness.parquet"
 OPTUNA_FILE = "optuna.db"
 TUNER_FILE = "tuner.pkl"
-PIDFILE = ".ray_processes.json"
+PIDFILE = ".ray_processes"
+TUNE_STATE_DIR = ".tune_state"
 BEST_CHECKPOINT = "best.pt"
 REPORT_DIR = "report"
 

@@ -2,7 +2,7 @@
 
 When the driver is killed (SIGKILL, a crashed terminal), some of Ray's processes keep running
 (RuntimeEnvAgent and DashboardAgent ignore SIGTERM). The driver records the process ids of all its
-descendants, with their start times, in ``results/<name>/.ray_processes.json``; the next run of
+descendants, with their start times, in ``results/<name>/.ray_processes`` (JSON); the next run of
 the same study kills those that are still alive (and still the same processes), by PID only: never
 ``ray stop`` or a kill by name, which would hit every Ray process on the host.
 """

@@ -5,9 +5,10 @@
   message, or the trainer's own ``nan``/``early_stopped``).
 * ``robustness.parquet``: long format, one row per trial, epoch, attack and budget.
 
-Both are rewritten atomically (temporary file, then rename) after every result, so they can be read
-at any moment, and are keyed by ``(trial_id, epoch)``: after a resume, a re-reported epoch
-replaces its row instead of duplicating it.
+Both are rewritten atomically (temporary file, then rename) at the end of every Tune step that
+brought a result (see :class:`ResultsCallback`), so they can be read at any moment, and are keyed
+by ``(trial_id, epoch)``: after a resume, a re-reported epoch replaces its row instead of
+duplicating it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ray import tune
 
 from study.layout import ROBUSTNESS_FILE, TRIALS_FILE
 from study.procs import ProcessRecord
+from study.tune_state import backup_state
 
 # result keys that are Ray's bookkeeping, not ours
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
@@ -112,14 +114,22 @@ class ResultsLog:
 
 
 class ResultsCallback(tune.Callback):
-    """Tune callback (runs in the driver) that keeps the Parquet tables current and records the
-    driver's Ray processes (see :mod:`study.procs`) as trials start and report."""
+    """Tune callback (runs in the driver) that keeps the Parquet tables current, keeps a complete
+    copy of Tune's state (:mod:`study.tune_state`) and records the driver's Ray processes (see
+    :mod:`study.procs`) as trials start and report.
+
+    The tables never run ahead of the state a resume starts from, so a trial interrupted after
+    epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
+    registered that checkpoint (a later event, ``on_checkpoint``), and tables are written at the end
+    of Tune's step, after Tune has saved its state for the step and this callback has copied it."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
         self.folder = Path(folder)
         self.record_processes = record_processes
         self._log: ResultsLog | None = None
         self._procs: ProcessRecord | None = None
+        self._pending = False
+        self._held: dict[str, list[dict[str, Any]]] = {}  # trial id -> results awaiting their checkpoint
 
     @property
     def log(self) -> ResultsLog:
@@ -128,7 +138,8 @@ class ResultsCallback(tune.Callback):
         return self._log
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"folder": self.folder, "record_processes": self.record_processes, "_log": None, "_procs": None}
+        return {"folder": self.folder, "record_processes": self.record_processes, "_log": None, "_procs": None,
+                "_pending": False, "_held": {}}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.log.params[trial.trial_id] = {k: v for k, v in trial.config.items() if isinstance(v, (int, float, str))}
@@ -136,17 +147,45 @@ class ResultsCallback(tune.Callback):
         self._event()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.log.add_result(trial.trial_id, result)
-        self.log.write()
+        if result.get("should_checkpoint"):
+            self._held.setdefault(trial.trial_id, []).append(dict(result))
+        else:
+            self._add(trial.trial_id, [result])
         self._event()
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
         self.log.set_status(trial.trial_id, "TERMINATED")
-        self.log.write()
+        self._pending = True
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
         self.log.set_status(trial.trial_id, "ERROR", _error_message(trial))
+        self._pending = True
+
+    def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
+        for result in results:
+            self.log.add_result(trial_id, result)
+            self._pending = True
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        """Tune has saved this step's state (into its staging folder): copy it, then write the tables."""
+        if not self._pending:
+            return
+        if trials:
+            backup_state(Path(trials[0].storage.experiment_driver_staging_path), self.folder)
         self.log.write()
+        self._pending = False
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for trial_id in list(self._held):
+            self._add(trial_id, self._held.pop(trial_id))
+        if self._pending:
+            self.log.write()
+            self._pending = False
 
     def _event(self) -> None:
         if self.record_processes:

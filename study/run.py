@@ -36,6 +36,7 @@ from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE,
                           best_checkpoint)
 from study.procs import ProcessRecord  # noqa: E402
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
+from study.tune_state import STATE_PATTERNS, newest, repair_state  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     if resuming:
         state = json.loads(state_file.read_text())
         profile_name, base = state["profile"], state["base"]
+        for note in repair_state(study_dir):
+            print(f"note: {note}")
+        if newest(study_dir, STATE_PATTERNS[0]) is None:
+            return fail(f"cannot resume study '{name}': Tune's experiment state in {study_dir} is missing or "
+                        "truncated and no complete copy was kept (the driver stopped before its first result); "
+                        "its files are untouched: start the study under another --name, or remove the folder")
         ignored = [flag for flag, given, saved in (("--profile", args.profile, profile_name),
                                                     ("--data", args.data and str(args.data.resolve()), base["data"]),
                                                     ("--max-epochs", args.max_epochs, base["max_epochs"]))

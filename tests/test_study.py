@@ -170,6 +170,7 @@ def test_sigkill_and_resume(tmp_path):
     second = subprocess.Popen([*RUN, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     stdout, _ = second.communicate(timeout=600)
+    (tmp_path / "second.log").write_text(stdout)  # kept by pytest for a post-mortem
     assert second.returncode == 0, stdout[-3000:]
     assert "resuming study 'kill'" in stdout
 

@@ -1,0 +1,104 @@
+"""A complete copy of Tune's experiment state, so that a hard-killed study always resumes.
+
+Tune keeps its experiment state in three files per driver session: ``experiment_state-<session>.json``
+(the trials and their checkpoints), ``search_gen_state-<session>.json`` and
+``searcher-state-<session>.pkl`` (the search algorithm, Optuna's sampler included). It writes them
+into a staging folder on the driver and then copies them into the study folder in the background;
+neither write is atomic. A driver killed in the middle (SIGKILL, a lost machine) leaves a truncated
+file, and Tune 2.60 then fails to restore: measured here as a ``JSONDecodeError`` followed by a
+fresh search without a space, in about one of ten kills while a trial reports.
+
+So the study keeps its own copy: after every Tune step in which something happened (the staging
+files are complete then: Tune writes them synchronously earlier in the same step),
+:func:`backup_state` copies them atomically into ``results/<name>/.tune_state/``; and before a
+resume :func:`repair_state` puts that copy back over the study folder's newest state, or moves a
+truncated file aside so that Tune takes the previous complete one. Files are checked by parsing,
+never by executing them (pickles are scanned with :mod:`pickletools`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickletools
+import shutil
+from pathlib import Path
+
+from study.layout import TUNE_STATE_DIR
+
+STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a state file parses to its end: JSON for ``experiment_state``, else a pickle with
+    its STOP opcode (Tune's ``search_gen_state-*.json`` is a pickle despite its name)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if path.name.startswith("experiment_state-"):
+        try:
+            json.loads(data)
+        except ValueError:
+            return False
+        return True
+    try:
+        for opcode, _, _ in pickletools.genops(data):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 - any malformed pickle: truncated, or garbage
+        return False
+    return False
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def newest(folder: Path, pattern: str) -> Path | None:
+    """The file Tune restores from: the greatest name matching ``pattern`` (session timestamps sort)."""
+    return max(folder.glob(pattern), default=None)
+
+
+def backup_state(staging: Path, study_dir: Path) -> bool:
+    """Copy the newest complete state files of Tune's driver staging folder into the study's
+    ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete).
+    Returns whether a copy was made."""
+    files = [newest(staging, pattern) for pattern in STATE_PATTERNS]
+    if any(f is None or not is_complete(f) for f in files):
+        return False
+    dest = study_dir / TUNE_STATE_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        _copy_atomic(f, dest / f.name)  # type: ignore[union-attr]
+    keep = {f.name for f in files}  # type: ignore[union-attr]
+    for old in dest.iterdir():
+        if old.name not in keep and not old.name.startswith("."):
+            old.unlink(missing_ok=True)
+    return True
+
+
+def repair_state(study_dir: Path) -> list[str]:
+    """Before Tune restores ``study_dir``: for each state kind, the newest file is replaced by the
+    study's own copy when that copy is of the same session and differs, kept when complete, and
+    otherwise moved aside (``<name>.corrupt``) so that Tune takes the next newest. Returns one line
+    per change, for the user."""
+    notes = []
+    backup = study_dir / TUNE_STATE_DIR
+    for pattern in STATE_PATTERNS:
+        while (current := newest(study_dir, pattern)) is not None:
+            ours = backup / current.name
+            if ours.is_file() and is_complete(ours):
+                if ours.read_bytes() != current.read_bytes():
+                    was = "truncated" if not is_complete(current) else "behind the last complete step"
+                    _copy_atomic(ours, current)
+                    notes.append(f"{current.name} was {was}: restored the study's own copy")
+                break
+            if is_complete(current):
+                break
+            current.rename(current.with_name(current.name + CORRUPT_SUFFIX))
+            notes.append(f"{current.name} is truncated (the driver was killed while writing it): moved aside")
+    return notes
