@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if newest(study_dir, STATE_PATTERNS[0]) is None:
             return fail(f"cannot resume study '{name}': Tune's experiment state in {study_dir} is missing or "
                         "truncated and no complete copy was kept (the driver stopped before its first result); "
-                        "its files are untouched: start the study under another --name, or remove the folder")
+                        "nothing was deleted: start the study under another --name, or remove the folder")
         ignored = [flag for flag, given, saved in (("--profile", args.profile, profile_name),
                                                     ("--data", args.data and str(args.data.resolve()), base["data"]),
                                                     ("--max-epochs", args.max_epochs, base["max_epochs"]))
