@@ -106,3 +106,21 @@ def test_results_wait_for_their_checkpoint_and_the_step_end(tmp_path):
     cb.on_step_end(2, [trial])
     rows = pd.read_parquet(table)
     assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
+
+
+def test_runner_refuses_to_resume_without_any_complete_state(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    study = tmp_path / "results" / "eps_sweep"
+    study.mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"profile": "smoke", "base": {"data": str(tmp_path)}}))
+    (study / "tuner.pkl").write_bytes(b"")
+    write_state(study, S1, 1)
+    truncate(study / f"experiment_state-{S1}.json")
+    out = subprocess.run([sys.executable, str(repo / "study" / "run.py"), "--space", "eps_sweep", "--results",
+                          str(tmp_path / "results")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "moved aside" in out.stdout and "cannot resume study 'eps_sweep'" in out.stderr
+    assert (study / f"experiment_state-{S1}.json{CORRUPT_SUFFIX}").is_file()  # kept, not deleted
