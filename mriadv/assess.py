@@ -101,14 +101,11 @@ def assess(
         raise ConfigError("give attack budgets at the crop or at 320x320 (budgets_ref), not both")
     if budgets_ref is not None:
         budgets = [scale_epsilon(b, int(payload["config"]["crop_size"])) for b in budgets_ref]
-    overrides: dict[str, Any] = {"device": device, "precision": precision, "threads": None, "train_eval_volumes": 0}
-    for key, value in (("data", None if data is None else str(data)), ("max_val_volumes", max_volumes),
-                       ("attack_budgets", None if budgets is None else tuple(float(b) for b in budgets)),
-                       ("attacks", None if attacks is None else tuple(attacks)), ("pgd_steps", pgd_steps),
-                       ("pgd_step_scale", pgd_step_scale)):
-        if value is not None:
-            overrides[key] = value
-    cfg = TrainConfig.from_dict({**payload["config"], **overrides})
+    given = {"data": data and str(data), "max_val_volumes": max_volumes, "attack_budgets": budgets,
+             "attacks": attacks, "pgd_steps": pgd_steps, "pgd_step_scale": pgd_step_scale}
+    overrides = {"device": device, "precision": precision, "threads": None, "train_eval_volumes": 0,
+                 **{k: v for k, v in given.items() if v is not None}}
+    cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
     runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     try:
         data_ = build_data(cfg, runtime)

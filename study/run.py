@@ -36,7 +36,7 @@ from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE,
                           best_checkpoint)
 from study.procs import ProcessRecord  # noqa: E402
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
-from study.tune_state import STATE_PATTERNS, newest, repair_state  # noqa: E402
+from study.tune_state import EXPERIMENT_STATE, newest, repair_state  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_name, base = state["profile"], state["base"]
         for note in repair_state(study_dir):
             print(f"note: {note}")
-        if newest(study_dir, STATE_PATTERNS[0]) is None:
+        if newest(study_dir, EXPERIMENT_STATE) is None:
             return fail(f"cannot resume study '{name}': Tune's experiment state in {study_dir} is missing or "
                         "truncated and no complete copy was kept (the driver stopped before its first result); "
                         "nothing was deleted: start the study under another --name, or remove the folder")

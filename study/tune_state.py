@@ -18,6 +18,7 @@ never by executing them (pickles are scanned with :mod:`pickletools`).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickletools
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from study.layout import TUNE_STATE_DIR
 
-STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+EXPERIMENT_STATE = "experiment_state-*.json"  # the trials; the other two hold the search algorithm
+STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")
 CORRUPT_SUFFIX = ".corrupt"
 
 
@@ -37,7 +39,7 @@ def is_complete(path: Path) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
-    if path.name.startswith("experiment_state-"):
+    if fnmatch.fnmatch(path.name, EXPERIMENT_STATE):
         try:
             json.loads(data)
         except ValueError:
