@@ -85,11 +85,19 @@ def perturbation_shape(batch: Batch, domain: str) -> tuple[int, ...]:
     return tuple(batch.image.shape) if domain == "image" else tuple(batch.kspace.shape)  # type: ignore[union-attr]
 
 
-def sample_generator(batch: Batch, salt: int) -> torch.Generator:
-    """A CPU generator seeded by the batch's (file, slice) pairs: the same slices get the same noise
-    in every trial and every epoch, whatever the batch composition's order."""
-    key = sum(volume_seed(f"{f}:{int(s)}") for f, s in zip(batch.fnames, batch.slice_nums)) + salt
-    return torch.Generator().manual_seed(key % (2**63))
+def slice_generator(fname: str, slice_num: int, salt: int) -> torch.Generator:
+    """A CPU generator seeded by one slice's (file, slice) and ``salt``: the same in every trial,
+    epoch and process."""
+    return torch.Generator().manual_seed((volume_seed(f"{fname}:{int(slice_num)}") + salt) % (2**63))
+
+
+def slice_noise(batch: Batch, salt: int) -> torch.Tensor:
+    """Standard normal noise shaped like ``batch.image`` ``(B, 1, h, w)``, on the CPU; each slice's
+    draw comes from its own :func:`slice_generator`, so a slice gets the same noise whatever its
+    batch-mates, their order or the batch size."""
+    shape = tuple(batch.image.shape[1:])
+    return torch.stack([torch.randn(shape, generator=slice_generator(f, int(s), salt))
+                        for f, s in zip(batch.fnames, batch.slice_nums)])
 
 
 @dataclass
@@ -162,14 +170,15 @@ class PGDAttack:
 @dataclass
 class NoiseAttack:
     """Gaussian noise rescaled to exactly ``||delta||^2 = budget`` per image (a random direction);
-    seeded per slice, so every trial sees the same noise."""
+    seeded per slice (:func:`slice_noise`), so every trial, epoch and batch composition gives a slice
+    the same noise."""
 
     budget: float
     name: str = "noise"
 
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
-        noise = torch.randn(batch.image.shape, generator=sample_generator(batch, salt=7919)).to(batch.image.device)
-        delta = noise * (self.budget / squared_norm(noise)).sqrt().view(-1, 1, 1, 1)
+        noise = slice_noise(batch, salt=7919)
+        delta = (noise * (self.budget / squared_norm(noise)).sqrt().view(-1, 1, 1, 1)).to(batch.image.device)
         return AttackOutput(batch.image + delta, squared_norm(delta), delta)
 
 
