@@ -108,7 +108,7 @@ def assess(
     cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
     runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     try:
-        data_ = build_data(cfg, runtime)
+        data_ = build_data(cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
     except DataError as exc:
         raise ConfigError(f"data folder {cfg.data}: {exc} (give --data)") from exc
     trainer = Trainer(cfg, runtime, kspace_shape=data_.kspace_shape())

@@ -32,7 +32,7 @@ from torch import nn
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, squared_norm
 from mriadv.config import REFERENCE_CROP, ConfigError, TrainConfig
-from mriadv.data.files import ShapeBucketSampler, SliceDataset
+from mriadv.data.files import SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir
 from mriadv.data.masks import make_mask_func
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
@@ -287,10 +287,19 @@ class Data:
         return next(iter(shapes)) if len(shapes) == 1 else None
 
 
-def build_data(cfg: TrainConfig, runtime: Runtime) -> Data:
+def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Data:
+    """The datasets and loader settings of ``cfg``.
+
+    ``training=True`` (fit) refuses a folder whose two splits resolve to the same files (a flat folder
+    of .h5 files), which would validate on the training volumes; ``training=False`` (assessing a saved
+    model) accepts it, since only the validation split is used.
+    """
     if cfg.data is None:
         raise ConfigError("config key 'data' is None: give a data folder (or use a profile's synthetic data)")
     root = Path(cfg.data)
+    if training and resolve_split_dir(root, "train").resolve() == resolve_split_dir(root, "val").resolve():
+        raise ConfigError(f"config key 'data': {root} has no sub-folders {SPLITS['train']}/ and {SPLITS['val']}/, "
+                          "so training would validate on its training volumes; training needs both sub-folders")
     mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
     keep_k = cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
     train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)

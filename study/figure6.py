@@ -75,7 +75,7 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
         if key not in batches:
             if cfg.data is None or not Path(cfg.data).is_dir():
                 raise FileNotFoundError(f"the data folder {cfg.data} is gone")
-            batches[key] = preview_batch(build_data(cfg, runtime).val, 1).to(runtime.device)
+            batches[key] = preview_batch(build_data(cfg, runtime, training=False).val, 1).to(runtime.device)
         return batches[key]
 
     def slice_nmse(batch, image: np.ndarray) -> float:

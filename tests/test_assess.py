@@ -4,6 +4,7 @@ budgets in the seed's units, and rejects bad input by name."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -75,3 +76,13 @@ def test_cli_writes_json(run, tmp_path, capsys):
     assert "clean" in text and "noise @ 250 (320²)" in text
     saved = json.loads((tmp_path / "a.json").read_text())
     assert [(r["attack"], r["budget"]) for r in saved["robustness"]] == [("noise", 10.0)]
+
+
+def test_assess_on_a_flat_folder_of_validation_volumes(run, synthetic_root, tmp_path):
+    out, _ = run
+    flat = tmp_path / "val_only"
+    shutil.copytree(synthetic_root / "singlecoil_val", flat)  # the same validation volumes, no sub-folders
+    a, b = assess(out, data=flat, attacks=["noise"]), assess(out, attacks=["noise"])
+    assert a.config["data"] == str(flat)
+    assert a.clean == pytest.approx(b.clean, rel=1e-6)
+    assert [r["nmse"] for r in a.rows] == pytest.approx([r["nmse"] for r in b.rows], rel=1e-6)

@@ -169,3 +169,23 @@ def test_check_corrupt_files_each_named(synthetic_root, tmp_path):
     assert f"{len(good)} volumes" in out.stdout  # the good files are still listed
     reports = check_folder(bad)
     assert not reports["data"].ok
+
+
+# ----------------------------------------------------------------------------------------------
+# training data: never validate on the training volumes
+# ----------------------------------------------------------------------------------------------
+def test_training_refuses_a_flat_folder(synthetic_root, tmp_path):
+    from mriadv.config import ConfigError, TrainConfig
+    from mriadv.runtime import Runtime
+    from mriadv.training import build_data, fit
+
+    flat = tmp_path / "flat"
+    shutil.copytree(synthetic_root / "singlecoil_train", flat)  # .h5 files, no split sub-folders
+    cfg = TrainConfig.from_dict(dict(data=str(flat), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4,
+                                     batch_size=2, epsilon=20.0, max_epochs=1, device="cpu"))
+    for call in (lambda: build_data(cfg, Runtime.resolve("cpu", "fp32")), lambda: fit(cfg, tmp_path / "run", log=None)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert str(flat) in message and "singlecoil_train/" in message and "singlecoil_val/" in message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
