@@ -35,6 +35,26 @@ def epsilon_rms(epsilon: float, crop_size: int) -> float:
     return math.sqrt(epsilon / (crop_size * crop_size))
 
 
+def _as_tuple(key: str, value: Any, numbers: bool) -> tuple[Any, ...]:
+    """A tuple field's value from a list or tuple, a single value, or a comma-separated string
+    (``'pgd,noise'``, ``'1000,5000'``, as ``--set`` and YAML give them); ``numbers``: string items are
+    parsed as floats. Raises :class:`ConfigError` naming the key and the item that is not a number."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, str):
+        items = [item.strip() for item in value.split(",")] if value.strip() else []
+    else:
+        items = [value]
+    if numbers:
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                try:
+                    items[i] = float(item)
+                except ValueError:
+                    raise ConfigError(f"config key {key!r}: {item!r} is not a number") from None
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run of the seed's Algorithm 1 (image) or Algorithm 2 (k-space).
@@ -116,7 +136,8 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        tuples = {f.name: str(f.type) for f in fields(cls) if str(f.type).startswith("tuple[")}
+        values = {k: _as_tuple(k, v, numbers="str" not in tuples[k]) if k in tuples else v for k, v in values.items()}
         cfg = replace(base, **values) if base is not None else cls(**values)
         return cfg.validate()
 
@@ -164,9 +185,12 @@ class TrainConfig:
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
-        need(all(isinstance(b, (int, float)) and b > 0 for b in self.attack_budgets), "attack_budgets",
-             "must be numbers > 0")
-        need(all(a in ATTACKS for a in self.attacks), "attacks", f"each must be one of {ATTACKS}")
+        for b in self.attack_budgets:
+            if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
+                raise ConfigError(f"config key 'attack_budgets': {b!r} is not a finite number > 0")
+        for a in self.attacks:
+            if a not in ATTACKS:
+                raise ConfigError(f"config key 'attacks': {a!r} is not one of {ATTACKS}")
         need(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
              "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return self

@@ -63,6 +63,18 @@ def fail(message: str) -> int:
     return 2
 
 
+def check_options(args: argparse.Namespace) -> str | None:
+    """None if the numeric options are in range, else a message naming the first option as typed
+    (checked before anything else, so that it is not reported as a problem of the space file)."""
+    bounds = (("--max-epochs", args.max_epochs, 1), ("--num-samples", args.num_samples, 1),
+              ("--max-concurrent", args.max_concurrent, 1), ("--cpus-per-trial", args.cpus_per_trial, 1),
+              ("--gpus-per-trial", args.gpus_per_trial, 0))
+    for option, value, low in bounds:
+        if value is not None and value < low:
+            return f"{option} must be >= {low}, got {value:g}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # configuration of a new study
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"
     args = build_parser().parse_args(argv)
+    problem = check_options(args)
+    if problem:
+        return fail(problem)
     if args.list_spaces:
         for name in available_spaces():
             try:

@@ -1,0 +1,67 @@
+"""Configs built from dicts and command lines: tuple fields from single or comma-separated values, and
+every bad value named by the key or option the user typed."""
+
+from __future__ import annotations
+
+import pytest
+
+from mriadv.config import ConfigError, TrainConfig
+from mriadv.train import build_parser, config_from_args
+
+
+@pytest.mark.parametrize("value,want", [
+    ("pgd", ("pgd",)), ("pgd,noise", ("pgd", "noise")), (" noise , pgd_kspace ", ("noise", "pgd_kspace")),
+    (["generator"], ("generator",)), (("pgd", "noise"), ("pgd", "noise")),
+])
+def test_attacks_from_a_single_or_comma_separated_value(value, want):
+    assert TrainConfig.from_dict({"attacks": value}).attacks == want
+
+
+@pytest.mark.parametrize("value,want", [
+    ("1000,5000", (1000.0, 5000.0)), ("2.5e3", (2500.0,)), (1000, (1000.0,)), (12.5, (12.5,)),
+    ([10, 20.5], (10.0, 20.5)), ("7", (7.0,)),
+])
+def test_attack_budgets_from_a_single_or_comma_separated_value(value, want):
+    budgets = TrainConfig.from_dict({"attack_budgets": value}).attack_budgets
+    assert budgets == want and all(isinstance(b, (int, float)) for b in budgets)
+
+
+@pytest.mark.parametrize("key,value,bad", [
+    ("attacks", "pgdx", "'pgdx'"), ("attacks", "pgd,nois", "'nois'"), ("attacks", ["noise", "fgsm"], "'fgsm'"),
+    ("attack_budgets", "1000,abc", "'abc'"), ("attack_budgets", "1000,-5", "-5"), ("attack_budgets", [10, 0], "0"),
+])
+def test_a_bad_tuple_item_is_named(key, value, bad):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({key: value})
+    message = str(err.value)
+    assert f"config key '{key}'" in message and bad in message
+    assert "each must be" not in message
+
+
+def test_train_cli_set_takes_single_and_comma_separated_values(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke", "--set", "attacks=pgd",
+                                      "--set", "attack_budgets=1000,5000"])
+    cfg, _ = config_from_args(args)
+    assert cfg.attacks == ("pgd",) and cfg.attack_budgets == (1000.0, 5000.0)
+    args = build_parser().parse_args(["--out", str(tmp_path), "--set", "attacks=pgd,noise", "--set", "attack_budgets=40"])
+    cfg, _ = config_from_args(args)
+    assert cfg.attacks == ("pgd", "noise") and cfg.attack_budgets == (40.0,)
+    with pytest.raises(ConfigError, match="'pgdx' is not one of"):
+        config_from_args(build_parser().parse_args(["--out", str(tmp_path), "--set", "attacks=pgd,pgdx"]))
+
+
+@pytest.mark.parametrize("option,value", [("--max-epochs", "0"), ("--num-samples", "0"), ("--max-concurrent", "-1"),
+                                          ("--cpus-per-trial", "0"), ("--gpus-per-trial", "-0.5")])
+def test_study_cli_names_the_bad_option_before_anything_starts(option, value, tmp_path, capsys, monkeypatch):
+    from study import run
+
+    for var in ("TUNE_GLOBAL_CHECKPOINT_S", "RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS"):  # main sets them
+        monkeypatch.setenv(var, "")
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    code = run.main(["--space", "eps_sweep", "--profile", "smoke", "--results", str(results), option, value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {option} must be" in err and f"got {value}" in err
+    assert "eps_sweep.yaml" not in err  # not blamed on the space file
+    assert not results.exists()  # failed before any data, study folder or Ray
