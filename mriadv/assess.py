@@ -7,10 +7,11 @@ attack strength, after training is over.
 
 ``CHECKPOINT`` is a ``best.pt`` or ``checkpoint.pt`` written by :func:`mriadv.training.fit` (in a
 ``python -m mriadv.train`` output folder, or a study's trial folder), or a folder holding one
-(``best.pt`` preferred: the networks of the best validation epoch, as in Table 1). The model is
-evaluated on the validation split of its own data (or ``--data``), with the fixed per-volume
-validation masks, by the same :func:`mriadv.evaluate.evaluate` that training used, so with the
-training's attack settings the numbers equal the epoch's record.
+(``best.pt`` preferred: the networks of the best selection epoch, as in Table 1). The model is
+evaluated on the held-out report split of its own data (``--split``; or ``--data``), with the fixed
+per-volume validation masks, by the same :func:`mriadv.evaluate.evaluate` that training used, so
+with the training's attack settings the numbers equal the run's final report-split record (and
+``--split selection`` / ``robust`` an epoch's ``val_*`` / ``robustness``).
 
 Why: a study judges every trial with a fixed, affordable attack (10 PGD steps by default). A
 robustness claim should survive a stronger one: more steps, larger budgets, k-space PGD. Budgets
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon
 
 CHECKPOINT_NAMES = ("best.pt", "checkpoint.pt")
+SPLIT_CHOICES = ("report", "selection", "robust", "all")
 
 
 @dataclass
@@ -43,10 +45,11 @@ class Assessment:
     config: dict[str, Any]
     clean: dict[str, Any]
     rows: list[dict[str, Any]]
+    split: str = "report"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "epoch": self.epoch, "config": self.config, "clean": self.clean,
-                "robustness": self.rows}
+        return {"checkpoint": self.checkpoint, "epoch": self.epoch, "split": self.split, "config": self.config,
+                "clean": self.clean, "robustness": self.rows}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -73,6 +76,7 @@ def assess(
     max_volumes: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    split: str = "report",
 ) -> Assessment:
     """Evaluate the networks of ``checkpoint`` clean and under ``attacks`` at ``budgets``.
 
@@ -86,7 +90,13 @@ def assess(
         max_volumes: evaluate a seeded subset of this many validation volumes.
         device: ``'auto'``, ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
         precision: ``'auto'`` (bf16 autocast on CUDA, fp32 on CPU), ``'fp32'`` or ``'bf16'``.
+        split: which validation slices (see :data:`SPLIT_CHOICES`): ``'report'`` the held-out split
+            the study reports on (reproduces the last record's ``report``); ``'selection'`` the
+            selection split (reproduces an epoch's ``val_*``); ``'robust'`` its per-epoch attack
+            subset (reproduces an epoch's ``robustness``); ``'all'`` every validation volume.
     """
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"split {split!r}: must be one of {SPLIT_CHOICES}")
     from mriadv.data.files import DataError
     from mriadv.evaluate import evaluate, robustness
     from mriadv.runtime import Runtime
@@ -104,6 +114,7 @@ def assess(
     given = {"data": data and str(data), "max_val_volumes": max_volumes, "attack_budgets": budgets,
              "attacks": attacks, "pgd_steps": pgd_steps, "pgd_step_scale": pgd_step_scale}
     overrides = {"device": device, "precision": precision, "threads": None, "train_eval_volumes": 0,
+                 **({"report_fraction": 0.0} if split == "all" else {}),
                  **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
     runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
@@ -116,12 +127,14 @@ def assess(
     trainer.recon.load_state_dict(networks["recon"])
     if trainer.generator is not None and networks.get("generator") is not None:
         trainer.generator.load_state_dict(networks["generator"])
-    loader = data_.loader(data_.val, shuffle=False)
+    dataset = {"report": data_.report or data_.val, "selection": data_.val, "all": data_.val,
+               "robust": data_.robust_val or data_.val}[split]
+    loader = data_.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, trainer.attacks(), clean, cfg.clamp)
     return Assessment(
         checkpoint=str(path), epoch=int(payload["epoch"]), config=cfg.to_dict(), clean=clean.as_dict(),
-        rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows],
+        rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows], split=split,
     )
 
 
@@ -129,7 +142,7 @@ def format_assessment(a: Assessment) -> list[str]:
     """Human-readable lines: the clean metrics, then one line per attack and budget."""
     c = a.clean
     lines = [f"{a.checkpoint} (epoch {a.epoch}, epsilon {a.config['epsilon']:g} at {a.config['crop_size']}^2): "
-             f"{c['num_volumes']} validation volumes, {c['num_slices']} slices",
+             f"{a.split} split: {c['num_volumes']} validation volumes, {c['num_slices']} slices",
              f"{'clean':<26} nmse {c['nmse']:.4f}  psnr {c['psnr']:6.2f}  ssim {c['ssim']:.4f}"]
     for r in a.rows:
         name = f"{r['attack']} @ {r['budget_ref']:g} (320²)"
@@ -151,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, help="default: the training's")
     p.add_argument("--pgd-step-scale", type=float, help="step = scale * radius / steps (default: the training's)")
     p.add_argument("--max-volumes", type=int, help="only this many validation volumes")
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="report",
+                   help="report: the held-out split the study reports on (default); selection: the volumes "
+                        "early stopping chose by; robust: the per-epoch attack subset; all: every volume")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -162,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = assess(args.checkpoint, args.data, args.budgets, args.budgets_ref, args.attacks, args.pgd_steps,
-                        args.pgd_step_scale, args.max_volumes, args.device, args.precision)
+                        args.pgd_step_scale, args.max_volumes, args.device, args.precision, args.split)
     except (ConfigError, RuntimeError) as exc:  # RuntimeError: e.g. CUDA asked for but absent
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,6 +73,7 @@ class TrainConfig:
     lambda2: float = 1.0  # weight of the hinge penalty max(0, ||G(z)||^2 - epsilon)
     epsilon_scope: str = "image"  # 'image' (report) | 'batch' (seed code: ||batch||^2 vs B * epsilon)
     project: bool = False  # hard projection of G(z) onto the epsilon ball
+    gen_scale: str = "budget"  # 'budget': tanh output times sqrt(2 eps / n) (starts inside eps) | 'unit': raw tanh
     perturbation: str = "image"  # 'image' (Algorithm 1) | 'kspace' (Algorithm 2)
     kspace_conditioning: str = "measurements"  # 'measurements' G(y) | 'latent' G(z), k-space only
     kspace_sampled_only: bool = True  # k-space perturbation only on acquired columns
@@ -82,6 +83,7 @@ class TrainConfig:
     lr_recon: float = 1e-4
     lr_gen: float = 1e-4
     weight_decay: float = 0.01
+    lr_schedule: str = "constant"  # 'constant' (seed) | 'cosine': both learning rates decay to 0 over max_epochs
     batch_size: int = 8
     max_epochs: int = 5
     patience: int = 3  # stop after this many epochs without validation-loss improvement
@@ -106,6 +108,7 @@ class TrainConfig:
     max_train_volumes: int | None = None
     max_val_volumes: int | None = None
     train_eval_volumes: int = 8  # training volumes evaluated each epoch with fixed masks (Table 1)
+    report_fraction: float = 0.5  # validation volumes held out for reporting (alternate by name); 0: none
     num_workers: int | None = None  # data loader workers; None: auto (0 on CPU)
     cache_dir: str | None = None  # where the volume index is cached
     # --- robustness evaluation -------------------------------------------------------------
@@ -113,7 +116,8 @@ class TrainConfig:
     attacks: tuple[str, ...] = ("pgd", "noise", "generator")  # + 'pgd_kspace'
     pgd_steps: int = 10
     pgd_step_scale: float = 2.5  # step = scale * radius / steps (Madry et al.)
-    robust_every: int = 1  # evaluate attacks every n epochs (and always at the last epoch)
+    robust_every: int = 1  # evaluate attacks every n epochs (and at every new best and the last epoch)
+    robust_slices_per_volume: int = 2  # per-epoch attacks on this many seeded slices per selection volume; 0: all
     # --- run -------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # 'auto' (CUDA if present) | 'cpu' | 'cuda' | 'cuda:N'
@@ -155,6 +159,7 @@ class TrainConfig:
             "kspace_conditioning": ("measurements", "latent"), "unet_activation": ("prelu", "relu", "leakyrelu"),
             "unet_pooling": ("avg", "max"), "unet_norm": ("instance", "batch"), "mask_type": ("random", "equispaced"),
             "target_key": ("reconstruction_esc", "reconstruction_rss", "kspace"), "precision": ("auto", "fp32", "bf16"),
+            "gen_scale": ("budget", "unit"), "lr_schedule": ("constant", "cosine"),
         }
         for key, allowed in choices.items():
             need(getattr(self, key) in allowed, key, f"must be one of {allowed}")
@@ -182,6 +187,10 @@ class TrainConfig:
              f"times acceleration ({self.acceleration}) must be < 1")
         for key in ("train_fraction", "val_fraction"):
             need(0 < getattr(self, key) <= 1, key, "must be in (0, 1]")
+        need(isinstance(self.report_fraction, (int, float)) and 0 <= self.report_fraction < 1, "report_fraction",
+             "must be in [0, 1)")
+        need(isinstance(self.robust_slices_per_volume, int) and self.robust_slices_per_volume >= 0,
+             "robust_slices_per_volume", "must be an integer >= 0 (0: every slice)")
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")

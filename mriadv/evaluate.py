@@ -11,7 +11,7 @@ states each one's degradation relative to clean.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -31,7 +31,9 @@ class EvalResult:
     """Metrics of one pass. ``nmse``/``psnr``/``ssim``: fastMRI definitions, mean over volumes;
     ``loss``: the training loss (normalised images), mean over slices; ``seed_*``: the seed's
     definitions (per batch, normalised, prediction and reference swapped), mean over batches;
-    ``delta_sq``: mean squared norm of the perturbation (0 when clean)."""
+    ``delta_sq``: mean squared norm of the perturbation (0 when clean); ``*_se``: standard errors of
+    the volume means (std over volumes / sqrt(volumes); NaN for one volume); ``volume_nmse``: NMSE of
+    each volume, by file name (for paired comparisons of two models on the same volumes)."""
 
     nmse: float
     psnr: float
@@ -43,6 +45,10 @@ class EvalResult:
     delta_sq: float
     num_volumes: int
     num_slices: int
+    nmse_se: float = float("nan")
+    psnr_se: float = float("nan")
+    ssim_se: float = float("nan")
+    volume_nmse: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -93,9 +99,11 @@ def evaluate(
         model.train(was_training)
     if num_batches == 0:
         raise ValueError("evaluate: the loader produced no batches")
-    summary = volumes.summary()
+    summary, se = volumes.summary(), volumes.standard_errors()
     return EvalResult(
         nmse=summary["nmse"], psnr=summary["psnr"], ssim=summary["ssim"],
+        nmse_se=se["nmse"], psnr_se=se["psnr"], ssim_se=se["ssim"],
+        volume_nmse={f: v["nmse"] for f, v in sorted(volumes.per_volume().items())},
         loss=loss_sum / slices,
         seed_nmse=seed_sums["nmse"] / num_batches, seed_psnr=seed_sums["psnr"] / num_batches,
         seed_ssim=seed_sums["ssim"] / num_batches,
@@ -105,7 +113,8 @@ def evaluate(
 
 @dataclass
 class RobustRow:
-    """One attack at one budget: its metrics and the degradation ``attacked - clean``."""
+    """One attack at one budget: its metrics and the degradation ``attacked - clean``, with standard
+    errors over volumes (``d_nmse_se``: of the paired per-volume differences)."""
 
     attack: str
     budget: float
@@ -117,6 +126,11 @@ class RobustRow:
     d_nmse: float
     d_psnr: float
     d_ssim: float
+    nmse_se: float = float("nan")
+    psnr_se: float = float("nan")
+    ssim_se: float = float("nan")
+    d_nmse_se: float = float("nan")
+    volume_nmse: dict[str, float] = field(default_factory=dict)  # attacked NMSE per volume
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -139,8 +153,21 @@ def robustness(
             attack=attack.name, budget=float(attack.budget), nmse=res.nmse, psnr=res.psnr, ssim=res.ssim,
             loss=res.loss, delta_sq=res.delta_sq, d_nmse=res.nmse - clean.nmse,
             d_psnr=_finite_diff(res.psnr, clean.psnr), d_ssim=res.ssim - clean.ssim,
+            nmse_se=res.nmse_se, psnr_se=res.psnr_se, ssim_se=res.ssim_se,
+            d_nmse_se=paired_se(res.volume_nmse, clean.volume_nmse), volume_nmse=res.volume_nmse,
         ))
     return rows
+
+
+def paired_se(a: dict[str, float], b: dict[str, float]) -> float:
+    """Standard error of the mean of the per-volume differences ``a[v] - b[v]`` over the volumes both
+    hold (NaN for fewer than two): the error bar of a difference measured on the same volumes."""
+    diffs = [a[k] - b[k] for k in a if k in b]
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    mean = math.fsum(diffs) / n
+    return math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
 def _finite_diff(a: float, b: float) -> float:

@@ -299,6 +299,20 @@ class VolumeMetrics:
             raise ValueError("VolumeMetrics.summary: no slices have been added")
         return {k: math.fsum(v[k] for v in vols.values()) / len(vols) for k in ("nmse", "psnr", "ssim")}
 
+    def standard_errors(self) -> dict[str, float]:
+        """Standard errors of the means of :meth:`summary` over volumes: ``std(ddof=1) / sqrt(n)``
+        (NaN with fewer than two volumes). Volumes, not slices, are the independent units."""
+        vols = self.per_volume()
+        n = len(vols)
+        if n < 2:
+            return dict.fromkeys(("nmse", "psnr", "ssim"), float("nan"))
+        out = {}
+        for k in ("nmse", "psnr", "ssim"):
+            values = [v[k] for v in vols.values()]
+            mean = math.fsum(values) / n
+            out[k] = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1) / n)
+        return out
+
 
 @torch.no_grad()
 def seed_batch_metrics(gt: torch.Tensor, pred: torch.Tensor) -> dict[str, float]:

@@ -19,6 +19,7 @@ resumes from a checkpoint, reporting each epoch through a callback of plain numb
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -32,7 +33,8 @@ from torch import nn
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, squared_norm
 from mriadv.config import REFERENCE_CROP, ConfigError, TrainConfig
-from mriadv.data.files import SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir
+from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir, seeded_slices,
+                               split_for_report)
 from mriadv.data.masks import make_mask_func
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
@@ -41,6 +43,7 @@ from mriadv.models import ImageGenerator, MeasurementGenerator, UNet, as_complex
 from mriadv.runtime import Runtime, seed_everything
 
 CHECKPOINT_FORMAT = 1
+GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 PREVIEW_NAME = "preview.npz"
@@ -109,6 +112,22 @@ class Trainer:
         self.opt_gen = (torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.weight_decay)
                         if self.generator is not None else None)
         self.latent_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.steps_done = 0  # optimiser steps so far (the schedule's clock; saved with the state)
+        self.total_steps: int | None = None  # set by fit() for lr_schedule='cosine'
+
+    def lr_factor(self) -> float:
+        """The schedule's multiplier of both base learning rates at the current step: 1 (constant), or
+        cosine decay ``0.5 (1 + cos(pi t / T))`` from 1 at step 0 to 0 at ``T = total_steps``."""
+        if self.cfg.lr_schedule == "constant" or not self.total_steps:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.steps_done, self.total_steps) / self.total_steps))
+
+    def _set_learning_rates(self) -> None:
+        factor = self.lr_factor()
+        for opt, lr in ((self.opt_recon, self.cfg.lr_recon), (self.opt_gen, self.cfg.lr_gen)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
 
     # -- perturbation -------------------------------------------------------------------------
     @property
@@ -135,9 +154,28 @@ class Trainer:
                 delta = as_complex(raw)
                 if cfg.kspace_sampled_only:
                     delta = delta * batch.mask[:, None, :].to(delta.real.dtype)  # type: ignore[index]
+        if cfg.gen_scale == "budget":
+            delta = delta * self.output_scale(batch, delta)
         if cfg.project:
             delta = project_l2(delta, cfg.epsilon, cfg.epsilon_scope)
         return delta
+
+    def output_scale(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
+        """``gen_scale='budget'``: the factor ``a`` ``(B, 1, ...)`` that maps the generator's tanh output
+        (each real component in [-1, 1]) to ``||delta||^2 <= GEN_HEADROOM * epsilon`` when saturated,
+        ``a = sqrt(GEN_HEADROOM * epsilon / n)`` with ``n`` the real components it may fill (image:
+        ``h * w``; k-space: ``2 * H * acquired columns`` of each slice, or ``2 * H * W``). A DCGAN's
+        tanh starts near RMS 0.5, so ``||G(z)||^2`` starts near ``0.25 * 2 = 0.5`` epsilon: inside the
+        budget, whatever the crop, instead of tens of times above it (the seed fixes no scale)."""
+        b = delta.shape[0]
+        if delta.is_complex():
+            cols = (batch.mask.to(torch.float32).sum(1) if self.cfg.kspace_sampled_only and batch.mask is not None
+                    else torch.full((b,), float(delta.shape[-1])))
+            n = 2.0 * delta.shape[-2] * cols.to(delta.device)
+        else:
+            n = torch.full((b,), float(delta[0].numel()), device=delta.device)
+        scale = torch.sqrt(GEN_HEADROOM * self.cfg.epsilon / n.clamp_min(1.0))
+        return scale.view(-1, *([1] * (delta.ndim - 1))).to(delta.real.dtype)
 
     def perturbed_input(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
         return apply_perturbation(batch, delta, self.cfg.perturbation, self.cfg.clamp)
@@ -183,6 +221,8 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """Algorithm 1 (or 2) on one batch; returns plain numbers (one device sync)."""
+        self._set_learning_rates()
+        self.steps_done += 1
         self.recon.train()
         if self.generator is None:
             stats = self.reconstructor_step(batch, None)
@@ -193,7 +233,9 @@ class Trainer:
             with torch.no_grad():
                 delta = self.perturbation(batch, z)  # delta_T = G_T(z_T): the updated generator
             stats |= self.reconstructor_step(batch, delta)
-            stats["delta_sq"] = squared_norm(delta).mean()
+            sq = squared_norm(delta)
+            stats["delta_sq"] = sq.mean()
+            stats["over_budget"] = (sq > self.cfg.epsilon).float().mean()  # share of images outside the ball
         keys = list(stats)
         values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()
         out = dict(zip(keys, values))
@@ -244,6 +286,7 @@ class Trainer:
             "opt_recon": self.opt_recon.state_dict(),
             "opt_gen": self.opt_gen.state_dict() if self.opt_gen is not None else None,
             "latent_rng": self.latent_rng.get_state(),
+            "steps_done": self.steps_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -253,6 +296,27 @@ class Trainer:
             self.generator.load_state_dict(state["generator"])
             self.opt_gen.load_state_dict(state["opt_gen"])  # type: ignore[union-attr]
         self.latent_rng.set_state(state["latent_rng"])
+        self.steps_done = int(state.get("steps_done", 0))
+
+    def networks(self) -> dict[str, Any]:
+        """Copies of the two networks' weights (what ``best.pt`` holds)."""
+        clone = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+        return {"recon": clone(self.recon), "generator": clone(self.generator) if self.generator else None}
+
+    def load_networks(self, nets: dict[str, Any]) -> None:
+        self.recon.load_state_dict(nets["recon"])
+        if self.generator is not None and nets.get("generator") is not None:
+            self.generator.load_state_dict(nets["generator"])
+
+    @contextlib.contextmanager
+    def using(self, nets: dict[str, Any]) -> Iterator["Trainer"]:
+        """Inside the block the trainer holds ``nets`` (e.g. the best epoch's); its own come back after."""
+        current = self.networks()
+        self.load_networks(nets)
+        try:
+            yield self
+        finally:
+            self.load_networks(current)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +324,12 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    """The datasets of a run; loaders are made per epoch so that order depends only on (seed, epoch)."""
+    """The datasets of a run; loaders are made per epoch so that order depends only on (seed, epoch).
+
+    ``val`` is the *selection* split (early stopping, ``best.pt``, the search); ``robust_val`` its
+    fixed subset that the per-epoch attacks use; ``report`` the held-out split (``report_split``:
+    ``'test'`` for a ``singlecoil_test/`` with targets, ``'report'`` for the validation volumes held
+    out by name, ``'selection'`` when nothing is held out) that the best epoch is reported on."""
 
     train: SliceDataset
     val: SliceDataset
@@ -270,6 +339,9 @@ class Data:
     pin_memory: bool
     bucketed: bool
     seed: int
+    report: SliceDataset | None = None
+    report_split: str = "selection"
+    robust_val: SliceDataset | None = None
 
     def loader(self, dataset: SliceDataset, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
         dataset.set_epoch(epoch)
@@ -283,7 +355,8 @@ class Data:
                                            **common)
 
     def kspace_shape(self) -> tuple[int, int] | None:
-        shapes = {v.kspace_shape for v in self.train.volumes + self.val.volumes}
+        report = self.report.volumes if self.report is not None else []
+        shapes = {v.kspace_shape for v in self.train.volumes + self.val.volumes + report}
         return next(iter(shapes)) if len(shapes) == 1 else None
 
 
@@ -309,11 +382,24 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
                          max_volumes=cfg.max_train_volumes, **common)
     val = SliceDataset(root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes,
                        **common)
+    report, report_split = None, "selection"
+    if (root / SPLITS["test"]).is_dir():  # a test split with targets is the report split
+        test = SliceDataset(root, "test", fixed_tf, **common)
+        if all(v.target_shape is not None for v in test.volumes):
+            report, report_split = test, "test"
+    if report is None and cfg.report_fraction > 0:
+        try:
+            selection, held_out = split_for_report(val.volumes, cfg.report_fraction)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'report_fraction' = {cfg.report_fraction}: {val.folder}: {exc}") from None
+        val, report, report_split = val.restricted(selection, fixed_tf), val.restricted(held_out, fixed_tf), "report"
+    robust_val = val.with_slices(seeded_slices(val.volumes, cfg.robust_slices_per_volume, cfg.seed))
     train_eval = train.restricted(train.volumes[: cfg.train_eval_volumes], fixed_tf) if cfg.train_eval_volumes else None
     workers = cfg.num_workers
     if workers is None:
         workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
-    return Data(train, val, train_eval, cfg.batch_size, workers, runtime.is_cuda, keep_k, cfg.seed)
+    return Data(train, val, train_eval, cfg.batch_size, workers, runtime.is_cuda, keep_k, cfg.seed,
+                report=report, report_split=report_split, robust_val=robust_val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,10 +416,29 @@ def robust_key(attack: str, budget_ref: float, metric: str) -> str:
     return f"rob_{attack}_e{budget_ref:g}_{metric}".replace(".", "p").replace("+", "")
 
 
+ROBUST_METRICS = ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim")
+
+
+def _robust_flat(prefix: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``{prefix}rob_<attack>_e<budget>_<metric>`` for each row, with the standard errors beside."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for m in (*ROBUST_METRICS, "nmse_se", "d_nmse_se"):
+            if m in row:
+                out[prefix + robust_key(row["attack"], row["budget_ref"], m)] = row[m]
+    return out
+
+
 @dataclass
 class EpochRecord:
     """Everything known after one epoch, as plain numbers (``robustness`` holds one row per attack
-    and budget). :meth:`flat` gives the scalar dict that a study forwards to its tuner."""
+    and budget, measured on the fixed subset of selection slices). :meth:`flat` gives the scalar dict
+    that a study forwards to its tuner.
+
+    ``val_*`` are on the *selection* split (what early stopping and ``best.pt`` choose by). On the
+    run's last epoch ``report`` holds the held-out evaluation of the best epoch's networks: clean and
+    under every attack on every report-split slice, and the zero-filled input's own metrics beside
+    them (see :func:`report_evaluation`)."""
 
     epoch: int  # 1-based: epochs completed
     status: str
@@ -369,19 +474,45 @@ class EpochRecord:
     epoch_time_s: float
     slices_per_s: float
     robustness: list[dict[str, Any]] = field(default_factory=list)
+    over_budget: float = float("nan")  # share of training images with ||delta||^2 > epsilon
+    lr_factor: float = 1.0  # the schedule's learning-rate multiplier at the epoch's end
+    val_nmse_se: float = float("nan")
+    val_psnr_se: float = float("nan")
+    val_ssim_se: float = float("nan")
+    report_time_s: float = 0.0
+    message: str = ""
+    report: dict[str, Any] | None = None
 
     def flat(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("robustness", "status")}
-        out["epoch_status"] = self.status  # 'running' | 'completed' | 'early_stopped' after this epoch
-        for row in self.robustness:
-            for m in ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim"):
-                out[robust_key(row["attack"], row["budget_ref"], m)] = row[m]
+        out = {k: v for k, v in asdict(self).items() if k not in ("robustness", "status", "report")}
+        out["epoch_status"] = self.status  # 'running' | 'completed' | 'early_stopped' | 'nan' after this epoch
+        out.update(_robust_flat("", self.robustness))
+        if self.report is not None:
+            rep = self.report
+            out.update(report_split=rep["split"], report_epoch=rep["epoch"], report_volumes=rep["clean"]["num_volumes"])
+            for m in ("nmse", "psnr", "ssim", "nmse_se", "psnr_se", "ssim_se"):
+                out[f"report_{m}"] = rep["clean"][m]
+                out[f"zf_report_{m}"] = rep["zero_filled"][m]
+            out.update(_robust_flat("report_", rep["robustness"]))
+            out.update(_robust_flat("zf_report_", rep["zero_filled_robustness"]))
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochRecord":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def stopped(cls, epoch: int, cfg: TrainConfig, message: str, best_epoch: int, best_val_loss: float,
+                **known: Any) -> "EpochRecord":
+        """The record of an epoch that ended in a non-finite loss: status ``nan``, unknown values NaN."""
+        nan = float("nan")
+        values: dict[str, Any] = {f.name: nan for f in fields(cls) if f.type in ("float", float)}
+        values.update(epoch=epoch, status="nan", epsilon=cfg.epsilon, epsilon_rms=cfg.epsilon_rms,
+                      epsilon_ref=to_reference(cfg.epsilon, cfg.crop_size), steps=0, best_epoch=best_epoch,
+                      best_val_loss=best_val_loss, is_best=False, message=message, robustness=[], report=None)
+        values.update(known)
+        return cls(**values)
 
 
 @dataclass
@@ -429,6 +560,41 @@ def _mean(sums: dict[str, float], key: str, n: int) -> float:
     return sums.get(key, 0.0) / n if n else float("nan")
 
 
+def _rows(rows: list[RobustRow], crop_size: int, volumes: bool = False) -> list[dict[str, Any]]:
+    """Rows as plain dicts with the budget in 320x320 units; per-volume NMSE (a JSON string, for
+    paired comparisons) only where asked (the report split)."""
+    out = []
+    for r in rows:
+        row = {**r.as_dict(), "budget_ref": to_reference(r.budget, crop_size)}
+        row["volume_nmse"] = json.dumps(row["volume_nmse"]) if volumes else ""
+        out.append(row)
+    return out
+
+
+def _clean(res: Any) -> dict[str, Any]:
+    return {**res.as_dict(), "volume_nmse": json.dumps(res.volume_nmse)}
+
+
+def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[str, Any]:
+    """The held-out evaluation of the networks the trainer holds (``fit`` passes the best epoch's):
+    clean and every configured attack on every slice of the report split, and the same for the
+    zero-filled input itself (an identity "reconstructor"), so that a report shows what the network
+    adds and what an attack takes away. Per-volume NMSE is kept for paired comparisons."""
+    cfg = trainer.cfg
+    dataset = data.report if data.report is not None else data.val
+    loader = data.loader(dataset, shuffle=False)
+    clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+    rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, trainer.attacks(), clean, cfg.clamp)
+    identity = nn.Identity()
+    zf = evaluate(identity, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+    zf_attacks = [a for a in trainer.attacks() if a.name != "generator"]
+    zf_rows = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
+    return {
+        "split": data.report_split, "clean": _clean(clean), "robustness": _rows(rows, cfg.crop_size, True),
+        "zero_filled": _clean(zf), "zero_filled_robustness": _rows(zf_rows, cfg.crop_size, True),
+    }
+
+
 def fit(
     cfg: TrainConfig,
     out_dir: str | Path | None = None,
@@ -438,10 +604,16 @@ def fit(
 ) -> FitResult:
     """Train one model with Algorithm 1/2 and return its history.
 
+    Each epoch: train; evaluate the selection split (early stopping and ``best.pt`` choose by its
+    loss); attack a fixed subset of selection slices (every ``robust_every`` epochs, at every new
+    best and at the last epoch). At the last epoch the best epoch's networks are evaluated on the
+    held-out report split (:func:`report_evaluation`). A non-finite training or validation loss ends
+    the run with status ``nan``, written to the checkpoint and reported as a last record.
+
     Args:
         cfg: the run's config (``cfg.data`` must point at a data root).
         out_dir: where ``checkpoint.pt`` (every epoch, everything needed to resume) and ``best.pt``
-            (networks of the best validation epoch) are written; None: no files.
+            (networks of the best selection epoch) are written; None: no files.
         on_epoch: called after each epoch with its record and the checkpoint path.
         resume_from: a checkpoint file or folder; training continues after its last epoch, and on
             CPU reproduces the uninterrupted run exactly.
@@ -453,6 +625,10 @@ def fit(
     seed_everything(cfg.seed)
     data = build_data(cfg, runtime)
     trainer = Trainer(cfg, runtime, kspace_shape=data.kspace_shape())
+    steps_per_epoch = len(data.loader(data.train, shuffle=True))
+    if cfg.max_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    trainer.total_steps = steps_per_epoch * cfg.max_epochs
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -461,6 +637,7 @@ def fit(
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, bad_epochs, start = math.inf, 0, 0, 0
+    best_nets: dict[str, Any] | None = None
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _check_resume_config(state["config"], cfg)
@@ -468,12 +645,35 @@ def fit(
         history = [EpochRecord.from_dict(r) for r in state["history"]]
         es = state["early_stopping"]
         best_loss, best_epoch, bad_epochs = es["best_loss"], es["best_epoch"], es["bad_epochs"]
+        best_nets = state.get("best")
         start = state["epoch"]
         torch.set_rng_state(state["torch_rng"])
         if state["status"] in ("early_stopped", "nan"):
             say(f"checkpoint is final ({state['status']}); nothing to resume")
             return FitResult(state["status"], "resumed a finished run", history, best_epoch, ckpt_path, best_path)
         say(f"resuming after epoch {start}")
+
+    def save(record: EpochRecord, epoch: int) -> None:
+        if out is None:
+            return
+        if record.is_best:
+            save_checkpoint(best_path, {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
+                                        **(best_nets or {})})
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch, "status": record.status,
+            "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "early_stopping": {"best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs},
+            "best": best_nets, "history": [asdict(r) for r in history],
+        })
+
+    def stop_on_nan(epoch: int, message: str, **known: Any) -> FitResult:
+        say(f"stopped: {message}")
+        record = EpochRecord.stopped(epoch, cfg, message, best_epoch, best_loss, **known)
+        history.append(record)
+        save(record, epoch)
+        if on_epoch is not None:
+            on_epoch(record, ckpt_path)
+        return FitResult("nan", message, history, best_epoch, ckpt_path, best_path)
 
     status, message = "completed", f"ran {cfg.max_epochs} epochs"
     for epoch in range(start, cfg.max_epochs):
@@ -489,13 +689,16 @@ def fit(
                 steps += 1
                 slices += len(batch)
         except NonFiniteLoss as exc:
-            status, message = "nan", f"epoch {epoch + 1}, step {steps + 1}: {exc}; training stopped"
-            say(f"stopped: {message}")
-            break
+            return stop_on_nan(epoch + 1, f"epoch {epoch + 1}, step {steps + 1}: {exc}; training stopped",
+                               steps=steps)
         t_train = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         val = evaluate(trainer.recon, data.loader(data.val, shuffle=False), trainer.loss_fn, runtime, clamp=cfg.clamp)
+        if not math.isfinite(val.loss):
+            return stop_on_nan(epoch + 1, f"epoch {epoch + 1}: validation loss is {val.loss}; training stopped",
+                               steps=steps, train_loss=_mean(sums, "recon_loss", steps), val_loss=val.loss,
+                               val_nmse=val.nmse, val_psnr=val.psnr, val_ssim=val.ssim)
         tr = (evaluate(trainer.recon, data.loader(data.train_eval, shuffle=False), trainer.loss_fn, runtime,
                        clamp=cfg.clamp) if data.train_eval is not None else None)
         t_eval = time.perf_counter() - t1
@@ -503,6 +706,7 @@ def fit(
         improved = val.loss < best_loss
         if improved:
             best_loss, best_epoch, bad_epochs = val.loss, epoch + 1, 0
+            best_nets = trainer.networks()
         else:
             bad_epochs += 1
         stopping = bad_epochs >= cfg.patience
@@ -510,10 +714,19 @@ def fit(
 
         t2 = time.perf_counter()
         rows: list[RobustRow] = []
-        if (epoch + 1) % cfg.robust_every == 0 or last:
-            rows = robustness(trainer.recon, data.loader(data.val, shuffle=False), trainer.loss_fn, runtime,
-                              trainer.attacks(), val, cfg.clamp)
+        if (epoch + 1) % cfg.robust_every == 0 or improved or last:
+            robust_loader = data.loader(data.robust_val or data.val, shuffle=False)
+            robust_clean = evaluate(trainer.recon, robust_loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+            rows = robustness(trainer.recon, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean,
+                              cfg.clamp)
         t_rob = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        report = None
+        if last and best_nets is not None:
+            with trainer.using(best_nets):
+                report = {**report_evaluation(trainer, data, runtime), "epoch": best_epoch}
+        t_report = time.perf_counter() - t3
 
         record = EpochRecord(
             epoch=epoch + 1, status="early_stopped" if stopping else ("completed" if last else "running"),
@@ -530,22 +743,15 @@ def fit(
             best_epoch=best_epoch, best_val_loss=best_loss, is_best=improved,
             train_time_s=t_train, eval_time_s=t_eval, robust_time_s=t_rob,
             epoch_time_s=time.perf_counter() - t0, slices_per_s=slices / t_train if t_train > 0 else float("nan"),
-            robustness=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows],
+            robustness=_rows(rows, cfg.crop_size),
+            over_budget=_mean(sums, "over_budget", steps) if trainer.generator is not None else float("nan"),
+            lr_factor=trainer.lr_factor(), val_nmse_se=val.nmse_se, val_psnr_se=val.psnr_se, val_ssim_se=val.ssim_se,
+            report_time_s=t_report, report=report,
         )
         history.append(record)
         if out is not None:
             write_preview(out / PREVIEW_NAME, trainer, data, runtime)
-            payload = {
-                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1, "status": record.status,
-                "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "early_stopping": {"best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs},
-                "history": [asdict(r) for r in history],
-            }
-            if improved:
-                save_checkpoint(best_path, {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
-                                            "recon": trainer.recon.state_dict(),
-                                            "generator": trainer.generator.state_dict() if trainer.generator else None})
-            save_checkpoint(ckpt_path, payload)
+        save(record, epoch + 1)
         say(_progress_line(record))
         if on_epoch is not None:
             on_epoch(record, ckpt_path)
@@ -557,29 +763,50 @@ def fit(
 
 
 def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
-    """A fixed batch for previews: the middle slice of the first ``count`` volumes (or of the first)."""
+    """A fixed batch for previews: the middle slice of the first ``count`` volumes that share the
+    first volume's k-space shape (real fastMRI widths differ: 368, 372, ..., and batches that carry
+    k-space cannot mix them)."""
     starts, i = [], 0
+    shape = dataset.volumes[0].kspace_shape
     for v in dataset.volumes:
-        starts.append(i + v.num_slices // 2)
+        if v.kspace_shape == shape:
+            starts.append(i + v.num_slices // 2)
         i += v.num_slices
     return collate([dataset[j] for j in starts[:count]])
 
 
 def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) -> None:
     """``preview.npz``: clean input/target/reconstruction of two validation slices, and the same under
-    PGD at the largest attack budget and under the trained generator (see :func:`evaluate.preview`)."""
+    PGD at the largest attack budget and under the trained generator (see :func:`evaluate.preview`).
+    Both networks run in eval mode: a training-mode forward would update batch-norm statistics with
+    validation slices and the saved model would differ from the evaluated one."""
     cfg = trainer.cfg
     batch = preview_batch(data.val).to(runtime.device)
     perturbed = {}
-    if cfg.attack_budgets:
-        pgd = PGDAttack(max(cfg.attack_budgets), cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp)
-        perturbed["pgd"] = pgd(trainer.recon, batch, runtime).inputs
-    if trainer.generator is not None:
-        perturbed["generator"] = trainer.perturbed_input(batch, trainer.generator_perturb(batch))
-    arrays = preview(trainer.recon, batch, runtime, perturbed)
+    with eval_mode(trainer.recon, trainer.generator):
+        if cfg.attack_budgets:
+            pgd = PGDAttack(max(cfg.attack_budgets), cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp)
+            perturbed["pgd"] = pgd(trainer.recon, batch, runtime).inputs
+        if trainer.generator is not None:
+            perturbed["generator"] = trainer.perturbed_input(batch, trainer.generator_perturb(batch))
+        arrays = preview(trainer.recon, batch, runtime, perturbed)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
     np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in arrays.items()})
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """The given modules (None skipped) in eval mode inside the block, their own modes restored after."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(present, modes):
+            m.train(mode)
 
 
 def _progress_line(r: EpochRecord) -> str:

@@ -13,28 +13,53 @@ from mriadv.config import ConfigError, TrainConfig
 from mriadv.training import fit
 
 
+def _fit(root, out, **kw):
+    cfg = TrainConfig.from_dict(dict(
+        data=str(root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4, batch_size=2,
+        epsilon=20.0, loss="mse", attack_budgets=(20.0, 80.0), pgd_steps=2, train_eval_volumes=0,
+        max_epochs=2, max_train_batches=3, device="cpu", threads=1, **kw))
+    return fit(cfg, out_dir=out, log=None)
+
+
 @pytest.fixture(scope="module")
 def run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig.from_dict(dict(
-        data=str(synthetic_root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4, batch_size=2,
-        epsilon=20.0, loss="mse", attack_budgets=(20.0, 80.0), pgd_steps=2, train_eval_volumes=0,
-        max_epochs=2, max_train_batches=3, device="cpu", threads=1))
-    result = fit(cfg, out_dir=out, log=None)
-    return out, result
+    return out, _fit(synthetic_root, out)
+
+
+def _check_reproduces(out, result):
+    """best.pt reproduces, on each split, exactly what the run recorded there for its best epoch."""
+    record = result.history[result.best_epoch - 1]
+    sel = assess(out, split="selection")  # the folder: best.pt
+    assert sel.checkpoint.endswith("best.pt") and sel.epoch == result.best_epoch
+    for key in ("nmse", "psnr", "ssim", "loss"):
+        assert sel.clean[key] == pytest.approx(getattr(record, f"val_{key}"), rel=1e-6), key
+    rob = assess(out, split="robust")
+    got = {(r["attack"], r["budget"]): r["nmse"] for r in rob.rows}
+    want = {(r["attack"], r["budget"]): r["nmse"] for r in record.robustness}
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-6)
+    final = result.history[-1].report  # held out: evaluated once, for the best epoch
+    assert final is not None and final["epoch"] == result.best_epoch and final["split"] == "report"
+    rep = assess(out)  # default: the report split
+    assert rep.split == "report" and rep.clean["nmse"] == pytest.approx(final["clean"]["nmse"], rel=1e-6)
+    got = {(r["attack"], r["budget"]): r["nmse"] for r in rep.rows}
+    want = {(r["attack"], r["budget"]): r["nmse"] for r in final["robustness"]}
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-6)
+    # checkpoint.pt holds the last epoch's networks as evaluated (nothing ran them in train mode after)
+    last = assess(out / "checkpoint.pt", split="selection", attacks=["noise"])
+    assert last.clean["nmse"] == pytest.approx(result.history[-1].val_nmse, rel=1e-6)
+    # the report split and the selection split hold different volumes
+    assert set(json.loads(final["clean"]["volume_nmse"])).isdisjoint(sel.clean["volume_nmse"])
 
 
 def test_best_checkpoint_reproduces_its_epochs_record(run):
-    out, result = run
-    record = result.history[result.best_epoch - 1]
-    a = assess(out)  # the folder: best.pt
-    assert a.checkpoint.endswith("best.pt") and a.epoch == result.best_epoch
-    for key in ("nmse", "psnr", "ssim", "loss"):
-        assert a.clean[key] == pytest.approx(getattr(record, f"val_{key}"), rel=1e-6), key
-    got = {(r["attack"], r["budget"]): r["nmse"] for r in a.rows}
-    want = {(r["attack"], r["budget"]): r["nmse"] for r in record.robustness}
-    assert got.keys() == want.keys()
-    assert got == pytest.approx(want, rel=1e-6)
+    _check_reproduces(*run)
+
+
+def test_batch_norm_model_saved_is_the_model_evaluated(synthetic_root, tmp_path):
+    """With batch norm, nothing after validation (the preview's PGD) may run the U-Net in train mode:
+    that would overwrite its running statistics with perturbed validation slices before saving."""
+    _check_reproduces(tmp_path, _fit(synthetic_root, tmp_path, unet_norm="batch"))
 
 
 def test_budgets_in_the_seeds_units_and_a_stronger_attack(run):
@@ -84,5 +109,6 @@ def test_assess_on_a_flat_folder_of_validation_volumes(run, synthetic_root, tmp_
     shutil.copytree(synthetic_root / "singlecoil_val", flat)  # the same validation volumes, no sub-folders
     a, b = assess(out, data=flat, attacks=["noise"]), assess(out, attacks=["noise"])
     assert a.config["data"] == str(flat)
-    assert a.clean == pytest.approx(b.clean, rel=1e-6)
+    keys = ("nmse", "psnr", "ssim", "loss", "num_volumes", "num_slices")
+    assert {k: a.clean[k] for k in keys} == pytest.approx({k: b.clean[k] for k in keys}, rel=1e-6)
     assert [r["nmse"] for r in a.rows] == pytest.approx([r["nmse"] for r in b.rows], rel=1e-6)

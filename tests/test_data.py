@@ -189,3 +189,35 @@ def test_training_refuses_a_flat_folder(synthetic_root, tmp_path):
         message = str(err.value)
         assert str(flat) in message and "singlecoil_train/" in message and "singlecoil_val/" in message
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _infos(names, slices=10):
+    from mriadv.data.files import VolumeInfo
+
+    return [VolumeInfo(n, slices, (64, 40), (32, 32), (0, 40), "CORPD_FBK", 1.0, 0, 0) for n in names]
+
+
+def test_report_split_alternates_by_file_name_and_is_disjoint():
+    from mriadv.data.files import split_for_report
+
+    vols = _infos(["d.h5", "a.h5", "c.h5", "b.h5", "e.h5"])
+    sel, rep = split_for_report(vols, 0.5)
+    assert [v.name for v in sel] == ["a.h5", "c.h5", "e.h5"] and [v.name for v in rep] == ["b.h5", "d.h5"]
+    sel, rep = split_for_report(vols, 0.0)
+    assert len(sel) == 5 and rep == []
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_for_report(vols[:1], 0.5)
+
+
+def test_seeded_slices_cover_every_volume_and_are_fixed():
+    from mriadv.data.files import seeded_slices
+
+    vols = _infos(["a.h5", "b.h5", "c.h5"]) + _infos(["short.h5"], slices=1)
+    picked = seeded_slices(vols, 2, seed=0)
+    per = {}
+    for v, s in picked:
+        per.setdefault(v.name, []).append(s)
+    assert {k: len(v) for k, v in per.items()} == {"a.h5": 2, "b.h5": 2, "c.h5": 2, "short.h5": 1}
+    assert all(len(set(v)) == len(v) and v == sorted(v) for v in per.values())
+    assert picked == seeded_slices(vols, 2, seed=0)  # fixed: the same every epoch and trial
+    assert len(seeded_slices(vols, 0)) == 31  # 0: every slice

@@ -222,15 +222,88 @@ def test_resume_rejects_a_changed_config(synthetic_root, tmp_path):
             resume_from=tmp_path, log=None)
 
 
-def test_nan_loss_stops_the_run(synthetic_root, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(synthetic_root, data)
-    for path in sorted((data / "singlecoil_train").glob("*.h5")):
+def _poison(folder, split):
+    for path in sorted((folder / split).glob("*.h5")):
         with h5py.File(path, "r+") as f:
             k = f["kspace"][()]
             k[:] = np.nan
             f["kspace"][...] = k
-    res = fit(smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", log=None)
+
+
+def test_nan_loss_stops_the_run_and_the_status_is_persisted(synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    _poison(data, "singlecoil_train")
+    records = []
+    res = fit(smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", log=None,
+              on_epoch=lambda r, p: records.append(r))
     assert res.status == "nan"
     assert "not finite" in res.message or "nan" in res.message
-    assert res.history == []
+    # the stop is a record of its own (reported like any epoch) and the checkpoint says 'nan'
+    assert [r.status for r in res.history] == ["nan"] and [r.status for r in records] == ["nan"]
+    assert np.isnan(records[0].val_nmse) and records[0].message == res.message
+    assert load_checkpoint(tmp_path / "run")["status"] == "nan"
+    # so a resume does not replay the NaN epoch: it sees a finished run
+    again = fit(smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", resume_from=tmp_path / "run", log=None)
+    assert again.status == "nan" and again.message == "resumed a finished run"
+
+
+def test_non_finite_validation_loss_stops_the_run(synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    _poison(data, "singlecoil_val")  # training is finite; validation is not
+    res = fit(smoke_cfg(data, max_epochs=3, max_train_batches=1), out_dir=tmp_path / "run", log=None)
+    assert res.status == "nan" and "validation loss" in res.message
+    assert len(res.history) == 1 and res.history[0].status == "nan"
+    assert load_checkpoint(tmp_path / "run")["status"] == "nan"
+
+
+def test_kspace_run_on_validation_volumes_of_different_widths(synthetic_root, tmp_path):
+    """Real fastMRI volumes differ in k-space width (368, 372, ...); the end-of-epoch preview must not
+    collate slices of two widths into one k-space batch."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    wider = sorted((data / "singlecoil_val").glob("*.h5"))[1]
+    with h5py.File(wider, "r+") as f:  # two zero columns more on each side, as a wider acquisition
+        k = np.pad(f["kspace"][()], ((0, 0), (0, 0), (2, 2)))
+        del f["kspace"]
+        f["kspace"] = k
+    cfg = smoke_cfg(data, max_epochs=1, max_train_batches=1, perturbation="kspace", report_fraction=0.0,
+                    attacks=("pgd_kspace",))
+    res = fit(cfg, out_dir=tmp_path / "run", log=None)
+    assert res.status == "completed"
+    assert (tmp_path / "run" / "preview.npz").is_file()
+
+
+@pytest.mark.parametrize("crop, eps", [(32, 20.0), (32, 2000.0), (64, 90.0)])
+def test_budget_scaled_generator_starts_inside_the_budget(crop, eps):
+    """gen_scale='budget': a saturated output has ||delta||^2 = 2 eps, so the initial output (tanh RMS
+    below 1) lies inside the ball whatever eps and crop; 'unit' is the raw tanh, independent of eps."""
+    tr = Trainer(tiny(crop_size=crop, epsilon=eps), CPU)
+    batch = fake_batch(4, crop)
+    with torch.no_grad():
+        sq = squared_norm(tr.perturbation(batch, tr.draw_latent(4)))
+        raw = tr.generator(tr.draw_latent(4)).float()
+    assert (sq < eps).all() and (sq > 0.05 * eps).all()
+    a = tr.output_scale(batch, raw)
+    assert torch.allclose(a.flatten(), torch.full((4,), (2 * eps / crop**2) ** 0.5))
+    unit = Trainer(tiny(crop_size=crop, epsilon=eps, gen_scale="unit"), CPU)
+    with torch.no_grad():
+        assert torch.allclose(unit.perturbation(batch, unit.draw_latent(4)).abs().max(), torch.tensor(1.0), atol=0.5)
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    tr = Trainer(tiny(lr_schedule="cosine", lr_recon=1e-3, lr_gen=2e-4), CPU)
+    tr.total_steps = 10
+    batch = fake_batch()
+    seen = []
+    for _ in range(10):
+        tr.train_step(batch)
+        seen.append((tr.opt_recon.param_groups[0]["lr"], tr.opt_gen.param_groups[0]["lr"]))
+    for t, (lr_r, lr_g) in enumerate(seen):  # the lr used by step t (0-based)
+        f = 0.5 * (1 + np.cos(np.pi * t / 10))
+        assert lr_r == pytest.approx(1e-3 * f) and lr_g == pytest.approx(2e-4 * f)
+    constant = Trainer(tiny(), CPU)
+    constant.total_steps = 10
+    constant.train_step(batch)
+    assert constant.opt_recon.param_groups[0]["lr"] == pytest.approx(1e-4)

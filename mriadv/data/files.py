@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from mriadv.data.transforms import TARGET_KEYS, RawSlice, center_crop, zero_filled_magnitude
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
-SPLITS = {"train": "singlecoil_train", "val": "singlecoil_val"}
+SPLITS = {"train": "singlecoil_train", "val": "singlecoil_val", "test": "singlecoil_test"}
 INDEX_VERSION = 2
 
 
@@ -223,6 +225,40 @@ def subsample_volumes(index: list[VolumeInfo], fraction: float = 1.0, max_volume
     return [index[i] for i in sorted(keep)]
 
 
+def split_for_report(index: list[VolumeInfo], fraction: float) -> tuple[list[VolumeInfo], list[VolumeInfo]]:
+    """``(selection, report)``: the validation volumes split deterministically by file name.
+
+    In name order, volume ``i`` goes to the report part when ``floor((i + 1) f) > floor(i f)``, so
+    with ``f = 0.5`` the 2nd, 4th, ... volumes are reported and the 1st, 3rd, ... select (early
+    stopping, best checkpoints, the search). ``f = 0``: everything selects and nothing is held out.
+    Raises ``ValueError`` when either part would be empty."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"report fraction must be in [0, 1), got {fraction}")
+    ordered = sorted(index, key=lambda v: v.name)
+    if fraction == 0:
+        return ordered, []
+    report = [v for i, v in enumerate(ordered) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
+    selection = [v for v in ordered if v not in report]
+    if not report or not selection:
+        raise ValueError(f"{len(ordered)} validation volume(s) cannot be split into a selection and a report part "
+                         f"with report fraction {fraction}: give more volumes, or report_fraction=0")
+    return selection, report
+
+
+def seeded_slices(volumes: Sequence[VolumeInfo], per_volume: int, seed: int = 0) -> list[tuple[VolumeInfo, int]]:
+    """A fixed subset of slices covering every volume: ``per_volume`` distinct slices of each, drawn
+    with a generator seeded by ``(seed, CRC of the file name)`` and kept in slice order (all slices of
+    a shorter volume; ``per_volume = 0``: every slice)."""
+    out = []
+    for v in volumes:
+        if per_volume == 0 or per_volume >= v.num_slices:
+            out += [(v, s) for s in range(v.num_slices)]
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(v.name.encode())])
+        out += [(v, int(s)) for s in sorted(rng.choice(v.num_slices, per_volume, replace=False))]
+    return out
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """All slices of a split's volumes, in deterministic (file name, slice) order.
 
@@ -268,6 +304,13 @@ class SliceDataset(torch.utils.data.Dataset):
         other.transform = transform
         other.volumes = list(volumes)
         other.slices = [(v, s) for v in other.volumes for s in range(v.num_slices)]
+        return other
+
+    def with_slices(self, slices: Sequence[tuple[VolumeInfo, int]]) -> "SliceDataset":
+        """The same folder and transform limited to the given ``(volume, slice)`` pairs."""
+        other = copy.copy(self)
+        other.slices = list(slices)
+        other.volumes = list(dict.fromkeys(v for v, _ in other.slices))
         return other
 
     def __len__(self) -> int:
