@@ -15,7 +15,8 @@ writes ``results/<name>/report/``:
 * ``robustness.png`` — NMSE and SSIM versus attack budget (PGD, and random noise of equal norm);
 * ``pareto.png`` — clean versus attacked NMSE over the trials, Pareto front marked;
 * ``curves.png`` — validation metrics and training loss per epoch;
-* ``summary.md`` — the study, its best trials and their checkpoints, trial statuses and errors.
+* ``summary.md`` — the study, its best trials and their checkpoints, trial statuses and errors; it
+  names files relative to the study folder, so a copied or committed report stays valid.
 
 Whatever is missing (a study still running, errored trials, lost checkpoints) gives a report of
 what exists, with a note in ``summary.md`` and on stdout. Exit status: 0 report written (possibly
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -44,8 +46,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # `python study/report.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO))
 
 from mriadv.config import REFERENCE_CROP  # noqa: E402 - the seed's crop; light (no torch)
 from study.analysis import (at_best_epochs, best_epochs, best_trials, failed_trials, finished_trials,  # noqa: E402
@@ -109,6 +112,28 @@ class StudyResults:
 
     def label(self, trial_id: str) -> str:
         return self.labels.get(trial_id, trial_id)
+
+    def shown(self, path: str | Path) -> str:
+        """A path as the report names it, so that a copied or committed report stays valid: relative
+        to the study folder if it lies in the results folder that holds the study (trial files,
+        the synthetic data in ``results/.data``), relative to the repository if it lies there (a
+        search space), else as given (data the user pointed at)."""
+        path = Path(path)
+        if not path.is_absolute():
+            return str(path)
+        if path.is_relative_to(self.folder.parent):
+            return os.path.relpath(path, self.folder)
+        if path.is_relative_to(REPO):
+            return str(path.relative_to(REPO))
+        return str(path)
+
+    def shown_text(self, text: str) -> str:
+        """Free text (a note, an error message) with every absolute path in the study folder or
+        beside it written relative to the study folder, as :meth:`shown` does."""
+        for prefix, inside, itself in ((self.folder, "", "."), (self.folder.parent, "../", "..")):  # longest first
+            text = text.replace(f"{prefix}/", inside)
+            text = re.sub(re.escape(str(prefix)) + r"(?![\w.\-])", itself, text)
+        return text
 
 
 def is_study_folder(folder: Path) -> bool:
@@ -547,14 +572,17 @@ def summary_markdown(res: StudyResults, written: list[str], points: ParetoPoints
 def _summary_head(res: StudyResults) -> list[str]:
     st = res.state or {}
     base = st.get("base") or {}
-    out = [f"# Study report: {res.folder.name}", "", f"- folder: `{res.folder}`"]
+    out = [f"# Study report: {res.folder.name}", "",
+           f"- folder: `{res.folder.name}/`, the study folder (the paths below are relative to it)"]
     if st:
         budgets = ", ".join(f"{b:g}" for b in res.budgets) or "–"
-        out += [f"- space: {st.get('space', '?')} (`{st.get('space_path', '?')}`)"
+        space = res.shown(st["space_path"]) if st.get("space_path") else "?"
+        space = Path(space).name if Path(space).is_absolute() else space  # elsewhere: its text is in study.json
+        out += [f"- space: {st.get('space', '?')} (`{space}`)"
                 + (f": {res.description}" if res.description else ""),
                 f"- searched: {', '.join(res.columns) or '–'}; objectives: "
                 + ", ".join(f"{m} ({mode})" for m, mode in res.objectives),
-                f"- profile: {st.get('profile', '?')}; data: `{base.get('data', '?')}`; "
+                f"- profile: {st.get('profile', '?')}; data: `{res.shown(base['data']) if base.get('data') else '?'}`; "
                 f"crop {base.get('crop_size', '?')}; attack budgets (320² units): {budgets}",
                 f"- started: {st.get('created', '?')}"]
     counts = trial_status(res.trials).value_counts().to_dict()
@@ -562,7 +590,7 @@ def _summary_head(res: StudyResults) -> list[str]:
     out += [f"- trials: {sum(counts.values())}"
             + (" (" + ", ".join(f"{counts[s]} {s or 'unknown'}" for s in order) + ")" if counts else ""), ""]
     if res.notes:
-        out += ["## Notes", "", *(f"- {n}" for n in res.notes), ""]
+        out += ["## Notes", "", *(f"- {res.shown_text(n)}" for n in res.notes), ""]
     return out
 
 
@@ -582,7 +610,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                      res.label(row["trial_id"]), str(int(row["epoch"])), _num(row[metric], ".5g"),
                      _num(row.get("val_nmse"), ".5f"), _num(row.get("val_psnr"), ".2f"),
                      _num(row.get("val_ssim"), ".4f"),
-                     f"`{ckpt}`" if ckpt else "missing (no best.pt)"])
+                     f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)"])
     out += [_md_table(["objective", "trial", "searched values", "best epoch", "value", "val NMSE", "val PSNR",
                        "val SSIM", "checkpoint"], rows), ""]
     keys = list(dict.fromkeys([*HPARAM_KEYS, *(c for c in res.columns.values() if c != "epsilon_ref")]))
@@ -621,7 +649,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
         b = best.loc[t] if t in best.index else {}
         rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), _num(b.get("epoch"), ".0f"),
                      _num(b.get("val_nmse"), ".4f"), _num(pgd.get(t), ".4f"),
-                     f"`{ckpt.relative_to(res.folder)}`" if ckpt else "missing", _markdown_cell(messages.get(t, ""))])
+                     f"`{res.shown(ckpt)}`" if ckpt else "missing", _markdown_cell(res.shown_text(messages.get(t, "")))])
     headers = ["trial", "searched values", "status", "epochs", "best epoch", "val NMSE",
                f"PGD@{top:g} NMSE" if top else "PGD NMSE", "best.pt", "message"]
     return out + [_md_table(headers, rows), ""]
@@ -633,8 +661,8 @@ def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
                 "robustness.png": "NMSE / SSIM versus attack budget", "pareto.png": "clean versus attacked NMSE",
                 "curves.png": "metrics per epoch"}
     return ["## Files", "", *(f"- [{name}]({name}): {text}" for name, text in describe.items() if name in written),
-            f"- tables: `{res.folder / TRIALS_FILE}`, `{res.folder / ROBUSTNESS_FILE}`",
-            f"- TensorBoard: `tensorboard --logdir {res.folder}`", ""]
+            f"- tables: `{TRIALS_FILE}`, `{ROBUSTNESS_FILE}`",
+            "- TensorBoard, in the study folder: `tensorboard --logdir .`", ""]
 
 
 def _markdown_cell(text: str) -> str:

@@ -163,7 +163,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     from study.results import read_table  # imports Ray: not at module import (see main)
 
     trials = read_table(study_dir / TRIALS_FILE)
-    lines = [f"results: {study_dir}"]
+    lines = [f"results: {_here(study_dir)}"]
     if trials.empty:
         return lines + ["no trial reported a result"]
     statuses = trial_status(trials).value_counts().to_dict()
@@ -176,7 +176,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
         lines.append(f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
                      f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
                      f"ssim {row['val_ssim']:.4f}; checkpoint "
-                     f"{best_checkpoint(study_dir, row['trial_id']) or 'missing (no best.pt)'}")
+                     f"{_here(best_checkpoint(study_dir, row['trial_id'])) or 'missing (no best.pt)'}")
     cols = [m for m, _ in objectives]
     if len(objectives) > 1 and all(c in best for c in cols):
         done = best["trial_id"].isin(finished_trials(trials)).to_numpy()
@@ -185,10 +185,19 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
             lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(best.loc[front, "trial_id"]))
     for trial_id, message in failed_trials(trials).items():
         lines.append(f"trial {trial_id} failed: {message}")
-    lines.append(f"tables: {study_dir / TRIALS_FILE}, {study_dir / ROBUSTNESS_FILE}")
-    lines.append(f"TensorBoard: tensorboard --logdir {study_dir}")
-    lines.append(f"Optuna: optuna-dashboard sqlite:///{study_dir / OPTUNA_FILE}")
+    lines.append(f"tables: {_here(study_dir / TRIALS_FILE)}, {_here(study_dir / ROBUSTNESS_FILE)}")
+    lines.append(f"TensorBoard: tensorboard --logdir {_here(study_dir)}")
+    lines.append(f"Optuna: optuna-dashboard sqlite:///{_here(study_dir / OPTUNA_FILE)}")
     return lines
+
+
+def _here(path: Path | None) -> str:
+    """``path`` relative to the current directory where it lies below it (shorter lines, valid when
+    copied), else as it is; '' for None."""
+    if path is None:
+        return ""
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_absolute() and path.is_relative_to(cwd) else str(path)
 
 
 def _fmt(value: Any) -> str:
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             from study.report import write_report
 
             folder = write_report(study_dir)
-            print(f"report: {folder}")
+            print(f"report: {_here(folder)}")
         except ImportError:
             pass
     statuses = trial_statuses(study_dir)

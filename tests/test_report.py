@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -169,7 +170,7 @@ def test_summary_names_the_best_trial_and_its_checkpoint(study, written):
     checkpoint = next(p for p in study.iterdir() if p.is_dir() and f"_{winner}_" in p.name) / "best.pt"
     assert checkpoint.is_file()
     line = next(ln for ln in text.splitlines() if ln.startswith("| val_nmse (min) |"))
-    assert f"| {winner}" in line and str(checkpoint) in line
+    assert f"| {winner}" in line and f"`{checkpoint.relative_to(study)}`" in line  # relative to the study folder
     assert "profile: smoke" in text and "trials: 2 (2 TERMINATED)" in text
     for name in ("table1.md", "figure6.png", "robustness.png", "pareto.png", "curves.png"):
         assert f"]({name})" in text
@@ -243,3 +244,65 @@ def test_one_sided_studies_and_old_tables(study, tmp_path):
     assert len(table) == 2 and table.loc[table["split"] == "Training", "NMSE (seed def.)"].isna().all()
     assert table.loc[table["split"] == "Validation", "NMSE (seed def.)"].notna().all()
     assert png_shape(folder / "report" / "figure6.png")[0] > 100
+
+
+def fake_study(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A study folder written by hand (no Ray): two trials of two epochs, the second failed with a
+    message naming a file of its trial folder; its data under ``results/.data`` as the runner keeps
+    it. Returns the folder and each trial's folder name."""
+    results = tmp_path / "results"
+    folder, data = results / "fake", results / ".data" / "synthetic_64px"
+    data.mkdir(parents=True)
+    folder.mkdir()
+    space = "parameters:\n  epsilon: {grid: [0, 5000]}\nobjectives:\n  - {metric: val_nmse, mode: min}\n" \
+            "attack_budgets: [1000, 5000]\n"
+    state = {"space": "fake", "space_path": str(REPO / "search_spaces" / "fake.yaml"), "space_yaml": space, "profile": "smoke",
+             "base": {"data": str(data), "crop_size": 64, "max_epochs": 2}, "created": "2026-01-01 00:00:00"}
+    (folder / layout.STATE_FILE).write_text(json.dumps(state))
+    names = {"aaaa1111": "train_trial_aaaa1111_1_epsilon=0_2026-01-01_00-00-00",
+             "bbbb2222": "train_trial_bbbb2222_2_epsilon=5000_2026-01-01_00-00-01"}
+    for name in names.values():
+        (folder / name).mkdir()
+        (folder / name / "best.pt").write_bytes(b"not a checkpoint")
+    broken = folder / names["bbbb2222"] / "checkpoint.pt"
+    rows = []
+    for trial_id, eps, status, message, nmse in (("aaaa1111", 0.0, "TERMINATED", "", 0.10),
+                                                ("bbbb2222", 5000.0, "ERROR", f"OSError: cannot write {broken}", 0.12)):
+        for epoch in (1, 2):
+            rows.append({"trial_id": trial_id, "epoch": epoch, "status": status, "epoch_status": "running",
+                         "message": message, "epsilon": eps * 64**2 / 320**2, "epsilon_ref": eps,
+                         "val_loss": nmse / epoch, "val_nmse": nmse / epoch, "val_psnr": 20.0 + epoch,
+                         "val_ssim": 0.5 + epoch / 10})
+    pd.DataFrame(rows).to_parquet(folder / layout.TRIALS_FILE, index=False)
+    return folder, names
+
+
+def test_summary_names_files_relative_to_the_study_folder(tmp_path):
+    folder, names = fake_study(tmp_path)
+    out = report.write_report(folder)
+    text = (out / "summary.md").read_text()
+    for absolute in {str(tmp_path), str(tmp_path.resolve()), str(REPO)}:
+        assert absolute not in text, [ln for ln in text.splitlines() if absolute in ln]
+    best = next(ln for ln in text.splitlines() if ln.startswith("| val_nmse (min) |"))
+    assert "| aaaa1111" in best and f"`{names['aaaa1111']}/best.pt`" in best
+    assert f"`{names['bbbb2222']}/best.pt`" in text  # the trials table
+    assert "data: `../.data/synthetic_64px`" in text  # the data folder beside the study, in results/
+    assert "space: fake (`search_spaces/fake.yaml`)" in text  # relative to the repository
+    assert f"cannot write {names['bbbb2222']}/checkpoint.pt" in text  # notes and messages too
+
+
+def test_runner_summary_names_files_relative_to_the_current_folder(tmp_path, monkeypatch):
+    from study import run
+    from study.spaces import load_space
+
+    folder, names = fake_study(tmp_path)
+    space_file = tmp_path / "fake.yaml"
+    space_file.write_text(json.loads((folder / layout.STATE_FILE).read_text())["space_yaml"])
+    monkeypatch.chdir(tmp_path)
+    lines = run.summarize(folder, load_space(str(space_file)))
+    text = "\n".join(ln for ln in lines if " failed: " not in ln)  # error messages are quoted as they are
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert f"checkpoint results/fake/{names['aaaa1111']}/best.pt" in text
+    assert "results: results/fake" in lines and "TensorBoard: tensorboard --logdir results/fake" in lines
+    monkeypatch.chdir(tmp_path / "results" / ".data")  # not above the study: paths stay as they are
+    assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(run.summarize(folder, load_space(str(space_file))))
