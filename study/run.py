@@ -30,6 +30,8 @@ if __package__ in (None, ""):  # `python study/run.py`: make the repository impo
 
 from mriadv.config import ConfigError, TrainConfig, get_profile  # noqa: E402
 from mriadv.train import default_profile, synthetic_data, validate_data  # noqa: E402
+from study.cluster import (ClusterError, cluster_problem, is_local, locate_cluster, start_ray,  # noqa: E402
+                           trial_slots)
 from study.analysis import (best_epochs, best_trials, failed_trials, finished_trials, pareto_front,  # noqa: E402
                             trial_status)
 from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
@@ -52,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 with GPUs)")
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: 1 without GPUs, else CPUs/GPUs)")
-    p.add_argument("--address", help="join a running Ray cluster (e.g. 'auto'); results must be on shared storage")
+    p.add_argument("--address", help="join a running Ray cluster ('auto' or HEAD:PORT); results must be on shared "
+                   "storage (without it, the study starts a Ray instance of its own)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="with --address: start even if no node can run a trial yet (an autoscaling cluster)")
     p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     return p
@@ -146,9 +151,12 @@ def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float]
     cpus = len(os.sched_getaffinity(0))
     gpus = 0 if cluster else torch.cuda.device_count()
     gpu = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus or cluster and torch.cuda.is_available() else 0.0)
-    if gpu < 0 or (gpus and gpu > gpus):
-        raise ConfigError(f"--gpus-per-trial {gpu} is not between 0 and the {gpus} GPUs visible")
-    cpu = args.cpus_per_trial or (max(1, cpus // max(1, gpus)) if gpu else 1)
+    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise ConfigError(f"--gpus-per-trial {gpu:g}: a trial takes a fraction of one GPU or whole GPUs (Ray's rule)")
+    if not cluster and gpu > gpus:  # Ray would keep such trials PENDING forever
+        raise ConfigError(f"--gpus-per-trial {gpu:g}: {'no GPU is' if not gpus else f'only {gpus} GPUs are'} visible "
+                          "here (torch.cuda); use --gpus-per-trial 0, or --address a Ray cluster with GPUs")
+    cpu = args.cpus_per_trial if args.cpus_per_trial is not None else (max(1, cpus // max(1, gpus)) if gpu else 1)
     if cpu < 1 or (not cluster and cpu > cpus):
         raise ConfigError(f"--cpus-per-trial {cpu} is not between 1 and the {cpus} CPUs here")
     return {"cpu": cpu, "gpu": gpu}, cpu, cpus, gpus
@@ -247,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     study_dir = results / name
     state_file = study_dir / STATE_FILE
     resuming = (study_dir / TUNER_FILE).is_file() and state_file.is_file()
-    cluster = args.address is not None
+    cluster, located = not is_local(args.address), ""
+    if cluster:  # before the data and Ray: an address nobody answers at fails in seconds
+        try:
+            located = locate_cluster(args.address)
+        except ClusterError as exc:
+            return fail(str(exc))
     if args.resume and not resuming:
         return fail(f"--resume: there is no study to resume in {study_dir} (run without --resume to start it)")
     try:
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
     print(f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
-          + (f"; cluster {args.address}" if cluster else ""))
+          + (f"; cluster at {located}" if cluster else ""))
 
     import ray
     from ray import tune
@@ -323,10 +336,17 @@ def main(argv: list[str] | None = None) -> int:
         killed = procs.kill_leftovers()
         if killed:
             print(f"stopped {len(killed)} Ray processes left behind by an earlier, interrupted run")
-    if cluster:
-        ray.init(address=args.address, include_dashboard=False)
-    else:
-        ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, configure_logging=False)
+    try:
+        start_ray(args.address, cpus, gpus)
+    except ClusterError as exc:
+        return fail(str(exc))
+    problem = cluster_problem(res, args.address) if cluster and not args.wait_for_resources else None
+    if problem:
+        ray.shutdown()  # disconnects this driver; the cluster keeps running
+        return fail(problem)
+    if cluster:  # with a searcher, Tune creates a trial only when none is pending: let it fill every node at once
+        slots = min(trial_slots(res), args.max_concurrent or num_samples)
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, slots)))
     exit_code = 0
     try:
         if not cluster:

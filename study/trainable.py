@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray import tune
 
 from mriadv.config import TrainConfig
@@ -130,6 +131,7 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     board = TrialBoard(trial_dir / "tb", hp, metric_tags(ctx.attack_budgets_ref))
     resume_from, start_epoch = None, 0  # start_epoch > 0: this process continued from a checkpoint
+    node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran it (a column of trials.parquet)
     checkpoint = tune.get_checkpoint()
     work = Path(tempfile.mkdtemp(prefix="mriadv-trial-"))
     try:
@@ -145,7 +147,7 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             board.log_epoch(record, work / PREVIEW_NAME)
             if (work / PREVIEW_NAME).is_file():
                 shutil.copy2(work / PREVIEW_NAME, trial_dir / PREVIEW_NAME)
-            metrics = {**hp, **record.flat(), "start_epoch": start_epoch, "message": "",
+            metrics = {**hp, **record.flat(), "start_epoch": start_epoch, "node_id": node_id, "message": "",
                        "robustness_json": json.dumps(record.robustness)}
             with tempfile.TemporaryDirectory(prefix="mriadv-ckpt-") as d:
                 _link_or_copy(ckpt, Path(d) / CHECKPOINT_NAME)  # Tune copies the folder during report
@@ -157,7 +159,8 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             nan = {k: float("nan") for k in (*EpochRecord.__dataclass_fields__, *ctx.objective_metrics)
                    if k not in ("epoch", "status", "robustness")}
             tune.report({**nan, **hp, "epoch": len(result.history) + 1, "epoch_status": "nan",
-                         "start_epoch": start_epoch, "robustness_json": "[]", "message": result.message})
+                         "start_epoch": start_epoch, "node_id": node_id, "robustness_json": "[]",
+                         "message": result.message})
     finally:
         board.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""Where a study's trials run: a local Ray instance of the study's own, or a running Ray cluster.
+
+A local study always starts a fresh Ray (``ray.init(address="local")``), whatever ``RAY_ADDRESS``
+or a ``ray_current_cluster`` file left by an earlier ``ray start`` says. A study given ``--address``
+joins that cluster and fails within :data:`CONNECT_TIMEOUT_S` seconds, with one line naming the
+address and the likely cause, when nothing answers there, something that is not a Ray head answers,
+or the head refuses the driver's authentication token (token authentication is on by default in
+Ray 2.60). Once connected it refuses a per-trial request that no node can satisfy, rather than
+leaving every trial PENDING. Ray is imported inside the functions only: the runner sets Ray's
+environment variables before anything imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+
+CONNECT_TIMEOUT_S = 10.0  # ray.init joining a cluster (after the TCP probe): handshake, token, registration
+PROBE_TIMEOUT_S = 5.0  # the TCP connect to the head's port
+TOKEN_HELP = ("a Ray 2.60 cluster with token authentication needs RAY_AUTH_MODE=token and the head's token "
+              "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) in the driver's environment too")
+
+
+class ClusterError(Exception):
+    """Ray could not be reached or cannot run the study's trials; the message is one line."""
+
+
+def is_local(address: str | None) -> bool:
+    """True for no ``--address`` (or Ray's own word for a fresh instance, ``local``)."""
+    return address in (None, "", "local")
+
+
+def locate_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+    """The ``host:port`` that ``address`` (``auto`` or ``HOST:PORT``) names, after checking that
+    something accepts a TCP connection there. Raises :class:`ClusterError` naming the address,
+    where an ``auto`` address came from, and the likely cause. Starts nothing."""
+    source = ""
+    if address.startswith("ray://"):
+        raise ClusterError(f"--address {address}: Ray Client addresses are not supported; run the study on a node "
+                           "of the cluster with --address auto or --address HEAD:6379")
+    if address == "auto":
+        from ray._common.utils import get_ray_address_file
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address_file = get_ray_address_file(None)
+        try:
+            resolved = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise ClusterError(f"--address auto: no running Ray cluster found on this machine ({_first_line(exc)}); "
+                               "start one with `ray start --head`, or give --address HEAD:PORT") from None
+        if os.environ.get("RAY_ADDRESS"):
+            source = " (from RAY_ADDRESS)"
+        elif os.path.isfile(address_file):
+            source = f" (from {address_file}, which the last `ray start` on this machine wrote)"
+        address = resolved or ""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ClusterError(f"--address {address}: give HOST:PORT (the head's GCS port, 6379 unless "
+                           "`ray start --head --port` chose another) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except socket.gaierror:
+        raise ClusterError(f"--address {address}{source}: cannot resolve host '{host}'") from None
+    except ConnectionRefusedError:
+        raise ClusterError(f"--address {address}{source}: connection refused: no Ray head is running there, or it "
+                           "is the wrong port (the head's GCS port is 6379 unless `ray start --head --port` chose "
+                           "another)") from None
+    except (socket.timeout, TimeoutError):
+        raise ClusterError(f"--address {address}{source}: no answer within {timeout_s:g} s: the host is down, a "
+                           "firewall drops the connection, or the address is wrong") from None
+    except OSError as exc:
+        raise ClusterError(f"--address {address}{source}: cannot connect ({exc.strerror or exc})") from None
+    return f"{host}:{port}"
+
+
+def start_ray(address: str | None, cpus: int, gpus: int, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Start the study's own local Ray with ``cpus`` CPUs and ``gpus`` GPUs (``address`` None or
+    ``local``), or connect to the running cluster at ``address`` (``auto`` or ``HOST:PORT``).
+
+    Local: ``RAY_ADDRESS`` is dropped from this process's environment and Ray is told
+    ``address="local"``, so neither it nor a stale ``ray_current_cluster`` file can redirect the
+    study to another instance. Cluster: the connection must complete within ``timeout_s`` seconds,
+    or this process prints one ``error:`` line and exits with status 2 (Ray's own retries run for
+    more than a minute and cannot be interrupted); Ray's messages while connecting are held back
+    and printed only on success. Raises :class:`ClusterError` for a connection Ray itself gives up.
+    """
+    import ray
+
+    if is_local(address):
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, configure_logging=False)
+        return
+    assert address is not None
+    done = threading.Event()
+    saved_stderr = os.dup(2)
+    log = tempfile.TemporaryFile()
+
+    def held_back() -> str:
+        return os.pread(log.fileno(), os.fstat(log.fileno()).st_size, 0).decode(errors="replace")
+
+    def give_up() -> None:  # watchdog thread: Ray is still retrying
+        if done.is_set():
+            return
+        os.dup2(saved_stderr, 2)
+        print(f"error: {_connect_failure(address, held_back(), None, timeout_s)}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    # a driver only connects (it starts no Ray process), so nothing is left behind by the exit above;
+    # Ray's own connection loop is shortened too, so that a refused token usually ends in an exception
+    wait_var = "RAY_gcs_server_port_wait_time_s"
+    wait_before = os.environ.get(wait_var)
+    os.environ.setdefault(wait_var, str(max(1, int(timeout_s * 0.6))))
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    error: Exception | None = None
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    timer.start()
+    try:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is reported as one line
+        error = exc
+    finally:
+        done.set()
+        timer.cancel()
+        sys.stderr.flush()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        if wait_before is None:
+            os.environ.pop(wait_var, None)
+    text = held_back()
+    log.close()
+    if error is not None:
+        raise ClusterError(_connect_failure(address, text, error, timeout_s))
+    sys.stderr.write(text)
+
+
+def _connect_failure(address: str, text: str, error: Exception | None, timeout_s: float) -> str:
+    """One line saying why the connection to ``address`` failed, from Ray's held-back messages."""
+    message = f"{text}\n{error or ''}"
+    if any(s in message for s in ("InvalidAuthToken", "Unauthenticated", "authentication token", "AuthenticationError")):
+        if "no authentication token was found" in message:
+            here = "RAY_AUTH_MODE=token here, but no token"
+        elif os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            here = "RAY_AUTH_MODE is not 'token' here"
+        else:
+            here = "the token here is not the head's"
+        return f"--address {address}: the cluster refused this driver's authentication token ({here}); {TOKEN_HELP}"
+    if error is None:
+        return (f"--address {address}: no Ray cluster answered within {timeout_s:g} s (the port is open: is it the "
+                "head's GCS port, 6379 by default?)")
+    return (f"--address {address}: cannot connect to the Ray cluster: {_first_line(error)} (something accepts "
+            "connections there: is it a Ray head's GCS port, 6379 by default?)")
+
+
+def cluster_problem(request: dict[str, float], address: str) -> str | None:
+    """None if some live node of the connected cluster can run one trial's ``request``
+    (``{"cpu": c, "gpu": g}``), else one line naming the option (trials would stay PENDING forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for key, option in (("GPU", "--gpus-per-trial"), ("CPU", "--cpus-per-trial")):
+        need = float(request[key.lower()])
+        if need <= 0:
+            continue
+        largest = max((float(n.get(key, 0)) for n in nodes), default=0.0)
+        if largest < need:
+            total = sum(float(n.get(key, 0)) for n in nodes)
+            return (f"{option} {need:g}: no node of the cluster at {address} has {need:g} {key}s "
+                    f"(largest node: {largest:g}, {len(nodes)} nodes: {total:g} in all), so every trial would wait "
+                    "forever; ask for less, or pass --wait-for-resources if the cluster scales up")
+    return None
+
+
+def trial_slots(request: dict[str, float]) -> int:
+    """How many trials of ``request`` (``{"cpu": c, "gpu": g}``) the live nodes of the connected
+    cluster can run at once (each trial on one node)."""
+    import ray
+
+    slots = 0
+    for node in (n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")):
+        fits = [int(float(node.get(key, 0)) / float(request[key.lower()]) + 1e-9)
+                for key in ("CPU", "GPU") if float(request[key.lower()]) > 0]
+        slots += min(fits) if fits else 0
+    return slots
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
