@@ -42,9 +42,11 @@ def synthetic_data(profile: Profile, results_dir: Path = DEFAULT_RESULTS, seed: 
     return ensure(results_dir / ".data" / name, spec)
 
 
-def validate_data(folder: str | Path, crop_size: int) -> str | None:
-    """None if ``folder`` is usable for training, else a message listing what is wrong."""
-    reports = check_folder(folder, crop_size)
+def validate_data(folder: str | Path, crop_size: int, cache_dir: str | Path | None = None) -> str | None:
+    """None if ``folder`` is usable for training, else a message listing what is wrong (every slice
+    is read once: non-finite or all-zero slices fail here, not at the first step; verdicts are
+    cached per file in ``cache_dir`` when given)."""
+    reports = check_folder(folder, crop_size, cache_dir=cache_dir)
     errors = [e for r in reports.values() for e in r.errors]
     if "train" not in reports or "val" not in reports:
         errors.append(f"{folder}: needs sub-folders singlecoil_train/ and singlecoil_val/")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         root = synthetic_data(profile, args.results)
         print(f"data: synthetic, {root}")
         cfg = TrainConfig.from_dict({"data": str(root)}, base=cfg)
-    problem = validate_data(cfg.data, cfg.crop_size)
+    problem = validate_data(cfg.data, cfg.crop_size, cfg.cache_dir)
     if problem:
         print(f"error: data folder {cfg.data}: {problem}", file=sys.stderr)
         return 2

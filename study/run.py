@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {', '.join(ignored)} ignored: a resumed study keeps the settings it started with")
         if Path(state["space_path"]).is_file() and Path(state["space_path"]).read_text() != state["space_yaml"]:
             print(f"note: {state['space_path']} changed since the study started; Tune resumes the original space")
-        problem = validate_data(base["data"], int(base.get("crop_size", TrainConfig.crop_size)))
+        problem = validate_data(base["data"], int(base.get("crop_size", TrainConfig.crop_size)),
+                                base.get("cache_dir"))
         if problem:
             return fail(f"data folder {base['data']}: {problem}")
     else:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile: {profile_name} ({profile.description})")
         if args.data is not None:
             crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
-            problem = validate_data(args.data, crop)
+            problem = validate_data(args.data, crop, results / ".cache")
             if problem:
                 return fail(f"data folder {args.data}: {problem}")
             data = args.data.resolve()

@@ -1,17 +1,28 @@
 """Validate a data folder before a study is launched on it.
 
-``python -m mriadv.data.check DIR [--crop 320] [--target reconstruction_esc]`` lists, per split,
-the number of volumes and slices, the k-space shape(s) and the target shape; a file that cannot
-be used gets a one-line error naming it. Exit status 0 if every split is usable, 1 otherwise.
+``python -m mriadv.data.check DIR [--crop 320] [--target reconstruction_esc] [--quick]`` lists, per
+split, the number of volumes and slices, the k-space shape(s) and the target shape; a file that
+cannot be used gets a one-line error naming it: unreadable, truncated, wrong layout, a target whose
+slice count differs from the k-space's, and (unless ``--quick``) non-finite values or all-zero
+slices in the k-space or the target, which would stop training with a NaN loss at the first step.
+Every slice is read once, one at a time; with a cache folder the verdict is kept per file (size
+and modification time) so an unchanged folder is not read again. Exit status 0 if every split is
+usable, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import h5py
+import numpy as np
 
 from mriadv.data.files import SPLITS, DataError, VolumeInfo, inspect_volume, list_volumes
 from mriadv.data.transforms import TARGET_KEYS
@@ -38,10 +49,72 @@ class SplitReport:
                 f"target {fmt(tshapes) or '-'}")
 
 
-def check_folder(root: str | Path, crop_size: int | None = None,
-                 target_key: str = "reconstruction_esc") -> dict[str, SplitReport]:
+def scan_volume(path: Path, target_key: str) -> list[str]:
+    """Problems in the arrays of a file that :func:`inspect_volume` accepted: NaN or inf values and
+    all-zero slices in ``kspace`` ``(slices, H, W)`` and in the target ``(slices, H, W)`` (when the
+    file has ``target_key``). Reads one slice at a time; one message per dataset and kind, naming
+    the file and the slices."""
+    problems = []
+    with h5py.File(path, "r") as f:
+        for key in ("kspace", target_key):
+            if key not in f or (key == target_key and key == "kspace"):
+                continue
+            data = f[key]
+            nonfinite, empty = [], []
+            for i in range(data.shape[0]):
+                x = data[i]
+                if not np.isfinite(x).all():
+                    nonfinite.append(i)
+                elif not x.any():
+                    empty.append(i)
+            if nonfinite:
+                problems.append(f"{path}: '{key}' has NaN or inf values in {_slices(nonfinite, data.shape[0])}")
+            if empty:
+                problems.append(f"{path}: '{key}' is all zero in {_slices(empty, data.shape[0])}")
+    return problems
+
+
+def _slices(found: list[int], total: int) -> str:
+    listed = ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+    return f"{'slice' if len(found) == 1 else 'slices'} {listed} ({len(found)} of {total})"
+
+
+class ScanCache:
+    """:func:`scan_volume` verdicts of one folder, kept per file name with its size and modification
+    time in ``cache_dir`` (JSON), so that an unchanged file is not read again."""
+
+    def __init__(self, folder: Path, target_key: str, cache_dir: str | Path | None) -> None:
+        self.path, self.entries = None, {}
+        if cache_dir is not None:
+            key = hashlib.sha1(f"{folder.resolve()}|{target_key}".encode()).hexdigest()[:16]
+            self.path = Path(cache_dir) / f"scan-{folder.name}-{key}.json"
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def scan(self, path: Path, target_key: str) -> list[str]:
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = self.entries.get(path.name)
+        if entry is None or entry["stamp"] != stamp:
+            entry = self.entries[path.name] = {"stamp": stamp, "problems": scan_volume(path, target_key)}
+        return list(entry["problems"])
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+
+
+def check_folder(root: str | Path, crop_size: int | None = None, target_key: str = "reconstruction_esc",
+                 scan: bool = True, cache_dir: str | Path | None = None) -> dict[str, SplitReport]:
     """Inspect every .h5 file under ``root`` (its ``singlecoil_train``/``singlecoil_val`` sub-folders
-    when present, else ``root`` itself). Never raises on a bad file: errors are collected."""
+    when present, else ``root`` itself) and, with ``scan``, read every slice of the usable ones
+    (:func:`scan_volume`; verdicts cached in ``cache_dir`` when given). Never raises on a bad file:
+    errors are collected."""
     root = Path(root)
     if not root.is_dir():
         report = SplitReport(root)
@@ -56,11 +129,20 @@ def check_folder(root: str | Path, crop_size: int | None = None,
         except DataError as exc:
             report.errors.append(str(exc))
             files = []
+        cache = ScanCache(folder, target_key, cache_dir) if scan else None
         for path in files:
             try:
                 report.volumes.append(inspect_volume(path, target_key, crop_size))
             except DataError as exc:
                 report.errors.append(str(exc))
+                continue
+            if cache is not None:
+                try:
+                    report.errors.extend(cache.scan(path, target_key))
+                except (OSError, RuntimeError) as exc:  # a slice that cannot be read
+                    report.errors.append(f"{path}: cannot read every slice ({exc})")
+        if cache is not None:
+            cache.save()
         reports[split] = report
     return reports
 
@@ -70,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--crop", type=int, default=None, help="crop size the study will use (default: target size)")
     parser.add_argument("--target", default="reconstruction_esc", choices=TARGET_KEYS)
+    parser.add_argument("--quick", action="store_true", help="check the layout only; do not read every slice")
     args = parser.parse_args(argv)
-    reports = check_folder(args.folder, args.crop, args.target)
+    reports = check_folder(args.folder, args.crop, args.target, scan=not args.quick)
     ok = True
     for split, report in reports.items():
         print(f"{split}: {report.folder}: {report.summary()}")

@@ -115,10 +115,11 @@ def inspect_volume(path: Path, target_key: str, crop_size: int | None) -> Volume
             key = "kspace"  # no reference reconstruction: computed from full k-space
         if key != "kspace":
             target = f[key]
-            if target.ndim != 3 or target.shape[0] != num_slices:
-                raise DataError(
-                    f"{path}: '{key}' has shape {target.shape}; expected ({num_slices}, H, W) to match 'kspace'"
-                )
+            if target.ndim != 3:
+                raise DataError(f"{path}: '{key}' has shape {target.shape}; expected ({num_slices}, H, W)")
+            if target.shape[0] != num_slices:
+                raise DataError(f"{path}: slice counts differ: '{key}' has {target.shape[0]} slices, "
+                                f"'kspace' {num_slices}")
             target_shape = (int(target.shape[1]), int(target.shape[2]))
         header = f["ismrmrd_header"][()] if "ismrmrd_header" in f else b""
         padding = acquired_band(header, W)
