@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, squared_norm
-from mriadv.config import REFERENCE_CROP, ConfigError, TrainConfig
+from mriadv.config import ConfigError, TrainConfig, to_reference
 from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir, seeded_slices,
                                split_for_report)
 from mriadv.data.masks import make_mask_func
@@ -405,11 +405,6 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
 # ---------------------------------------------------------------------------------------------
 # records, checkpoints, fit
 # ---------------------------------------------------------------------------------------------
-def to_reference(budget: float, crop_size: int) -> float:
-    """A budget at ``crop_size`` expressed at 320x320 with the same per-pixel RMS (the seed's units)."""
-    return round(budget * REFERENCE_CROP**2 / crop_size**2, 6)
-
-
 def robust_key(attack: str, budget_ref: float, metric: str) -> str:
     """Flat metric name, e.g. ``rob_pgd_e5000_nmse``: keyed by the 320x320-equivalent budget, so the
     same study space gives the same names on every profile."""

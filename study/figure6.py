@@ -1,8 +1,9 @@
 """The seed's Figure 6 (Huang & Liang) for a study: worst-case perturbations and what they do.
 
-For one validation slice and each adversarially trained trial (epsilon > 0), the worst-case (PGD)
-perturbation at the trial's epsilon and the reconstructions of the adversarially trained and the
-standard (epsilon = 0) model under their own worst cases, with the error maps. Drawn by
+For one held-out (report-split) validation slice and each adversarially trained trial (epsilon >
+0), the worst-case (PGD) perturbation at the trial's epsilon and the reconstructions of the
+adversarially trained and the standard (epsilon = 0) model under their own worst cases, with the
+error maps. Drawn by
 :func:`study.report.write_report` as ``report/figure6.png``; this module loads the networks (torch),
 so the report imports it only when the figure is drawn.
 """
@@ -46,7 +47,7 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
     """Draw Figure 6 (see the module docstring) into ``path``; returns notes on what could not be drawn.
 
     One row per adversarial trial (epsilon > 0, at most :data:`FIGURE6_MAX_ROWS`), for the middle
-    slice of the first validation volume. PGD (:class:`mriadv.attacks.PGDAttack`, deterministic)
+    slice of the first volume of the held-out report split. PGD (:class:`mriadv.attacks.PGDAttack`, deterministic)
     runs at the trial's epsilon with its ``pgd_steps``, in its perturbation domain, against the
     adversarially trained model and, separately, against the standard model (each meets its own
     worst case). NMSEs are of the slice, fastMRI's definition (de-normalised images).
@@ -75,7 +76,9 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
         if key not in batches:
             if cfg.data is None or not Path(cfg.data).is_dir():
                 raise FileNotFoundError(f"the data folder {cfg.data} is gone")
-            batches[key] = preview_batch(build_data(cfg, runtime, training=False).val, 1).to(runtime.device)
+            data = build_data(cfg, runtime, training=False)
+            held_out = data.report if data.report is not None else data.val  # a slice nothing was selected on
+            batches[key] = preview_batch(held_out, 1).to(runtime.device)
         return batches[key]
 
     def slice_nmse(batch, image: np.ndarray) -> float:
@@ -175,7 +178,7 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
     steps = sorted({m[0].pgd_steps for m in models.values() if m is not None})
     where = ("at each row's training budget ε" if not adversarial.empty else
              f"at the largest attack budget ({max(res.budgets or [0]):g} at 320²): the study has no ε > 0 trial")
-    title = (f"{res.folder.name} — Figure 6 after Huang & Liang: validation {slice_name}; worst case = L2 PGD "
+    title = (f"{res.folder.name} — Figure 6 after Huang & Liang: held-out {slice_name}; worst case = L2 PGD "
              f"({'/'.join(map(str, steps))} steps) {where}; normalised units")
     _draw_rows(rows, title, path)
     return notes

@@ -175,7 +175,8 @@ def load_results(study_dir: str | Path) -> StudyResults:
         notes.append("the study's search space could not be read: objective taken as val_nmse (min), "
                      f"searched parameters guessed from the table ({', '.join(params) or 'none'})")
     columns = {p: ("epsilon_ref" if p in EPSILON_KEYS else p) for p in params}
-    budgets = sorted(float(b) for b in robust["budget_ref"].unique()) if "budget_ref" in robust else []
+    attacked = robust[robust["attack"] != "clean"] if "attack" in robust else robust
+    budgets = sorted(float(b) for b in attacked["budget_ref"].unique()) if "budget_ref" in attacked else []
     if not budgets and space is not None:
         budgets = list(space.attack_budgets)
     best = _order(best_epochs(trials), columns)
@@ -290,12 +291,67 @@ def pgd_column(budget_ref: float, metric: str) -> str:
     return f"PGD@{budget_ref:g} {name}"
 
 
+HELD_OUT_SPLITS = ("report", "test")
+SPLIT_NAMES = {"report": "report split (validation volumes held out by name; nothing was selected on them)",
+               "test": "test split (singlecoil_test/ with targets; nothing was selected on it)",
+               "selection": "selection split (the validation volumes early stopping and the search chose by)"}
+
+
+def held_out(res: StudyResults, model: str = "trained") -> pd.DataFrame:
+    """The rows of ``robustness.parquet`` from each trial's final held-out evaluation of its best
+    epoch (``split`` report or test): ``attack`` 'clean' (budget 0) and every attack and budget, for
+    the trained model or the zero-filled input (``model='zero_filled'``). Empty for studies written
+    before the report split existed, and for trials that never reached their last epoch."""
+    rob = res.robust
+    if rob.empty or "split" not in rob:
+        return rob.iloc[0:0]
+    return rob[rob["split"].isin(HELD_OUT_SPLITS) & (rob["model"] == model)].reset_index(drop=True)
+
+
+def held_out_split(res: StudyResults) -> str | None:
+    rows = held_out(res)
+    return str(rows["split"].iloc[0]) if len(rows) else None
+
+
+def zero_filled(res: StudyResults) -> pd.DataFrame:
+    """The zero-filled input's held-out rows (the same for every trial: taken from the first)."""
+    rows = held_out(res, "zero_filled")
+    return rows[rows["trial_id"] == rows["trial_id"].iloc[0]].reset_index(drop=True) if len(rows) else rows
+
+
+def _cell(rows: pd.DataFrame, attack: str, budget: float, key: str) -> float:
+    hit = rows[(rows["attack"] == attack) & (rows["budget_ref"] == budget)] if len(rows) else rows
+    return float(hit.iloc[0][key]) if len(hit) and key in hit and pd.notna(hit.iloc[0][key]) else math.nan
+
+
 def table1(res: StudyResults) -> pd.DataFrame:
-    """Two rows per trial (Training, Validation) at its best epoch; see the module docstring."""
-    rob = at_best_epochs(res.best, res.robust)
-    pgd = rob[rob["attack"] == "pgd"] if "attack" in rob else rob
+    """Per trial at its best epoch: a Training row (the fixed training-evaluation volumes), a
+    Selection row (the validation volumes early stopping chose by) and a Report row (the held-out
+    split, clean and under PGD, with standard errors over volumes); and one Zero-filled row, the
+    network's input itself on the report split. PGD columns only on held-out rows."""
+    report = held_out(res)
+    pgd_cols = [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))]
+    pgd_se = [f"PGD@{b:g} NMSE SE" for b in res.budgets] + [f"PGD@{b:g} dNMSE SE" for b in res.budgets]
     params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
+    last = res.trials[res.trials["epoch"] > 0].sort_values("epoch").groupby("trial_id").last() if len(res.trials) else None
+
+    def held_out_row(rows: pd.DataFrame) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for m in METRICS:
+            row[METRIC_NAMES[m]] = _cell(rows, "clean", 0.0, m)
+            row[f"{METRIC_NAMES[m]} SE"] = _cell(rows, "clean", 0.0, f"{m}_se")
+        for b in res.budgets:
+            for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
+                row[pgd_column(b, m)] = _cell(rows, "pgd", b, m)
+            row[f"PGD@{b:g} NMSE SE"] = _cell(rows, "pgd", b, "nmse_se")
+            row[f"PGD@{b:g} dNMSE SE"] = _cell(rows, "pgd", b, "d_nmse_se")
+        row["volumes"] = _cell(rows, "clean", 0.0, "num_volumes") if "num_volumes" in rows else math.nan
+        return row
+
     rows = []
+    zf = zero_filled(res)
+    if len(zf):
+        rows.append({"trial_id": "", "model": "zero-filled input", "split": "Report", **held_out_row(zf)})
     for _, b in res.best.iterrows():
         eps = _get(b, "epsilon")
         common: dict[str, Any] = {"trial_id": b["trial_id"], "epsilon_ref": _get(b, "epsilon_ref"),
@@ -303,21 +359,23 @@ def table1(res: StudyResults) -> pd.DataFrame:
         common |= {p: b.get(p) for p in params}
         common |= {"model": "standard" if eps == 0 else ("adversarial" if eps > 0 else "?"),
                    "best_epoch": int(b["epoch"]), "status": b.get("status", "")}
-        for split, prefix in (("Training", "train"), ("Validation", "val")):
+        if last is not None and b["trial_id"] in last.index and eps > 0:
+            end = last.loc[b["trial_id"]]
+            common |= {"last_delta_sq_over_eps": _get(end, "delta_sq") / eps, "last_over_budget": _get(end, "over_budget")}
+        for split, prefix in (("Training", "train"), ("Selection", "val")):
             row = {**common, "split": split}
             for m in METRICS:
                 row[METRIC_NAMES[m]] = _get(b, f"{prefix}_{m}")
+                row[f"{METRIC_NAMES[m]} SE"] = _get(b, f"{prefix}_{m}_se")
             for m in METRICS:
                 row[f"{METRIC_NAMES[m]} (seed def.)"] = _get(b, f"{prefix}_seed_{m}")
-            for budget in res.budgets:
-                hit = pgd[(pgd["trial_id"] == b["trial_id"]) & (pgd["budget_ref"] == budget)] if not pgd.empty else pgd
-                for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
-                    row[pgd_column(budget, m)] = (float(hit.iloc[0][m]) if split == "Validation" and len(hit)
-                                                  else math.nan)
             rows.append(row)
-    columns = (["trial_id", "epsilon_ref", "epsilon_rms", *params, "model", "split", "best_epoch", "status"]
-               + [METRIC_NAMES[m] for m in METRICS] + [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS]
-               + [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))])
+        mine = report[report["trial_id"] == b["trial_id"]] if len(report) else report
+        rows.append({**common, "split": "Report", **held_out_row(mine)})
+    columns = (["trial_id", "epsilon_ref", "epsilon_rms", *params, "model", "split", "best_epoch", "status",
+                "last_delta_sq_over_eps", "last_over_budget", "volumes"]
+               + [METRIC_NAMES[m] for m in METRICS] + [f"{METRIC_NAMES[m]} SE" for m in METRICS]
+               + [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS] + pgd_cols + pgd_se)
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -337,7 +395,13 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _process(row: pd.Series) -> str:
     suffix = {"standard": "-S", "adversarial": "-A"}.get(row["model"], "")
-    return row["split"] + suffix
+    return {"Selection": "Validation"}.get(row["split"], row["split"]) + suffix
+
+
+def _pm(value: Any, se: Any, spec: str) -> str:
+    """``value ± se`` (the standard error over volumes), or just the value where it has none."""
+    text = _num(value, spec)
+    return f"{text} ± {_num(se, spec)}" if _num(se, spec) != "–" and text != "–" else text
 
 
 def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
@@ -347,34 +411,60 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         return "\n".join(out)
     params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
     crop = _crop(res)
+    split = held_out_split(res)
+    rep = table[table["split"] == "Report"]
     out += [
-        "Each trial's best epoch (lowest validation loss; the networks saved as its `best.pt`). ε is the "
-        "training budget ‖δ‖² in the seed's units (320×320 images); *RMS/px* is the same budget as a per-pixel RMS "
-        f"in normalised units{f' (the runs used {crop}×{crop} crops)' if crop else ''}. *-S*: standard training "
-        "(ε = 0), *-A*: adversarial training. PGD columns: the validation set under an L2 PGD attack of budget "
-        "‖δ‖² = b (320×320 units), each cell *attacked value (attacked − clean)*. Training rows are the fixed "
-        "training-evaluation volumes.", "",
+        f"**Numbers from the {SPLIT_NAMES.get(split or '', 'report split')}**"
+        + (f", {int(rep['volumes'].max())} volumes" if rep["volumes"].notna().any() else "") + ". "
+        "Each trial's best epoch (lowest loss on the *selection* split; the networks saved as its `best.pt`), "
+        "evaluated once on the held-out split. ε is the training budget ‖δ‖² in the seed's units (320×320 images); "
+        "*RMS/px* is the same budget as a per-pixel RMS in normalised units"
+        f"{f' (the runs used {crop}×{crop} crops)' if crop else ''}. *-S*: standard training (ε = 0), *-A*: "
+        "adversarial training; *zero-filled*: the network's input itself, |F⁻¹P(y)|, what every model must beat. "
+        "PGD columns: L2 PGD of budget ‖δ‖² = b (320×320 units), each cell *attacked value (attacked − clean)*. "
+        "± is the standard error over volumes (of the paired per-volume differences for the degradation). "
+        "*‖δ‖²/ε*: the generator's mean training perturbation at the last epoch relative to the budget "
+        "(*over*: the share of training images outside the ε-ball).", "",
     ]
-    headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "NMSE", "PSNR", "SSIM"]
+    if split is None:
+        out += ["No trial has a held-out evaluation yet (it runs at a trial's last epoch): the Report rows are "
+                "empty; see the Selection rows below, which early stopping chose by.", ""]
+    headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "‖δ‖²/ε (over)", "NMSE", "PSNR", "SSIM"]
     for b in res.budgets:
         headers += [f"PGD@{b:g} NMSE", f"PGD@{b:g} PSNR", f"PGD@{b:g} SSIM"]
     rows = []
-    for _, r in table.iterrows():
-        cells = [_num(r["epsilon_ref"], "g"), _num(r["epsilon_rms"], ".3f"), *(format_value(r[p]) for p in params),
-                 _process(r), str(r["best_epoch"]), _num(r["NMSE"], ".4f"), _num(r["PSNR"], ".2f"),
-                 _num(r["SSIM"], ".4f")]
+    for _, r in rep.iterrows():
+        zf = r["model"] == "zero-filled input"
+        ratio = ("" if zf or not math.isfinite(_get(r, "last_delta_sq_over_eps"))
+                 else f"{_num(r['last_delta_sq_over_eps'], '.2f')} ({_num(r['last_over_budget'], '.0%')})")
+        cells = (["–", "–", *("" for _ in params), "Zero-filled", "–", ""] if zf else
+                 [_num(r["epsilon_ref"], "g"), _num(r["epsilon_rms"], ".3f"), *(format_value(r[p]) for p in params),
+                  _process(r), _num(r["best_epoch"], ".0f"), ratio])
+        cells += [_pm(r["NMSE"], r["NMSE SE"], ".4f"), _pm(r["PSNR"], r["PSNR SE"], ".2f"),
+                  _pm(r["SSIM"], r["SSIM SE"], ".4f")]
         for b in res.budgets:
             for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
                 value, delta = r[pgd_column(b, m)], r[pgd_column(b, "d_" + m)]
-                cells.append("" if r["split"] == "Training" else
-                             f"{_num(value, spec)} ({_num(delta, '+' + spec)})")
+                extra = f" ± {_num(r[f'PGD@{b:g} dNMSE SE'], spec)}" if m == "nmse" and _num(
+                    r[f"PGD@{b:g} dNMSE SE"], spec) != "–" else ""
+                cells.append(f"{_num(value, spec)} ({_num(delta, '+' + spec)}{extra})")
         rows.append(cells)
     out += [_md_table(headers, rows), ""]
+
+    out += ["## Selection and training volumes", "",
+            "The same best epochs on the volumes they were chosen by (*Selection*: the validation volumes of early "
+            "stopping, `best.pt` and the search) and on the fixed training-evaluation volumes (*Training*). These "
+            "numbers are optimistic by construction; report the table above.", ""]
+    sel = table[table["split"].isin(["Training", "Selection"])]
+    rows = [[_num(r["epsilon_ref"], "g"), *(format_value(r[p]) for p in params), _process(r), _num(r["best_epoch"], ".0f"),
+             _pm(r["NMSE"], r["NMSE SE"], ".4f"), _pm(r["PSNR"], r["PSNR SE"], ".2f"),
+             _pm(r["SSIM"], r["SSIM SE"], ".4f")] for _, r in sel.iterrows()]
+    out += [_md_table(["ε (320²)", *params, "Process", "epoch", "NMSE", "PSNR", "SSIM"], rows), ""]
 
     out += ["## The seed's metric definitions", "", METRIC_DEFINITIONS, ""]
     seed_cols = [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS]
     rows = [[_num(r["epsilon_ref"], "g"), *(format_value(r[p]) for p in params), _process(r),
-             *(_num(r[c], ".5f") for c in seed_cols)] for _, r in table.iterrows()]
+             *(_num(r[c], ".5f") for c in seed_cols)] for _, r in sel.iterrows()]
     out += [_md_table(["ε (320²)", *params, "Process", *seed_cols], rows), ""]
     if table.loc[table["split"] == "Training", seed_cols].isna().all().all():
         out += ["(No seed-definition numbers were recorded for the Training rows.)", ""]
@@ -414,29 +504,49 @@ def save_png(fig: Figure, path: Path, grey: bool = False) -> None:
     image.save(path, optimize=True)
 
 
-def plot_robustness(res: StudyResults, path: Path) -> None:
-    """NMSE and SSIM under PGD (solid) and equal-norm noise (dashed) versus the budget."""
+def robustness_rows(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """``(trained, zero_filled, split)``: the rows the robustness figure and tables use: each trial's
+    held-out evaluation of its best epoch where it exists, else (older studies) the per-epoch rows at
+    the best epochs, with a clean row (budget 0) taken from the trials table."""
+    rows = held_out(res)
+    if len(rows):
+        return rows, zero_filled(res), str(rows["split"].iloc[0])
     rob = at_best_epochs(res.best, res.robust)
+    if "split" in rob:
+        rob = rob[rob["split"] == "selection"]
+    clean = [{"trial_id": b["trial_id"], "attack": "clean", "budget_ref": 0.0,
+              **{m: _get(b, f"val_{m}") for m in METRICS}} for _, b in res.best.iterrows()]
+    return pd.concat([rob, pd.DataFrame(clean)], ignore_index=True), rob.iloc[0:0], "selection"
+
+
+def plot_robustness(res: StudyResults, path: Path) -> None:
+    """NMSE and SSIM under PGD (solid) and equal-norm noise (dashed) versus the budget, with the
+    zero-filled input (black) under the same attacks."""
+    rob, zf, split = robustness_rows(res)
     if rob.empty:
         raise ValueError("no robustness results at the trials' best epochs")
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    for color, (_, b) in zip(_colors(len(res.best)), res.best.iterrows()):
-        mine = rob[rob["trial_id"] == b["trial_id"]]
+    curves = [(res.label(b["trial_id"]), color, rob[rob["trial_id"] == b["trial_id"]])
+              for color, (_, b) in zip(_colors(len(res.best)), res.best.iterrows())]
+    if len(zf):
+        curves.insert(0, ("zero-filled input", "k", zf))
+    for label, color, mine in curves:
+        clean = mine[mine["attack"] == "clean"]
         for attack, style in (("pgd", "-"), ("noise", "--")):
             r = mine[mine["attack"] == attack].sort_values("budget_ref")
-            if r.empty:
+            if r.empty or clean.empty:
                 continue
             for ax, m in zip(axes, ("nmse", "ssim")):
                 x = [0.0, *r["budget_ref"]]
-                y = [_get(b, f"val_{m}"), *r[m]]
+                y = [float(clean.iloc[0][m]), *r[m]]
                 ax.plot(x, y, style, color=color, marker="o" if attack == "pgd" else None, ms=4,
-                        label=res.label(b["trial_id"]) if attack == "pgd" else None)
+                        label=label if attack == "pgd" else None)
     ticks = [0.0, *res.budgets]
     for ax, m in zip(axes, ("nmse", "ssim")):
         ax.set_xticks(ticks, ["clean"] + [f"{b:g}\n({math.sqrt(b) / REFERENCE_CROP:.3f}/px)" for b in res.budgets],
                       fontsize=8)
-        ax.set_ylabel(f"validation {METRIC_NAMES[m]}")
+        ax.set_ylabel(f"{split}-split {METRIC_NAMES[m]}")
         ax.grid(alpha=0.3)
     axes[0].set_title("NMSE under attack (lower is better)", fontsize=10)
     axes[1].set_title("SSIM under attack (higher is better)", fontsize=10)
@@ -445,7 +555,8 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
     labels += ["PGD (worst case)", "random noise, same ‖δ‖²"]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, title=_legend_title(res), title_fontsize=8)
     fig.supxlabel("attack budget ‖δ‖² in 320×320 units (per-pixel RMS in normalised units)", fontsize=9)
-    fig.suptitle(f"{res.folder.name}: robustness of each trial's best epoch (validation set)", fontsize=11)
+    fig.suptitle(f"{res.folder.name}: robustness of each trial's best epoch ({SPLIT_NAMES.get(split, split)})",
+                 fontsize=10)
     save_png(fig, path)
 
 
@@ -468,21 +579,23 @@ class ParetoPoints:
 
 
 def pareto_points(res: StudyResults, table: pd.DataFrame) -> ParetoPoints:
-    if len(res.objectives) > 1:
-        (y_metric, y_mode), y_label = res.objectives[1], metric_label(res.objectives[1][0])
-    elif res.budgets:
-        y_metric, y_mode = pgd_column(max(res.budgets), "nmse"), "min"
-        y_label = f"NMSE under PGD, ‖δ‖² = {max(res.budgets):g} (320²)"
-    else:
+    """Clean NMSE against NMSE under PGD at the largest budget, both on the held-out split where the
+    trials have it (the objectives the search used are selection-split numbers: not reported)."""
+    if not res.budgets:
         raise ValueError("no attacked metric to compare with (no attack budgets)")
+    top = max(res.budgets)
+    rep = table[(table["split"] == "Report") & (table["trial_id"] != "")].set_index("trial_id")
     best = res.best.copy()
-    if y_metric.startswith("PGD@"):
-        best[y_metric] = best["trial_id"].map(table[table["split"] == "Validation"].set_index("trial_id")[y_metric])
-    if y_metric not in best:
-        raise ValueError(f"no trial reports {y_metric}")
+    x_metric, y_metric = "report NMSE", pgd_column(top, "nmse")
+    best[x_metric] = best["trial_id"].map(rep["NMSE"]) if len(rep) else math.nan
+    best[y_metric] = best["trial_id"].map(rep[y_metric]) if len(rep) else math.nan
+    split = held_out_split(res) or "report"
+    y_label = f"{split}-split NMSE under PGD, ‖δ‖² = {top:g} (320²)"
+    if not best[[x_metric, y_metric]].notna().all(axis=1).any():
+        raise ValueError("no trial has a held-out evaluation yet")
     finished = best["trial_id"].isin(finished_trials(res.trials)).to_numpy()
-    values = best[["val_nmse", y_metric]].to_numpy(float)
-    front = pareto_front(best, finished, [("val_nmse", "min"), (y_metric, y_mode)])
+    values = best[[x_metric, y_metric]].to_numpy(float)
+    front = pareto_front(best, finished, [(x_metric, "min"), (y_metric, "min")])
     return ParetoPoints(list(best["trial_id"]), values, finished, front, y_metric, y_label)
 
 
@@ -522,7 +635,7 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
     if numbered:
         fig.legend([Line2D([], [], ls="")] * len(names), [f"{i + 1}: {n}" for i, n in enumerate(names)],
                    loc="outside right center", fontsize=7, handlelength=0, title=_legend_title(res), title_fontsize=7)
-    ax.set_xlabel("clean validation NMSE")
+    ax.set_xlabel(f"clean NMSE ({held_out_split(res) or 'report'} split)")
     ax.set_ylabel(points.y_label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -598,21 +711,37 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     out = ["## Best trials", ""]
     if res.best.empty:
         return out + ["No trial has a finished epoch yet.", ""]
-    out += ["By each objective, using every trial's best epoch (lowest validation loss: the epoch in `best.pt`).", ""]
+    split = held_out_split(res)
+    out += ["Chosen by each objective on the *selection* split (every trial's best epoch: lowest selection loss, "
+            "the epoch in `best.pt`); the metrics beside are that epoch's held-out "
+            f"{split or 'report'}-split evaluation (± standard error over volumes), which nothing was chosen by.", ""]
+    report = held_out(res)
+    top = max(res.budgets) if res.budgets else None
     by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
     picks = best_trials(by_id, res.objectives)
     rows = []
     for metric, row in picks.items():
         ckpt = res.best_pt(row["trial_id"])
         tied = by_id.loc[(by_id[metric] == row[metric]) & (by_id["trial_id"] != row["trial_id"]), "trial_id"]
+        mine = report[report["trial_id"] == row["trial_id"]] if len(report) else report
         rows.append([f"{metric} ({dict(res.objectives)[metric]})",
                      row["trial_id"] + (f" (tied with {', '.join(tied)})" if len(tied) else ""),
                      res.label(row["trial_id"]), str(int(row["epoch"])), _num(row[metric], ".5g"),
-                     _num(row.get("val_nmse"), ".5f"), _num(row.get("val_psnr"), ".2f"),
-                     _num(row.get("val_ssim"), ".4f"),
+                     _pm(_cell(mine, "clean", 0.0, "nmse"), _cell(mine, "clean", 0.0, "nmse_se"), ".4f"),
+                     _pm(_cell(mine, "clean", 0.0, "psnr"), _cell(mine, "clean", 0.0, "psnr_se"), ".2f"),
+                     _pm(_cell(mine, "clean", 0.0, "ssim"), _cell(mine, "clean", 0.0, "ssim_se"), ".4f"),
+                     _pm(_cell(mine, "pgd", top, "nmse"), _cell(mine, "pgd", top, "nmse_se"), ".4f") if top else "–",
                      f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)"])
-    out += [_md_table(["objective", "trial", "searched values", "best epoch", "value", "val NMSE", "val PSNR",
-                       "val SSIM", "checkpoint"], rows), ""]
+    zf = zero_filled(res)
+    if len(zf):
+        rows.insert(0, ["(baseline)", "zero-filled input", "–", "–", "–",
+                        _pm(_cell(zf, "clean", 0.0, "nmse"), _cell(zf, "clean", 0.0, "nmse_se"), ".4f"),
+                        _pm(_cell(zf, "clean", 0.0, "psnr"), _cell(zf, "clean", 0.0, "psnr_se"), ".2f"),
+                        _pm(_cell(zf, "clean", 0.0, "ssim"), _cell(zf, "clean", 0.0, "ssim_se"), ".4f"),
+                        _pm(_cell(zf, "pgd", top, "nmse"), _cell(zf, "pgd", top, "nmse_se"), ".4f") if top else "–",
+                        "–"])
+    out += [_md_table(["objective", "trial", "searched values", "best epoch", "selection value", "NMSE", "PSNR",
+                       "SSIM", f"PGD@{top:g} NMSE" if top else "PGD NMSE", "checkpoint"], rows), ""]
     keys = list(dict.fromkeys([*HPARAM_KEYS, *(c for c in res.columns.values() if c != "epsilon_ref")]))
     for trial_id in dict.fromkeys(row["trial_id"] for row in picks.values()):
         row = by_id[by_id["trial_id"] == trial_id].iloc[0]
@@ -622,7 +751,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     out += [""] + ([f"No trial has a value for {', '.join(missing)}.", ""] if missing else [])
     if points is not None:
         front = [t for t, on in zip(points.trial_ids, points.front) if on]
-        out += [f"Pareto front of clean val_nmse vs {points.y_metric} (finished trials only): "
+        out += [f"Pareto front of held-out clean NMSE vs {points.y_metric} (finished trials only): "
                 + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none"), ""]
     return out
 
@@ -635,9 +764,10 @@ def _summary_trials(res: StudyResults) -> list[str]:
     best = res.best.set_index("trial_id") if not res.best.empty else res.best
     epochs = res.trials[res.trials["epoch"] > 0].groupby("trial_id")["epoch"].max()
     ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
-    rob = at_best_epochs(res.best, res.robust)
+    rob = held_out(res)
     top = max(res.budgets) if res.budgets else None
     pgd = rob[(rob["attack"] == "pgd") & (rob["budget_ref"] == top)].set_index("trial_id")["nmse"] if len(rob) else {}
+    clean = rob[rob["attack"] == "clean"].set_index("trial_id")["nmse"] if len(rob) else {}
     finished = finished_trials(res.trials)
     messages = trial_messages(res.trials)
     rows = []
@@ -648,10 +778,10 @@ def _summary_trials(res: StudyResults) -> list[str]:
         ckpt = res.best_pt(t)
         b = best.loc[t] if t in best.index else {}
         rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), _num(b.get("epoch"), ".0f"),
-                     _num(b.get("val_nmse"), ".4f"), _num(pgd.get(t), ".4f"),
+                     _num(b.get("val_nmse"), ".4f"), _num(clean.get(t), ".4f"), _num(pgd.get(t), ".4f"),
                      f"`{res.shown(ckpt)}`" if ckpt else "missing", _markdown_cell(res.shown_text(messages.get(t, "")))])
-    headers = ["trial", "searched values", "status", "epochs", "best epoch", "val NMSE",
-               f"PGD@{top:g} NMSE" if top else "PGD NMSE", "best.pt", "message"]
+    headers = ["trial", "searched values", "status", "epochs", "best epoch", "selection NMSE", "report NMSE",
+               f"report PGD@{top:g} NMSE" if top else "report PGD NMSE", "best.pt", "message"]
     return out + [_md_table(headers, rows), ""]
 
 

@@ -114,51 +114,74 @@ def test_report_files_exist_and_images_are_valid(written):
 @slow
 def test_table1_numbers_are_the_parquet_rows(study, written):
     folder, _, _ = written
-    table = pd.read_csv(folder / "table1.csv")
+    table = pd.read_csv(folder / "table1.csv", keep_default_na=False, na_values=[""])
     trials = pd.read_parquet(study / "trials.parquet")
     robust = pd.read_parquet(study / "robustness.parquet")
     best = best_rows(trials)
-    assert sorted(table["trial_id"]) == sorted(list(best.index) * 2)
-    assert list(table["epsilon_ref"]) == [0, 0, 5000, 5000]  # standard training first, as in the seed's table
-    assert list(table["split"]) == ["Training", "Validation"] * 2
-    assert list(table["model"]) == ["standard", "standard", "adversarial", "adversarial"]
-    budgets = sorted(robust["budget_ref"].unique())
-    assert budgets == [1000.0, 5000.0]
+    held = robust[robust["split"] == "report"]
+    # the zero-filled input first, then per trial (standard first, as in the seed's table) three rows
+    assert table["trial_id"].isna().iloc[0] and table["model"].iloc[0] == "zero-filled input"
+    rows = table.iloc[1:]
+    assert list(rows["trial_id"]) == [t for t in best.sort_values("epsilon_ref").index for _ in range(3)]
+    assert list(rows["epsilon_ref"]) == [0] * 3 + [5000] * 3
+    assert list(rows["split"]) == ["Training", "Selection", "Report"] * 2
+    assert sorted(held.loc[held["attack"] == "pgd", "budget_ref"].unique()) == [1000.0, 5000.0]
     for _, row in table.iterrows():
-        b = best.loc[row["trial_id"]]
-        prefix = "train" if row["split"] == "Training" else "val"
-        assert row["best_epoch"] == b["epoch"]
-        assert math.isclose(row["epsilon_rms"], math.sqrt(5000 / 320**2) if row["epsilon_ref"] else 0.0, rel_tol=1e-6)
-        for metric in ("nmse", "psnr", "ssim"):
-            assert math.isclose(row[metric.upper()], b[f"{prefix}_{metric}"], rel_tol=1e-9), (prefix, metric)
-            assert math.isclose(row[f"{metric.upper()} (seed def.)"], b[f"{prefix}_seed_{metric}"], rel_tol=1e-9)
-        for budget in budgets:
-            r = robust[(robust["trial_id"] == row["trial_id"]) & (robust["epoch"] == b["epoch"])
-                       & (robust["attack"] == "pgd") & (robust["budget_ref"] == budget)]
-            assert len(r) == 1
+        if row["split"] in ("Training", "Selection"):
+            b = best.loc[row["trial_id"]]
+            prefix = "train" if row["split"] == "Training" else "val"
+            assert row["best_epoch"] == b["epoch"]
+            assert math.isclose(row["epsilon_rms"], math.sqrt(5000 / 320**2) if row["epsilon_ref"] else 0.0,
+                                rel_tol=1e-6)
             for metric in ("nmse", "psnr", "ssim"):
+                assert math.isclose(row[metric.upper()], b[f"{prefix}_{metric}"], rel_tol=1e-9), (prefix, metric)
+                assert math.isclose(row[f"{metric.upper()} (seed def.)"], b[f"{prefix}_seed_{metric}"], rel_tol=1e-9)
+                assert np.isnan(row[f"PGD@5000 {metric.upper()}"])  # attacks: held-out rows only
+            continue
+        # Report rows: the best epoch's held-out evaluation (the zero-filled input's for its row)
+        if isinstance(row["trial_id"], str):
+            mine = held[(held["trial_id"] == row["trial_id"]) & (held["model"] == "trained")]
+            assert set(mine["eval_epoch"]) == {best.loc[row["trial_id"], "epoch"]}
+        else:
+            mine = held[held["model"] == "zero_filled"]
+            mine = mine[mine["trial_id"] == mine["trial_id"].iloc[0]]
+        clean = mine[mine["attack"] == "clean"].iloc[0]
+        for metric in ("nmse", "psnr", "ssim"):
+            assert math.isclose(row[metric.upper()], clean[metric], rel_tol=1e-9)
+            for budget in (1000.0, 5000.0):
+                r = mine[(mine["attack"] == "pgd") & (mine["budget_ref"] == budget)]
+                assert len(r) == 1
                 attacked = row[f"PGD@{budget:g} {metric.upper()}"]
-                degradation = row[f"PGD@{budget:g} d{metric.upper()}"]
-                if row["split"] == "Training":  # attacks are evaluated on the validation set only
-                    assert np.isnan(attacked) and np.isnan(degradation)
-                    continue
                 assert math.isclose(attacked, r.iloc[0][metric], rel_tol=1e-9)
-                assert math.isclose(degradation, attacked - b[f"val_{metric}"], rel_tol=1e-6, abs_tol=1e-9)
-            if row["split"] == "Validation":
-                assert row[f"PGD@{budget:g} NMSE"] > row["NMSE"]  # the worst case is worse than clean
+                assert math.isclose(row[f"PGD@{budget:g} d{metric.upper()}"], attacked - clean[metric], rel_tol=1e-6,
+                                    abs_tol=1e-9)
+        assert row["PGD@5000 NMSE"] > row["NMSE"]  # the worst case is worse than clean
+        # the paired standard error of the degradation, recomputed from the per-volume NMSEs
+        r = mine[(mine["attack"] == "pgd") & (mine["budget_ref"] == 5000.0)].iloc[0]
+        after, before = json.loads(r["volume_nmse"]), json.loads(clean["volume_nmse"])
+        diffs = np.array([after[v] - before[v] for v in before])
+        assert len(diffs) == row["volumes"] and diffs.mean() == pytest.approx(row["PGD@5000 dNMSE"], rel=1e-6)
+        expected_se = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        assert row["PGD@5000 dNMSE SE"] == pytest.approx(expected_se, rel=1e-6, nan_ok=True)
+    # the held-out volumes are none of the selection volumes
+    sel = robust[(robust["split"] == "selection")]
+    assert set(sel["volume_nmse"].unique()) == {""}  # per-volume values are kept for held-out rows only
+    report_volumes = set(json.loads(held.iloc[0]["volume_nmse"]))
+    assert report_volumes and all(v.endswith(".h5") for v in report_volumes)
 
 
 @slow
 def test_table1_markdown_has_the_seed_layout(written):
     folder, _, _ = written
     text = (folder / "table1.md").read_text()
-    table = pd.read_csv(folder / "table1.csv")
-    for process in ("Training-S", "Validation-S", "Training-A", "Validation-A"):
+    table = pd.read_csv(folder / "table1.csv", keep_default_na=False, na_values=[""])
+    for process in ("Report-S", "Report-A", "Zero-filled", "Training-S", "Validation-S", "Training-A", "Validation-A"):
         assert f"| {process} |" in text
+    assert "report split" in text and "nothing was selected on them" in text
     assert "NMSE (seed def.)" in text and "prediction and reference swapped" in text and "fastMRI" in text
     assert "PGD@1000 NMSE" in text and "PGD@5000 SSIM" in text
-    val = table[(table["split"] == "Validation") & (table["epsilon_ref"] == 5000)].iloc[0]
-    assert f"{val['NMSE']:.4f}" in text and f"({val['PGD@5000 dNMSE']:+.4f})" in text
+    rep = table[(table["split"] == "Report") & (table["epsilon_ref"] == 5000)].iloc[0]
+    assert f"{rep['NMSE']:.4f}" in text and f"({rep['PGD@5000 dNMSE']:+.4f}" in text
 
 
 @slow
@@ -222,7 +245,7 @@ def test_errored_trial_and_missing_checkpoint(study, tmp_path, capsys):
     trial_rows = [ln for ln in summary.splitlines() if ln.startswith(f"| {standard} |")]
     assert trial_rows and "| missing |" in trial_rows[0]
     table = pd.read_csv(out / "table1.csv")
-    assert set(table["trial_id"]) == {standard, adversarial}  # the errored trial's epochs still count
+    assert set(table["trial_id"].dropna()) == {standard, adversarial}  # the errored trial's epochs still count
     for name in PNGS:  # figure 6 draws the adversarial row without the standard model's columns
         assert png_shape(out / name)[0] > 100, name
 
@@ -241,8 +264,8 @@ def test_one_sided_studies_and_old_tables(study, tmp_path):
     assert "no adversarially trained (ε > 0) trial" in summary
     assert "still RUNNING" in summary and "no train_seed_* columns" in summary
     table = pd.read_csv(folder / "report" / "table1.csv")
-    assert len(table) == 2 and table.loc[table["split"] == "Training", "NMSE (seed def.)"].isna().all()
-    assert table.loc[table["split"] == "Validation", "NMSE (seed def.)"].notna().all()
+    assert len(table) == 4 and table.loc[table["split"] == "Training", "NMSE (seed def.)"].isna().all()
+    assert table.loc[table["split"] == "Selection", "NMSE (seed def.)"].notna().all()
     assert png_shape(folder / "report" / "figure6.png")[0] > 100
 
 

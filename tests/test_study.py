@@ -7,6 +7,7 @@ process outlives it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,37 +66,134 @@ def test_smoke_study_writes_tables(smoke_study):
     assert set(trials["status"]) == {"TERMINATED"}
     assert sorted(trials.groupby("trial_id")["epsilon_ref"].first()) == [0, 250, 1000, 2500, 5000, 10000]
     robust = pd.read_parquet(folder / "robustness.parquet")
-    assert {"trial_id", "epoch", "attack", "budget", "budget_ref", "nmse", "psnr", "ssim"} <= set(robust.columns)
+    assert {"trial_id", "epoch", "attack", "budget", "budget_ref", "nmse", "psnr", "ssim", "split",
+            "model"} <= set(robust.columns)
     standard = trials.loc[trials["epsilon"] == 0, "trial_id"].iloc[0]
-    assert set(robust.loc[robust["trial_id"] == standard, "attack"]) == {"pgd", "noise"}  # no generator
-    assert set(robust["budget_ref"]) == {1000.0, 5000.0}
+    per_epoch = robust[robust["split"] == "selection"]
+    assert set(per_epoch.loc[per_epoch["trial_id"] == standard, "attack"]) == {"pgd", "noise"}  # no generator
+    assert set(per_epoch["budget_ref"]) == {1000.0, 5000.0}
     # the attacked NMSE in the trials table is the robustness table's number
     row = trials[(trials["trial_id"] == standard) & (trials["epoch"] == 2)].iloc[0]
-    rob = robust[(robust["trial_id"] == standard) & (robust["epoch"] == 2) & (robust["attack"] == "pgd")
-                 & (robust["budget_ref"] == 5000.0)].iloc[0]
-    assert row["rob_pgd_e5000_nmse"] == rob["nmse"] and rob["nmse"] > row["val_nmse"]
+    rob = per_epoch[(per_epoch["trial_id"] == standard) & (per_epoch["epoch"] == 2) & (per_epoch["attack"] == "pgd")
+                    & (per_epoch["budget_ref"] == 5000.0)].iloc[0]
+    assert row["rob_pgd_e5000_nmse"] == rob["nmse"] and rob["d_nmse"] > 0
+    # every trial's last epoch carries the held-out evaluation of its best epoch, and the zero-filled input's
+    held = robust[robust["split"] == "report"]
+    assert set(held["trial_id"]) == set(trials["trial_id"]) and set(held["model"]) == {"trained", "zero_filled"}
+    last = trials[trials["epoch"] == 2].set_index("trial_id")
+    for trial_id, rows in held[held["model"] == "trained"].groupby("trial_id"):
+        clean = rows[rows["attack"] == "clean"].iloc[0]
+        assert clean["nmse"] == last.loc[trial_id, "report_nmse"]
+        assert rows["eval_epoch"].iloc[0] == last.loc[trial_id, "best_epoch"]
+    # Optuna and ASHA are told the objective at the best epoch so far, present in every result
+    assert trials["best_val_nmse"].notna().all() and trials["best_rob_pgd_e5000_nmse"].notna().all()
+    # trials that differ only in epsilon train against different perturbations (the budget binds)
+    adv = last[last["epsilon"] > 0]
+    assert adv["delta_sq"].nunique() == len(adv) and (adv["delta_sq"] <= 2.0 * adv["epsilon"]).all()
 
 
-def test_smoke_study_optuna_and_tensorboard(smoke_study):
-    import optuna
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def hparams_route(folder: Path, route: str, request: dict) -> dict:
+    """What TensorBoard's HParams plugin answers the browser for ``route`` on ``folder`` (its own
+    event reading and data provider, called as its web server would)."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import hparams_plugin
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(folder))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(folder))
+    plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(folder), data_provider=provider,
+                                                                multiplexer=mux))
+    answer = Client(plugin.get_plugin_apps()[route], Response).post("/", json=request)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return answer.get_json()
+
+
+def test_smoke_study_tensorboard(smoke_study):
+    """One TensorBoard run per trial (its folder), read with TensorBoard's own backend: the same
+    scalar tags everywhere, images, and an HParams table with every trial, its searched value in
+    the space's units, its objectives and report-split metrics, and its end status."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
     folder, out = smoke_study
     assert out.returncode == 0
+    trials = pd.read_parquet(folder / "trials.parquet")
+    mux = EventMultiplexer(size_guidance={"images": 0, "scalars": 0}).AddRunsFromDirectory(str(folder)).Reload()
+    runs = sorted(mux.Runs())
+    assert len(runs) == 6 and all("/" not in r for r in runs)  # no Ray logger runs, no sub-runs
+    for trial_id, eps in trials.groupby("trial_id")["epsilon_ref"].first().items():
+        assert f"trial_{trial_id}_epsilon={eps:g}" in runs
+    tags = {r: set(mux.GetAccumulator(r).Tags()["scalars"]) for r in runs}
+    common = set.intersection(*tags.values())
+    assert {"val/nmse", "train/loss", "best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse",
+            "report/rob_pgd_e5000_nmse", "report_zero_filled/nmse", "rob/pgd_e5000_nmse"} <= common
+    assert all("generator" in t for t in set.union(*tags.values()) - common)  # epsilon = 0 has no generator
+    assert not any(t.startswith("ray/") for t in set.union(*tags.values()))
+    for r in runs:
+        acc = mux.GetAccumulator(r)
+        assert [e.step for e in acc.Scalars("val/nmse")] == [1, 2] and [e.step for e in acc.Scalars("report/nmse")] == [2]
+        assert {"images/input", "images/recon", "images/pgd_delta"} <= set(acc.Tags()["images"])
+
+    experiment = hparams_route(folder, "/experiment", {"experimentName": ""})
+    hparams = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert hparams["epsilon_ref"]["differs"] and not hparams["lambda1"].get("differs")
+    assert experiment["hparamInfos"][0]["name"] == "epsilon_ref"  # listed, and ticked, first
+    metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+    assert metrics[:5] == ["best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse", "report/rob_pgd_e5000_nmse",
+                           "report/ssim"]  # TensorBoard ticks the first five
+    groups = hparams_route(folder, "/session_groups", {
+        "startIndex": 0, "sliceSize": 100, "colParams": [],
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})["sessionGroups"]
+    assert len(groups) == 6
+    assert sorted(g["hparams"]["epsilon_ref"] for g in groups) == [0, 250, 1000, 2500, 5000, 10000]
+    last = trials[trials["epoch"] == 2].set_index("epsilon_ref")
+    for g in groups:
+        (session,) = g["sessions"]
+        assert session["status"] == "STATUS_SUCCESS"  # written by the driver when the trial ended
+        values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
+        assert set(values) == set(metrics), set(metrics) - set(values)  # every metric has a value
+        row = last.loc[g["hparams"]["epsilon_ref"]]
+        assert values["best/val_nmse"] == pytest.approx(row["best_val_nmse"], rel=1e-6)
+        assert values["report/rob_pgd_e5000_nmse"] == pytest.approx(row["report_rob_pgd_e5000_nmse"], rel=1e-6)
+
+
+def test_smoke_study_optuna(smoke_study):
+    """optuna.db: named objectives, each trial linked to its Ray trial and folder, with its status
+    and per-epoch values (optuna-dashboard's learning curves)."""
+    import optuna
+
+    folder, out = smoke_study
+    assert out.returncode == 0
+    trials = pd.read_parquet(folder / "trials.parquet")
     study = optuna.load_study(study_name="eps_sweep", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert study.metric_names == ["best_val_nmse", "best_rob_pgd_e5000_nmse"]
     assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    trial_dirs = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("train_trial")]
-    assert len(trial_dirs) == 6
-    for d in trial_dirs:
-        assert (d / "best.pt").is_file() and list(d.glob("checkpoint_*"))
-        ea = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
-        tags = ea.Tags()
-        assert {"val/nmse", "val/psnr", "val/ssim", "train/loss"} <= set(tags["scalars"])  # same tags everywhere
-        assert [e.step for e in ea.Scalars("val/nmse")] == [1, 2]
-        assert {"images/input", "images/recon", "images/pgd_delta"} <= set(tags["images"])
-        hp = ea.PluginTagToContent("hparams")
-        assert "_hparams_/session_start_info" in hp and "_hparams_/experiment" in hp
-        assert b"epsilon_ref" in hp["_hparams_/session_start_info"] and b"val/nmse" in hp["_hparams_/experiment"]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials["trial_id"].unique())
+    for t in study.trials:
+        rows = trials[trials["trial_id"] == t.user_attrs["ray_trial_id"]].set_index("epoch")
+        assert t.user_attrs["status"] == "TERMINATED"
+        assert (folder / t.user_attrs["folder"] / "best.pt").is_file()
+        assert t.user_attrs["folder"] == f"trial_{t.user_attrs['ray_trial_id']}_epsilon={t.params['epsilon']}"
+        assert t.intermediate_values == {e: pytest.approx(rows.loc[e, "val_nmse"]) for e in (1, 2)}
+        assert t.values == [pytest.approx(rows.loc[2, "best_val_nmse"]), pytest.approx(rows.loc[2, "best_rob_pgd_e5000_nmse"])]
+
+
+def test_smoke_study_console(smoke_study):
+    """Every epoch line names its trial; Ray's chatter is gone; one table with progress."""
+    folder, out = smoke_study
+    assert out.returncode == 0
+    console = out.stdout + out.stderr
+    epoch_lines = [line for line in console.splitlines() if re.search(r"epoch [12]: loss", line)]
+    assert len(epoch_lines) == 12
+    assert all(re.search(r"\[epsilon=\d+ [0-9a-f]{8}\] epoch [12]: ", line) for line in epoch_lines), epoch_lines
+    for noise in ("Checkpoint successfully created", "Result logdir", "Study.stop", "Failed to fetch metrics",
+                  "A new study created"):
+        assert noise not in console, noise
+    assert re.search(r"== study eps_sweep: 6 trials \(6 TERMINATED\) \| \d+:\d\d:\d\d elapsed, done ==", console)
+    assert re.search(r"[0-9a-f]{8} +10000 +TERMINATED +2/2 ", console)
 
 
 def test_runner_imports_ray_only_when_it_starts_it():
