@@ -94,3 +94,45 @@ def test_grid_and_budgets():
     assert space.budgets_at(320) == (1000.0, 5000.0)
     assert space.budgets_at(160) == (250.0, 1250.0)  # same per-pixel RMS on a quarter of the pixels
     assert TrainConfig().crop_size == 320
+
+
+def test_budgets_follow_the_trials_own_crop(tmp_path):
+    """A space that fixes (or searches) crop_size trains at budgets scaled for that crop, not the
+    profile's, and its robustness keys stay in the space's 320x320 units (issue 8.3)."""
+    import argparse
+
+    from study.run import base_config
+
+    space = load_space(write(tmp_path, "parameters:\n  epsilon: {grid: [0, 1000]}\n"
+                                        "fixed: {crop_size: 128}\nattack_budgets: [1000, 5000]\n"))
+    args = argparse.Namespace(max_epochs=None)
+    base = base_config(space, "demo", tmp_path, args, None, tmp_path / ".cache")  # demo's own crop: 96
+    ctx = StudyContext(base=base, epsilon_keys=("epsilon",), study_dir=str(tmp_path),
+                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+    cfg = trial_config(ctx, {"epsilon": 1000})
+    assert cfg.crop_size == 128
+    assert cfg.epsilon == pytest.approx(1000 * 128**2 / 320**2)  # 160, not 1000 * 96^2 / 320^2 = 90
+    assert cfg.epsilon_rms == pytest.approx((1000 / 320**2) ** 0.5)  # 0.099 per pixel, as at 320
+    assert cfg.attack_budgets == pytest.approx((160.0, 800.0))
+    from mriadv.training import robust_key, to_reference
+
+    assert [robust_key("pgd", to_reference(b, 128), "nmse") for b in cfg.attack_budgets] == [
+        "rob_pgd_e1000_nmse", "rob_pgd_e5000_nmse"]
+    # searching the crop: each trial scales with its own
+    searched = trial_config(ctx, {"epsilon": 1000, "crop_size": 64})
+    assert searched.epsilon == pytest.approx(1000 * 64**2 / 320**2)
+
+
+def test_robust_every_with_a_robustness_objective(synthetic_root):
+    """robust_every > 1: attacks also run at every new best epoch, so the value the searcher is told
+    (the objective at the best epoch so far) exists in every result."""
+    from mriadv.training import fit
+    from study.trainable import BestSoFar
+
+    cfg = TrainConfig.from_dict(dict(data=str(synthetic_root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4,
+                                     batch_size=2, epsilon=40.0, attack_budgets=(40.0, 200.0), attacks=("pgd",),
+                                     pgd_steps=2, train_eval_volumes=0, max_epochs=3, max_train_batches=2,
+                                     robust_every=5, device="cpu", threads=1))
+    best = BestSoFar(("val_nmse", "rob_pgd_e5000_nmse"))
+    told = [best.update(r) for r in fit(cfg, log=None).history]
+    assert len(told) == 3 and all(t["best_rob_pgd_e5000_nmse"] > 0 for t in told)
