@@ -19,6 +19,10 @@ from typing import Any, Mapping
 
 REFERENCE_CROP = 320  # the seed's crop; epsilon values "at 320" are scaled from here
 ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
+# What produces the training perturbation delta (epsilon > 0): the seed's generator game G(z) (or G(y)
+# in k-space), k-step PGD at the budget (Madry et al. 2018), Gaussian noise at the budget
+# ("jittering", Krainovic et al. 2023), a generator that sees its input G(x, z) / G(y, z), or none.
+ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional")
 
 
 class ConfigError(ValueError):
@@ -87,7 +91,10 @@ class TrainConfig:
     # --- objective -------------------------------------------------------------------------
     loss: str = "dssim"  # 'mse' | 'dssim'
     dssim_data_range: float | None = None  # None: from the target; 1.0: the seed's code's constants
-    epsilon: float = 1e3  # squared-L2 budget per image; 0 = standard training (no generator)
+    epsilon: float = 1e3  # squared-L2 budget per image; 0 = standard training (no adversary)
+    adversary: str = "generator"  # what makes delta in training: see ADVERSARIES
+    adv_steps: int = 3  # adversary='pgd': L2 PGD steps per training batch (Madry et al.)
+    noise_mode: str = "norm"  # adversary='noise': 'norm' (||delta||^2 = eps) | 'sigma' (iid, E||delta||^2 = eps)
     lambda1: float = 1.0  # weight of the perturbed reconstruction term
     lambda2: float = 1.0  # weight of the hinge penalty max(0, ||G(z)||^2 - epsilon)
     epsilon_scope: str = "image"  # 'image' (report) | 'batch' (seed code: ||batch||^2 vs B * epsilon)
@@ -146,7 +153,12 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     @property
     def adversarial(self) -> bool:
-        return self.epsilon > 0
+        return self.epsilon > 0 and self.adversary != "none"
+
+    @property
+    def adversary_kind(self) -> str:
+        """The adversary actually used: ``'none'`` whenever epsilon is 0."""
+        return self.adversary if self.adversarial else "none"
 
     @property
     def epsilon_rms(self) -> float:
@@ -178,7 +190,8 @@ class TrainConfig:
             "kspace_conditioning": ("measurements", "latent"), "unet_activation": ("prelu", "relu", "leakyrelu"),
             "unet_pooling": ("avg", "max"), "unet_norm": ("instance", "batch"), "mask_type": ("random", "equispaced"),
             "target_key": ("reconstruction_esc", "reconstruction_rss", "kspace"), "precision": ("auto", "fp32", "bf16"),
-            "gen_scale": ("budget", "unit"), "lr_schedule": ("constant", "cosine"),
+            "gen_scale": ("budget", "unit"), "lr_schedule": ("constant", "cosine"), "adversary": ADVERSARIES,
+            "noise_mode": ("norm", "sigma"),
         }
         for key, allowed in choices.items():
             need(getattr(self, key) in allowed, key, f"must be one of {allowed}")
@@ -189,7 +202,7 @@ class TrainConfig:
             value = getattr(self, key)
             need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, "must be a finite number > 0")
         for key in ("batch_size", "max_epochs", "patience", "latent_dim", "unet_chans", "gen_chans", "crop_size",
-                    "pgd_steps", "robust_every"):
+                    "pgd_steps", "robust_every", "adv_steps"):
             value = getattr(self, key)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
         need(isinstance(self.unet_pools, int) and self.unet_pools >= 0, "unet_pools", "must be an integer >= 0")
@@ -274,5 +287,5 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["ATTACKS", "TrainConfig", "budgets_at_crop", "to_reference", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
+__all__ = ["ADVERSARIES", "ATTACKS", "TrainConfig", "budgets_at_crop", "to_reference", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
            "REFERENCE_CROP"]

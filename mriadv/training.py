@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, squared_norm
+from mriadv.attacks import (GeneratorAttack, NoiseAttack, PGDAttack, apply_perturbation, hinge, project_l2, restrict,
+                            squared_norm)
 from mriadv.config import ConfigError, TrainConfig, to_reference
 from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir, seeded_slices,
                                split_for_report)
@@ -39,7 +40,8 @@ from mriadv.data.masks import make_mask_func
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
 from mriadv.losses import make_loss
-from mriadv.models import ImageGenerator, MeasurementGenerator, UNet, as_complex
+from mriadv.models import (ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex,
+                           kspace_features)
 from mriadv.runtime import Runtime, seed_everything
 
 CHECKPOINT_FORMAT = 1
@@ -65,8 +67,13 @@ def build_reconstructor(cfg: TrainConfig) -> UNet:
 
 
 def build_generator(cfg: TrainConfig, kspace_shape: tuple[int, int] | None = None) -> nn.Module | None:
-    """The perturbation generator for ``cfg`` (None for standard training)."""
-    if not cfg.adversarial:
+    """The perturbation generator for ``cfg`` (None unless the adversary is a generator)."""
+    kind = cfg.adversary_kind
+    if kind == "conditional":  # sees its input: the image (1 channel) or k-space features (3)
+        image = cfg.perturbation == "image"
+        return ConditionalGenerator(1 if image else 3, 1 if image else 2, cfg.latent_dim, cfg.gen_chans,
+                                    max(1, cfg.unet_pools))
+    if kind != "generator":
         return None
     if cfg.perturbation == "image":
         return ImageGenerator((cfg.crop_size, cfg.crop_size), cfg.latent_dim, cfg.gen_chans, out_chans=1)
@@ -112,6 +119,7 @@ class Trainer:
         self.opt_gen = (torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.weight_decay)
                         if self.generator is not None else None)
         self.latent_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.noise_rng = torch.Generator().manual_seed(cfg.seed + 2)  # adversary='noise'
         self.steps_done = 0  # optimiser steps so far (the schedule's clock; saved with the state)
         self.total_steps: int | None = None  # set by fit() for lr_schedule='cosine'
 
@@ -132,7 +140,10 @@ class Trainer:
     # -- perturbation -------------------------------------------------------------------------
     @property
     def latent_conditioned(self) -> bool:
-        return self.cfg.perturbation == "image" or self.cfg.kspace_conditioning == "latent"
+        """Whether the generator takes a latent ``z`` (G(z), and the conditional G(x, z))."""
+        kind = self.cfg.adversary_kind
+        return kind == "conditional" or (kind == "generator" and (
+            self.cfg.perturbation == "image" or self.cfg.kspace_conditioning == "latent"))
 
     def draw_latent(self, batch_size: int) -> torch.Tensor | None:
         """z ~ N(0, latent_scale^2) ``(B, latent_dim)``, from the run's own generator (resumable)."""
@@ -146,11 +157,15 @@ class Trainer:
         restricted to acquired columns and projected onto the epsilon ball when configured."""
         assert self.generator is not None
         cfg = self.cfg
+        conditional = cfg.adversary_kind == "conditional"
         with self.runtime.autocast():
             if cfg.perturbation == "image":
-                delta = self.generator(z).float()
+                delta = (self.generator(self.runtime.image(batch.image), z) if conditional else self.generator(z)).float()
             else:
-                raw = self.generator(z) if self.latent_conditioned else self.generator(batch.kspace, batch.mask)
+                if conditional:
+                    raw = self.generator(kspace_features(batch.kspace, batch.mask), z)
+                else:
+                    raw = self.generator(z) if self.latent_conditioned else self.generator(batch.kspace, batch.mask)
                 delta = as_complex(raw)
                 if cfg.kspace_sampled_only:
                     delta = delta * batch.mask[:, None, :].to(delta.real.dtype)  # type: ignore[index]
@@ -219,12 +234,47 @@ class Trainer:
         self.opt_recon.step()
         return {"recon_loss": total.detach(), "clean_loss": clean.detach(), "pert_loss": pert.detach()}
 
+    def attack_perturbation(self, batch: Batch) -> torch.Tensor:
+        """delta for ``adversary='pgd'``: ``adv_steps`` of L2 PGD at the training budget against the
+        current reconstructor (in eval mode, so batch-norm statistics see only the update's batch),
+        in the perturbation's domain (Madry et al. 2018)."""
+        cfg = self.cfg
+        pgd = PGDAttack(cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only,
+                        cfg.clamp)
+        with eval_mode(self.recon):
+            return pgd(self.recon, batch, self.runtime).delta
+
+    def noise_perturbation(self, batch: Batch) -> torch.Tensor:
+        """delta for ``adversary='noise'`` (jittering): Gaussian noise from the trainer's own seeded
+        generator, per image on the sphere ``||delta||^2 = epsilon`` (``noise_mode='norm'``) or
+        i.i.d. with ``sigma^2 = epsilon / n`` over the ``n`` real components it fills (``'sigma'``)."""
+        cfg = self.cfg
+        if cfg.perturbation == "image":
+            delta = torch.randn(batch.image.shape, generator=self.noise_rng).to(batch.image.device)
+        else:
+            shape = tuple(batch.kspace.shape)  # type: ignore[union-attr]
+            delta = torch.complex(torch.randn(shape, generator=self.noise_rng), torch.randn(shape, generator=self.noise_rng))
+            delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
+        view = (-1, *([1] * (delta.ndim - 1)))
+        if cfg.noise_mode == "norm":
+            return delta * (cfg.epsilon / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
+        return delta * (self.output_scale(batch, delta) / GEN_HEADROOM**0.5)  # sqrt(eps / n) per real component
+
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """Algorithm 1 (or 2) on one batch; returns plain numbers (one device sync)."""
+        """One step of the configured adversarial training on one batch (Algorithm 1 or 2 for the
+        generator kinds); returns plain numbers (one device sync)."""
         self._set_learning_rates()
         self.steps_done += 1
         self.recon.train()
-        if self.generator is None:
+        kind = self.cfg.adversary_kind
+        if kind in ("pgd", "noise"):
+            with torch.no_grad() if kind == "noise" else contextlib.nullcontext():
+                delta = self.attack_perturbation(batch) if kind == "pgd" else self.noise_perturbation(batch)
+            stats = self.reconstructor_step(batch, delta.detach())
+            sq = squared_norm(delta.detach())
+            stats["delta_sq"] = sq.mean()
+            stats["over_budget"] = (sq > self.cfg.epsilon * (1 + 1e-4)).float().mean()
+        elif self.generator is None:
             stats = self.reconstructor_step(batch, None)
         else:
             self.generator.train()
@@ -286,6 +336,7 @@ class Trainer:
             "opt_recon": self.opt_recon.state_dict(),
             "opt_gen": self.opt_gen.state_dict() if self.opt_gen is not None else None,
             "latent_rng": self.latent_rng.get_state(),
+            "noise_rng": self.noise_rng.get_state(),
             "steps_done": self.steps_done,
         }
 
@@ -297,6 +348,8 @@ class Trainer:
             self.opt_gen.load_state_dict(state["opt_gen"])  # type: ignore[union-attr]
         self.latent_rng.set_state(state["latent_rng"])
         self.steps_done = int(state.get("steps_done", 0))
+        if "noise_rng" in state:
+            self.noise_rng.set_state(state["noise_rng"])
 
     def networks(self) -> dict[str, Any]:
         """Copies of the two networks' weights (what ``best.pt`` holds)."""

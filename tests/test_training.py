@@ -307,3 +307,70 @@ def test_cosine_schedule_matches_its_closed_form():
     constant.total_steps = 10
     constant.train_step(batch)
     assert constant.opt_recon.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# adversary kinds (issue 10)
+# ----------------------------------------------------------------------------------------------
+def test_conditional_generator_output_depends_on_every_input_pixel():
+    from mriadv.models import ConditionalGenerator
+
+    gen = ConditionalGenerator(1, 1, latent_dim=8, chans=4, num_pools=1).eval()  # a small U-Net: RF << 40 px
+    x = torch.randn(1, 1, 40, 40, requires_grad=True)
+    out = gen(x, torch.randn(1, 8))
+    (grad,) = torch.autograd.grad(out[0, 0, 0, 0], x)  # one corner pixel of the output
+    assert (grad.abs() > 0).all()  # ... moves with every input pixel, the far corner included
+
+
+@pytest.mark.parametrize("kind", ["pgd", "noise", "conditional"])
+def test_each_adversary_keeps_the_other_side_frozen(kind):
+    tr = Trainer(tiny(adversary=kind, epsilon=20.0), CPU)
+    batch = fake_batch()
+    theta = params(tr.recon)
+    if kind == "conditional":
+        phi = params(tr.generator)
+        tr.generator_step(batch, tr.draw_latent(2))
+        assert same(theta, params(tr.recon)) and all(p.grad is None for p in tr.recon.parameters())
+        assert not same(phi, params(tr.generator))
+        with torch.no_grad():
+            delta = tr.perturbation(batch, tr.draw_latent(2))
+        phi = params(tr.generator)
+        tr.reconstructor_step(batch, delta)
+        assert same(phi, params(tr.generator)) and not same(theta, params(tr.recon))
+        return
+    assert tr.generator is None
+    delta = tr.attack_perturbation(batch) if kind == "pgd" else tr.noise_perturbation(batch)
+    assert same(theta, params(tr.recon)) and all(p.grad is None for p in tr.recon.parameters())
+    assert (squared_norm(delta) <= 20.0 * (1 + 1e-5)).all()
+    stats = tr.train_step(batch)
+    assert not same(theta, params(tr.recon)) and stats["delta_sq"] > 0
+
+
+def test_pgd_training_perturbation_is_worse_than_noise_of_equal_norm():
+    tr = Trainer(tiny(adversary="pgd", epsilon=20.0, adv_steps=5), CPU)
+    batch = fake_batch()
+    pgd = tr.attack_perturbation(batch)
+    noise = tr.noise_perturbation(batch)
+    assert squared_norm(noise) == pytest.approx(torch.full((2,), 20.0), rel=1e-5)  # jittering on the sphere
+    with torch.no_grad():
+        err = lambda d: (tr.recon(batch.image + d) - batch.target).pow(2).sum()  # noqa: E731
+        assert err(pgd) > err(noise)
+
+
+def test_noise_sigma_mode_has_the_budget_as_expected_norm():
+    tr = Trainer(tiny(adversary="noise", noise_mode="sigma", epsilon=20.0), CPU)
+    sq = torch.cat([squared_norm(tr.noise_perturbation(fake_batch(8))) for _ in range(20)])
+    # ||delta||^2 / sigma^2 is chi-square with n = 32*32 degrees of freedom: mean eps, sd eps*sqrt(2/n)
+    assert sq.mean() == pytest.approx(20.0, rel=3 * (2 / 1024) ** 0.5 / 160**0.5 + 0.01)
+    assert sq.std() == pytest.approx(20.0 * (2 / 1024) ** 0.5, rel=0.3)
+
+
+@pytest.mark.parametrize("kind", ["pgd", "noise", "conditional"])
+@pytest.mark.parametrize("domain", ["image", "kspace"])
+def test_every_adversary_trains_in_both_domains(synthetic_root, kind, domain):
+    cfg = smoke_cfg(synthetic_root, adversary=kind, perturbation=domain, max_epochs=1, max_train_batches=2,
+                    attacks=("noise",), train_eval_volumes=0)
+    res = fit(cfg, log=None)
+    r = res.history[-1]
+    assert res.status == "completed" and r.steps == 2 and 0 < r.delta_sq <= 20.0 * 1.0001
+    assert r.report is not None and r.report["clean"]["nmse"] > 0

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from mriadv.models.unet import UNet
+
 
 def upsampling_plan(size: tuple[int, int], max_upsamplings: int = 6) -> tuple[int, tuple[int, int]]:
     """``(k, (base_h, base_w))`` with ``base * 2**k >= size`` and the smaller base side >= 2."""
@@ -87,9 +89,7 @@ class MeasurementGenerator(nn.Module):
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if kspace.ndim != 3 or not torch.is_complex(kspace):
             raise ValueError(f"MeasurementGenerator expects complex k-space (B, H, W), got {tuple(kspace.shape)} {kspace.dtype}")
-        m = mask.to(kspace.real.dtype)[:, None, :].expand(-1, kspace.shape[-2], -1)
-        x = torch.stack([torch.asinh(kspace.real), torch.asinh(kspace.imag), m], dim=1)
-        return self.net(x)
+        return self.net(kspace_features(kspace, mask))
 
 
 def as_complex(two_channel: torch.Tensor) -> torch.Tensor:
@@ -97,3 +97,41 @@ def as_complex(two_channel: torch.Tensor) -> torch.Tensor:
     if two_channel.ndim != 4 or two_channel.shape[1] != 2:
         raise ValueError(f"expected (B, 2, H, W), got {tuple(two_channel.shape)}")
     return torch.complex(two_channel[:, 0].float(), two_channel[:, 1].float())
+
+
+class ConditionalGenerator(nn.Module):
+    """An amortised attacker ``G(x, z)`` that sees its input: a U-Net on the input concatenated with
+    a few constant feature maps computed from the latent ``z`` *and* a coarse summary of the whole
+    input (an 8x8 average-pooled grid through a small MLP), so every output pixel depends on every
+    input pixel whatever the U-Net's own receptive field (the seed's G(z) cannot shape an
+    image-specific perturbation; its k-space G(y) saw only 17x17 samples).
+
+    ``x``: real ``(B, in_chans, H, W)`` (the normalised zero-filled image, or k-space as (real,
+    imaginary, mask) after ``asinh``); ``z``: ``(B, latent_dim)`` or None. Returns ``(B, out_chans,
+    H, W)`` in [-1, 1] (tanh), scaled to the budget by the trainer.
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, latent_dim: int = 100, chans: int = 16, num_pools: int = 3,
+                 context: int = 8, grid: int = 8) -> None:
+        super().__init__()
+        self.latent_dim, self.grid = latent_dim, grid
+        self.summary = nn.Sequential(nn.Linear(in_chans * grid * grid + latent_dim, 64), nn.PReLU(),
+                                     nn.Linear(64, context))
+        self.unet = UNet(in_chans + context, out_chans, chans, num_pools)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"ConditionalGenerator expects (B, C, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if z is None:
+            z = x.new_zeros(b, self.latent_dim)
+        coarse = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)  # (B, C * grid^2)
+        maps = self.summary(torch.cat([coarse, z], dim=1))[:, :, None, None].expand(-1, -1, h, w)
+        return torch.tanh(self.unet(torch.cat([x, maps], dim=1)))
+
+
+def kspace_features(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Complex k-space ``(B, H, W)`` and mask ``(B, W)`` -> real ``(B, 3, H, W)``: ``asinh`` of the
+    real and imaginary parts (k-space spans decades of magnitude) and the mask."""
+    m = mask.to(kspace.real.dtype)[:, None, :].expand(-1, kspace.shape[-2], -1)
+    return torch.stack([torch.asinh(kspace.real), torch.asinh(kspace.imag), m], dim=1)
