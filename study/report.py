@@ -609,15 +609,36 @@ def metric_label(metric: str) -> str:
     return metric
 
 
+def _defence_of(res: StudyResults, trial_ids: list[str]) -> list[str]:
+    """Each trial's defence: its adversary kind (standard where epsilon is 0), or '' for studies that
+    do not vary it."""
+    if "adversary" not in res.trials and "epsilon" not in res.trials:
+        return [""] * len(trial_ids)
+    first = res.trials.drop_duplicates("trial_id").set_index("trial_id")
+    out = []
+    for t in trial_ids:
+        row = first.loc[t] if t in first.index else {}
+        eps = _get(row, "epsilon")
+        kind = str(row.get("adversary", "generator")) if "adversary" in first else "generator"
+        out.append("standard" if eps == 0 or kind == "none" else kind)
+    return out if len(set(out)) > 1 else [""] * len(trial_ids)
+
+
 def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
     """Clean validation NMSE against the attacked metric, front marked, unfinished trials hollow."""
     values, done, front = points.values, points.finished, points.front
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(values[done, 0], values[done, 1], s=40, color="tab:blue", label="trial (finished)", zorder=2)
-    if (~done).any():
-        ax.scatter(values[~done, 0], values[~done, 1], s=40, facecolors="none", edgecolors="tab:blue",
-                   label="trial (stopped by the scheduler, or running)", zorder=2)
+    kinds = _defence_of(res, points.trial_ids)
+    palette = dict(zip(dict.fromkeys(kinds), ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown",
+                                               "tab:pink", "tab:olive", "tab:cyan")))
+    for kind, color in palette.items():
+        mine = np.array([k == kind for k in kinds])
+        name = f"{kind} (finished)" if kind else "trial (finished)"
+        ax.scatter(values[done & mine, 0], values[done & mine, 1], s=40, color=color, label=name, zorder=2)
+        if (~done & mine).any():
+            ax.scatter(values[~done & mine, 0], values[~done & mine, 1], s=40, facecolors="none", edgecolors=color,
+                       label=f"{kind or 'trial'} (stopped by the scheduler, or running)", zorder=2)
     if front.any():
         order = np.argsort(values[front, 0])
         ax.plot(values[front, 0][order], values[front, 1][order], "-", color="tab:red", lw=1, zorder=1)
@@ -763,6 +784,8 @@ def _summary_trials(res: StudyResults) -> list[str]:
         return out + ["None reported.", ""]
     best = res.best.set_index("trial_id") if not res.best.empty else res.best
     epochs = res.trials[res.trials["epoch"] > 0].groupby("trial_id")["epoch"].max()
+    cost = (res.trials[res.trials["epoch"] > 0].groupby("trial_id")["train_time_s"].mean()
+            if "train_time_s" in res.trials else {})
     ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
     rob = held_out(res)
     top = max(res.budgets) if res.budgets else None
@@ -777,10 +800,10 @@ def _summary_trials(res: StudyResults) -> list[str]:
             status += " (stopped by the scheduler)"
         ckpt = res.best_pt(t)
         b = best.loc[t] if t in best.index else {}
-        rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), _num(b.get("epoch"), ".0f"),
+        rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), _num(cost.get(t), ".1f"), _num(b.get("epoch"), ".0f"),
                      _num(b.get("val_nmse"), ".4f"), _num(clean.get(t), ".4f"), _num(pgd.get(t), ".4f"),
                      f"`{res.shown(ckpt)}`" if ckpt else "missing", _markdown_cell(res.shown_text(messages.get(t, "")))])
-    headers = ["trial", "searched values", "status", "epochs", "best epoch", "selection NMSE", "report NMSE",
+    headers = ["trial", "searched values", "status", "epochs", "train s/epoch", "best epoch", "selection NMSE", "report NMSE",
                f"report PGD@{top:g} NMSE" if top else "report PGD NMSE", "best.pt", "message"]
     return out + [_md_table(headers, rows), ""]
 

@@ -39,7 +39,7 @@ from mriadv.training import robust_key
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = {"description", "parameters", "fixed", "num_samples", "objectives",
+TOP_KEYS = {"description", "parameters", "points", "fixed", "num_samples", "objectives",
             "attack_budgets", "scheduler"}
 # keys that a space may not set: they belong to the run, not to the study
 RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
@@ -93,18 +93,24 @@ class StudySpace:
     attack_budgets: tuple[float, ...]
     scheduler: dict[str, Any]
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    points: tuple[dict[str, Any], ...] = ()  # a list of explicit trials (then params are their keys)
 
     @property
     def is_grid(self) -> bool:
         return bool(self.params) and all(p.kind == "grid" for p in self.params)
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """Every combination of a grid space, in file order."""
+        """Every trial of a space that lists them: each combination of a grid space in file order,
+        or the explicit ``points``; empty for a sampled space."""
+        if self.points:
+            return [dict(p) for p in self.points]
+        if not self.is_grid:
+            return []
         names = [p.name for p in self.params]
         return [dict(zip(names, combo)) for combo in itertools.product(*(p.values for p in self.params))]
 
     def trial_count(self) -> int:
-        return len(self.grid_points()) if self.is_grid else self.num_samples
+        return len(self.grid_points()) if self.is_grid or self.points else self.num_samples
 
     def scale(self, key: str, value: Any, crop_size: int) -> Any:
         """A value as the trainer needs it: budgets (given for 320x320) are scaled to ``crop_size`` at
@@ -115,7 +121,7 @@ class StudySpace:
         return tuple(scale_epsilon(b, crop_size) for b in self.attack_budgets)
 
     def summary_line(self) -> str:
-        kind = "grid" if self.is_grid else f"{self.num_samples} samples"
+        kind = "grid" if self.is_grid else ("points" if self.points else f"{self.num_samples} samples")
         params = ", ".join(p.name for p in self.params)
         return f"{self.name:<14} {self.trial_count():>3} trials ({kind}; {params}): {self.description}"
 
@@ -162,6 +168,11 @@ def load_space(name_or_path: str) -> StudySpace:
         except (ConfigError, TypeError) as exc:
             raise fail(where, str(exc)) from None
 
+    if "points" in raw:
+        if "parameters" in raw or "num_samples" in raw:
+            raise fail("points", "a space lists its trials as points, or searches parameters: not both "
+                                 "(and a list of points runs each once: no num_samples)")
+        raw = {**raw, "parameters": _points_as_choices(raw["points"], fail, check_value, config_fields)}
     params_raw = raw.get("parameters") or {}
     if not isinstance(params_raw, dict):
         raise fail("parameters", "expected a mapping of TrainConfig fields to distributions")
@@ -217,8 +228,9 @@ def load_space(name_or_path: str) -> StudySpace:
             raise fail(f"fixed.{key}", "is also a searched parameter")
         check_value(key, f"fixed.{key}", value)
 
+    points = tuple(dict(p) for p in raw.get("points") or ())
     grid = all(p.kind == "grid" for p in params)
-    num_samples = raw.get("num_samples")
+    num_samples = len(points) if points else raw.get("num_samples")
     if grid and num_samples is not None:
         raise fail("num_samples", "a grid space runs each grid point once; add 'seed: {grid: [...]}' for repeats")
     if num_samples is None:
@@ -249,7 +261,7 @@ def load_space(name_or_path: str) -> StudySpace:
                                           "rob_<attack>_e<budget>_<metric> for a budget in attack_budgets")
         objectives.append(Objective(obj["metric"], obj["mode"]))
 
-    sched = raw.get("scheduler", "none" if grid else "asha")
+    sched = raw.get("scheduler", "none" if grid or points else "asha")
     if isinstance(sched, str):
         sched = {"type": sched}
     if not isinstance(sched, dict) or sched.get("type") not in ("none", "asha"):
@@ -264,5 +276,35 @@ def load_space(name_or_path: str) -> StudySpace:
     return StudySpace(
         name=path.stem, path=path, description=str(raw.get("description", "")), params=tuple(params),
         fixed=dict(fixed), num_samples=num_samples, objectives=tuple(objectives),
-        attack_budgets=tuple(float(b) for b in budgets), scheduler=sched, raw=raw,
+        attack_budgets=tuple(float(b) for b in budgets), scheduler=sched, raw=raw, points=points,
     )
+
+
+def _points_as_choices(points: Any, fail, check_value, config_fields: set[str]) -> dict[str, Any]:
+    """Validate a ``points`` list (each a mapping of the same TrainConfig fields to values, one trial
+    each) and return the equivalent ``parameters`` (a choice over each key's values), through which
+    the searcher is given the points to evaluate in order."""
+    if not isinstance(points, list) or not points:
+        raise fail("points", "expected a non-empty list of mappings, one trial each")
+    keys: list[str] | None = None
+    for i, point in enumerate(points):
+        where = f"points[{i}]"
+        if not isinstance(point, dict) or not point:
+            raise fail(where, "expected a mapping of TrainConfig fields to values")
+        if keys is None:
+            keys = list(point)
+        if set(point) != set(keys):
+            raise fail(where, f"every point must set the same keys {sorted(keys)}, got {sorted(point)}")
+        for key, value in point.items():
+            if key not in config_fields:
+                raise fail(f"{where}.{key}", "unknown key: not a TrainConfig field")
+            if key in RUN_KEYS:
+                raise fail(f"{where}.{key}", "belongs to the run, not to a search space")
+            check_value(key, f"{where}.{key}", value)
+        try:
+            TrainConfig.from_dict(point)
+        except (ConfigError, TypeError) as exc:
+            raise fail(where, str(exc)) from None
+    if len({repr(sorted(p.items())) for p in points}) != len(points):
+        raise fail("points", "two points are the same trial")
+    return {k: {"choice": list(dict.fromkeys(p[k] for p in points))} for k in keys or []}

@@ -136,3 +136,25 @@ def test_robust_every_with_a_robustness_objective(synthetic_root):
     best = BestSoFar(("val_nmse", "rob_pgd_e5000_nmse"))
     told = [best.update(r) for r in fit(cfg, log=None).history]
     assert len(told) == 3 and all(t["best_rob_pgd_e5000_nmse"] > 0 for t in told)
+
+
+def test_a_list_of_points_is_one_trial_each(tmp_path):
+    space = load_space("defences")
+    assert space.trial_count() == len(space.points) == 8 and not space.is_grid
+    assert space.grid_points()[0] == {"adversary": "none", "epsilon": 0, "lambda1": 1.0}
+    assert {p.name for p in space.params} == {"adversary", "epsilon", "lambda1"}
+    assert set(next(p for p in space.params if p.name == "adversary").values) == {
+        "none", "generator", "pgd", "noise", "conditional"}
+    ctx = StudyContext(base={"crop_size": 96}, epsilon_keys=("epsilon",), study_dir="/tmp",
+                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+    cfg = trial_config(ctx, space.grid_points()[3])
+    assert cfg.adversary == "pgd" and cfg.epsilon == pytest.approx(scale_epsilon(5000, 96))
+    for text, key, why in [
+        ("points:\n  - {adversary: pgd, epsilon: 1}\n  - {adversary: pgd}\n", "points[1]", "same keys"),
+        ("points:\n  - {adversary: pgdx, epsilon: 1}\n", "points[0].adversary", "adversary"),
+        ("points:\n  - {epsilon: 1}\n  - {epsilon: 1}\n", "points", "same trial"),
+        ("points:\n  - {epsilon: 1}\nparameters:\n  lambda1: {grid: [1]}\n", "points", "not both"),
+    ]:
+        with pytest.raises(SpaceError) as err:
+            load_space(write(tmp_path, text))
+        assert key in str(err.value) and why in str(err.value), str(err.value)
