@@ -8,7 +8,10 @@ run under the same conditions (medians over the rounds):
 * ``standard``: ``Trainer.train_step`` with epsilon 0 (f forward + full backward on B);
 * ``adversarial``: ``Trainer.train_step`` with the profile's epsilon;
 * ``generator_step``, ``reconstructor_step``: the two named steps of the adversarial trainer alone;
-* ``generator_forward``: ``Trainer.perturbation(batch, z)`` under ``no_grad``.
+* ``generator_forward``: ``Trainer.perturbation(batch, z)`` under ``no_grad``;
+* every other defence's ``train_step`` (``--adversaries``): PGD training (k steps: k input-gradient
+  passes plus the 2B update, floor ~k + 2.2 standard steps), jittering (~2, the 2B update), and the
+  conditioned generator G(x, z) (target <= 3.5).
 
 Counting one f forward on B as a unit: a full backward is ~2 units and an input-only backward ~1, so
 standard training is ~3 units, the generator step ~2 (forward + input-only backward through the
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--precision", default="auto", help="'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16'")
     parser.add_argument("--breakdown", action="store_true", help="also time the forward/backward units")
+    parser.add_argument("--adversaries", nargs="*", default=["pgd", "noise", "conditional"],
+                        choices=["pgd", "noise", "conditional"],
+                        help="other defences to time beside the seed's generator (default: all)")
+    parser.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial PGD training (default 3)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -188,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         "reconstructor_step (adversarial)": lambda: adversarial.reconstructor_step(batch, delta),
         "generator forward (no_grad)": gen_forward,
     }
+    others: dict[str, str] = {}  # op name -> adversary kind (issue 10: every defence's step cost)
+    for kind in args.adversaries:
+        trainer = Trainer(profile.config(device=args.device, precision=args.precision, threads=args.threads,
+                                         adversary=kind, adv_steps=args.adv_steps), rt)
+        name = f"{kind} step" + (f" (k={args.adv_steps})" if kind == "pgd" else "")
+        ops[name] = (lambda tr: lambda: tr.train_step(batch))(trainer)
+        others[name] = kind
     if args.breakdown:
         ops |= unit_ops(adversarial, batch)
     t0 = time.perf_counter()
@@ -217,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         floor = (ms["f fwd + input-only bwd (B)"] + ms["f fwd + full bwd (2B)"]) / ms["f fwd + full bwd (B)"]
         print(f"units: f forward (B) {fwd:.2f} ms = {fwd / unit:.2f} of standard/3; measured floor "
               f"(f fwd+input bwd on B + f fwd+full bwd on 2B) / (f fwd+full bwd on B) = {floor:.3f}")
+    for name, kind in others.items():
+        r = ms[name] / ms["standard step"]
+        target = {"conditional": 3.5, "pgd": args.adv_steps + 2.2}.get(kind)
+        verdict = f" (target <= {target:g}: {'met' if r <= target else 'NOT met'})" if target else ""
+        print(f"step ratio {kind}: {r:.3f}{verdict}")
     print(f"target: ratio <= {TARGET_RATIO} (floor ~2.67 + the generator's cost): "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
     print(f"ratio: {ratio:.3f}")
