@@ -14,7 +14,8 @@ shares the names instead of copying them.
                                    named *.json, which Tune copies to its staging folder on a resume
                                    and back over the live file at every step
         .tune_state/               TUNE_STATE_DIR: a complete copy of Tune's state (study/tune_state.py)
-        train_trial_<id>_<n>_.../  one folder per trial (Tune's), see trial_folder()
+        trial_<id>_<values>/       one folder per trial (Tune's, named by trial_dirname()); TensorBoard's
+                                   run of the trial (study/board.py); earlier studies: train_trial_<id>_<n>_...
             best.pt                BEST_CHECKPOINT: the networks of the trial's best epoch
         report/                    REPORT_DIR: written by study/report.py
 """
@@ -22,6 +23,7 @@ shares the names instead of copying them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 STATE_FILE = "study.json"
 TRIALS_FILE = "trials.parquet"
@@ -38,8 +40,29 @@ REPORT_DIR = "report"
 HPARAM_KEYS = ("epsilon_ref", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "perturbation", "seed")
 
 
+def values_label(config: dict[str, Any]) -> str:
+    """A trial's searched values as ``name=value`` pairs (``epsilon=1000,lr_recon=0.0003162``): the
+    space's own units, four significant digits; in the trial's folder name, TensorBoard's run list
+    and the console."""
+    return ",".join(f"{k}={_short(v)}" for k, v in config.items())
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's ``trial_dirname_creator``: ``trial_<id>_<values>``, short enough to read as a
+    TensorBoard run name (Tune's own adds the trainable, a counter and the date)."""
+    values = values_label(trial.config)[:100].replace("/", "_")
+    return f"trial_{trial.trial_id}_{values}" if values else f"trial_{trial.trial_id}_"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e7 else f"{value:.4g}"
+    return str(value)
+
+
 def trial_folder(study_dir: str | Path, trial_id: str) -> Path | None:
-    """Tune's folder of a trial, ``<trainable>_<trial_id>_<n>_<values>_<date>``, or None.
+    """Tune's folder of a trial, ``trial_<trial_id>_<values>`` (:func:`trial_dirname`; before it,
+    ``<trainable>_<trial_id>_<n>_<values>_<date>``), or None.
 
     The id must stand between underscores: a bare substring could also match another trial's
     searched values or date in its folder name."""

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
+from study.board import FAILURE, SUCCESS, write_session_end
 from study.layout import ROBUSTNESS_FILE, TRIALS_FILE
 from study.procs import ProcessRecord
 from study.tune_state import backup_state
@@ -115,8 +116,9 @@ class ResultsLog:
 
 class ResultsCallback(tune.Callback):
     """Tune callback (runs in the driver) that keeps the Parquet tables current, keeps a complete
-    copy of Tune's state (:mod:`study.tune_state`) and records the driver's Ray processes (see
-    :mod:`study.procs`) as trials start and report.
+    copy of Tune's state (:mod:`study.tune_state`), records the driver's Ray processes (see
+    :mod:`study.procs`) as trials start and report, and ends each trial's HParams session in
+    TensorBoard (:func:`study.board.write_session_end`).
 
     The tables never run ahead of the state a resume starts from, so a trial interrupted after
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
@@ -159,12 +161,20 @@ class ResultsCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
         self.log.set_status(trial.trial_id, "TERMINATED")
+        self._end_session(trial)
         self._pending = True
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
         self.log.set_status(trial.trial_id, "ERROR", _error_message(trial))
+        self._end_session(trial)
         self._pending = True
+
+    def _end_session(self, trial) -> None:
+        """The trial's HParams status in TensorBoard: FAILURE for an error or a NaN stop."""
+        status = self.log.status.get(trial.trial_id, ("", ""))[0]
+        if trial.path:  # None for a trial that never got a folder
+            write_session_end(self.folder / Path(trial.path).name, FAILURE if status in ("ERROR", "nan") else SUCCESS)
 
     def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
         for result in results:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -28,14 +29,14 @@ if __package__ in (None, ""):  # `python study/run.py`: make the repository impo
     sys.path.insert(0, str(REPO))  # workers (which inherit PYTHONPATH on a local cluster)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
-from mriadv.config import ConfigError, TrainConfig, get_profile  # noqa: E402
+from mriadv.config import ConfigError, TrainConfig, budgets_at_crop, get_profile, to_reference  # noqa: E402
 from mriadv.train import default_profile, synthetic_data, validate_data  # noqa: E402
 from study.cluster import (ClusterError, cluster_problem, is_local, locate_cluster, start_ray,  # noqa: E402
                            trial_slots)
 from study.analysis import (best_epochs, best_trials, failed_trials, finished_trials, pareto_front,  # noqa: E402
                             trial_status)
 from study.layout import (OPTUNA_FILE, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
-                          best_checkpoint)
+                          best_checkpoint, trial_dirname)
 from study.procs import ProcessRecord  # noqa: E402
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space  # noqa: E402
 from study.tune_state import EXPERIMENT_STATE, newest, repair_state  # noqa: E402
@@ -60,12 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --address: start even if no node can run a trial yet (an autoscaling cluster)")
     p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own detail too: every result, checkpoint lines, log messages")
+    p.add_argument("--dashboard", action="store_true",
+                   help="do not run: serve the study's TensorBoard (port 6006) and optuna-dashboard (port 8080) "
+                   "on 127.0.0.1 until Ctrl-C")
     return p
 
 
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+class _NoResultFiles(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for")
+
+
+def quiet_driver(verbose: bool) -> None:
+    """Keep the driver's console to what a person follows: Tune's warning that trial folders hold
+    no ``result.json`` / ``progress.csv`` is dropped (its loggers are off on purpose, see main; the
+    results are in ``trials.parquet``), and unless ``verbose`` Optuna's INFO lines too ("A new
+    study created in RDB ..."). By logger name: no Ray import."""
+    import optuna
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NoResultFiles())
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def check_options(args: argparse.Namespace) -> str | None:
@@ -85,19 +108,25 @@ def check_options(args: argparse.Namespace) -> str | None:
 # ---------------------------------------------------------------------------------------------
 def base_config(space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, threads: int | None,
                 cache_dir: Path) -> dict[str, Any]:
-    """The config every trial starts from: profile, the space's fixed values, budgets, the run."""
+    """The config every trial starts from: profile, the space's fixed values, budgets, the run.
+
+    Budgets (``epsilon``, ``attack_budgets``) stay in the space's 320x320 units here; each trial
+    scales them to its own crop (:func:`mriadv.config.budgets_at_crop`), which a space may fix or
+    search. Every grid point (or the base of a sampled space) must make a valid config before Ray starts."""
     profile = get_profile(profile_name)
-    crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
+    profile_crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
     base = dict(profile.overrides)
-    base.update({k: space.scale(k, v, crop) for k, v in space.fixed.items()})
-    base.update(attack_budgets=space.budgets_at(crop), data=str(data), cache_dir=str(cache_dir))
+    if "epsilon" in base:  # profiles give their default budget at their own crop
+        base["epsilon"] = to_reference(float(base["epsilon"]), profile_crop)
+    base.update(space.fixed)
+    base.update(attack_budgets=tuple(space.attack_budgets), data=str(data), cache_dir=str(cache_dir))
     if args.max_epochs is not None:
         base["max_epochs"] = args.max_epochs
     if threads is not None:
         base["threads"] = threads
-    TrainConfig.from_dict(base)  # every trial's base must be valid before Ray starts
-    for point in (space.grid_points() if space.is_grid else []):
-        TrainConfig.from_dict({**base, **{k: space.scale(k, v, crop) for k, v in point.items()}})
+    TrainConfig.from_dict(budgets_at_crop(base))
+    for point in space.grid_points():  # a grid's combinations or a list of points
+        TrainConfig.from_dict(budgets_at_crop({**base, **point}))
     return base
 
 
@@ -118,19 +147,30 @@ def param_space(space: StudySpace) -> dict[str, Any]:
 
 
 def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
+    """Optuna through Ray (:class:`study.search.StudySearch`: named objectives, trials linked to
+    their Ray trial and folder, per-epoch values of the first objective)."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from study.search import GridSampler, StudySearch
 
     if space.is_grid:
-        sampler = optuna.samplers.GridSampler({p.name: list(p.values) for p in space.params}, seed=seed)
+        sampler = GridSampler({p.name: list(p.values) for p in space.params}, seed=seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, space.num_samples // 2)))
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
-    metrics = [o.metric for o in space.objectives]
+    metrics = [searched_metric(o.metric) for o in space.objectives]
     modes = [o.mode for o in space.objectives]
     single = len(metrics) == 1
-    return OptunaSearch(metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-                        sampler=sampler, storage=storage, study_name=name)
+    return StudySearch(metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+                       sampler=sampler, storage=storage, study_name=name, study_dir=str(study_dir),
+                       curve_metric=space.objectives[0].metric,
+                       points_to_evaluate=space.grid_points() if space.points else None)
+
+
+def searched_metric(metric: str) -> str:
+    """What Optuna and ASHA are told for an objective: its value at the trial's best selection epoch
+    so far (``best_<metric>``, see :class:`study.trainable.BestSoFar`), the epoch the study keeps."""
+    return f"best_{metric}"
 
 
 def scheduler(space: StudySpace, max_epochs: int):
@@ -139,7 +179,8 @@ def scheduler(space: StudySpace, max_epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     obj = space.objectives[0]
-    return ASHAScheduler(time_attr="training_iteration", metric=obj.metric, mode=obj.mode, max_t=max_epochs,
+    return ASHAScheduler(time_attr="training_iteration", metric=searched_metric(obj.metric), mode=obj.mode,
+                         max_t=max_epochs,
                          grace_period=int(space.scheduler.get("grace_period", 1)),
                          reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
 
@@ -232,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # exact resume after SIGKILL (see RAY_NOTES)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with our metric columns
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch lines, not "[repeated 2x]"
+    # no Ray TBX/CSV/JSON loggers in the trial folders: their HParams entry took precedence over the
+    # trials' own in TensorBoard (study/board.py); the tables and Tune's state hold the results
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     args = build_parser().parse_args(argv)
+    quiet_driver(args.verbose)
     problem = check_options(args)
     if problem:
         return fail(problem)
@@ -243,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             except SpaceError as exc:
                 print(f"{name:<14} INVALID: {exc}")
         return 0
+    if args.dashboard and args.name and not args.space:
+        from study.dashboard import serve
+
+        return serve(args.results.resolve() / args.name)
     if not args.space:
         return fail("give --space NAME (see --list-spaces)")
     try:
@@ -253,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results.resolve()
     name = args.name or space.name
     study_dir = results / name
+    if args.dashboard:
+        from study.dashboard import serve
+
+        return serve(study_dir)
     state_file = study_dir / STATE_FILE
     resuming = (study_dir / TUNER_FILE).is_file() and state_file.is_file()
     cluster, located = not is_local(args.address), ""
@@ -271,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     if resuming:
         state = json.loads(state_file.read_text())
         profile_name, base = state["profile"], state["base"]
+        if state.get("budget_units") != "320":  # a study started before budgets were kept at 320x320
+            crop = int(base.get("crop_size", TrainConfig.crop_size))
+            base = {**base, "epsilon": to_reference(float(base.get("epsilon", TrainConfig.epsilon)), crop),
+                    "attack_budgets": [to_reference(float(b), crop) for b in base["attack_budgets"]]}
         for note in repair_state(study_dir):
             print(f"note: {note}")
         if newest(study_dir, EXPERIMENT_STATE) is None:
@@ -313,14 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{space.path}: {exc}")
         study_dir.mkdir(parents=True, exist_ok=True)
         state = {"space": space.name, "space_path": str(space.path), "space_yaml": space.path.read_text(),
-                 "profile": profile_name, "base": base, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                 "profile": profile_name, "base": base, "budget_units": "320",
+                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         state_file.write_text(json.dumps(state, indent=2))
-    if args.num_samples is not None and space.is_grid and args.num_samples != space.trial_count():
+    if args.num_samples is not None and (space.is_grid or space.points) and args.num_samples != space.trial_count():
         print(f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
               f"runs {min(args.num_samples, space.trial_count())} of them")
     max_epochs = int(base.get("max_epochs", TrainConfig.max_epochs))
     num_samples = args.num_samples or space.trial_count()
-    if space.is_grid:
+    if space.is_grid or space.points:
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
     print(f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
@@ -329,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
+    from study.console import StudyReporter
     from study.results import ResultsCallback
     from study.trainable import StudyContext, train_trial
 
@@ -355,11 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         budgets_ref = space.attack_budgets
         ctx = StudyContext(base=base, epsilon_keys=tuple(k for k in EPSILON_KEYS if k in {p.name for p in space.params}),
                            study_dir=str(study_dir), attack_budgets_ref=budgets_ref,
-                           objective_metrics=tuple(o.metric for o in space.objectives))
+                           objective_metrics=tuple(o.metric for o in space.objectives), verbose=args.verbose)
         trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), res)
-        metric_cols = ["val_nmse", "val_psnr", "val_ssim"] + [o.metric for o in space.objectives if o.metric.startswith("rob_")]
-        reporter = tune.CLIReporter(metric_columns={**{m: m for m in metric_cols}, "epoch": "epoch"},
-                                    parameter_columns=[p.name for p in space.params], max_report_frequency=30)
+        metric_cols = ["val_nmse", "val_ssim"] + [searched_metric(o.metric) for o in space.objectives]
+        reporter = StudyReporter(name, [p.name for p in space.params], metric_cols, max_epochs, num_samples)
         if resuming:
             tuner = tune.Tuner.restore(str(study_dir), trainable, resume_unfinished=True, resume_errored=False)
         else:
@@ -368,13 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                 param_space=param_space(space),
                 tune_config=tune.TuneConfig(search_alg=searcher(space, study_dir, name, int(base.get("seed", 0))),
                                             scheduler=scheduler(space, max_epochs), num_samples=num_samples,
-                                            max_concurrent_trials=args.max_concurrent, reuse_actors=True),
+                                            max_concurrent_trials=args.max_concurrent, reuse_actors=True,
+                                            trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(results),
                     callbacks=[ResultsCallback(study_dir, record_processes=not cluster)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=0),
-                    progress_reporter=reporter, verbose=1,
+                    progress_reporter=reporter, verbose=2 if args.verbose else 1,
                 ),
             )
         grid = tuner.fit()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_board import hparams_route, session_groups
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "study" / "run.py")]
@@ -92,26 +93,6 @@ def test_smoke_study_writes_tables(smoke_study):
     assert adv["delta_sq"].nunique() == len(adv) and (adv["delta_sq"] <= 2.0 * adv["epsilon"]).all()
 
 
-def hparams_route(folder: Path, route: str, request: dict) -> dict:
-    """What TensorBoard's HParams plugin answers the browser for ``route`` on ``folder`` (its own
-    event reading and data provider, called as its web server would)."""
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import hparams_plugin
-    from werkzeug.test import Client
-    from werkzeug.wrappers import Response
-
-    mux = plugin_event_multiplexer.EventMultiplexer()
-    mux.AddRunsFromDirectory(str(folder))
-    mux.Reload()
-    provider = data_provider.MultiplexerDataProvider(mux, str(folder))
-    plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(folder), data_provider=provider,
-                                                                multiplexer=mux))
-    answer = Client(plugin.get_plugin_apps()[route], Response).post("/", json=request)
-    assert answer.status_code == 200, answer.get_data(as_text=True)
-    return answer.get_json()
-
-
 def test_smoke_study_tensorboard(smoke_study):
     """One TensorBoard run per trial (its folder), read with TensorBoard's own backend: the same
     scalar tags everywhere, images, and an HParams table with every trial, its searched value in
@@ -144,9 +125,7 @@ def test_smoke_study_tensorboard(smoke_study):
     metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
     assert metrics[:5] == ["best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse", "report/rob_pgd_e5000_nmse",
                            "report/ssim"]  # TensorBoard ticks the first five
-    groups = hparams_route(folder, "/session_groups", {
-        "startIndex": 0, "sliceSize": 100, "colParams": [],
-        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})["sessionGroups"]
+    groups = list(session_groups(folder).values())
     assert len(groups) == 6
     assert sorted(g["hparams"]["epsilon_ref"] for g in groups) == [0, 250, 1000, 2500, 5000, 10000]
     last = trials[trials["epoch"] == 2].set_index("epsilon_ref")
@@ -234,6 +213,15 @@ def test_an_erroring_trial_does_not_stop_the_study(tmp_path):
     failed = trials[trials["status"] == "ERROR"].iloc[0]
     assert "crop size 96" in failed["message"] and failed["crop_size"] == 96
     assert "failed: " in out.stdout and "crop size 96" in out.stdout
+    # the dashboards say so too: TensorBoard's HParams status and the Optuna trial's
+    import optuna
+
+    folder = tmp_path / "results" / "crops"
+    ended = {name.split("_")[1]: g["sessions"][0]["status"] for name, g in session_groups(folder).items()}
+    assert ended == {failed["trial_id"]: "STATUS_FAILURE", **{t: "STATUS_SUCCESS" for t in status.index
+                                                              if t != failed["trial_id"]}}
+    study = optuna.load_study(study_name="crops", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert sorted(t.user_attrs["status"] for t in study.trials) == ["ERROR", "TERMINATED"]
 
 
 def test_sigkill_and_resume(tmp_path):
