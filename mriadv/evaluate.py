@@ -31,9 +31,12 @@ class EvalResult:
     """Metrics of one pass. ``nmse``/``psnr``/``ssim``: fastMRI definitions, mean over volumes;
     ``loss``: the training loss (normalised images), mean over slices; ``seed_*``: the seed's
     definitions (per batch, normalised, prediction and reference swapped), mean over batches;
-    ``delta_sq``: mean squared norm of the perturbation (0 when clean); ``*_se``: standard errors of
-    the volume means (std over volumes / sqrt(volumes); NaN for one volume); ``volume_nmse``: NMSE of
-    each volume, by file name (for paired comparisons of two models on the same volumes)."""
+    ``delta_sq``: mean squared norm of the perturbation (0 when clean); ``delta_rel``: its mean size
+    relative to the sampled k-space or the input (``||delta|| / ||ref||``, see
+    :func:`mriadv.attacks.relative_size`; 0 when clean, NaN for an attack that does not report it);
+    ``*_se``: standard errors of the volume means (std over volumes / sqrt(volumes); NaN for one
+    volume); ``volume_nmse``: NMSE of each volume, by file name (for paired comparisons of two models
+    on the same volumes)."""
 
     nmse: float
     psnr: float
@@ -49,6 +52,7 @@ class EvalResult:
     psnr_se: float = float("nan")
     ssim_se: float = float("nan")
     volume_nmse: dict[str, float] = field(default_factory=dict)
+    delta_rel: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -71,6 +75,7 @@ def evaluate(
     model.eval()
     volumes = VolumeMetrics()
     loss_sum, delta_sum, slices = 0.0, 0.0, 0
+    rel_sum, rel_slices = 0.0, 0
     seed_sums = dict.fromkeys(METRICS, 0.0)
     num_batches = 0
     try:
@@ -82,6 +87,9 @@ def evaluate(
             else:
                 out = attack(model, batch, runtime)
                 inputs, delta_sq = out.inputs, out.delta_sq
+                if out.relative is not None:
+                    rel_sum += float(out.relative.sum())
+                    rel_slices += len(batch)
             with runtime.autocast():
                 pred = model(runtime.image(inputs))
             pred = pred.float()
@@ -108,13 +116,17 @@ def evaluate(
         seed_nmse=seed_sums["nmse"] / num_batches, seed_psnr=seed_sums["psnr"] / num_batches,
         seed_ssim=seed_sums["ssim"] / num_batches,
         delta_sq=delta_sum / slices, num_volumes=len(volumes), num_slices=slices,
+        delta_rel=0.0 if attack is None else (rel_sum / rel_slices if rel_slices == slices else float("nan")),
     )
 
 
 @dataclass
 class RobustRow:
     """One attack at one budget: its metrics and the degradation ``attacked - clean``, with standard
-    errors over volumes (``d_nmse_se``: of the paired per-volume differences)."""
+    errors over volumes (``d_nmse_se``: of the paired per-volume differences). ``budget``: the
+    absolute ``||delta||^2`` budget (NaN for a relative one); ``rel``: the relative budget
+    ``||delta|| / ||ref||`` (NaN for an absolute one); ``delta_sq`` and ``delta_rel``: the mean size
+    the attack delivered, in both units."""
 
     attack: str
     budget: float
@@ -130,6 +142,8 @@ class RobustRow:
     psnr_se: float = float("nan")
     ssim_se: float = float("nan")
     d_nmse_se: float = float("nan")
+    rel: float = float("nan")
+    delta_rel: float = float("nan")
     volume_nmse: dict[str, float] = field(default_factory=dict)  # attacked NMSE per volume
 
     def as_dict(self) -> dict[str, float | str]:
@@ -155,6 +169,7 @@ def robustness(
             d_psnr=_finite_diff(res.psnr, clean.psnr), d_ssim=res.ssim - clean.ssim,
             nmse_se=res.nmse_se, psnr_se=res.psnr_se, ssim_se=res.ssim_se,
             d_nmse_se=paired_se(res.volume_nmse, clean.volume_nmse), volume_nmse=res.volume_nmse,
+            rel=_relative_budget(attack), delta_rel=res.delta_rel,
         ))
     return rows
 
@@ -168,6 +183,11 @@ def paired_se(a: dict[str, float], b: dict[str, float]) -> float:
         return float("nan")
     mean = math.fsum(diffs) / n
     return math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+
+
+def _relative_budget(attack: Attack) -> float:
+    rel = getattr(attack, "rel", None)
+    return float("nan") if rel is None else float(rel)
 
 
 def _finite_diff(a: float, b: float) -> float:
