@@ -4,6 +4,10 @@ attack strength, after training is over.
     python -m mriadv.assess CHECKPOINT [--data DIR] [--budgets-ref 1000 5000 20000]
                             [--attacks pgd noise generator pgd_kspace] [--pgd-steps 50]
                             [--pgd-step-scale 2.5] [--max-volumes N] [--device auto] [--out FILE.json]
+    python -m mriadv.assess CHECKPOINT --protocol l2-kspace-100 [--rel-budgets 0.05 0.1]
+                            [--pgd-restarts 5 --pgd-random-start uniform] [--pgd-keep-best]
+                            [--pgd-objective deviation]
+    python -m mriadv.assess --list-protocols
 
 ``CHECKPOINT`` is a ``best.pt`` or ``checkpoint.pt`` written by :func:`mriadv.training.fit` (in a
 ``python -m mriadv.train`` output folder, or a study's trial folder), or a folder holding one
@@ -16,8 +20,15 @@ with the training's attack settings the numbers equal the run's final report-spl
 Why: a study judges every trial with a fixed, affordable attack (10 PGD steps by default). A
 robustness claim should survive a stronger one: more steps, larger budgets, k-space PGD. Budgets
 are given in the seed's units (squared L2 norm at 320x320, ``--budgets-ref``) and scaled to the
-model's crop at equal per-pixel RMS, or at the crop itself (``--budgets``). Exit status: 0 done,
-2 bad input.
+model's crop at equal per-pixel RMS, or at the crop itself (``--budgets``).
+
+``--protocol NAME`` evaluates with a named protocol of :mod:`mriadv.protocols` (its attacks, PGD
+settings and budget grid, e.g. relative k-space budgets ``||delta|| / ||y||``) instead of the
+training's attacks; ``--rel-budgets`` and the ``--pgd-*`` options change a protocol (without
+``--protocol``: the training's attacks). A budget grid given on the command line replaces the
+protocol's whole grid. The mean objective per PGD step on the first batch is printed and written
+(``"pgd_trace"``), so that one sees whether more steps would find more. Exit status: 0 done, 2 bad
+input.
 """
 
 from __future__ import annotations
@@ -25,20 +36,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon
+from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon, to_reference
 
 CHECKPOINT_NAMES = ("best.pt", "checkpoint.pt")
 SPLIT_CHOICES = ("report", "selection", "robust", "all")
+RANDOM_START_CHOICES = ("none", "uniform", "gaussian")
 
 
 @dataclass
 class Assessment:
     """The outcome of :func:`assess`: ``clean`` and ``rows`` as :class:`mriadv.evaluate.EvalResult`
-    / :class:`mriadv.evaluate.RobustRow` dicts, budgets also in 320x320 units (``budget_ref``)."""
+    / :class:`mriadv.evaluate.RobustRow` dicts, budgets also in 320x320 units (``budget_ref``);
+    ``protocol``: the :class:`mriadv.protocols.Protocol` evaluated with (as a dict, with the grid that
+    ran), or None for the training's own attacks; ``pgd_trace``: per PGD attack, its mean objective
+    at every iterate on the first batch (``trace``: one list per restart)."""
 
     checkpoint: str
     epoch: int
@@ -46,10 +61,12 @@ class Assessment:
     clean: dict[str, Any]
     rows: list[dict[str, Any]]
     split: str = "report"
+    protocol: dict[str, Any] | None = None
+    pgd_trace: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "epoch": self.epoch, "split": self.split, "config": self.config,
-                "clean": self.clean, "robustness": self.rows}
+                "protocol": self.protocol, "clean": self.clean, "robustness": self.rows, "pgd_trace": self.pgd_trace}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -77,6 +94,13 @@ def assess(
     device: str = "auto",
     precision: str = "auto",
     split: str = "report",
+    *,
+    protocol: str | None = None,
+    rel_budgets: Sequence[float] | None = None,
+    pgd_restarts: int | None = None,
+    pgd_random_start: str | None = None,
+    pgd_keep_best: bool | None = None,
+    pgd_objective: str | None = None,
 ) -> Assessment:
     """Evaluate the networks of ``checkpoint`` clean and under ``attacks`` at ``budgets``.
 
@@ -94,13 +118,22 @@ def assess(
             the study reports on (reproduces the last record's ``report``); ``'selection'`` the
             selection split (reproduces an epoch's ``val_*``); ``'robust'`` its per-epoch attack
             subset (reproduces an epoch's ``robustness``); ``'all'`` every validation volume.
+        protocol: a name from :data:`mriadv.protocols.PROTOCOLS`: evaluate with its attacks, PGD
+            settings and budget grid instead of the training's (``attacks`` is then ignored).
+        rel_budgets: relative budgets ``||delta|| / ||ref||`` (the sampled k-space for k-space
+            attacks, the input image for image attacks); a grid given here or in ``budgets`` /
+            ``budgets_ref`` replaces the protocol's whole grid.
+        pgd_restarts, pgd_random_start (``'none'``, ``'uniform'``, ``'gaussian'``), pgd_keep_best,
+        pgd_objective (``'target'``, ``'deviation'``): PGD options of
+            :class:`mriadv.attacks.PGDAttack`, overriding the protocol's.
     """
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split {split!r}: must be one of {SPLIT_CHOICES}")
+    from mriadv.attacks import PGDAttack
     from mriadv.data.files import DataError
     from mriadv.evaluate import evaluate, robustness
     from mriadv.runtime import Runtime
-    from mriadv.training import Trainer, build_data, load_checkpoint, to_reference
+    from mriadv.training import Trainer, build_data, load_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     try:
@@ -117,9 +150,18 @@ def assess(
                  **({"report_fraction": 0.0} if split == "all" else {}),
                  **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
+    if protocol is not None and attacks is not None:
+        raise ConfigError("give attacks or a protocol (which names its own attacks), not both")
+    proto, proto_budgets = resolve_protocol(
+        protocol, cfg, budgets is not None, rel_budgets,
+        dict(restarts=pgd_restarts, random_start=pgd_random_start, keep_best=pgd_keep_best, objective=pgd_objective,
+             steps=pgd_steps, step_scale=pgd_step_scale))
+    data_cfg = cfg
+    if proto is not None and proto.needs_kspace and "pgd_kspace" not in cfg.attacks:
+        data_cfg = replace(cfg, attacks=(*cfg.attacks, "pgd_kspace"))  # only so that batches carry k-space
     runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     try:
-        data_ = build_data(cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
+        data_ = build_data(data_cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
     except DataError as exc:
         raise ConfigError(f"data folder {cfg.data}: {exc} (give --data)") from exc
     trainer = Trainer(cfg, runtime, kspace_shape=data_.kspace_shape())
@@ -127,42 +169,139 @@ def assess(
     trainer.recon.load_state_dict(networks["recon"])
     if trainer.generator is not None and networks.get("generator") is not None:
         trainer.generator.load_state_dict(networks["generator"])
+    if proto is None:  # the training's attacks, PGD recording its objective per step on the first batch
+        attack_list = [replace(a, trace_first=True) if isinstance(a, PGDAttack) else a for a in trainer.attacks()]
+    else:
+        generator = trainer.generator_perturb if trainer.generator is not None else None
+        attack_list = proto.build(cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, generator, cfg.perturbation,
+                                  budgets=proto_budgets)
     dataset = {"report": data_.report or data_.val, "selection": data_.val, "all": data_.val,
                "robust": data_.robust_val or data_.val}[split]
     loader = data_.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-    rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, trainer.attacks(), clean, cfg.clamp)
+    rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
+    traces = [{"attack": a.name, "budget": float(a.budget), "rel": float("nan") if a.rel is None else float(a.rel),
+               "trace": a.trace} for a in attack_list if isinstance(a, PGDAttack) and a.trace is not None]
+    used = None
+    if proto is not None:  # with the absolute grid that ran, at the crop
+        ran = proto.budgets_at(cfg.crop_size) if proto_budgets is None else proto_budgets
+        used = {**proto.as_dict(), "budgets": [float(b) for b in ran]}
     return Assessment(
         checkpoint=str(path), epoch=int(payload["epoch"]), config=cfg.to_dict(), clean=clean.as_dict(),
         rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows], split=split,
+        protocol=used, pgd_trace=traces,
     )
 
 
+def resolve_protocol(
+    name: str | None, cfg: TrainConfig, budgets_given: bool, rel_budgets: Sequence[float] | None,
+    options: dict[str, Any],
+) -> tuple[Any, tuple[float, ...] | None]:
+    """The protocol :func:`assess` evaluates with, and the absolute budgets at the crop it runs at
+    (None: the protocol's own ``budgets_ref``); ``(None, None)`` for the training's own attacks.
+
+    ``name``: a preset, or None for the training's attacks and PGD settings (used only when
+    ``rel_budgets`` or a PGD option is given). ``options``: PGD fields of the protocol, None where not
+    given (``random_start='none'``: from zero). ``budgets_given`` (``cfg.attack_budgets`` holds them)
+    or ``rel_budgets``: a grid that replaces the protocol's whole grid."""
+    from mriadv.protocols import Protocol, get_protocol
+
+    options = {k: v for k, v in options.items() if v is not None}
+    if options.get("random_start") == "none":
+        options["random_start"] = None
+    elif "random_start" in options and options["random_start"] not in RANDOM_START_CHOICES:
+        raise ConfigError(f"PGD random start {options['random_start']!r}: must be one of {RANDOM_START_CHOICES}")
+    pgd_options = {k: v for k, v in options.items() if k not in ("steps", "step_scale")}
+    if name is None and rel_budgets is None and not pgd_options:
+        return None, None
+    grid_given = budgets_given or rel_budgets is not None
+    rels = tuple(float(r) for r in rel_budgets) if rel_budgets is not None else ()
+    if name is None:  # cfg already holds any steps / step scale / budgets given
+        base = Protocol("trained", tuple(cfg.attacks), steps=cfg.pgd_steps, step_scale=cfg.pgd_step_scale,
+                        source="the run's own attacks and PGD settings (TrainConfig attacks, pgd_steps, "
+                               "pgd_step_scale, attack_budgets)", differences="none")
+        options = pgd_options
+        grid_given = True
+        budgets = tuple(cfg.attack_budgets) if budgets_given or rel_budgets is None else ()
+    else:
+        base = get_protocol(name)
+        budgets = tuple(cfg.attack_budgets) if budgets_given else ()
+    changes: dict[str, Any] = dict(options)
+    if grid_given:
+        changes |= {"budgets_ref": (), "rel_budgets": rels}
+    proto = replace(base, **changes)  # validates: ConfigError naming the bad option
+    return proto, (budgets if grid_given else None)
+
+
 def format_assessment(a: Assessment) -> list[str]:
-    """Human-readable lines: the clean metrics, then one line per attack and budget."""
+    """Human-readable lines: the protocol, the clean metrics, one line per attack and budget (its size
+    also relative: ``‖δ‖/‖y‖`` for k-space attacks, ``‖δ‖/‖x̃‖`` for image attacks), then each PGD
+    attack's objective per step on the first batch."""
     c = a.clean
     lines = [f"{a.checkpoint} (epoch {a.epoch}, epsilon {a.config['epsilon']:g} at {a.config['crop_size']}^2): "
-             f"{a.split} split: {c['num_volumes']} validation volumes, {c['num_slices']} slices",
-             f"{'clean':<26} nmse {c['nmse']:.4f}  psnr {c['psnr']:6.2f}  ssim {c['ssim']:.4f}"]
+             f"{a.split} split: {c['num_volumes']} validation volumes, {c['num_slices']} slices"]
+    if a.protocol is not None:
+        lines.append(f"protocol {a.protocol['name']}: {a.protocol['source']}")
+    lines.append(f"{'clean':<26} nmse {c['nmse']:.4f}  psnr {c['psnr']:6.2f}  ssim {c['ssim']:.4f}")
     for r in a.rows:
-        name = f"{r['attack']} @ {r['budget_ref']:g} (320²)"
+        name = f"{r['attack']} @ {_budget_label(r['budget_ref'], r.get('rel', float('nan')))}"
         lines.append(f"{name:<26} nmse {r['nmse']:.4f}  psnr {r['psnr']:6.2f}  ssim {r['ssim']:.4f}  "
                      f"(Δnmse {r['d_nmse']:+.4f}, Δpsnr {r['d_psnr']:+.2f}, Δssim {r['d_ssim']:+.4f}; "
-                     f"‖δ‖² {r['delta_sq']:.4g})")
+                     f"‖δ‖² {r['delta_sq']:.4g}, {_ref_name(r['attack'])} {r.get('delta_rel', float('nan')):.4g})")
+    for t in a.pgd_trace:
+        budget_ref = to_reference(t["budget"], int(a.config["crop_size"]))
+        runs = t["trace"]
+        spread = (f"; {len(runs)} runs end at {min(r[-1] for r in runs):.4g} to {max(r[-1] for r in runs):.4g}"
+                  if len(runs) > 1 else "")
+        lines.append(f"  {t['attack']} @ {_budget_label(budget_ref, t['rel'])}: {_trace_summary(runs[0])}{spread}")
     return lines
+
+
+def _budget_label(budget_ref: float, rel: float) -> str:
+    return f"rel {rel:g}" if rel == rel else f"{budget_ref:g} (320²)"  # rel is NaN for absolute budgets
+
+
+def _ref_name(attack: str) -> str:
+    return "‖δ‖/‖y‖" if attack.endswith("kspace") else "‖δ‖/‖x̃‖"
+
+
+def _trace_summary(trace: list[float]) -> str:
+    """The objective at the start, at quarters of the run and at the end, and the share of the whole
+    increase that the last tenth of the steps found (near 0: more steps would find little more)."""
+    n = len(trace) - 1
+    marks = sorted({0, n // 4, n // 2, 3 * n // 4, n})
+    last = max(1, n // 10)
+    total = trace[-1] - trace[0]
+    share = (trace[-1] - trace[n - last]) / total if total > 0 else float("nan")
+    return ("objective per step (first batch, mean) " + " → ".join(f"{trace[i]:.4g}" for i in marks)
+            + f"; the last {last} of {n} steps found {share:.0%} of the increase")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mriadv.assess", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", type=Path, help="best.pt / checkpoint.pt, or a folder holding one")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="best.pt / checkpoint.pt, or a folder holding one")
     p.add_argument("--data", type=Path, help="data root (default: the data the model trained on)")
     budgets = p.add_mutually_exclusive_group()
     budgets.add_argument("--budgets-ref", type=float, nargs="+", metavar="B",
                          help="attack budgets ||delta||^2 at 320x320 (the seed's units), scaled to the crop")
     budgets.add_argument("--budgets", type=float, nargs="+", metavar="B", help="attack budgets at the model's crop")
+    p.add_argument("--rel-budgets", type=float, nargs="+", metavar="R",
+                   help="relative budgets ||delta|| / ||ref|| (ref: the sampled k-space for k-space attacks, "
+                        "the input image for image attacks)")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, help="default: the training's")
-    p.add_argument("--pgd-steps", type=int, help="default: the training's")
-    p.add_argument("--pgd-step-scale", type=float, help="step = scale * radius / steps (default: the training's)")
+    p.add_argument("--protocol", metavar="NAME",
+                   help="a named attack protocol (its attacks, PGD settings and budgets; see --list-protocols)")
+    p.add_argument("--list-protocols", action="store_true", help="print the attack protocols and their sources")
+    p.add_argument("--pgd-steps", type=int, help="default: the training's (or the protocol's)")
+    p.add_argument("--pgd-step-scale", type=float,
+                   help="step = scale * radius / steps (default: the training's or the protocol's)")
+    p.add_argument("--pgd-restarts", type=int, metavar="N", help="runs per slice, the worst kept (needs a random start)")
+    p.add_argument("--pgd-random-start", choices=RANDOM_START_CHOICES,
+                   help="none (delta = 0), uniform (in the ball) or gaussian (scaled into it); seeded per slice")
+    p.add_argument("--pgd-keep-best", action="store_true", default=None,
+                   help="return the worst case found over all steps, not the last iterate")
+    p.add_argument("--pgd-objective", choices=("target", "deviation"),
+                   help="target: ||f(x+d) - x||^2; deviation: ||f(x+d) - f(x)||^2 (Darestani et al. 2021)")
     p.add_argument("--max-volumes", type=int, help="only this many validation volumes")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="report",
                    help="report: the held-out split the study reports on (default); selection: the volumes "
@@ -175,10 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_protocols:
+        from mriadv.protocols import PROTOCOLS, describe
+
+        for proto in PROTOCOLS.values():
+            print("\n".join(describe(proto)))
+        return 0
+    if args.checkpoint is None:
+        parser.error("the following arguments are required: checkpoint")
     try:
         result = assess(args.checkpoint, args.data, args.budgets, args.budgets_ref, args.attacks, args.pgd_steps,
-                        args.pgd_step_scale, args.max_volumes, args.device, args.precision, args.split)
+                        args.pgd_step_scale, args.max_volumes, args.device, args.precision, args.split,
+                        protocol=args.protocol, rel_budgets=args.rel_budgets, pgd_restarts=args.pgd_restarts,
+                        pgd_random_start=args.pgd_random_start, pgd_keep_best=args.pgd_keep_best,
+                        pgd_objective=args.pgd_objective)
     except (ConfigError, RuntimeError) as exc:  # RuntimeError: e.g. CUDA asked for but absent
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -112,3 +112,108 @@ def test_assess_on_a_flat_folder_of_validation_volumes(run, synthetic_root, tmp_
     keys = ("nmse", "psnr", "ssim", "loss", "num_volumes", "num_slices")
     assert {k: a.clean[k] for k in keys} == pytest.approx({k: b.clean[k] for k in keys}, rel=1e-6)
     assert [r["nmse"] for r in a.rows] == pytest.approx([r["nmse"] for r in b.rows], rel=1e-6)
+
+
+# --- attack protocols, relative budgets, PGD options ----------------------------------------------
+import math  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from mriadv.attacks import PGDAttack  # noqa: E402
+from mriadv.config import scale_epsilon  # noqa: E402
+from mriadv.protocols import PROTOCOLS, get_protocol  # noqa: E402
+
+
+def test_protocol_presets_load_with_their_sources():
+    for name, proto in PROTOCOLS.items():
+        assert get_protocol(name) is proto and proto.source and proto.differences
+        attacks = proto.build(64, generator=lambda batch: torch.zeros_like(batch.image))
+        assert len(attacks) == (len(proto.budgets_ref) + len(proto.rel_budgets)) * len(proto.attacks)
+        for a in attacks:
+            if isinstance(a, PGDAttack):
+                assert (a.steps, a.step_scale, a.random_start, a.restarts, a.keep_best, a.objective) == (
+                    proto.steps, proto.step_scale, proto.random_start, proto.restarts, proto.keep_best, proto.objective)
+                assert (a.rel is None) == math.isfinite(a.budget)
+    # the facts of the sources
+    assert get_protocol("seed").budgets_at(64) == pytest.approx((40.0, 200.0))
+    k = get_protocol("l2-kspace-100")
+    assert (k.attacks, k.steps, k.step_scale, k.random_start, k.restarts) == (("pgd_kspace",), 100, 2.5, None, 1)
+    assert [r * r for r in k.rel_budgets] == pytest.approx([0.003 * i for i in range(1, 11)], rel=1e-5)
+    g = get_protocol("l2-kspace-restarts")
+    assert g.rel_budgets == (0.0025, 0.005, 0.01, 0.015, 0.02, 0.025) and g.restarts == 6
+    assert get_protocol("deviation-kspace").objective == "deviation"
+    with pytest.raises(ConfigError, match="unknown attack protocol 'nope'"):
+        get_protocol("nope")
+    with pytest.raises(ConfigError, match="random start"):
+        replace(get_protocol("seed"), restarts=2)
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_each_protocol_runs_on_a_tiny_model(run, name):
+    out, _ = run
+    proto = get_protocol(name)
+    rel = [0.02] if proto.restarts > 1 else None  # one level of the restart protocol keeps this short
+    a = assess(out, protocol=name, pgd_steps=1, rel_budgets=rel)
+    assert a.protocol["name"] == name and a.protocol["steps"] == 1
+    grid = set(rel or proto.rel_budgets)
+    assert len(a.rows) == len(a.protocol["budgets"]) * len(proto.attacks) + len(grid) * len(proto.attacks)
+    for r in a.rows:
+        if math.isnan(r["rel"]):  # absolute
+            assert r["budget"] in a.protocol["budgets"] and r["delta_sq"] <= r["budget"] * (1 + 1e-5)
+        else:
+            assert math.isnan(r["budget"]) and r["rel"] in grid
+            if r["attack"].startswith("noise"):
+                assert r["delta_rel"] == pytest.approx(r["rel"], rel=1e-5)
+            else:
+                assert 0 < r["delta_rel"] <= r["rel"] * (1 + 1e-5)
+    pgd_rows = [r for r in a.rows if r["attack"].startswith("pgd")]
+    assert len(a.pgd_trace) == len(pgd_rows)
+    for t in a.pgd_trace:
+        assert len(t["trace"]) == proto.restarts and all(len(run_) == 2 for run_ in t["trace"])
+
+
+def test_seed_protocol_is_the_training_attacks_at_the_seeds_budgets(run):
+    out, _ = run
+    a = assess(out, protocol="seed", pgd_steps=2)
+    b = assess(out, budgets_ref=[1e3, 5e3], attacks=["pgd", "noise", "generator"], pgd_steps=2)
+    assert [(r["attack"], r["budget"]) for r in a.rows] == [(r["attack"], r["budget"]) for r in b.rows]
+    assert {r["budget"] for r in a.rows} == {scale_epsilon(1e3, 64), scale_epsilon(5e3, 64)}
+    assert [r["nmse"] for r in a.rows] == [r["nmse"] for r in b.rows]
+    assert b.protocol is None and len(b.pgd_trace) == 2  # the trained path records its traces too
+
+
+def test_relative_budgets_and_pgd_options_without_a_protocol(run):
+    out, _ = run
+    a = assess(out, rel_budgets=[0.05], attacks=["pgd", "noise"], pgd_steps=1)
+    assert [(r["attack"], r["rel"]) for r in a.rows] == [("pgd", 0.05), ("noise", 0.05)]
+    assert a.protocol["name"] == "trained" and a.protocol["budgets"] == []
+    noise = a.rows[1]
+    assert noise["delta_rel"] == pytest.approx(0.05, rel=1e-5)
+    assert noise["delta_sq"] == pytest.approx(0.05**2 * 64 * 64, rel=0.1)  # ||x~||^2 ~ h w (z-scored, clamped)
+    b = assess(out, attacks=["pgd"], pgd_steps=1, pgd_restarts=2, pgd_random_start="uniform", pgd_keep_best=True)
+    assert [r["budget"] for r in b.rows] == [20.0, 80.0]  # the training's budgets
+    assert (b.protocol["restarts"], b.protocol["random_start"], b.protocol["keep_best"]) == (2, "uniform", True)
+    assert all(len(t["trace"]) == 2 for t in b.pgd_trace)
+    with pytest.raises(ConfigError, match="random start"):
+        assess(out, pgd_restarts=2)
+    with pytest.raises(ConfigError, match="not both"):
+        assess(out, protocol="seed", attacks=["pgd"])
+    with pytest.raises(ConfigError, match="rel_budgets"):
+        assess(out, rel_budgets=[-0.1])
+
+
+def test_cli_protocol_writes_the_trace(run, tmp_path, capsys):
+    out, _ = run
+    assert main(["--list-protocols"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in PROTOCOLS) and "Krainovic" in listed
+    path = tmp_path / "p.json"
+    assert main([str(out), "--protocol", "deviation-kspace", "--pgd-steps", "2", "--rel-budgets", "0.05",
+                 "--out", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "protocol deviation-kspace" in text and "pgd_kspace @ rel 0.05" in text and "objective per step" in text
+    saved = json.loads(path.read_text())
+    assert saved["protocol"]["objective"] == "deviation" and saved["protocol"]["rel_budgets"] == [0.05]
+    (trace,) = saved["pgd_trace"]
+    assert trace["attack"] == "pgd_kspace" and trace["rel"] == 0.05 and len(trace["trace"][0]) == 3
