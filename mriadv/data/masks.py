@@ -101,6 +101,26 @@ class EquispacedMaskFunc(MaskFunc):
         return mask
 
 
+class NestedMaskFunc(MaskFunc):
+    """Outer columns taken as a prefix of one random ranking of all columns.
+
+    Keeps exactly ``round(W / R)`` columns, centre included (``MaskFunc`` guarantees that this is at
+    least the centre's width). The ranking is ``rng.permutation(W)`` whatever the acceleration, so for
+    one generator state (validation: the volume's seed, :func:`volume_seed`) and one centre fraction,
+    masks at any accelerations are nested: more samples are a superset of fewer. Used by the sampling
+    sweep of :mod:`mriadv.instabilities`.
+    """
+
+    def outer_columns(self, num_cols: int, rng: np.random.Generator) -> np.ndarray:
+        centre = self.center_slice(num_cols)
+        order = rng.permutation(num_cols)
+        outer = order[(order < centre.start) | (order >= centre.stop)]
+        count = max(0, int(round(num_cols / self.acceleration)) - self.num_low_freqs(num_cols))
+        mask = np.zeros(num_cols, dtype=bool)
+        mask[outer[:count]] = True
+        return mask
+
+
 def make_mask_func(mask_type: str, center_fraction: float, acceleration: float) -> MaskFunc:
     """Build a mask function by name (``'random'`` or ``'equispaced'``)."""
     classes = {"random": RandomMaskFunc, "equispaced": EquispacedMaskFunc}
