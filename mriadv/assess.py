@@ -8,6 +8,7 @@ attack strength, after training is over.
                             [--pgd-restarts 5 --pgd-random-start uniform] [--pgd-keep-best]
                             [--pgd-objective deviation]
     python -m mriadv.assess --list-protocols
+    python -m mriadv.assess CHECKPOINT --instabilities     # or --features / --sampling 8 6 4 3 2
 
 ``CHECKPOINT`` is a ``best.pt`` or ``checkpoint.pt`` written by :func:`mriadv.training.fit` (in a
 ``python -m mriadv.train`` output folder, or a study's trial folder), or a folder holding one
@@ -38,9 +39,16 @@ import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon, to_reference
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mriadv.data.files import SliceDataset
+    from mriadv.instabilities import FeatureSearch, FeatureSpec
+    from mriadv.runtime import Runtime
 
 CHECKPOINT_NAMES = ("best.pt", "checkpoint.pt")
 SPLIT_CHOICES = ("report", "selection", "robust", "all")
@@ -63,10 +71,13 @@ class Assessment:
     split: str = "report"
     protocol: dict[str, Any] | None = None
     pgd_trace: list[dict[str, Any]] = field(default_factory=list)
+    features: dict[str, Any] | None = None  # mriadv.instabilities.FeatureResult.as_dict(), when asked for
+    sampling: list[dict[str, Any]] | None = None  # mriadv.instabilities.SamplingRow dicts, when asked for
 
     def as_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "epoch": self.epoch, "split": self.split, "config": self.config,
-                "protocol": self.protocol, "clean": self.clean, "robustness": self.rows, "pgd_trace": self.pgd_trace}
+                "protocol": self.protocol, "clean": self.clean, "robustness": self.rows, "pgd_trace": self.pgd_trace,
+                "features": self.features, "sampling": self.sampling}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -101,6 +112,10 @@ def assess(
     pgd_random_start: str | None = None,
     pgd_keep_best: bool | None = None,
     pgd_objective: str | None = None,
+    features: FeatureSpec | None = None,
+    feature_search: FeatureSearch | None = None,
+    sampling: Sequence[float] | None = None,
+    sampling_center_fraction: float | None = None,
 ) -> Assessment:
     """Evaluate the networks of ``checkpoint`` clean and under ``attacks`` at ``budgets``.
 
@@ -126,6 +141,10 @@ def assess(
         pgd_restarts, pgd_random_start (``'none'``, ``'uniform'``, ``'gaussian'``), pgd_keep_best,
         pgd_objective (``'target'``, ``'deviation'``): PGD options of
             :class:`mriadv.attacks.PGDAttack`, overriding the protocol's.
+        features: a :class:`mriadv.instabilities.FeatureSpec`: also measure small-feature recovery
+            (type 2) on the split, with ``feature_search`` (a ``FeatureSearch``; default its defaults).
+        sampling: accelerations: also run the sampling sweep (type 3) on the split with nested masks
+            at ``sampling_center_fraction`` (default: the training's centre fraction).
     """
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split {split!r}: must be one of {SPLIT_CHOICES}")
@@ -186,11 +205,36 @@ def assess(
     if proto is not None:  # with the absolute grid that ran, at the crop
         ran = proto.budgets_at(cfg.crop_size) if proto_budgets is None else proto_budgets
         used = {**proto.as_dict(), "budgets": [float(b) for b in ran]}
+    features_out, sampling_out = instabilities(trainer.recon, dataset, runtime, cfg.batch_size, data_.num_workers,
+                                               features, feature_search, sampling, sampling_center_fraction)
     return Assessment(
         checkpoint=str(path), epoch=int(payload["epoch"]), config=cfg.to_dict(), clean=clean.as_dict(),
         rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows], split=split,
-        protocol=used, pgd_trace=traces,
+        protocol=used, pgd_trace=traces, features=features_out, sampling=sampling_out,
     )
+
+
+def instabilities(model: nn.Module, dataset: SliceDataset, runtime: Runtime, batch_size: int, num_workers: int,
+                  features: FeatureSpec | None, feature_search: FeatureSearch | None,
+                  sampling: Sequence[float] | None, center_fraction: float | None,
+                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The type-2 and type-3 results :func:`assess` adds (None where not asked for), as dicts."""
+    from mriadv.instabilities import FeatureSearch, NoTissue, feature_recovery, nested_masks, sampling_sweep
+
+    if sampling is not None:
+        cf = dataset.transform.mask_func.center_fraction if center_fraction is None else center_fraction
+        try:
+            nested_masks(sampling, cf)
+        except ValueError as exc:
+            raise ConfigError(f"sampling sweep: {exc}") from exc
+    try:
+        feats = None if features is None else feature_recovery(
+            model, dataset, runtime, features, feature_search or FeatureSearch()).as_dict()
+    except NoTissue as exc:
+        raise ConfigError(str(exc)) from exc
+    rows = None if sampling is None else [r.as_dict() for r in sampling_sweep(
+        model, dataset, runtime, sampling, center_fraction, batch_size=batch_size, num_workers=num_workers)]
+    return feats, rows
 
 
 def resolve_protocol(
@@ -254,6 +298,11 @@ def format_assessment(a: Assessment) -> list[str]:
         spread = (f"; {len(runs)} runs end at {min(r[-1] for r in runs):.4g} to {max(r[-1] for r in runs):.4g}"
                   if len(runs) > 1 else "")
         lines.append(f"  {t['attack']} @ {_budget_label(budget_ref, t['rel'])}: {_trace_summary(runs[0])}{spread}")
+    if a.features is not None or a.sampling is not None:
+        from mriadv.instabilities import format_features, format_sampling
+
+        lines += (format_features(a.features) if a.features is not None else [])
+        lines += (format_sampling(a.sampling) if a.sampling is not None else [])
     return lines
 
 
@@ -310,7 +359,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--out", type=Path, help="also write the assessment as JSON here")
+    inst = p.add_argument_group("instabilities (the seed's types 2 and 3, mriadv.instabilities; defaults: its "
+                                "FeatureSpec and FeatureSearch)")
+    inst.add_argument("--instabilities", action="store_true", help="--features and --sampling at their defaults")
+    inst.add_argument("--features", action="store_true", help="small-feature recovery: error, contrast, misses")
+    inst.add_argument("--sampling", type=float, nargs="*", metavar="R",
+                      help="sampling sweep at these accelerations with nested masks (no value: SWEEP_ACCELERATIONS)")
+    inst.add_argument("--sampling-center-fraction", type=float, metavar="F", help="default: the training's")
+    inst.add_argument("--feature-size", type=int, metavar="PX", help="feature area in pixels")
+    inst.add_argument("--feature-shape", choices=("disc", "square"))
+    inst.add_argument("--feature-contrast", type=float, help="what the feature adds, relative to the local tissue")
+    inst.add_argument("--feature-restarts", type=int, metavar="N", help="positions per slice, the worst kept")
+    inst.add_argument("--feature-threshold", type=float, help="a feature is lost when its relative error exceeds this")
     return p
+
+
+def instability_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`assess`'s ``features``, ``feature_search``, ``sampling`` and ``sampling_center_fraction``
+    from the command line; the defaults are the dataclasses' own. Raises :class:`ConfigError`."""
+    from mriadv.instabilities import SWEEP_ACCELERATIONS, FeatureSearch, FeatureSpec
+
+    spec = {k: v for k, v in dict(size=args.feature_size, shape=args.feature_shape,
+                                  contrast=args.feature_contrast).items() if v is not None}
+    search = {k: v for k, v in dict(restarts=args.feature_restarts, threshold=args.feature_threshold).items()
+              if v is not None}
+    sampling = args.sampling
+    if args.instabilities or sampling == []:
+        sampling = sampling or SWEEP_ACCELERATIONS
+    try:
+        features = FeatureSpec(**spec) if args.features or args.instabilities or spec or search else None
+        return {"features": features, "feature_search": FeatureSearch(**search) if features else None,
+                "sampling": sampling, "sampling_center_fraction": args.sampling_center_fraction}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.pgd_step_scale, args.max_volumes, args.device, args.precision, args.split,
                         protocol=args.protocol, rel_budgets=args.rel_budgets, pgd_restarts=args.pgd_restarts,
                         pgd_random_start=args.pgd_random_start, pgd_keep_best=args.pgd_keep_best,
-                        pgd_objective=args.pgd_objective)
+                        pgd_objective=args.pgd_objective, **instability_options(args))
     except (ConfigError, RuntimeError) as exc:  # RuntimeError: e.g. CUDA asked for but absent
         print(f"error: {exc}", file=sys.stderr)
         return 2
