@@ -144,6 +144,7 @@ class TrainConfig:
     pgd_step_scale: float = 2.5  # step = scale * radius / steps (Madry et al.)
     robust_every: int = 1  # evaluate attacks every n epochs (and at every new best and the last epoch)
     robust_slices_per_volume: int = 2  # per-epoch attacks on this many seeded slices per selection volume; 0: all
+    report_protocol: str | None = None  # a named protocol (mriadv.protocols) added to the held-out evaluation
     # --- run -------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # 'auto' (CUDA if present) | 'cpu' | 'cuda' | 'cuda:N'
@@ -221,6 +222,10 @@ class TrainConfig:
             need(0 < getattr(self, key) <= 1, key, "must be in (0, 1]")
         need(isinstance(self.report_fraction, (int, float)) and 0 <= self.report_fraction < 1, "report_fraction",
              "must be in [0, 1)")
+        if self.report_protocol is not None:
+            from mriadv.protocols import PROTOCOLS  # torch: only when a protocol is asked for
+
+            need(self.report_protocol in PROTOCOLS, "report_protocol", f"must be None or one of {sorted(PROTOCOLS)}")
         need(isinstance(self.robust_slices_per_volume, int) and self.robust_slices_per_volume >= 0,
              "robust_slices_per_volume", "must be an integer >= 0 (0: every slice)")
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")

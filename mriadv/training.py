@@ -42,6 +42,7 @@ from mriadv.evaluate import RobustRow, evaluate, preview, robustness
 from mriadv.losses import make_loss
 from mriadv.models import (ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex,
                            kspace_features)
+from mriadv.protocols import get_protocol
 from mriadv.runtime import Runtime, seed_everything
 
 CHECKPOINT_FORMAT = 1
@@ -427,7 +428,8 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
         raise ConfigError(f"config key 'data': {root} has no sub-folders {SPLITS['train']}/ and {SPLITS['val']}/, "
                           "so training would validate on its training volumes; training needs both sub-folders")
     mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
-    keep_k = cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
+    keep_k = (cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
+              or (cfg.report_protocol is not None and get_protocol(cfg.report_protocol).needs_kspace))
     train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
     fixed_tf = UnetTransform(mask_func, cfg.crop_size, train=False, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
     common = dict(target_key=cfg.target_key, crop_size=cfg.crop_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
@@ -468,12 +470,20 @@ ROBUST_METRICS = ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim")
 
 
 def _robust_flat(prefix: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """``{prefix}rob_<attack>_e<budget>_<metric>`` for each row, with the standard errors beside."""
+    """``{prefix}rob_<attack>_e<budget>_<metric>`` for each row, with the standard errors beside;
+    rows of a named protocol: ``{prefix}<protocol>_<attack>_r<relative budget>_<metric>``."""
     out: dict[str, float] = {}
     for row in rows:
+        protocol, rel = row.get("protocol") or "", row.get("rel")
         for m in (*ROBUST_METRICS, "nmse_se", "d_nmse_se"):
-            if m in row:
-                out[prefix + robust_key(row["attack"], row["budget_ref"], m)] = row[m]
+            if m not in row:
+                continue
+            if protocol:
+                budget = f"r{rel:g}" if rel is not None and math.isfinite(rel) else f"e{row['budget_ref']:g}"
+                key = f"{protocol}_{row['attack']}_{budget}_{m}".replace(".", "p").replace("-", "_")
+            else:
+                key = robust_key(row["attack"], row["budget_ref"], m)
+            out[prefix + key] = row[m]
     return out
 
 
@@ -632,15 +642,24 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     dataset = data.report if data.report is not None else data.val
     loader = data.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-    rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, trainer.attacks(), clean, cfg.clamp)
     identity = nn.Identity()
     zf = evaluate(identity, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-    zf_attacks = [a for a in trainer.attacks() if a.name != "generator"]
-    zf_rows = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
-    return {
-        "split": data.report_split, "clean": _clean(clean), "robustness": _rows(rows, cfg.crop_size, True),
-        "zero_filled": _clean(zf), "zero_filled_robustness": _rows(zf_rows, cfg.crop_size, True),
-    }
+    groups = [("", trainer.attacks())]
+    if cfg.report_protocol is not None:  # a published protocol beside the study's own attacks
+        protocol = get_protocol(cfg.report_protocol)
+        groups.append((protocol.name, protocol.build(
+            cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, trainer.generator_perturb if trainer.generator else None,
+            cfg.perturbation, trace=False)))
+    rows: list[dict[str, Any]] = []
+    zf_rows: list[dict[str, Any]] = []
+    for name, attacks in groups:
+        found = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attacks, clean, cfg.clamp)
+        rows += [{**r, "protocol": name} for r in _rows(found, cfg.crop_size, True)]
+        zf_attacks = [a for a in attacks if a.name != "generator"]
+        found = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
+        zf_rows += [{**r, "protocol": name} for r in _rows(found, cfg.crop_size, True)]
+    return {"split": data.report_split, "clean": _clean(clean), "robustness": rows, "zero_filled": _clean(zf),
+            "zero_filled_robustness": zf_rows}
 
 
 def fit(

@@ -297,15 +297,17 @@ SPLIT_NAMES = {"report": "report split (validation volumes held out by name; not
                "selection": "selection split (the validation volumes early stopping and the search chose by)"}
 
 
-def held_out(res: StudyResults, model: str = "trained") -> pd.DataFrame:
+def held_out(res: StudyResults, model: str = "trained", protocol: str = "") -> pd.DataFrame:
     """The rows of ``robustness.parquet`` from each trial's final held-out evaluation of its best
     epoch (``split`` report or test): ``attack`` 'clean' (budget 0) and every attack and budget, for
-    the trained model or the zero-filled input (``model='zero_filled'``). Empty for studies written
-    before the report split existed, and for trials that never reached their last epoch."""
+    the trained model or the zero-filled input (``model='zero_filled'``); the study's own attacks, or
+    those of a named protocol (``report_protocol``). Empty for studies written before the report
+    split existed, and for trials that never reached their last epoch."""
     rob = res.robust
     if rob.empty or "split" not in rob:
         return rob.iloc[0:0]
-    return rob[rob["split"].isin(HELD_OUT_SPLITS) & (rob["model"] == model)].reset_index(drop=True)
+    own = rob["protocol"].fillna("") == protocol if "protocol" in rob else protocol == ""
+    return rob[rob["split"].isin(HELD_OUT_SPLITS) & (rob["model"] == model) & own].reset_index(drop=True)
 
 
 def held_out_split(res: StudyResults) -> str | None:
@@ -451,6 +453,7 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         rows.append(cells)
     out += [_md_table(headers, rows), ""]
 
+    out += _protocol_tables(res)
     out += ["## Selection and training volumes", "",
             "The same best epochs on the volumes they were chosen by (*Selection*: the validation volumes of early "
             "stopping, `best.pt` and the search) and on the fixed training-evaluation volumes (*Training*). These "
@@ -472,6 +475,40 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
             _md_table(["ε", "Process", "NMSE", "PSNR", "SSIM"],
                       [[e, p, f"{n:.5f}", f"{q:.5f}", f"{s:.5f}"] for e, p, n, q, s in SEED_TABLE1]), ""]
     return "\n".join(out)
+
+
+def _protocol_tables(res: StudyResults) -> list[str]:
+    """One table per named protocol of the held-out evaluation (``report_protocol``): each trial and
+    the zero-filled input under each of its attacks and budgets, *NMSE (ΔNMSE ± SE)*."""
+    rob = res.robust
+    if rob.empty or "protocol" not in rob:
+        return []
+    out = []
+    for name in sorted(set(rob["protocol"].dropna()) - {""}):
+        rows = {"zero-filled input": held_out(res, "zero_filled", name)}
+        for _, b in res.best.iterrows():
+            rows[res.label(b["trial_id"])] = held_out(res, "trained", name).query("trial_id == @b.trial_id")
+        first = next((r for r in rows.values() if len(r)), None)
+        if first is None:
+            continue
+        if name in rows["zero-filled input"].get("protocol", pd.Series(dtype=str)).values:
+            zf = rows["zero-filled input"]
+            rows["zero-filled input"] = zf[zf["trial_id"] == zf["trial_id"].iloc[0]]
+        grid = [(a, r, e) for a, r, e in first[["attack", "rel", "budget_ref"]].itertuples(index=False)]
+        headers = ["model"] + [f"{a} @ {'rel ' + format(r, 'g') if pd.notna(r) else format(e, 'g')}" for a, r, e in grid]
+        cells = []
+        for label, mine in rows.items():
+            line = [label]
+            for a, r, e in grid:
+                hit = mine[(mine["attack"] == a) & ((mine["rel"] == r) if pd.notna(r) else (mine["budget_ref"] == e))]
+                line.append("–" if hit.empty else f"{_num(hit.iloc[0]['nmse'], '.4f')} "
+                            f"({_num(hit.iloc[0]['d_nmse'], '+.4f')} ± {_num(hit.iloc[0]['d_nmse_se'], '.4f')})")
+            cells.append(line)
+        out += [f"## Protocol `{name}` (held-out split)", "",
+                "NMSE under each attack of the protocol (`python -m mriadv.assess --list-protocols` gives its source "
+                "and settings); *rel*: ‖δ‖/‖y‖ of the sampled k-space (‖δ‖/‖x̃‖ for image attacks).", "",
+                _md_table(headers, cells), ""]
+    return out
 
 
 def _crop(res: StudyResults) -> int | None:

@@ -374,3 +374,16 @@ def test_every_adversary_trains_in_both_domains(synthetic_root, kind, domain):
     r = res.history[-1]
     assert res.status == "completed" and r.steps == 2 and 0 < r.delta_sq <= 20.0 * 1.0001
     assert r.report is not None and r.report["clean"]["nmse"] > 0
+
+
+def test_a_named_protocol_joins_the_held_out_evaluation(synthetic_root):
+    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0,
+                    report_protocol="deviation-kspace")
+    record = fit(cfg, log=None).history[-1]
+    mine = [r for r in record.report["robustness"] if r["protocol"] == "deviation-kspace"]
+    assert [r["rel"] for r in mine] == [0.04, 0.08] and all(r["attack"] == "pgd_kspace" for r in mine)
+    for r in mine:  # inside the relative ball: ||delta|| <= rel ||y||, and on its surface after 100 steps
+        assert r["rel"] * 0.5 < r["delta_rel"] <= r["rel"] * (1 + 1e-4)
+    assert "report_deviation_kspace_pgd_kspace_r0p04_nmse" in record.flat()
+    with pytest.raises(ConfigError, match="report_protocol"):
+        smoke_cfg(synthetic_root, report_protocol="nope")
