@@ -145,6 +145,7 @@ class TrainConfig:
     robust_every: int = 1  # evaluate attacks every n epochs (and at every new best and the last epoch)
     robust_slices_per_volume: int = 2  # per-epoch attacks on this many seeded slices per selection volume; 0: all
     report_protocol: str | None = None  # a named protocol (mriadv.protocols) added to the held-out evaluation
+    instabilities: bool = True  # small-feature recovery each epoch and held out, and the held-out sampling sweep
     # --- run -------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # 'auto' (CUDA if present) | 'cpu' | 'cuda' | 'cuda:N'

@@ -39,6 +39,8 @@ from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve
 from mriadv.data.masks import make_mask_func
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
+from mriadv.instabilities import (SWEEP_ACCELERATIONS, FeatureSearch, FeatureSpec, NoTissue, feature_recovery,
+                                  sampling_sweep)
 from mriadv.losses import make_loss
 from mriadv.models import (ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex,
                            kspace_features)
@@ -487,6 +489,29 @@ def _robust_flat(prefix: str, rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _instability_flat(rep: dict[str, Any]) -> dict[str, float]:
+    """Flat keys of the held-out instability results: ``report_feature_<random|worst>_<stat>`` (and
+    ``zf_report_...`` for the zero-filled input), ``report_sampling_r<R>_<metric>`` per acceleration
+    and ``report_sampling_stagnant``, the number of steps to more samples that did not help."""
+    out: dict[str, float] = {}
+    feats = rep.get("features")
+    if feats:
+        for where, prefix in (("random", "report_"), ("worst", "report_"), ("zero_filled_random", "zf_report_"),
+                              ("zero_filled_worst", "zf_report_")):
+            kind = where.removeprefix("zero_filled_")
+            for stat in ("fnr", "fnr_se", "error", "error_se", "contrast", "contrast_se"):
+                out[f"{prefix}feature_{kind}_{stat}"] = feats[where][stat]
+    rows = rep.get("sampling") or []
+    for row in rows:
+        r = f"{row['acceleration']:g}".replace(".", "p")
+        for m in ("nmse", "nmse_se", "psnr", "ssim"):
+            out[f"report_sampling_r{r}_{m}"] = row[m]
+        out[f"zf_report_sampling_r{r}_nmse"] = row["zf_nmse"]
+    if rows:
+        out["report_sampling_stagnant"] = float(sum(bool(row["stagnant"]) for row in rows[1:]))
+    return out
+
+
 @dataclass
 class EpochRecord:
     """Everything known after one epoch, as plain numbers (``robustness`` holds one row per attack
@@ -540,6 +565,8 @@ class EpochRecord:
     report_time_s: float = 0.0
     message: str = ""
     report: dict[str, Any] | None = None
+    feature_fnr: float = float("nan")  # small-feature false-negative rate on the attacked selection subset
+    feature_error: float = float("nan")  # ... and the features' mean relative recovery error
 
     def flat(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("robustness", "status", "report")}
@@ -553,6 +580,7 @@ class EpochRecord:
                 out[f"zf_report_{m}"] = rep["zero_filled"][m]
             out.update(_robust_flat("report_", rep["robustness"]))
             out.update(_robust_flat("zf_report_", rep["zero_filled_robustness"]))
+            out.update(_instability_flat(rep))
         return out
 
     @classmethod
@@ -658,8 +686,27 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
         zf_attacks = [a for a in attacks if a.name != "generator"]
         found = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
         zf_rows += [{**r, "protocol": name} for r in _rows(found, cfg.crop_size, True)]
-    return {"split": data.report_split, "clean": _clean(clean), "robustness": rows, "zero_filled": _clean(zf),
-            "zero_filled_robustness": zf_rows}
+    out = {"split": data.report_split, "clean": _clean(clean), "robustness": rows, "zero_filled": _clean(zf),
+           "zero_filled_robustness": zf_rows}
+    if cfg.instabilities:  # the seed's types 2 and 3, on the same held-out slices
+        out["features"] = _features(trainer, dataset, runtime)
+        sweep = sampling_sweep(trainer.recon, dataset, runtime, SWEEP_ACCELERATIONS, cfg.center_fraction,
+                               batch_size=cfg.batch_size, loss_fn=trainer.loss_fn)
+        out["sampling"] = [{k: v for k, v in row.as_dict().items() if k != "volume_nmse"} for row in sweep]
+    return out
+
+
+def _features(trainer: Trainer, dataset: SliceDataset, runtime: Runtime) -> dict[str, Any] | None:
+    """Small-feature recovery (:func:`mriadv.instabilities.feature_recovery`, default feature and
+    search) as a plain dict, or None where no slice has tissue to put a feature in."""
+    try:
+        result = feature_recovery(trainer.recon, dataset, runtime, FeatureSpec(), FeatureSearch())
+    except NoTissue:
+        return None
+    out = result.as_dict()
+    for key in ("random", "worst", "zero_filled_random", "zero_filled_worst"):
+        out[key].pop("volume_fnr", None)
+    return out
 
 
 def fit(
@@ -781,11 +828,13 @@ def fit(
 
         t2 = time.perf_counter()
         rows: list[RobustRow] = []
+        feats = None
         if (epoch + 1) % cfg.robust_every == 0 or improved or last:
             robust_loader = data.loader(data.robust_val or data.val, shuffle=False)
             robust_clean = evaluate(trainer.recon, robust_loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
             rows = robustness(trainer.recon, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean,
                               cfg.clamp)
+            feats = _features(trainer, data.robust_val or data.val, runtime) if cfg.instabilities else None
         t_rob = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -814,6 +863,8 @@ def fit(
             over_budget=_mean(sums, "over_budget", steps) if trainer.generator is not None else float("nan"),
             lr_factor=trainer.lr_factor(), val_nmse_se=val.nmse_se, val_psnr_se=val.psnr_se, val_ssim_se=val.ssim_se,
             report_time_s=t_report, report=report,
+            feature_fnr=feats["random"]["fnr"] if feats else float("nan"),
+            feature_error=feats["random"]["error"] if feats else float("nan"),
         )
         history.append(record)
         if out is not None:

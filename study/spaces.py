@@ -46,7 +46,7 @@ RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_bud
 EPSILON_KEYS = ("epsilon",)
 # metrics a trial reports that can be objectives, beside the rob_<attack>_e<budget>_<metric> family
 OBJECTIVE_METRICS = ("val_loss", "val_nmse", "val_psnr", "val_ssim", "train_loss", "val_seed_nmse",
-                     "val_seed_psnr", "val_seed_ssim")
+                     "val_seed_psnr", "val_seed_ssim", "feature_fnr", "feature_error")
 ROBUST_METRICS = ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim")
 
 

@@ -387,3 +387,19 @@ def test_a_named_protocol_joins_the_held_out_evaluation(synthetic_root):
     assert "report_deviation_kspace_pgd_kspace_r0p04_nmse" in record.flat()
     with pytest.raises(ConfigError, match="report_protocol"):
         smoke_cfg(synthetic_root, report_protocol="nope")
+
+
+def test_instabilities_are_recorded_each_epoch_and_held_out(synthetic_root):
+    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0)
+    record = fit(cfg, log=None).history[-1]
+    assert 0 <= record.feature_fnr <= 1 and record.feature_error > 0  # on the attacked selection subset
+    flat = record.flat()
+    for key in ("report_feature_random_fnr", "report_feature_worst_fnr", "zf_report_feature_random_fnr",
+                "report_sampling_r8_nmse", "report_sampling_r2_nmse", "zf_report_sampling_r2_nmse"):
+        assert key in flat, key
+    # the worst of several positions is never easier than the first one drawn
+    assert flat["report_feature_worst_error"] >= flat["report_feature_random_error"]
+    # the zero-filled input gains from more samples (type 3 is about the network, not the data)
+    assert flat["zf_report_sampling_r2_nmse"] < flat["zf_report_sampling_r8_nmse"]
+    off = fit(TrainConfig.from_dict({"instabilities": False}, base=cfg), log=None).history[-1]
+    assert np.isnan(off.feature_fnr) and "report_feature_random_fnr" not in off.flat()
