@@ -1,0 +1,185 @@
+"""What each reported result costs the study's driver, as the number of trials grows.
+
+Runs Tune in this process the way ``study/run.py`` does (``TUNE_GLOBAL_CHECKPOINT_S=0``, a checkpoint
+with every result, OptunaSearch with a grid sampler on SQLite, the study's :class:`ResultsCallback`,
+Ray's own loggers off, ``reuse_actors``), with N trivial trials of E epochs each whose results carry
+as many metric columns as a real trial's, and times, in the driver, the three things the driver
+does per result:
+
+* ``tune save``: Tune's experiment-state save (``TuneController.checkpoint``; every step here);
+* ``study callback``: :class:`study.results.ResultsCallback` (the copy of Tune's state, the Parquet
+  rewrite of ``trials.parquet`` and ``robustness.parquet``, the process record);
+* ``optuna``: OptunaSearch's ``on_trial_result`` / ``on_trial_complete`` (SQLite writes).
+
+For each N it prints the driver's cost per result over all results and over the last tenth (when
+the tables and Tune's state are largest), in wall-clock ms and in the driver thread's CPU ms (the
+machine is shared: CPU time is what the driver itself spent). Target (issue 11): the added cost
+per result stays <= 20 ms up to 300 trials.
+
+Measured here (2 cores shared with other sessions, load 7-9; 3 epochs per trial), driver CPU ms per
+result over the last tenth of the results, all three parts: 47 (10 trials), 203 (100), 527 (300);
+wall-clock 143, 631, 903 ms. Tune's save and the study callback grew alike (each ~40 % of it): both
+rewrite or copy state that grows with every trial, after every result.
+
+    python benchmarks/driver_scale.py [--trials 10,100,300] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # as study/run.py: before Ray is imported
+os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+METRIC_COLUMNS = 80  # a real trial's row has ~100 columns (hyperparameters, losses, metrics, attacks)
+TARGET_MS = 20.0
+
+
+class Clock:
+    """Wall and thread-CPU seconds of each timed call, with the number of results so far."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float, float]] = []  # (what, results so far, wall s, cpu s)
+        self.results = 0
+
+    def wrap(self, what: str, fn):
+        def timed(*args, **kwargs):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.events.append((what, self.results, time.perf_counter() - w0, time.thread_time() - c0))
+        return timed
+
+
+def trivial(config: dict) -> None:
+    """E epochs of nothing: a result with METRIC_COLUMNS metrics and a 1 kB checkpoint per epoch."""
+    import random
+
+    from ray import tune
+
+    rng = random.Random(config["x"])
+    for epoch in range(1, config["epochs"] + 1):
+        metrics = {f"m{i:02d}": rng.random() for i in range(METRIC_COLUMNS)}
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "checkpoint.pt").write_bytes(b"\0" * 1024)
+            tune.report({**metrics, "val_nmse": rng.random(), "epoch": epoch, "robustness_json": "[]"},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run(n_trials: int, epochs: int, folder: Path) -> dict[str, float]:
+    import optuna
+    from ray import tune
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.optuna import OptunaSearch
+
+    from study.results import ResultsCallback
+
+    clock = Clock()
+
+    class TimedCallback(ResultsCallback):
+        pass
+
+    for name in ("on_trial_result", "on_checkpoint", "on_trial_complete", "on_step_end", "on_trial_start"):
+        setattr(TimedCallback, name, clock.wrap("study callback", getattr(ResultsCallback, name)))
+
+    class TimedSearch(OptunaSearch):
+        pass
+
+    def counted(fn):
+        def on_result(self, trial_id, result):
+            clock.results += 1
+            return fn(self, trial_id, result)
+        return on_result
+
+    TimedSearch.on_trial_result = counted(clock.wrap("optuna", OptunaSearch.on_trial_result))
+    TimedSearch.on_trial_complete = clock.wrap("optuna", OptunaSearch.on_trial_complete)
+    original_checkpoint = TuneController.checkpoint
+    TuneController.checkpoint = clock.wrap("tune save", original_checkpoint)
+    try:
+        name = f"scale{n_trials}"
+        study_dir = folder / name
+        study_dir.mkdir(parents=True)
+        values = list(range(n_trials))
+        search = TimedSearch(metric="val_nmse", mode="min", study_name=name,
+                             sampler=optuna.samplers.GridSampler({"x": values}, seed=0),
+                             storage=optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}"))
+        tuner = tune.Tuner(
+            tune.with_resources(trivial, {"cpu": 1}),
+            param_space={"x": tune.choice(values), "epochs": epochs},
+            tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
+                                      callbacks=[TimedCallback(study_dir, record_processes=True)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+        t0 = time.perf_counter()
+        tuner.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        TuneController.checkpoint = original_checkpoint
+
+    results = max(1, clock.results)
+    last = [e for e in clock.events if e[1] > 0.9 * results]
+    last_n = max(1, results - int(0.9 * results))
+    out = {"trials": n_trials, "results": results, "wall_s": wall}
+    for what in ("tune save", "study callback", "optuna"):
+        out[f"{what} ms"] = 1e3 * sum(e[2] for e in clock.events if e[0] == what) / results
+        out[f"{what} cpu ms"] = 1e3 * sum(e[3] for e in clock.events if e[0] == what) / results
+        out[f"{what} last ms"] = 1e3 * sum(e[2] for e in last if e[0] == what) / last_n
+        out[f"{what} last cpu ms"] = 1e3 * sum(e[3] for e in last if e[0] == what) / last_n
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", default="10,100,300", help="comma-separated trial counts (default: 10,100,300)")
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    counts = [int(n) for n in args.trials.split(",")]
+
+    import logging
+
+    import ray
+
+    from study.cluster import start_ray
+
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)  # "could not fetch metrics": Ray's loggers are off
+
+    start_ray(None, cpus=2, gpus=0)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mriadv-driver-scale-") as tmp:
+            for n in counts:
+                rows.append(run(n, args.epochs, Path(tmp)))
+                r = rows[-1]
+                print(f"{n} trials x {args.epochs} epochs: {r['results']} results in {r['wall_s']:.0f} s", flush=True)
+    finally:
+        ray.shutdown()
+
+    parts = ("tune save", "study callback", "optuna")
+    print(f"\ndriver cost per result, ms wall (driver-thread CPU); 'last': the last tenth of the results")
+    print(f"{'trials':>6s}  " + "  ".join(f"{p:>22s}" for p in parts) + f"  {'sum':>14s}  {'sum, last':>14s}")
+    for r in rows:
+        cells = [f"{r[f'{p} ms']:6.1f} ({r[f'{p} cpu ms']:5.1f}) last {r[f'{p} last ms']:5.1f}" for p in parts]
+        total = sum(r[f"{p} ms"] for p in parts)
+        total_cpu = sum(r[f"{p} cpu ms"] for p in parts)
+        last = sum(r[f"{p} last ms"] for p in parts)
+        last_cpu = sum(r[f"{p} last cpu ms"] for p in parts)
+        print(f"{r['trials']:6d}  " + "  ".join(f"{c:>22s}" for c in cells)
+              + f"  {total:6.1f} ({total_cpu:5.1f})  {last:6.1f} ({last_cpu:5.1f})")
+    worst = max(sum(r[f"{p} last cpu ms"] for p in parts) for r in rows)
+    print(f"target: <= {TARGET_MS:g} ms per result (driver CPU, last tenth) up to {max(counts)} trials: "
+          f"{'met' if worst <= TARGET_MS else 'NOT met'}")
+    print(f"worst_ms_per_result: {worst:.1f}")
+
+
+if __name__ == "__main__":
+    main()
