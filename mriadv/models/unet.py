@@ -18,9 +18,48 @@ POOLINGS = ("avg", "max")
 NORMS = ("instance", "batch")
 
 
+class _PReLUFunction(torch.autograd.Function):
+    """Single-slope PReLU whose backward uses vectorised kernels (see :class:`PReLU`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.prelu(x, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # grad where x > 0, weight * grad elsewhere: PReLU's own rule
+            grad_x = torch.ops.aten.leaky_relu_backward(grad, x, weight.item(), False)
+        if ctx.needs_input_grad[1]:  # the same products and the same full reduction as PReLU's own backward
+            grad_w = (grad * x.clamp(max=0)).sum().reshape(weight.shape)
+        return grad_x, grad_w
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` (same parameter, state-dict key and outputs) with a faster backward on CPU.
+
+    PyTorch's CPU kernel of PReLU's backward is not vectorised: at the demo's U-Net 16/3 on 96x96 it
+    took ~0.1 s of a ~0.85 s single-thread training step, against ~0.02 s for fastMRI's LeakyReLU.
+    With a single slope the input gradient is exactly LeakyReLU's backward at slope ``a`` and the
+    slope's gradient the sum of ``grad * min(x, 0)``; computed so (same values, the same reduction),
+    the activation's forward + backward is ~3x faster. Used on CPU with gradients; elsewhere (CUDA,
+    no_grad, one slope per channel) the module is plain ``nn.PReLU``. First-order only: a double
+    backward through it raises.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and self.weight.numel() == 1 and torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad)):
+            return _PReLUFunction.apply(x, self.weight)
+        return super().forward(x)
+
+
 def make_activation(name: str) -> nn.Module:
     if name == "prelu":
-        return nn.PReLU()
+        return PReLU()
     if name == "relu":
         return nn.ReLU(inplace=True)
     if name == "leakyrelu":
@@ -34,6 +73,28 @@ def make_norm(name: str, channels: int) -> nn.Module:
     if name == "batch":
         return nn.BatchNorm2d(channels)
     raise ValueError(f"unknown norm {name!r}; expected one of {NORMS}")
+
+
+_BILINEAR_2X = (0.25, 0.75, 0.75, 0.25)  # 1-D weights of 2x bilinear upsampling (align_corners=False)
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` for ``x`` ``(B, C, h, w)``.
+
+    On CPU an exact 2x upsampling (always the case inside :class:`UNet`, whose input is padded to a
+    multiple of ``2**num_pools``) is computed as what it is: a depthwise transposed convolution,
+    stride 2, with the fixed 4x4 kernel ``outer((1, 3, 3, 1) / 4)``, after replicating the edge
+    pixels (PyTorch's edge clamping). Same weights, same result up to rounding (a few ulp), and
+    forward + backward ~2x faster than PyTorch's CPU bilinear kernels at the demo's sizes. Elsewhere
+    (CUDA, other dtypes, other sizes) it is ``F.interpolate`` itself.
+    """
+    h, w = x.shape[-2:]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or tuple(size) != (2 * h, 2 * w):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    k = torch.tensor(_BILINEAR_2X, dtype=x.dtype)
+    kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 4, 4).contiguous()
+    return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, stride=2, padding=3,
+                              groups=x.shape[1])
 
 
 class ConvBlock(nn.Sequential):
@@ -101,7 +162,7 @@ class UNet(nn.Module):
         x = skips.pop()
         for block in self.up:
             skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = upsample_bilinear(x, skip.shape[-2:])
             x = block(torch.cat([x, skip], dim=1))
         x = self.head(x)
         if pad_h or pad_w:

@@ -1,0 +1,328 @@
+"""Parity with fastMRI's own U-Net: accuracy at equal steps, step time at equal size.
+
+Trains two reconstructors side by side on the same folder (default: the profile's synthetic data under
+``results/.data``, generated on first use; ``--data`` takes a fastMRI-format root):
+
+* **fastMRI**: ``fastmri.models.Unet`` (LeakyReLU 0.2, instance norm, transposed-convolution
+  upsampling) trained with fastMRI's default single-coil U-Net recipe, ``UnetModule`` /
+  ``fastmri_examples/unet/train_unet_demo.py``: L1 loss, RMSprop lr 1e-3, weight decay 0, StepLR
+  (step 40 epochs, gamma 0.1; never reached in a few epochs), dropout 0, written here as a plain
+  loop (no pytorch_lightning);
+* **mriadv**: the project's standard model (``epsilon = 0``) with the profile's recipe through
+  ``Trainer.train_step`` exactly as ``fit`` runs it (demo: MSE, AdamW 1e-3 with cosine decay over the
+  run's steps, U-Net PReLU / average pooling / instance norm / bilinear upsampling).
+
+Both have the profile's width and depth (demo: 16 channels, 3 pools, ~0.48 M parameters each) and
+are fed the *same* batches: every batch is drawn once from the project's data pipeline (masks new per
+sample and epoch, instance normalisation, input clamped to +-6) and given to both, so masks, inputs,
+targets, batch size (the profile's, 8 on demo; fastMRI's demo script uses 1 per GPU) and order are
+identical. fastMRI's ``UnetDataTransform`` normalises the same way: the benchmark checks it on one
+validation slice with the same mask and prints the largest input difference. The one difference is
+that fastMRI's transform also clamps the *target* to +-6; both models here train on the unclamped
+target (the share of target pixels beyond 6 is printed).
+
+Evaluation: the final weights of both on every validation volume (fixed per-volume masks), with
+fastMRI's ``fastmri.evaluate`` functions as its evaluate script applies them (``Metrics.push(target,
+recons)`` per volume of de-normalised slices, ``maxval`` = the target volume's maximum; NMSE, PSNR,
+SSIM averaged over volumes), and the zero-filled input the same way (the de-normalised network input,
+as the project's identity-model row). The project's own ``evaluate()`` of its model is printed beside
+as a cross-check.
+
+Step time: each model's optimiser step (forward, loss, backward, update; for mriadv the whole
+``Trainer.train_step`` with its learning-rate setting and one ``.tolist()`` per step), timed on the
+same batch one right after the other, alternating which goes first, so that contention from other
+processes affects both alike, on one intra-op thread by default (``--threads``): on cores shared with
+other work, threads that wait on each other at every barrier made a step several times slower (16x
+for the smoke profile's tiny U-Net) and the timings erratic; with one thread the default run took
+7 minutes while other work kept 1.5 of 2 cores busy, 3.4 minutes with 0.9. Data loading is not timed. Reported: the median seconds per step of
+each, and the median of the per-step ratios mriadv / fastMRI (the paired ratio, robust to bursts of
+load). The share of the machine other processes used meanwhile is printed (``_machine.py``).
+
+Measured (demo, 360 steps, 2-core CPU, one thread): NMSE 0.0483 (mriadv) vs 0.0636 (fastMRI), zero-filled
+0.1098: ratio 0.76; at 90 steps 1.06 (the cosine schedule then decays in 90 steps). Step time 1.10-1.12x
+fastMRI's, 1.18-1.19x before the U-Net's PReLU backward and upsampling were made faster on CPU
+(``mriadv/models/unet.py``). The rest is the architecture: the bilinear up path concatenates the whole
+upsampled 2c-channel map with the c-channel skip (3c channels into each up block's first convolution)
+where fastMRI's transposed convolution first halves it (2c), 18.0 against 15.5 GFLOP per forward +
+backward of a batch of 8 at 96x96; ``Trainer.train_step`` itself adds ~1.5% over a bare loop, and the
+loss and optimiser (MSE/AdamW vs L1/RMSprop) nothing measurable.
+
+Installing fastMRI (optional; not a project dependency). ``fastmri`` 0.3.0 pins an old torchvision
+and pytorch_lightning that this benchmark does not need; install it without them::
+
+    pip install --no-deps fastmri==0.3.0
+    pip install runstats scikit-image pandas pyyaml requests tqdm h5py
+
+Only ``fastmri.models.unet``, ``fastmri.evaluate`` and ``fastmri.data.transforms`` are imported (none
+of them imports torchvision; ``fastmri.pl_modules`` would). Nothing is downloaded.
+
+Usage::
+
+    python benchmarks/vs_fastmri.py                     # demo profile: 6 epochs x 60 steps
+    python benchmarks/vs_fastmri.py --steps 120 --threads 0     # torch's default threads (a quiet machine)
+    python benchmarks/vs_fastmri.py --profile smoke     # seconds: a check that it runs
+
+The last line is ``ratios: nmse <mriadv / fastMRI> step_time <mriadv / fastMRI>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
+from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
+from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
+from mriadv.runtime import Runtime, seed_everything  # noqa: E402
+from mriadv.train import DEFAULT_RESULTS, synthetic_data  # noqa: E402
+from mriadv.training import Data, Trainer, build_data  # noqa: E402
+from _machine import cpu_seconds, others_share  # noqa: E402
+
+INSTALL = ("pip install --no-deps fastmri==0.3.0 && "
+           "pip install runstats scikit-image pandas pyyaml requests tqdm h5py")
+# fastMRI's default single-coil U-Net recipe (UnetModule and train_unet_demo.py defaults)
+FASTMRI_LR, FASTMRI_WEIGHT_DECAY, FASTMRI_LR_STEP_EPOCHS, FASTMRI_LR_GAMMA = 1e-3, 0.0, 40, 0.1
+TARGET_NMSE_RATIO, TARGET_TIME_RATIO = 1.0, 1.0  # issue 9: at least as accurate, no slower
+
+
+def import_fastmri():
+    """fastMRI's U-Net, evaluation and data transform, imported by submodule (no torchvision)."""
+    try:
+        from fastmri.data.transforms import UnetDataTransform
+        from fastmri.evaluate import METRIC_FUNCS, Metrics
+        from fastmri.models.unet import Unet
+    except ImportError as exc:
+        raise SystemExit(f"fastMRI is not importable ({exc}); install it with:\n    {INSTALL}") from None
+    return Unet, Metrics, METRIC_FUNCS, UnetDataTransform
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FastMRIRecipe:
+    """fastMRI's ``UnetModule.training_step`` / ``configure_optimizers`` as a plain loop."""
+
+    def __init__(self, unet: torch.nn.Module, runtime: Runtime) -> None:
+        self.unet, self.runtime = unet, runtime
+        self.opt = torch.optim.RMSprop(unet.parameters(), lr=FASTMRI_LR, weight_decay=FASTMRI_WEIGHT_DECAY)
+        # Lightning steps an epoch-interval scheduler once per epoch
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, FASTMRI_LR_STEP_EPOCHS, FASTMRI_LR_GAMMA)
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        self.unet.train()
+        with self.runtime.autocast():
+            output = self.unet(self.runtime.image(batch.image))
+        loss = F.l1_loss(output.float(), batch.target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def end_epoch(self) -> None:
+        self.sched.step()
+
+
+def transform_parity(data: Data, cfg: TrainConfig, UnetDataTransform) -> tuple[float, float, float]:
+    """fastMRI's ``UnetDataTransform`` on the first validation slice with the project's mask for it:
+    ``(max |input difference|, max |target difference| after clamping ours to 6, share of target
+    pixels that fastMRI's transform clamps)``, in normalised units."""
+    ds = data.val
+    raw = ds.read(0)
+    ours = ds.transform(raw, ds.epoch)
+    tf = ds.transform
+    mask = tf.mask_func(raw.kspace.shape[-1], tf.mask_rng(raw.fname, raw.slice_num, ds.epoch))
+    left, right = raw.padding
+    mask[:left], mask[right:] = False, False
+    num_low = tf.mask_func.num_low_freqs(raw.kspace.shape[-1])
+
+    def same_mask(shape, offset=None, seed=None):  # fastMRI's MaskFunc interface: (mask, num_low_frequencies)
+        m = torch.from_numpy(mask.astype(np.float32)).reshape(*([1] * (len(shape) - 2)), len(mask), 1)
+        return m, num_low
+
+    crop = (cfg.crop_size, cfg.crop_size)
+    target = center_crop(torch.from_numpy(raw.target), crop).numpy() if raw.target is not None else None
+    theirs = UnetDataTransform("singlecoil", mask_func=same_mask)(
+        raw.kspace, None, target, {"max": raw.max_value}, raw.fname, raw.slice_num)
+    d_input = float((theirs.image - ours.image[0]).abs().max())
+    d_target = float((theirs.target - ours.target[0].clamp(-6, 6)).abs().max()) if target is not None else math.nan
+    clipped = float((ours.target.abs() > 6).float().mean())
+    return d_input, d_target, clipped
+
+
+def fastmri_metrics(models: dict[str, torch.nn.Module | None], data: Data, runtime: Runtime,
+                    Metrics, METRIC_FUNCS) -> dict[str, dict[str, float]]:
+    """fastMRI's evaluation of each model (None: the zero-filled input) on every validation volume:
+    de-normalised slices stacked per volume, ``Metrics.push(target, recons)`` per volume, means."""
+    per_volume: dict[str, dict[str, list]] = {}
+    for m in models.values():
+        if m is not None:
+            m.eval()
+    with torch.no_grad():
+        for batch in data.loader(data.val, shuffle=False):
+            batch = batch.to(runtime.device)
+            mean, std = batch.mean.view(-1, 1, 1, 1), batch.std.view(-1, 1, 1, 1)
+            outs = {"target": denormalize(batch.target, mean, std)}
+            for name, m in models.items():
+                if m is None:
+                    pred = batch.image
+                else:
+                    with runtime.autocast():
+                        pred = m(runtime.image(batch.image)).float()
+                outs[name] = denormalize(pred, mean, std)
+            for i, (fname, s) in enumerate(zip(batch.fnames, batch.slice_nums.tolist())):
+                vol = per_volume.setdefault(fname, {k: [] for k in outs} | {"slice": []})
+                vol["slice"].append(s)
+                for k, v in outs.items():
+                    vol[k].append(v[i, 0].cpu().numpy().astype(np.float32))
+    results = {}
+    for name in models:
+        metrics = Metrics(METRIC_FUNCS)
+        for fname in sorted(per_volume):
+            vol = per_volume[fname]
+            order = np.argsort(vol["slice"])
+            target = np.stack([vol["target"][j] for j in order])
+            recons = np.stack([vol[name][j] for j in order])
+            metrics.push(target, recons)
+        results[name] = {k: float(np.asarray(v).item()) for k, v in metrics.means().items()}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="recipe and data (default: demo)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of each model (default: the profile's epochs x steps per epoch)")
+    parser.add_argument("--data", type=Path, default=None, help="fastMRI-format root (default: the profile's synthetic)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where synthetic data is kept")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads on CPU (default: 1; 0: torch's default)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (default: 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    Unet, Metrics, METRIC_FUNCS, UnetDataTransform = import_fastmri()
+
+    profile = get_profile(args.profile)
+    folder = args.data if args.data is not None else synthetic_data(profile, args.results)
+    # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
+    cfg = profile.config(epsilon=0.0, data=str(folder), device=args.device, threads=args.threads or None, seed=args.seed,
+                         report_fraction=0.0, train_eval_volumes=0)
+    rt = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
+    seed_everything(cfg.seed)
+    data = build_data(cfg, rt)
+    steps_per_epoch = len(data.loader(data.train, shuffle=True))
+    if cfg.max_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    steps = args.steps if args.steps is not None else steps_per_epoch * cfg.max_epochs
+    if steps < 1 or args.warmup < 0 or args.warmup >= steps:
+        parser.error("--steps must be >= 1 and 0 <= --warmup < steps")
+
+    seed_everything(cfg.seed)
+    ours = Trainer(cfg, rt)
+    ours.total_steps = steps  # the cosine schedule spans this run, as fit() spans its epochs
+    torch.manual_seed(cfg.seed)
+    theirs = FastMRIRecipe(rt.prepare_model(Unet(1, 1, chans=cfg.unet_chans, num_pool_layers=cfg.unet_pools,
+                                                 drop_prob=0.0)), rt)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    where = f"{rt.device}" + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.is_cuda else
+                              f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}")
+    print(f"data {folder}: {len(data.train)} training slices ({steps_per_epoch} steps of {cfg.batch_size} per "
+          f"epoch), {len(data.val.volumes)} validation volumes ({len(data.val)} slices), crop {cfg.crop_size}, "
+          f"{cfg.mask_type} mask {cfg.acceleration:g}x / centre {cfg.center_fraction:g}")
+    print(f"steps {steps} ({steps / steps_per_epoch:.2f} epochs) for each model, same batches; device {where}, "
+          f"precision {rt.dtype or 'fp32'}")
+    print(f"fastMRI: Unet {cfg.unet_chans}/{cfg.unet_pools} ({count(theirs.unet) / 1e6:.3f} M params), L1, RMSprop "
+          f"lr {FASTMRI_LR:g}, weight decay {FASTMRI_WEIGHT_DECAY:g}, StepLR {FASTMRI_LR_STEP_EPOCHS} epochs x "
+          f"{FASTMRI_LR_GAMMA:g}")
+    print(f"mriadv:  UNet {cfg.unet_chans}/{cfg.unet_pools} ({count(ours.recon) / 1e6:.3f} M params, "
+          f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {args.profile}: "
+          f"{cfg.loss.upper()}, AdamW lr {cfg.lr_recon:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} schedule")
+    d_input, d_target, clipped = transform_parity(data, cfg, UnetDataTransform)
+    print(f"fastMRI UnetDataTransform vs the project's transform, same slice and mask: max |input diff| "
+          f"{d_input:.2e}, max |target diff| {d_target:.2e} after clamping ours to 6 (fastMRI clamps the target: "
+          f"{100 * clipped:.3f}% of its pixels; both models here train on the unclamped target)")
+
+    times: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
+    losses: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
+
+    def timed(name: str, batch: Batch, record: bool) -> None:
+        sync(rt.device)
+        t0 = time.perf_counter()
+        if name == "mriadv":
+            loss = ours.train_step(batch)["recon_loss"]
+        else:
+            loss = theirs.train_step(batch)
+        sync(rt.device)
+        if record:
+            times[name].append(time.perf_counter() - t0)
+        losses[name].append(float(loss))
+
+    print(f"{'epoch':>5s} {'step':>5s}  {'mriadv loss (' + cfg.loss + ')':>18s}  {'fastMRI loss (l1)':>17s}  "
+          f"{'s/step mriadv':>13s}  {'fastMRI':>8s}")
+    t_start, usage = time.perf_counter(), cpu_seconds()
+    step, epoch = 0, 0
+    while step < steps:
+        for i, batch in enumerate(data.loader(data.train, shuffle=True, epoch=epoch)):
+            if step >= steps or i >= steps_per_epoch:
+                break
+            batch = batch.to(rt.device)
+            order = ("mriadv", "fastMRI") if step % 2 == 0 else ("fastMRI", "mriadv")
+            for name in order:
+                timed(name, batch, record=step >= args.warmup)
+            step += 1
+        theirs.end_epoch()
+        epoch += 1
+        n = steps_per_epoch
+        med = {k: f"{statistics.median(v[-n:]):.3f}" if v else "-" for k, v in times.items()}
+        print(f"{epoch:5d} {step:5d}  {statistics.fmean(losses['mriadv'][-n:]):18.4f}  "
+              f"{statistics.fmean(losses['fastMRI'][-n:]):17.4f}  {med['mriadv']:>13s}  {med['fastMRI']:>8s}",
+              flush=True)
+    elapsed = time.perf_counter() - t_start
+    share = others_share(usage, elapsed)
+
+    t_eval = time.perf_counter()
+    scores = fastmri_metrics({"zero-filled": None, "fastMRI": theirs.unet, "mriadv": ours.recon}, data, rt,
+                             Metrics, METRIC_FUNCS)
+    check = mriadv_evaluate(ours.recon, data.loader(data.val, shuffle=False), ours.loss_fn, rt, clamp=cfg.clamp)
+    t_eval = time.perf_counter() - t_eval
+
+    step_s = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times["mriadv"], times["fastMRI"]))
+    print(f"trained in {elapsed:.0f}s, evaluated in {t_eval:.0f}s; step times: median of {len(times['mriadv'])} "
+          f"steps after {args.warmup} warm-up steps")
+    if share is not None:
+        cpus = share * (torch.multiprocessing.cpu_count() or 1)
+        print(f"machine: other processes kept {cpus:.2f} of {torch.multiprocessing.cpu_count()} CPUs busy "
+              f"({100 * share:.0f}%) during training" + ("; timings are noisy (paired ratios compensate in part)"
+                                                          if share > 0.1 else ""))
+    print(f"fastMRI evaluation ({len(data.val.volumes)} validation volumes, de-normalised, maxval = volume max):")
+    print(f"  {'':14s} {'NMSE':>8s} {'PSNR':>7s} {'SSIM':>7s} {'s/step':>8s}")
+    for name in ("zero-filled", "fastMRI", "mriadv"):
+        s = scores[name]
+        t = f"{step_s[name]:8.3f}" if name in step_s else f"{'-':>8s}"
+        print(f"  {name:14s} {s['NMSE']:8.4f} {s['PSNR']:7.2f} {s['SSIM']:7.4f} {t}")
+    print(f"cross-check, the project's evaluate() of the mriadv model: NMSE {check.nmse:.4f} PSNR {check.psnr:.2f} "
+          f"SSIM {check.ssim:.4f}")
+    nmse_ratio = scores["mriadv"]["NMSE"] / scores["fastMRI"]["NMSE"]
+    print(f"target: mriadv NMSE <= {TARGET_NMSE_RATIO:g}x fastMRI's at equal steps: "
+          f"{'met' if nmse_ratio <= TARGET_NMSE_RATIO else 'NOT met'}; step time <= {TARGET_TIME_RATIO:g}x at equal "
+          f"size: {'met' if paired <= TARGET_TIME_RATIO else 'NOT met'} (ratio of medians "
+          f"{step_s['mriadv'] / step_s['fastMRI']:.3f}, paired {paired:.3f})")
+    print(f"ratios: nmse {nmse_ratio:.3f} step_time {paired:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
