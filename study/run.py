@@ -326,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         profile_name, base = state["profile"], state["base"]
         if state.get("budget_units") != "320":  # a study started before budgets were kept at 320x320
             crop = int(base.get("crop_size", TrainConfig.crop_size))
-            base = {**base, "epsilon": to_reference(float(base.get("epsilon", TrainConfig.epsilon)), crop),
-                    "attack_budgets": [to_reference(float(b), crop) for b in base["attack_budgets"]]}
+            base = dict(base)
+            if "epsilon" in base:
+                base["epsilon"] = to_reference(float(base["epsilon"]), crop)
+            if "attack_budgets" in base:
+                base["attack_budgets"] = [to_reference(float(b), crop) for b in base["attack_budgets"]]
         for note in repair_state(study_dir):
             print(f"note: {note}")
         if newest(study_dir, EXPERIMENT_STATE) is None:

@@ -86,7 +86,7 @@ def test_results_wait_for_their_checkpoint_and_the_step_end(tmp_path):
 
     staging = tmp_path / "staging"
     write_state(staging, S1, 1)
-    trial = FakeTrial(trial_id="t1", config={"epsilon": 0.0},
+    trial = FakeTrial(trial_id="t1", config={"epsilon": 0.0}, path=None,  # Tune's Trial.path: None before a folder
                       storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
     cb = ResultsCallback(tmp_path / "study", record_processes=False)
     table = tmp_path / "study" / "trials.parquet"
