@@ -56,7 +56,8 @@ from study.analysis import (at_best_epochs, best_epochs, best_trials, failed_tri
 from study.layout import (HPARAM_KEYS, REPORT_DIR, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
                           best_checkpoint, trial_folder)
 
-REPORT_FILES = ("summary.md", "table1.md", "table1.csv", "figure6.png", "robustness.png", "pareto.png", "curves.png")
+REPORT_FILES = ("summary.md", "table1.md", "table1.csv", "figure6.png", "features.png", "robustness.png", "pareto.png",
+                "curves.png")
 METRICS = ("nmse", "psnr", "ssim")
 METRIC_NAMES = {"nmse": "NMSE", "psnr": "PSNR", "ssim": "SSIM"}
 ATTACK_NAMES = {"pgd": "PGD", "pgd_kspace": "k-space PGD", "noise": "random noise",
@@ -900,6 +901,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
 def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
     describe = {"table1.md": "the seed's Table 1 for this study (and the seed's metric definitions)",
                 "table1.csv": "the same, every number", "figure6.png": "the seed's Figure 6 (worst-case perturbations)",
+                "features.png": "a small feature inserted into the data, and what each model makes of it",
                 "robustness.png": "NMSE / SSIM versus attack budget", "pareto.png": "clean versus attacked NMSE",
                 "curves.png": "metrics per epoch"}
     return ["## Files", "", *(f"- [{name}]({name}): {text}" for name, text in describe.items() if name in written),
@@ -936,6 +938,8 @@ def write_report(study_dir: Path) -> Path:
     points = None
     if not res.best.empty:
         res.notes.extend(attempt("figure6.png", lambda: _figure6(res, out / "figure6.png")) or [])
+        if len(held_out(res)):
+            res.notes.extend(attempt("features.png", lambda: _features_figure(res, out / "features.png")) or [])
         attempt("robustness.png", lambda: plot_robustness(res, out / "robustness.png"))
         points = attempt("pareto.png", lambda: pareto_points(res, table)) if table is not None else None
         if points is not None:
@@ -948,6 +952,12 @@ def write_report(study_dir: Path) -> Path:
     for note in res.notes:
         print(f"note: {note}")
     return out
+
+
+def _features_figure(res: StudyResults, path: Path) -> list[str]:
+    from study.figure_features import features_figure  # torch and the networks: only when drawn
+
+    return features_figure(res, path)
 
 
 def _figure6(res: StudyResults, path: Path) -> list[str]:
