@@ -860,7 +860,7 @@ def fit(
             train_time_s=t_train, eval_time_s=t_eval, robust_time_s=t_rob,
             epoch_time_s=time.perf_counter() - t0, slices_per_s=slices / t_train if t_train > 0 else float("nan"),
             robustness=_rows(rows, cfg.crop_size),
-            over_budget=_mean(sums, "over_budget", steps) if trainer.generator is not None else float("nan"),
+            over_budget=_mean(sums, "over_budget", steps) if cfg.adversarial else float("nan"),
             lr_factor=trainer.lr_factor(), val_nmse_se=val.nmse_se, val_psnr_se=val.psnr_se, val_ssim_se=val.ssim_se,
             report_time_s=t_report, report=report,
             feature_fnr=feats["random"]["fnr"] if feats else float("nan"),

@@ -176,7 +176,7 @@ def load_results(study_dir: str | Path) -> StudyResults:
         notes.append("the study's search space could not be read: objective taken as val_nmse (min), "
                      f"searched parameters guessed from the table ({', '.join(params) or 'none'})")
     columns = {p: ("epsilon_ref" if p in EPSILON_KEYS else p) for p in params}
-    attacked = robust[robust["attack"] != "clean"] if "attack" in robust else robust
+    attacked = robust[robust["budget_ref"] > 0] if "budget_ref" in robust else robust  # not clean, not type 2/3
     budgets = sorted(float(b) for b in attacked["budget_ref"].unique()) if "budget_ref" in attacked else []
     if not budgets and space is not None:
         budgets = list(space.attack_budgets)

@@ -142,6 +142,29 @@ def robustness_rows(record: EpochRecord) -> list[dict[str, Any]]:
                          "d_nmse": 0.0, "d_psnr": 0.0, "d_ssim": 0.0, "split": rep["split"], "model": model,
                          "eval_epoch": rep["epoch"]})
             rows += [{**r, "split": rep["split"], "model": model, "eval_epoch": rep["epoch"]} for r in attacked]
+        rows += instability_rows(rep)
+    return rows
+
+
+def instability_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The seed's instabilities of types 2 and 3 as rows of ``robustness.parquet``, with attack names
+    of their own: ``feature_random`` / ``feature_worst`` (small-feature recovery: ``fnr``, ``error``,
+    ``contrast`` and their standard errors) and ``sampling`` (one row per ``acceleration``: NMSE,
+    PSNR, SSIM with nested masks, ``stagnant``), for the trained model and the zero-filled input."""
+    common = {"split": rep["split"], "eval_epoch": rep["epoch"], "budget": 0.0, "budget_ref": 0.0}
+    rows: list[dict[str, Any]] = []
+    feats = rep.get("features")
+    if feats:
+        for key, model in (("random", "trained"), ("worst", "trained"), ("zero_filled_random", "zero_filled"),
+                           ("zero_filled_worst", "zero_filled")):
+            stats = {k: v for k, v in feats[key].items() if k != "volume_fnr"}
+            rows.append({**common, "attack": f"feature_{key.removeprefix('zero_filled_')}", "model": model, **stats})
+    for row in rep.get("sampling") or []:
+        for model, prefix in (("trained", ""), ("zero_filled", "zf_")):
+            rows.append({**common, "attack": "sampling", "model": model, "acceleration": row["acceleration"],
+                         "center_fraction": row["center_fraction"],
+                         **{m: row[f"{prefix}{m}"] for m in ("nmse", "psnr", "ssim", "nmse_se")},
+                         "stagnant": bool(row[f"{prefix}stagnant"])})
     return rows
 
 

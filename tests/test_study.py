@@ -86,6 +86,11 @@ def test_smoke_study_writes_tables(smoke_study):
         clean = rows[rows["attack"] == "clean"].iloc[0]
         assert clean["nmse"] == last.loc[trial_id, "report_nmse"]
         assert rows["eval_epoch"].iloc[0] == last.loc[trial_id, "best_epoch"]
+    # the seed's other instabilities, held out, under their own attack names (trained and zero-filled)
+    assert {"feature_random", "feature_worst", "sampling"} <= set(held["attack"])
+    sweep = held[(held["attack"] == "sampling") & (held["model"] == "zero_filled")]
+    assert sorted(set(sweep["acceleration"])) == [2.0, 3.0, 4.0, 6.0, 8.0]
+    assert held.loc[held["attack"] == "feature_random", "fnr"].between(0, 1).all()
     # Optuna and ASHA are told the objective at the best epoch so far, present in every result
     assert trials["best_val_nmse"].notna().all() and trials["best_rob_pgd_e5000_nmse"].notna().all()
     # trials that differ only in epsilon train against different perturbations (the budget binds)
