@@ -250,7 +250,10 @@ def _here(path: Path | None) -> str:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """``10000``, not ``1e+04``: whole numbers as integers, others to four significant digits."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e7 else f"{value:.4g}"
+    return str(value)
 
 
 def trial_statuses(study_dir: Path) -> dict[str, str]:
