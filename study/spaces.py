@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from mriadv.config import ATTACKS, ConfigError, TrainConfig, scale_epsilon
+from mriadv.config import ATTACKS, ConfigError, TrainConfig, budgets_at_crop
 from mriadv.training import robust_key
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -112,13 +112,10 @@ class StudySpace:
     def trial_count(self) -> int:
         return len(self.grid_points()) if self.is_grid or self.points else self.num_samples
 
-    def scale(self, key: str, value: Any, crop_size: int) -> Any:
-        """A value as the trainer needs it: budgets (given for 320x320) are scaled to ``crop_size`` at
-        equal per-pixel RMS; everything else passes unchanged."""
-        return scale_epsilon(float(value), crop_size) if key in EPSILON_KEYS else value
-
     def budgets_at(self, crop_size: int) -> tuple[float, ...]:
-        return tuple(scale_epsilon(b, crop_size) for b in self.attack_budgets)
+        """The attack budgets at ``crop_size`` (a trial's config scales its own, with
+        :func:`mriadv.config.budgets_at_crop`)."""
+        return budgets_at_crop({"crop_size": crop_size, "attack_budgets": self.attack_budgets})["attack_budgets"]
 
     def summary_line(self) -> str:
         kind = "grid" if self.is_grid else ("points" if self.points else f"{self.num_samples} samples")
