@@ -12,10 +12,10 @@ Trains two reconstructors side by side on the same folder (default: the profile'
   ``Trainer.train_step`` exactly as ``fit`` runs it (demo: MSE, AdamW 1e-3 with cosine decay over the
   run's steps, U-Net PReLU / average pooling / instance norm / bilinear upsampling).
 
-Both have the profile's width and depth (demo: 16 channels, 3 pools, ~0.48 M parameters each) and
+Both have the profile's width and depth (demo: 16 channels, 3 pools, 0.48 M parameters for fastMRI's, 0.45 M for the project's) and
 are fed the *same* batches: every batch is drawn once from the project's data pipeline (masks new per
 sample and epoch, instance normalisation, input clamped to +-6) and given to both, so masks, inputs,
-targets, batch size (the profile's, 8 on demo; fastMRI's demo script uses 1 per GPU) and order are
+targets, batch size (the profile's, 4 on demo; fastMRI's demo script uses 1 per GPU) and order are
 identical. fastMRI's ``UnetDataTransform`` normalises the same way: the benchmark checks it on one
 validation slice with the same mask and prints the largest input difference. The one difference is
 that fastMRI's transform also clamps the *target* to +-6; both models here train on the unclamped
@@ -38,14 +38,14 @@ for the smoke profile's tiny U-Net) and the timings erratic; with one thread the
 each, and the median of the per-step ratios mriadv / fastMRI (the paired ratio, robust to bursts of
 load). The share of the machine other processes used meanwhile is printed (``_machine.py``).
 
-Measured (demo, 360 steps, 2-core CPU, one thread): NMSE 0.0483 (mriadv) vs 0.0636 (fastMRI), zero-filled
-0.1098: ratio 0.76; at 90 steps 1.06 (the cosine schedule then decays in 90 steps). Step time 1.10-1.12x
-fastMRI's, 1.18-1.19x before the U-Net's PReLU backward and upsampling were made faster on CPU
-(``mriadv/models/unet.py``). The rest is the architecture: the bilinear up path concatenates the whole
-upsampled 2c-channel map with the c-channel skip (3c channels into each up block's first convolution)
-where fastMRI's transposed convolution first halves it (2c), 18.0 against 15.5 GFLOP per forward +
-backward of a batch of 8 at 96x96; ``Trainer.train_step`` itself adds ~1.5% over a bare loop, and the
-loss and optimiser (MSE/AdamW vs L1/RMSprop) nothing measurable.
+Measured (demo, 720 steps of batch 4, 2-core CPU, one thread, quiet machine): NMSE 0.0431 (mriadv)
+vs 0.0518 (fastMRI), zero-filled 0.1098: ratio 0.83; step time 0.99x fastMRI's (ratio of medians and
+paired). History: 1.18-1.19x with PyTorch's PReLU backward and bilinear kernels on CPU, 1.10-1.12x once
+those were made faster (``mriadv/models/unet.py``), 0.99x since the up path convolves (1x1, halving the
+channels) before it upsamples, so each up block's first convolution sees 2c channels instead of 3c
+(the old layout: 18.0 against fastMRI's 15.5 GFLOP per forward + backward of a batch of 8 at 96x96).
+``Trainer.train_step`` itself adds ~1.5% over a bare loop; the loss and optimiser (MSE/AdamW vs
+L1/RMSprop) nothing measurable.
 
 Installing fastMRI (optional; not a project dependency). ``fastmri`` 0.3.0 pins an old torchvision
 and pytorch_lightning that this benchmark does not need; install it without them::
@@ -58,7 +58,7 @@ of them imports torchvision; ``fastmri.pl_modules`` would). Nothing is downloade
 
 Usage::
 
-    python benchmarks/vs_fastmri.py                     # demo profile: 6 epochs x 60 steps
+    python benchmarks/vs_fastmri.py                     # demo profile: 6 epochs x 120 steps
     python benchmarks/vs_fastmri.py --steps 120 --threads 0     # torch's default threads (a quiet machine)
     python benchmarks/vs_fastmri.py --profile smoke     # seconds: a check that it runs
 

@@ -47,7 +47,7 @@ from mriadv.models import (ConditionalGenerator, ImageGenerator, MeasurementGene
 from mriadv.protocols import get_protocol
 from mriadv.runtime import Runtime, seed_everything
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the U-Net's up path halves channels before concatenating (models/unet.py)
 GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -74,7 +74,7 @@ def build_generator(cfg: TrainConfig, kspace_shape: tuple[int, int] | None = Non
     kind = cfg.adversary_kind
     if kind == "conditional":  # sees its input: the image (1 channel) or k-space features (3)
         image = cfg.perturbation == "image"
-        return ConditionalGenerator(1 if image else 3, 1 if image else 2, cfg.latent_dim, cfg.gen_chans,
+        return ConditionalGenerator(1 if image else 3, 1 if image else 2, cfg.latent_dim, cfg.cond_chans,
                                     max(1, cfg.unet_pools))
     if kind != "generator":
         return None
@@ -626,7 +626,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / CHECKPOINT_NAME
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT}")
+        raise ValueError(f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT} (format "
+                         f"{payload.get('format')!r}; format 1 checkpoints hold the older U-Net layout: retrain)")
     return payload
 
 

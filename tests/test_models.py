@@ -22,6 +22,27 @@ def test_unet_paper_defaults():
     assert net.down[-1][0].out_channels == 64 * 32
 
 
+def test_upconv_is_a_1x1_convolution_after_bilinear_upsampling():
+    """The up path convolves first and upsamples second; both are linear and act on different axes,
+    so this must equal the textbook order computed with PyTorch's own bilinear interpolation."""
+    import torch.nn.functional as F
+
+    from mriadv.models.unet import UpConv
+
+    torch.manual_seed(0)
+    up = UpConv(8, 4).double()
+    x = torch.randn(2, 8, 6, 10, dtype=torch.float64)
+    textbook = up.conv(F.interpolate(x, size=(12, 20), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(up(x, (12, 20)), textbook, rtol=1e-12, atol=1e-12)
+
+
+def test_unet_up_blocks_see_twice_the_skip_width():
+    net = UNet(chans=16, num_pools=3)
+    assert [b[0].in_channels for b in net.up] == [128, 64, 32]  # 2 x (64, 32, 16)
+    assert [u.conv.in_channels for u in net.upconv] == [128, 64, 32]
+    assert [u.conv.out_channels for u in net.upconv] == [64, 32, 16]
+
+
 def test_unet_rejects_bad_options():
     with pytest.raises(ValueError, match="activation"):
         UNet(activation="gelu")

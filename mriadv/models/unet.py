@@ -1,8 +1,10 @@
 """The reconstructor f_theta: a U-Net (Ronneberger et al. 2015) as the seed describes it (Sec. 2.4).
 
 Blocks of two 3x3 convolutions, each followed by a normalisation layer and an activation; pooling
-by 2 between blocks; on the way up, bilinear 2x upsampling, concatenation with the skip connection
-and a block; at the end 1x1 convolutions down to one channel. The seed's report uses 64 channels,
+by 2 between blocks; on the way up, bilinear 2x upsampling followed by a 1x1 convolution that halves
+the channels (Ronneberger et al.'s "up-convolution" that halves the feature channels, with a 1x1
+instead of a 2x2 kernel), concatenation with the skip connection and a block; at the end 1x1
+convolutions down to one channel. The seed's report uses 64 channels,
 5 pool levels, PReLU, average pooling and instance norm (its published code used batch norm and
 transposed-convolution upsampling; ``norm='batch'`` offers the former).
 """
@@ -107,6 +109,24 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class UpConv(nn.Module):
+    """Bilinear 2x upsampling followed by a 1x1 convolution: ``(B, c_in, h, w) -> (B, c_out, 2h, 2w)``.
+
+    Both are linear, one acts on channels only and the other on pixels only (with weights summing to
+    one, so the bias passes through unchanged): they commute exactly. The convolution therefore runs
+    first, on the coarse map, and only ``c_out`` channels are upsampled: at ``c_out = c_in / 2`` a
+    quarter of the multiply-adds of convolving after the upsampling, and the block after the
+    concatenation sees ``2 c_out`` channels instead of ``c_in + c_out``.
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return upsample_bilinear(self.conv(x), size)
+
+
 class UNet(nn.Module):
     """U-Net reconstructor: ``(B, in_chans, H, W) -> (B, out_chans, H, W)`` for any H, W.
 
@@ -135,9 +155,10 @@ class UNet(nn.Module):
             [ConvBlock(in_chans, widths[0], norm, activation)]
             + [ConvBlock(widths[i - 1], widths[i], norm, activation) for i in range(1, num_pools + 1)]
         )
-        # up block i takes the upsampled level i+1 concatenated with the skip of level i
+        # level i+1 is upsampled and halved to level i's width, then concatenated with level i's skip
+        self.upconv = nn.ModuleList([UpConv(widths[i + 1], widths[i]) for i in reversed(range(num_pools))])
         self.up = nn.ModuleList(
-            [ConvBlock(widths[i + 1] + widths[i], widths[i], norm, activation) for i in reversed(range(num_pools))]
+            [ConvBlock(2 * widths[i], widths[i], norm, activation) for i in reversed(range(num_pools))]
         )
         half = max(1, chans // 2)
         self.head = nn.Sequential(
@@ -160,10 +181,9 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = skips.pop()
-        for block in self.up:
+        for upconv, block in zip(self.upconv, self.up):
             skip = skips.pop()
-            x = upsample_bilinear(x, skip.shape[-2:])
-            x = block(torch.cat([x, skip], dim=1))
+            x = block(torch.cat([upconv(x, skip.shape[-2:]), skip], dim=1))
         x = self.head(x)
         if pad_h or pad_w:
             x = x[..., pad_h // 2 : pad_h // 2 + H, pad_w // 2 : pad_w // 2 + W]
