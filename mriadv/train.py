@@ -53,9 +53,15 @@ def validate_data(folder: str | Path, crop_size: int, cache_dir: str | Path | No
     return "; ".join(errors) if errors else None
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: Python literals (``1e-4``, ``[1, 2]``), ``true``/``false``/``null``, else a string."""
+def parse_value(text: str, key: str = "") -> Any:
+    """A ``--set`` value: Python literals (``1e-4``, ``[1, 2]``), ``true``/``false``/``null``, else a string.
+
+    ``none`` is ``None`` too, except for keys whose allowed values include the word ``'none'``
+    (``adversary=none`` is the standard model, not a missing value).
+    """
     words = {"true": True, "false": False, "null": None, "none": None}
+    if text.strip().lower() == "none" and key in ("adversary",):
+        return "none"
     if text.strip().lower() in words:
         return words[text.strip().lower()]
     try:
@@ -86,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Profile]:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value)
+        overrides[key.strip()] = parse_value(value, key.strip())
     crop = int(overrides.get("crop_size", TrainConfig.crop_size))
     if args.epsilon is not None and args.epsilon_ref is not None:
         raise ConfigError("give --epsilon or --epsilon-ref, not both")

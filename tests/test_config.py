@@ -50,6 +50,13 @@ def test_train_cli_set_takes_single_and_comma_separated_values(tmp_path):
         config_from_args(build_parser().parse_args(["--out", str(tmp_path), "--set", "attacks=pgd,pgdx"]))
 
 
+def test_train_cli_set_adversary_none_is_the_standard_model_not_a_missing_value(tmp_path):
+    args = build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke", "--set", "adversary=none",
+                                      "--set", "report_protocol=none"])
+    cfg, _ = config_from_args(args)
+    assert cfg.adversary == "none" and cfg.report_protocol is None
+
+
 @pytest.mark.parametrize("option,value", [("--max-epochs", "0"), ("--num-samples", "0"), ("--max-concurrent", "-1"),
                                           ("--cpus-per-trial", "0"), ("--gpus-per-trial", "-0.5")])
 def test_study_cli_names_the_bad_option_before_anything_starts(option, value, tmp_path, capsys, monkeypatch):
