@@ -143,6 +143,17 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                     "(the source re-normalises it with its own mean and std)",
     ),
     Protocol(
+        "l2-kspace-curve", ("pgd_kspace",), rel_budgets=tuple(round(math.sqrt(z), 6) for z in _KRAINOVIC_ZETAS[1::2]),
+        steps=20, step_scale=2.5,
+        source="l2-kspace-100 made cheap enough to run once per trial of a study (the defences space's "
+               "robustness curves): Krainovic, Soltanolkotabi & Heckel, NeurIPS 2023, L2 PGD on the k-space "
+               "measurements, from delta = 0, last iterate, squared error to the target",
+        differences="20 steps of 2.5 eps/20 instead of 100 (`python -m mriadv.assess --protocol "
+                    "l2-kspace-curve` records the attack's loss per step, to see whether more would find more), "
+                    "every other point of the source's relative energy grid "
+                    "(zeta = 0.006, 0.012, ..., 0.03), and the differences of l2-kspace-100",
+    ),
+    Protocol(
         "l2-kspace-restarts", ("pgd_kspace", "noise_kspace"),
         rel_budgets=(0.0025, 0.005, 0.01, 0.015, 0.02, 0.025), steps=100, step_scale=2.5,
         random_start="gaussian", restarts=6,

@@ -57,8 +57,9 @@ from study.layout import (HPARAM_KEYS, REPORT_DIR, ROBUSTNESS_FILE, STATE_FILE, 
                           best_checkpoint, trial_folder)
 
 REPORT_FILES = ("summary.md", "table1.md", "table1.csv", "figure6.png", "features.png", "robustness.png", "pareto.png",
-                "curves.png")
+                "curves.png", "protocol_curves.png")
 METRICS = ("nmse", "psnr", "ssim")
+DEFENCE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 METRIC_NAMES = {"nmse": "NMSE", "psnr": "PSNR", "ssim": "SSIM"}
 ATTACK_NAMES = {"pgd": "PGD", "pgd_kspace": "k-space PGD", "noise": "random noise",
                 "generator": "the trial's generator"}
@@ -720,8 +721,7 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     kinds = _defence_of(res, points.trial_ids)
-    palette = dict(zip(dict.fromkeys(kinds), ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown",
-                                               "tab:pink", "tab:olive", "tab:cyan")))
+    palette = dict(zip(dict.fromkeys(kinds), DEFENCE_COLORS))
     for kind, color in palette.items():
         mine = np.array([k == kind for k in kinds])
         name = f"{kind} (finished)" if kind else "trial (finished)"
@@ -752,6 +752,59 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
     ax.legend(fontsize=8)
     ax.margins(0.15)
     ax.set_title(f"{res.folder.name}: accuracy vs robustness (each trial's best epoch)", fontsize=10)
+    save_png(fig, path)
+
+
+def plot_protocol_curves(res: StudyResults, path: Path) -> None:
+    """Robustness curves over a protocol's relative budget grid (``report_protocol``, held-out split):
+    NMSE against ``||delta|| / ||y||`` for every trial's best epoch, coloured by defence, the zero-filled
+    input in black; one panel per protocol and attack. The clean NMSE is drawn at relative budget 0."""
+    panels = []
+    for name in sorted(set(res.robust.get("protocol", pd.Series(dtype=str)).dropna()) - {""}):
+        mine = held_out(res, "trained", name)
+        mine = mine[mine["rel"].notna()] if "rel" in mine else mine.iloc[0:0]
+        for attack in dict.fromkeys(mine["attack"]):
+            panels.append((name, attack))
+    if not panels:
+        raise ValueError("no protocol with relative budgets in the held-out evaluation (report_protocol)")
+    clean = held_out(res)
+    clean = clean[clean["attack"] == "clean"]
+    zf_clean = zero_filled(res)
+    zf_clean = zf_clean[zf_clean["attack"] == "clean"].head(1)
+    fig = Figure(figsize=(5.2 * len(panels) + 2.5, 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    trial_ids = list(res.best["trial_id"])
+    kinds = _defence_of(res, trial_ids)
+    palette = dict(zip(dict.fromkeys(kinds), DEFENCE_COLORS))
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    lines = []
+    for t, kind in zip(trial_ids, kinds):
+        seen[kind] = seen.get(kind, -1) + 1
+        lines.append((res.label(t), palette[kind], styles[seen[kind] % len(styles)], t))
+    for ax, (name, attack) in zip(axes, panels):
+        rows = held_out(res, "trained", name)
+        zf = held_out(res, "zero_filled", name)
+        zf = zf[zf["trial_id"] == zf["trial_id"].iloc[0]] if len(zf) else zf
+        curves = [("zero-filled input", "k", "-", zf, zf_clean)]
+        curves += [(label, color, style, rows[rows["trial_id"] == t], clean[clean["trial_id"] == t])
+                   for label, color, style, t in lines]
+        for label, color, style, r, c in curves:
+            r = r[(r["attack"] == attack) & r["rel"].notna()].sort_values("rel")
+            if r.empty:
+                continue
+            x = ([0.0] if len(c) else []) + list(r["rel"])
+            y = ([float(c.iloc[0]["nmse"])] if len(c) else []) + list(r["nmse"])
+            ax.plot(x, y, style, color=color, marker="o", ms=3, lw=1.2, label=label)
+        ax.set_xlabel("relative budget ‖δ‖ / ‖y‖ (sampled k-space)" if attack.endswith("_kspace")
+                      else "relative budget ‖δ‖ / ‖x̃‖ (input image)", fontsize=9)
+        ax.set_ylabel(f"{held_out_split(res) or 'report'}-split NMSE (lower is better)")
+        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)}, protocol {name}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    title = _legend_title(res) + (" · colour: defence" if any(kinds) else "")
+    fig.legend(handles, labels, loc="outside right center", fontsize=7, title=title, title_fontsize=7)
+    fig.suptitle(f"{res.folder.name}: robustness curves of each trial's best epoch", fontsize=10)
     save_png(fig, path)
 
 
@@ -945,6 +998,8 @@ def write_report(study_dir: Path) -> Path:
         if points is not None:
             attempt("pareto.png", lambda: plot_pareto(res, out / "pareto.png", points))
         attempt("curves.png", lambda: plot_curves(res, out / "curves.png"))
+        if "protocol" in res.robust and (res.robust["protocol"].fillna("") != "").any():
+            attempt("protocol_curves.png", lambda: plot_protocol_curves(res, out / "protocol_curves.png"))
     else:
         res.notes.append("no figures: no trial has a finished epoch")
     written = [name for name in REPORT_FILES if (out / name).is_file()]

@@ -23,7 +23,7 @@ import pytest
 from study import layout, report
 
 REPO = Path(__file__).resolve().parent.parent
-PNGS = ("figure6.png", "robustness.png", "pareto.png", "curves.png")
+PNGS = ("figure6.png", "robustness.png", "pareto.png", "curves.png", "protocol_curves.png")
 slow = pytest.mark.slow  # these use a Ray study (module fixture)
 
 
@@ -38,6 +38,7 @@ def study(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("report")
     space = work / "pair.yaml"
     space.write_text("description: standard vs adversarial\nparameters:\n  epsilon: {grid: [0, 5000]}\n"
+                     "fixed: {report_protocol: l2-kspace-curve}\n"
                      "objectives:\n  - {metric: val_nmse, mode: min}\n  - {metric: rob_pgd_e5000_nmse, mode: min}\n"
                      "attack_budgets: [1000, 5000]\n")
     out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", str(space), "--profile", "smoke",
@@ -168,6 +169,35 @@ def test_table1_numbers_are_the_parquet_rows(study, written):
     assert set(sel["volume_nmse"].unique()) == {""}  # per-volume values are kept for held-out rows only
     report_volumes = set(json.loads(held.iloc[0]["volume_nmse"]))
     assert report_volumes and all(v.endswith(".h5") for v in report_volumes)
+
+
+@slow
+def test_protocol_table_shows_the_relative_grid_of_every_model(study, written):
+    """The space's report_protocol (l2-kspace-curve: 5 relative k-space budgets) gives one held-out
+    table with the zero-filled input and both trials at every budget, the numbers those of the Parquet
+    rows; protocol_curves.png draws them."""
+    import math as m
+
+    from mriadv.protocols import get_protocol
+
+    folder, _, _ = written
+    grid = get_protocol("l2-kspace-curve").rel_budgets
+    assert grid == pytest.approx([m.sqrt(0.006 * i) for i in range(1, 6)], rel=1e-5)
+    robust = pd.read_parquet(study / "robustness.parquet")
+    rows = robust[(robust["protocol"] == "l2-kspace-curve") & (robust["attack"] == "pgd_kspace")]
+    trained = rows[rows["model"] == "trained"]
+    assert sorted(trained["trial_id"].unique()) == sorted(best_rows(pd.read_parquet(study / "trials.parquet")).index)
+    for _, mine in trained.groupby("trial_id"):
+        assert sorted(mine["rel"]) == pytest.approx(sorted(grid))
+        assert (mine.sort_values("rel")["nmse"].diff().dropna() > -1e-3).all()  # a larger ball finds no less
+    md = (folder / "summary.md").read_text() + (folder / "table1.md").read_text()
+    assert "## Protocol `l2-kspace-curve` (held-out split)" in md
+    section = md.split("## Protocol `l2-kspace-curve`")[1].split("\n## ")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "@ rel" not in ln and "---" not in ln]
+    assert lines[0].startswith("| zero-filled input") and len(lines) == 3
+    first = trained.sort_values("rel").iloc[0]
+    assert f"{first['nmse']:.4f}" in section
+    assert png_shape(folder / "protocol_curves.png")[0] > 100
 
 
 @slow
