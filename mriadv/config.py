@@ -188,16 +188,17 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
 
+        from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
+
         choices = {
-            "loss": ("mse", "dssim"), "epsilon_scope": ("image", "batch"), "perturbation": ("image", "kspace"),
-            "kspace_conditioning": ("measurements", "latent"), "unet_activation": ("prelu", "relu", "leakyrelu"),
-            "unet_pooling": ("avg", "max"), "unet_norm": ("instance", "batch"), "mask_type": ("random", "equispaced"),
-            "target_key": ("reconstruction_esc", "reconstruction_rss", "kspace"), "precision": ("auto", "fp32", "bf16"),
-            "gen_scale": ("budget", "unit"), "lr_schedule": ("constant", "cosine"), "adversary": ADVERSARIES,
-            "noise_mode": ("norm", "sigma"),
+            "loss": allowed.LOSSES, "epsilon_scope": allowed.EPSILON_SCOPES, "perturbation": allowed.DOMAINS,
+            "kspace_conditioning": allowed.KSPACE_CONDITIONINGS, "unet_activation": allowed.ACTIVATIONS,
+            "unet_pooling": allowed.POOLINGS, "unet_norm": allowed.NORMS, "mask_type": allowed.MASK_TYPES,
+            "target_key": allowed.TARGET_KEYS, "precision": allowed.PRECISIONS, "gen_scale": allowed.GEN_SCALES,
+            "lr_schedule": allowed.LR_SCHEDULES, "adversary": ADVERSARIES, "noise_mode": allowed.NOISE_MODES,
         }
-        for key, allowed in choices.items():
-            need(getattr(self, key) in allowed, key, f"must be one of {allowed}")
+        for key, values in choices.items():
+            need(getattr(self, key) in values, key, f"must be one of {values}")
         for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
             value = getattr(self, key)
             need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")

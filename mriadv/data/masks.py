@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MASK_TYPES = ("random", "equispaced")
+from mriadv.choices import MASK_TYPES
 
 
 def volume_seed(name: str) -> int:
@@ -108,7 +108,7 @@ class NestedMaskFunc(MaskFunc):
     least the centre's width). The ranking is ``rng.permutation(W)`` whatever the acceleration, so for
     one generator state (validation: the volume's seed, :func:`volume_seed`) and one centre fraction,
     masks at any accelerations are nested: more samples are a superset of fewer. Used by the sampling
-    sweep of :mod:`mriadv.instabilities`.
+    sweep of :mod:`mriadv.instabilities.sampling`.
     """
 
     def outer_columns(self, num_cols: int, rng: np.random.Generator) -> np.ndarray:

@@ -17,10 +17,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from mriadv.choices import TARGET_KEYS  # noqa: F401 (re-exported: mriadv.data.files and .check import it here)
+from mriadv.config import TrainConfig
 from mriadv.data.masks import MaskFunc, volume_seed
 from mriadv.fft import ifft2c
 
-TARGET_KEYS = ("reconstruction_esc", "reconstruction_rss", "kspace")
 NORM_EPS = 1e-11
 
 
@@ -171,7 +172,7 @@ class UnetTransform:
     crop_size: int = 320
     train: bool = True
     seed: int = 0
-    clamp: float | None = 6.0
+    clamp: float | None = TrainConfig.clamp
     keep_kspace: bool = False
 
     def mask_rng(self, fname: str, slice_num: int, epoch: int) -> np.random.Generator:

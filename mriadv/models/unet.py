@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("prelu", "relu", "leakyrelu")
-POOLINGS = ("avg", "max")
-NORMS = ("instance", "batch")
+from mriadv.choices import ACTIVATIONS, NORMS, POOLINGS
 
 
 class _PReLUFunction(torch.autograd.Function):

@@ -1,0 +1,41 @@
+"""The allowed values of the configuration's named options, each list written once.
+
+Torch-free, so that :meth:`mriadv.config.TrainConfig.validate` checks a value without importing the
+modules that build from it; those modules import the same tuples and refuse anything else
+(``tests/test_config.py`` builds each with every listed value and checks that an unlisted one is
+refused). The comment above each tuple names the config key and the code that consumes it.
+"""
+
+from __future__ import annotations
+
+# unet_activation, unet_pooling, unet_norm: mriadv.models.unet.UNet
+ACTIVATIONS = ("prelu", "relu", "leakyrelu")
+POOLINGS = ("avg", "max")
+NORMS = ("instance", "batch")
+
+# mask_type: mriadv.data.masks.make_mask_func
+MASK_TYPES = ("random", "equispaced")
+
+# target_key: mriadv.data.files (the reference reconstruction read from each file, or 'kspace':
+# computed from the fully sampled k-space)
+TARGET_KEYS = ("reconstruction_esc", "reconstruction_rss", "kspace")
+
+# loss: mriadv.losses.make_loss
+LOSSES = ("mse", "dssim")
+
+# perturbation: where a perturbation lives (mriadv.attacks, mriadv.perturbations): the zero-filled
+# image (Algorithm 1) or the measured k-space (Algorithm 2)
+DOMAINS = ("image", "kspace")
+
+# precision: mriadv.runtime.Runtime.resolve
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# the training's options (mriadv.training)
+EPSILON_SCOPES = ("image", "batch")  # epsilon_scope
+KSPACE_CONDITIONINGS = ("measurements", "latent")  # kspace_conditioning
+GEN_SCALES = ("budget", "unit")  # gen_scale
+LR_SCHEDULES = ("constant", "cosine")  # lr_schedule
+NOISE_MODES = ("norm", "sigma")  # noise_mode
+
+__all__ = ["ACTIVATIONS", "DOMAINS", "EPSILON_SCOPES", "GEN_SCALES", "KSPACE_CONDITIONINGS", "LOSSES", "LR_SCHEDULES",
+           "MASK_TYPES", "NOISE_MODES", "NORMS", "POOLINGS", "PRECISIONS", "TARGET_KEYS"]
