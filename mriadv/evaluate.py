@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mriadv.attacks import Attack
+from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch, denormalize
 from mriadv.metrics import VolumeMetrics, seed_batch_metrics
 from mriadv.runtime import Runtime
@@ -33,7 +34,7 @@ class EvalResult:
     definitions (per batch, normalised, prediction and reference swapped), mean over batches;
     ``delta_sq``: mean squared norm of the perturbation (0 when clean); ``delta_rel``: its mean size
     relative to the sampled k-space or the input (``||delta|| / ||ref||``, see
-    :func:`mriadv.attacks.relative_size`; 0 when clean, NaN for an attack that does not report it);
+    :func:`mriadv.perturbations.relative_size`; 0 when clean, NaN for an attack that does not report it);
     ``*_se``: standard errors of the volume means (std over volumes / sqrt(volumes); NaN for one
     volume); ``volume_nmse``: NMSE of each volume, by file name (for paired comparisons of two models
     on the same volumes)."""
@@ -65,7 +66,7 @@ def evaluate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     runtime: Runtime,
     attack: Attack | None = None,
-    clamp: float | None = 6.0,
+    clamp: float | None = TrainConfig.clamp,
 ) -> EvalResult:
     """Evaluate ``model`` (put in eval mode, restored afterwards) on every batch of ``batches``.
 
@@ -157,7 +158,7 @@ def robustness(
     runtime: Runtime,
     attacks: Sequence[Attack],
     clean: EvalResult,
-    clamp: float | None = 6.0,
+    clamp: float | None = TrainConfig.clamp,
 ) -> list[RobustRow]:
     """Evaluate each attack with :func:`evaluate`; ``batches`` must be re-iterable (a DataLoader)."""
     rows = []

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, check_pgd_options
-from mriadv.config import ConfigError, scale_epsilon
+from mriadv.config import ConfigError, TrainConfig, scale_epsilon
 from mriadv.data.transforms import Batch
 
 PROTOCOL_ATTACKS = ("pgd", "pgd_kspace", "noise", "noise_kspace", "generator")
@@ -34,7 +34,7 @@ class Protocol:
     ``budgets_ref``: absolute budgets ``||delta||^2`` at 320x320, scaled to the model's crop at equal
     per-pixel RMS; ``rel_budgets``: relative budgets ``||delta|| / ||ref||`` per slice, against the
     sampled k-space for k-space attacks and the input image for image attacks
-    (:func:`mriadv.attacks.relative_radius`). The PGD fields are those of
+    (:func:`mriadv.perturbations.relative_radius`). The PGD fields are those of
     :class:`mriadv.attacks.PGDAttack` (``random_start``: ``None``, ``'uniform'`` or ``'gaussian'``).
     ``source``: what the protocol follows, with the facts taken from it; ``differences``: where it
     departs from that source.
@@ -44,8 +44,8 @@ class Protocol:
     attacks: tuple[str, ...]
     budgets_ref: tuple[float, ...] = ()
     rel_budgets: tuple[float, ...] = ()
-    steps: int = 10
-    step_scale: float = 2.5
+    steps: int = TrainConfig.pgd_steps
+    step_scale: float = TrainConfig.pgd_step_scale
     random_start: str | None = None
     restarts: int = 1
     keep_best: bool = False
@@ -81,7 +81,7 @@ class Protocol:
     def build(
         self,
         crop_size: int,
-        clamp: float | None = 6.0,
+        clamp: float | None = TrainConfig.clamp,
         sampled_only: bool = True,
         generator: Callable[[Batch], torch.Tensor] | None = None,
         generator_domain: str = "image",

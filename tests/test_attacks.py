@@ -7,8 +7,9 @@ import zlib
 import pytest
 import torch
 
-from mriadv.attacks import NoiseAttack, squared_norm
+from mriadv.attacks import NoiseAttack
 from mriadv.data.transforms import Batch
+from mriadv.perturbations import squared_norm
 from mriadv.runtime import Runtime
 
 CPU = Runtime.resolve("cpu", "fp32")
@@ -49,11 +50,10 @@ def test_noise_of_a_slice_does_not_depend_on_its_batch(budget):
 
 
 # --- relative budgets, random starts, restarts, best iterate, deviation objective ---------------------
-from mriadv.attacks import (  # noqa: E402
-    PGDAttack, random_start, reference_norm, relative_radius, relative_size, restrict,
-)
+from mriadv.attacks import PGDAttack  # noqa: E402
 from mriadv.data.transforms import image_from_normalized_kspace  # noqa: E402
 from mriadv.models import UNet  # noqa: E402
+from mriadv.perturbations import random_start, reference_norm, relative_radius, relative_size, restrict  # noqa: E402
 
 
 def kspace_batch(b: int = 3, H: int = 20, W: int = 18, crop: int = 16, seed: int = 0) -> Batch:
@@ -214,3 +214,16 @@ def test_trace_records_the_first_batch_per_step():
     first = zero.trace
     zero(model, kspace_batch(seed=5), CPU)
     assert zero.trace is first  # later batches leave it alone
+
+
+def test_pgd_defaults_are_the_configs_and_leave_the_model_as_it_was():
+    from mriadv.config import TrainConfig
+
+    cfg, pgd = TrainConfig(), PGDAttack(4.0)
+    assert (pgd.steps, pgd.step_scale, pgd.clamp) == (cfg.pgd_steps, cfg.pgd_step_scale, cfg.clamp)
+    model, batch = tiny_unet(), kspace_batch()
+    model.head[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    pgd(model, batch, CPU)
+    assert [p.requires_grad for p in model.parameters()] == flags and not all(flags) and any(flags)
+    assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. the input only

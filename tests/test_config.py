@@ -130,11 +130,11 @@ def test_config_allows_exactly_what_the_code_builds(key, values, synthetic_root)
 
 
 def test_allowed_values_are_the_ones_the_modules_use():
-    from mriadv import attacks
+    from mriadv import attacks, perturbations
     from mriadv.data import masks, transforms
     from mriadv.models import unet
 
     assert (unet.ACTIVATIONS, unet.POOLINGS, unet.NORMS) == (choices.ACTIVATIONS, choices.POOLINGS, choices.NORMS)
     assert masks.MASK_TYPES == choices.MASK_TYPES and transforms.TARGET_KEYS == choices.TARGET_KEYS
-    assert attacks.DOMAINS == choices.DOMAINS
+    assert attacks.DOMAINS == perturbations.DOMAINS == choices.DOMAINS
     assert set(losses.LOSSES) == set(choices.LOSSES)

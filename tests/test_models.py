@@ -74,3 +74,19 @@ def test_measurement_generator_keeps_kspace_shape():
     out = g(k, torch.ones(2, 22, dtype=torch.bool))
     assert out.shape == (2, 2, 40, 22)
     assert as_complex(out).shape == (2, 40, 22) and as_complex(out).is_complex()
+
+
+def test_frozen_blocks_parameter_gradients_and_restores_each_flag():
+    from mriadv.models.utils import frozen
+
+    net = UNet(chans=2, num_pools=1)
+    net.head[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    x = torch.randn(1, 1, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with frozen(net):
+            assert not any(p.requires_grad for p in net.parameters())
+            net(x).sum().backward()
+            raise RuntimeError("inside")
+    assert [p.requires_grad for p in net.parameters()] == flags  # restored, also after an exception
+    assert x.grad is not None and all(p.grad is None for p in net.parameters())
