@@ -15,7 +15,7 @@ reconstruction ``pred``, both ``(slices, H, W)``, in float64:
 :func:`nmse`, :func:`psnr` and :func:`ssim` compute these in NumPy (no scikit-image needed).
 During training, :class:`VolumeMetrics` gives the same volume numbers from batches of slices in any
 order, keeping only a few sums per slice; :func:`ssim_slices`, :func:`squared_error` and
-:func:`squared_norm` are the batched torch kernels it uses.
+:func:`sum_of_squares` (NMSE's denominator) are the batched torch kernels it uses.
 
 **The seed paper's published evaluation** (:func:`seed_batch_metrics`), kept only so that our
 numbers can be put next to its Table 1. It is *not* comparable to the fastMRI numbers above:
@@ -189,8 +189,9 @@ def squared_error(gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def squared_norm(gt: torch.Tensor) -> torch.Tensor:
-    """Per-slice ``sum(gt^2)``: ``(B, 1, H, W)`` or ``(B, H, W)`` -> float64 ``(B,)``."""
+def sum_of_squares(gt: torch.Tensor) -> torch.Tensor:
+    """Per-slice ``sum(gt^2)``, the denominator of NMSE: ``(B, 1, H, W)`` or ``(B, H, W)`` -> float64 ``(B,)``.
+    (Not :func:`mriadv.perturbations.squared_norm`, the differentiable norm of a perturbation.)"""
     return _as_slices(gt, "gt").square().sum(dim=(-2, -1))
 
 
@@ -265,7 +266,7 @@ class VolumeMetrics:
             raise ValueError(f"slice_idx must have shape ({b},), got {tuple(idx.shape)}")
         mv = _per_slice(maxval, b, g, "maxval")
         sse = squared_error(g, p)
-        norm = squared_norm(g)
+        norm = sum_of_squares(g)
         ss = ssim_slices(g, p, mv)
         pixels = g.shape[-2] * g.shape[-1]
         rows = zip(fnames, idx.tolist(), sse.tolist(), norm.tolist(), ss.tolist(), mv.tolist())

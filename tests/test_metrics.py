@@ -19,9 +19,9 @@ from mriadv.metrics import (
     psnr,
     seed_batch_metrics,
     squared_error,
-    squared_norm,
     ssim,
     ssim_slices,
+    sum_of_squares,
 )
 
 
@@ -150,7 +150,7 @@ def test_torch_slice_kernels(gt, pred):
     per_slice_range = torch.full((gt.shape[0],), mx)
     np.testing.assert_allclose(ssim_slices(g4[:, 0], p4[:, 0], per_slice_range).numpy(), ref, atol=1e-9)
     np.testing.assert_allclose(squared_error(g4, p4).numpy(), ((gt - pred) ** 2).sum(axis=(1, 2)), rtol=1e-12)
-    np.testing.assert_allclose(squared_norm(g4).numpy(), (gt**2).sum(axis=(1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(sum_of_squares(g4).numpy(), (gt**2).sum(axis=(1, 2)), rtol=1e-12)
     # float32 inputs (as during training) are promoted, not computed in float32
     s32 = ssim_slices(g4.float(), p4.float(), float(mx)).numpy()
     ref32 = [structural_similarity(gt[i].astype(np.float32).astype(np.float64),
@@ -161,7 +161,7 @@ def test_torch_slice_kernels(gt, pred):
 
 def test_torch_shape_errors():
     with pytest.raises(ValueError, match="gt"):
-        squared_norm(torch.zeros(2, 3, 8, 8))
+        sum_of_squares(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="pred"):
         squared_error(torch.zeros(2, 8, 8), torch.zeros(2, 8, 9))
     with pytest.raises(ValueError, match="maxval"):
