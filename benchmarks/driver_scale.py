@@ -39,6 +39,8 @@ os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # as study/run.py: before Ray is i
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+from mriadv.checkpoint import CHECKPOINT_NAME  # noqa: E402 - standard library only at import
+
 METRIC_COLUMNS = 80  # a real trial's row has ~100 columns (hyperparameters, losses, metrics, attacks)
 TARGET_MS = 20.0
 
@@ -61,21 +63,27 @@ class Clock:
 
 
 def trivial(config: dict) -> None:
-    """E epochs of nothing: a result with METRIC_COLUMNS metrics and a 1 kB checkpoint per epoch."""
+    """E epochs of nothing: a result with METRIC_COLUMNS metrics and a 1 kB checkpoint per epoch,
+    reported as the study's trainable reports (:func:`study.trainable.tune_result`: the metrics Tune
+    does not read packed into one string), or every metric as its own key (``unpacked``)."""
     import random
 
     from ray import tune
 
+    from study.trainable import tune_result
+
     rng = random.Random(config["x"])
     for epoch in range(1, config["epochs"] + 1):
         metrics = {f"m{i:02d}": rng.random() for i in range(METRIC_COLUMNS)}
+        metrics.update(val_nmse=rng.random(), epoch=epoch)
+        if not config["unpacked"]:
+            metrics = tune_result(metrics, ("val_nmse",))
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "checkpoint.pt").write_bytes(b"\0" * 1024)
-            tune.report({**metrics, "val_nmse": rng.random(), "epoch": epoch, "robustness_json": "[]"},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            (Path(d) / CHECKPOINT_NAME).write_bytes(b"\0" * 1024)
+            tune.report({**metrics, "robustness_json": "[]"}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def run(n_trials: int, epochs: int, folder: Path) -> dict[str, float]:
+def run(n_trials: int, epochs: int, folder: Path, unpacked: bool = False) -> dict[str, float]:
     import optuna
     from ray import tune
     from ray.tune.execution.tune_controller import TuneController
@@ -88,7 +96,8 @@ def run(n_trials: int, epochs: int, folder: Path) -> dict[str, float]:
     class TimedCallback(ResultsCallback):
         pass
 
-    for name in ("on_trial_result", "on_checkpoint", "on_trial_complete", "on_step_end", "on_trial_start"):
+    for name in ("on_trial_result", "on_checkpoint", "on_trial_complete", "on_step_end", "on_trial_start",
+                 "on_experiment_end"):
         setattr(TimedCallback, name, clock.wrap("study callback", getattr(ResultsCallback, name)))
 
     class TimedSearch(OptunaSearch):
@@ -114,7 +123,7 @@ def run(n_trials: int, epochs: int, folder: Path) -> dict[str, float]:
                              storage=optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}"))
         tuner = tune.Tuner(
             tune.with_resources(trivial, {"cpu": 1}),
-            param_space={"x": tune.choice(values), "epochs": epochs},
+            param_space={"x": tune.choice(values), "epochs": epochs, "unpacked": unpacked},
             tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
                                       callbacks=[TimedCallback(study_dir, record_processes=True)],
@@ -142,6 +151,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", default="10,100,300", help="comma-separated trial counts (default: 10,100,300)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--unpacked", action="store_true",
+                   help="report every metric as its own key, as the trainable did before record_json")
     args = p.parse_args()
     counts = [int(n) for n in args.trials.split(",")]
 
@@ -158,7 +169,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="mriadv-driver-scale-") as tmp:
             for n in counts:
-                rows.append(run(n, args.epochs, Path(tmp)))
+                rows.append(run(n, args.epochs, Path(tmp), args.unpacked))
                 r = rows[-1]
                 print(f"{n} trials x {args.epochs} epochs: {r['results']} results in {r['wall_s']:.0f} s", flush=True)
     finally:

@@ -1,13 +1,15 @@
 """What a study folder, ``results/<name>/``, holds, and the keys every trial reports.
 
 The runner, the result tables, the trainable and the report all name these; each is written here
-once. Only the standard library is imported, so the report (which must not import Ray or torch)
-shares the names instead of copying them.
+once. Only the standard library is imported (and :mod:`mriadv.checkpoint`'s file names, itself
+standard library only at import), so the report (which must not import Ray or torch) shares the
+names instead of copying them.
 
     results/<name>/
         study.json                 STATE_FILE: space, profile, base config (written by study/run.py)
-        trials.parquet             TRIALS_FILE: one row per trial and epoch (study/results.py)
+        trials.parquet             TRIALS_FILE: one row per trial and epoch (study/tables.py)
         robustness.parquet         ROBUSTNESS_FILE: one row per trial, epoch, attack and budget
+        tables.journal             JOURNAL_FILE: results since the tables were last rewritten (study/tables.py)
         optuna.db                  OPTUNA_FILE: the searcher's Optuna storage
         tuner.pkl                  TUNER_FILE: Tune's state; with study.json, the study resumes
         .ray_processes             PIDFILE: the driver's Ray processes (study/procs.py), JSON; not
@@ -25,14 +27,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mriadv.checkpoint import BEST_NAME  # standard library only at import, like this module
+
 STATE_FILE = "study.json"
 TRIALS_FILE = "trials.parquet"
 ROBUSTNESS_FILE = "robustness.parquet"
+JOURNAL_FILE = "tables.journal"  # not *.json: Tune copies those back and forth on a resume (see PIDFILE)
 OPTUNA_FILE = "optuna.db"
 TUNER_FILE = "tuner.pkl"
 PIDFILE = ".ray_processes"
 TUNE_STATE_DIR = ".tune_state"
-BEST_CHECKPOINT = "best.pt"
+BEST_CHECKPOINT = BEST_NAME
 REPORT_DIR = "report"
 
 # hyperparameters reported with every result (besides the searched ones) and shown in

@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # `python study/report.py`: make the repository i
 from mriadv.config import REFERENCE_CROP  # noqa: E402 - the seed's crop; light (no torch)
 from study.analysis import (at_best_epochs, best_epochs, best_trials, failed_trials, finished_trials,  # noqa: E402
                             identical_trials, pareto_front, trial_messages, trial_status)
+from study.tables import load_tables  # noqa: E402
 from study.layout import (HPARAM_KEYS, REPORT_DIR, ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE,  # noqa: E402
                           best_checkpoint, trial_folder)
 
@@ -160,8 +161,7 @@ def load_results(study_dir: str | Path) -> StudyResults:
             notes.append(f"{STATE_FILE} is unreadable ({exc}); study settings unknown")
     else:
         notes.append(f"no {STATE_FILE}: study settings (space, profile, data) unknown")
-    trials = _read_table(folder / TRIALS_FILE, notes, "no trial has reported a result yet")
-    robust = _read_table(folder / ROBUSTNESS_FILE, notes, None if trials.empty else "no robustness results yet")
+    trials, robust = _read_tables(folder, notes)
 
     from study.spaces import EPSILON_KEYS  # imports torch: only here, not at module import
 
@@ -186,16 +186,17 @@ def load_results(study_dir: str | Path) -> StudyResults:
     return StudyResults(folder, state, trials, robust, best, columns, objectives, budgets, labels, description, notes)
 
 
-def _read_table(path: Path, notes: list[str], missing: str | None) -> pd.DataFrame:
-    if not path.is_file():
-        if missing:
-            notes.append(f"{missing} (no {path.name})")
-        return pd.DataFrame()
+def _read_tables(folder: Path, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     try:
-        return pd.read_parquet(path)
+        trials, robust = load_tables(folder)
     except Exception as exc:  # noqa: BLE001 - any unreadable table is reported, not raised
-        notes.append(f"{path.name} is unreadable: {type(exc).__name__}: {exc}")
-        return pd.DataFrame()
+        notes.append(f"the result tables are unreadable: {type(exc).__name__}: {exc}")
+        return pd.DataFrame(), pd.DataFrame()
+    if trials.empty:
+        notes.append(f"no trial has reported a result yet (no {TRIALS_FILE})")
+    elif robust.empty:
+        notes.append(f"no robustness results yet (no {ROBUSTNESS_FILE})")
+    return trials, robust
 
 
 def _load_space(state: dict[str, Any] | None, notes: list[str]):

@@ -1,117 +1,32 @@
-"""Result tables of a study, written by the driver as results arrive.
-
-* ``trials.parquet``: one row per trial per epoch: trial id, epoch, hyperparameters, training and
-  validation metrics, time, and the trial's status (``RUNNING``, ``TERMINATED``, ``ERROR`` with its
-  message, or the trainer's own ``nan``/``early_stopped``).
-* ``robustness.parquet``: long format, one row per trial, epoch, attack and budget.
-
-Both are rewritten atomically (temporary file, then rename) at the end of every Tune step that
-brought a result (see :class:`ResultsCallback`), so they can be read at any moment, and are keyed
-by ``(trial_id, epoch)``: after a resume, a re-reported epoch replaces its row instead of
-duplicating it.
+"""The driver's side of a study's results: :class:`ResultsCallback` keeps the tables
+(:mod:`study.tables`), a complete copy of Tune's state (:mod:`study.tune_state`) and the record of
+Ray's processes (:mod:`study.procs`) current as results arrive, and ends each trial's HParams
+session in TensorBoard.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
+import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from ray import tune
 
 from study.board import FAILURE, SUCCESS, write_session_end
-from study.layout import ROBUSTNESS_FILE, TRIALS_FILE
 from study.procs import ProcessRecord
+from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state
 
-# result keys that are Ray's bookkeeping, not ours
-_RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
-             "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
-             "iterations_since_restore", "config", "experiment_tag"}
-FIRST_COLUMNS = ["trial_id", "epoch", "status", "epoch_status", "message", "epsilon", "epsilon_ref", "epsilon_rms", "lambda1",
-                 "lambda2", "loss", "lr_recon", "lr_gen", "train_loss", "val_loss", "val_nmse", "val_psnr", "val_ssim",
-                 "time_s", "epoch_time_s"]
+__all__ = ["ResultsCallback", "ResultsLog", "load_tables", "read_parquet"]
 
-
-def read_table(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
-
-
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-class ResultsLog:
-    """The two tables in memory, keyed by (trial_id, epoch), loaded from disk on (re)start."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self.robust: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        self.status: dict[str, tuple[str, str]] = {}
-        self.params: dict[str, dict[str, Any]] = {}  # sampled config, for trials that never report
-        trials = read_table(self.folder / TRIALS_FILE)
-        for row in trials.to_dict("records"):
-            key = (row["trial_id"], int(row["epoch"]))
-            self.rows[key] = row
-            self.status[row["trial_id"]] = (row.get("status", ""), row.get("message", "") or "")
-        robust = read_table(self.folder / ROBUSTNESS_FILE)
-        for row in robust.to_dict("records"):
-            self.robust.setdefault((row["trial_id"], int(row["epoch"])), []).append(row)
-
-    def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        row = {k: v for k, v in result.items() if k not in _RAY_KEYS and k != "robustness_json"
-               and not isinstance(v, (dict, list))}
-        row.update(trial_id=trial_id, epoch=epoch, time_s=result.get("time_total_s", math.nan))
-        if row.get("epoch_status") == "nan":
-            self.status[trial_id] = ("nan", str(row.get("message", "")))
-        else:
-            self.status.setdefault(trial_id, ("RUNNING", ""))
-        self.rows[(trial_id, epoch)] = row
-        robust = json.loads(result.get("robustness_json") or "[]")
-        self.robust[(trial_id, epoch)] = [
-            {"trial_id": trial_id, "epoch": epoch, "epsilon_ref": row.get("epsilon_ref", math.nan), **r} for r in robust
-        ]
-
-    def set_status(self, trial_id: str, status: str, message: str = "") -> None:
-        current = self.status.get(trial_id, ("", ""))[0]
-        if current in ("nan",) and status == "TERMINATED":
-            return  # the trainer's own verdict is more specific than Ray's
-        if status == "TERMINATED":
-            last = max((e for t, e in self.rows if t == trial_id), default=None)
-            if last is not None and self.rows[(trial_id, last)].get("epoch_status") == "early_stopped":
-                status = "early_stopped"
-        self.status[trial_id] = (status, message)
-
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        rows = []
-        for (trial_id, _), row in sorted(self.rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            status, message = self.status.get(trial_id, ("", ""))
-            rows.append({**row, "status": status, "message": message or row.get("message", "")})
-        reported = {t for t, _ in self.rows}
-        for trial_id, (status, message) in sorted(self.status.items()):
-            if trial_id not in reported and status == "ERROR":  # failed before its first epoch: epoch 0
-                rows.append({**self.params.get(trial_id, {}), "trial_id": trial_id, "epoch": 0, "status": status,
-                             "message": message})
-        trials = pd.DataFrame(rows)
-        if not trials.empty:
-            trials = trials[[c for c in FIRST_COLUMNS if c in trials] + [c for c in trials if c not in FIRST_COLUMNS]]
-        robust_rows = [r for key in sorted(self.robust) for r in self.robust[key]]
-        return trials, pd.DataFrame(robust_rows)
-
-    def write(self) -> None:
-        trials, robust = self.frames()
-        if not trials.empty:
-            write_table(trials, self.folder / TRIALS_FILE)
-        if not robust.empty:
-            write_table(robust, self.folder / ROBUSTNESS_FILE)
+# The Parquet tables are rewritten whole at most every REWRITE_S seconds, and not before
+# REWRITE_FACTOR times the last rewrite's duration has passed (so that rewriting never takes more
+# than ~1/REWRITE_FACTOR of the driver's time however large the study); the journal carries every
+# result in between. The process record is refreshed at most every PROCS_S seconds (and at every
+# trial start, when new workers appear).
+REWRITE_S = 5.0
+REWRITE_FACTOR = 20.0
+PROCS_S = 2.0
 
 
 class ResultsCallback(tune.Callback):
@@ -122,8 +37,10 @@ class ResultsCallback(tune.Callback):
 
     The tables never run ahead of the state a resume starts from, so a trial interrupted after
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
-    registered that checkpoint (a later event, ``on_checkpoint``), and tables are written at the end
-    of Tune's step, after Tune has saved its state for the step and this callback has copied it."""
+    registered that checkpoint (a later event, ``on_checkpoint``), and results reach the journal at
+    the end of Tune's step, after Tune has saved its state for the step and this callback has copied
+    it. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
+    and at the end of the study."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
         self.folder = Path(folder)
@@ -132,6 +49,9 @@ class ResultsCallback(tune.Callback):
         self._procs: ProcessRecord | None = None
         self._pending = False
         self._held: dict[str, list[dict[str, Any]]] = {}  # trial id -> results awaiting their checkpoint
+        self._written = 0.0  # monotonic time of the last Parquet rewrite, and what it cost
+        self._write_s = 0.0
+        self._procs_at = -PROCS_S
 
     @property
     def log(self) -> ResultsLog:
@@ -141,12 +61,13 @@ class ResultsCallback(tune.Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"folder": self.folder, "record_processes": self.record_processes, "_log": None, "_procs": None,
-                "_pending": False, "_held": {}}
+                "_pending": False, "_held": {}, "_written": 0.0, "_write_s": 0.0, "_procs_at": -PROCS_S}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.log.params[trial.trial_id] = {k: v for k, v in trial.config.items() if isinstance(v, (int, float, str))}
+        self.log.set_params(trial.trial_id, trial.config)
         self.log.set_status(trial.trial_id, "RUNNING")
-        self._event()
+        self._pending = True
+        self._event(force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get("should_checkpoint"):
@@ -182,26 +103,36 @@ class ResultsCallback(tune.Callback):
             self._pending = True
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        """Tune has saved this step's state (into its staging folder): copy it, then write the tables."""
+        """Tune has saved this step's state (into its staging folder): copy it, then journal the step's
+        events, and rewrite the Parquet tables when they are due."""
         if not self._pending:
             return
         if trials:
             backup_state(Path(trials[0].storage.experiment_driver_staging_path), self.folder)
-        self.log.write()
+        self.log.commit()
         self._pending = False
+        now = time.monotonic()
+        if now - self._written >= max(REWRITE_S, REWRITE_FACTOR * self._write_s):
+            self._rewrite()
 
     def on_experiment_end(self, trials, **info) -> None:
         for trial_id in list(self._held):
             self._add(trial_id, self._held.pop(trial_id))
-        if self._pending:
-            self.log.write()
-            self._pending = False
+        self._rewrite()  # a finished (or interrupted) study leaves whole Parquet files and no journal
+        self._pending = False
 
-    def _event(self) -> None:
-        if self.record_processes:
+    def _rewrite(self) -> None:
+        start = time.monotonic()
+        self.log.write()
+        self._written = time.monotonic()
+        self._write_s = self._written - start
+
+    def _event(self, force: bool = False) -> None:
+        if self.record_processes and (force or time.monotonic() - self._procs_at >= PROCS_S):
             if self._procs is None:
                 self._procs = ProcessRecord(self.folder)
             self._procs.update()
+            self._procs_at = time.monotonic()
 
 
 def _error_message(trial) -> str:

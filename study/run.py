@@ -209,9 +209,9 @@ def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float]
 def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     """The lines printed at the end of a study: statuses, the best trial by each objective (at
     its best epoch), the Pareto front of finished trials, errors, and where everything is."""
-    from study.results import read_table  # imports Ray: not at module import (see main)
+    from study.tables import load_tables
 
-    trials = read_table(study_dir / TRIALS_FILE)
+    trials, _ = load_tables(study_dir)
     lines = [f"results: {_here(study_dir)}"]
     if trials.empty:
         return lines + ["no trial reported a result"]

@@ -113,8 +113,9 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             board.log_epoch(record, {m: best_values[f"best_{m}"] for m in best.metrics}, work / PREVIEW_NAME)
             if (work / PREVIEW_NAME).is_file():
                 shutil.copy2(work / PREVIEW_NAME, trial_dir / PREVIEW_NAME)
-            metrics = {**hp, **record.flat(), **best_values, "start_epoch": start_epoch, "node_id": node_id,
-                       "robustness_json": json.dumps(robustness_rows(record))}
+            metrics = tune_result({**hp, **record.flat(), **best_values, "start_epoch": start_epoch,
+                                   "node_id": node_id}, ctx.objective_metrics)
+            metrics["robustness_json"] = json.dumps(robustness_rows(record))
             with tempfile.TemporaryDirectory(prefix="mriadv-ckpt-") as d:
                 _link_or_copy(ckpt, Path(d) / CHECKPOINT_NAME)  # Tune copies the folder during report
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -124,6 +125,26 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     finally:
         board.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+# result keys Tune itself uses (console, searcher, scheduler, stopping) besides the objectives
+TUNE_KEYS = ("epoch", "epoch_status", "message", "train_loss", "val_loss", "val_nmse", "val_psnr", "val_ssim",
+             "epoch_time_s", "start_epoch", "node_id", *HPARAM_KEYS)
+
+
+def tune_result(flat: dict[str, Any], objectives: tuple[str, ...]) -> dict[str, Any]:
+    """What one epoch reports to Tune: the keys Tune itself reads (:data:`TUNE_KEYS`, the
+    objectives, ``best_<objective>``, the searched values) as they are, and every other metric packed
+    into one JSON string, ``record_json``, that the result tables unpack (:mod:`study.tables`).
+
+    Tune keeps, for every numeric key of a trial's results, six statistics and the last 5 and 10
+    values in its experiment state, which it rewrites after every result: with ~100 numeric keys
+    per epoch that state, and the driver's time to save it, grew ~20 kB per trial."""
+    keep = set(TUNE_KEYS) | set(objectives) | {f"best_{m}" for m in objectives}
+    out = {k: v for k, v in flat.items() if k in keep or not isinstance(v, (int, float)) or isinstance(v, bool)}
+    rest = {k: v for k, v in flat.items() if k not in out}
+    out["record_json"] = json.dumps(rest)
+    return out
 
 
 def robustness_rows(record: EpochRecord) -> list[dict[str, Any]]:

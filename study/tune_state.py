@@ -54,6 +54,22 @@ def is_complete(path: Path) -> bool:
     return False
 
 
+def ends_complete(path: Path) -> bool:
+    """A cheap check for :func:`backup_state`: the file ends as a whole JSON object (``}``) or a
+    pickle (its STOP opcode, ``.``) ends. Tune writes its staging files synchronously before the
+    step ends, so this guards only against the unexpected; parsing them whole after every result
+    cost the driver time that grew with the study. :func:`repair_state` parses fully."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64))
+            tail = f.read().rstrip()
+    except OSError:
+        return False
+    return tail.endswith(b"}" if fnmatch.fnmatch(path.name, EXPERIMENT_STATE) else b".")
+
+
 def _copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     shutil.copyfile(src, tmp)
@@ -70,7 +86,7 @@ def backup_state(staging: Path, study_dir: Path) -> bool:
     ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete).
     Returns whether a copy was made."""
     files = [newest(staging, pattern) for pattern in STATE_PATTERNS]
-    if any(f is None or not is_complete(f) for f in files):
+    if any(f is None or not ends_complete(f) for f in files):
         return False
     dest = study_dir / TUNE_STATE_DIR
     dest.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 from test_board import hparams_route, session_groups
 
+from study.tables import load_tables
+
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "study" / "run.py")]
 REQUIRED_COLUMNS = {"trial_id", "epoch", "epsilon", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "train_loss",
@@ -245,8 +247,10 @@ def test_sigkill_and_resume(tmp_path):
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
         try:
-            t = pd.read_parquet(table)
+            t = load_tables(table.parent)[0]  # the Parquet file and the journal of what came since
         except Exception:  # noqa: BLE001 - not written yet, or mid-rename
+            continue
+        if t.empty:
             continue
         g = t.groupby("trial_id").agg(epochs=("epoch", "max"), status=("status", "last"))
         mid = g[(g["status"] == "RUNNING") & (g["epochs"] >= 2) & (g["epochs"] < 6)]

@@ -82,30 +82,38 @@ class FakeTrial(SimpleNamespace):
 
 
 def test_results_wait_for_their_checkpoint_and_the_step_end(tmp_path):
+    """What a reader sees (the Parquet files with the journal replayed, study/tables.py) never runs
+    ahead of Tune's saved state; the end of the study leaves whole Parquet files and no journal."""
     from study.results import ResultsCallback
+    from study.tables import load_tables
 
     staging = tmp_path / "staging"
     write_state(staging, S1, 1)
     trial = FakeTrial(trial_id="t1", config={"epsilon": 0.0}, path=None,  # Tune's Trial.path: None before a folder
                       storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
-    cb = ResultsCallback(tmp_path / "study", record_processes=False)
-    table = tmp_path / "study" / "trials.parquet"
+    study = tmp_path / "study"
+    cb = ResultsCallback(study, record_processes=False)
+    table = study / "trials.parquet"
     result = {"epoch": 1, "val_nmse": 0.5, "should_checkpoint": True, "robustness_json": "[]"}
     cb.on_trial_start(0, [trial], trial)
     cb.on_trial_result(0, [trial], trial, result)
     cb.on_step_end(0, [trial])
-    assert not table.exists()  # Tune has not registered the epoch's checkpoint yet
+    assert load_tables(study)[0].empty  # Tune has not registered the epoch's checkpoint yet
     cb.on_checkpoint(1, [trial], trial, checkpoint=None)
-    assert not table.exists()  # registered, but Tune saves its state only at the end of the step
+    assert load_tables(study)[0].empty  # registered, but Tune saves its state only at the end of the step
     cb.on_step_end(1, [trial])
-    rows = pd.read_parquet(table)
+    rows = load_tables(study)[0]
     assert list(rows["epoch"]) == [1] and rows["val_nmse"].iloc[0] == 0.5
-    assert (tmp_path / "study" / ".tune_state" / f"experiment_state-{S1}.json").is_file()
+    assert (study / ".tune_state" / f"experiment_state-{S1}.json").is_file()
     cb.on_trial_result(2, [trial], trial, {**result, "epoch": 2})
     cb.on_trial_complete(2, [trial], trial)  # a trial that ends releases what it reported
     cb.on_step_end(2, [trial])
+    rows = load_tables(study)[0]
+    assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
+    cb.on_experiment_end([trial])
     rows = pd.read_parquet(table)
     assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
+    assert (study / "tables.journal").stat().st_size == 0
 
 
 def test_runner_refuses_to_resume_without_any_complete_state(tmp_path):
