@@ -8,7 +8,7 @@
 volume the log-magnitude of the fully sampled and of the masked k-space, the mask, and the
 zero-filled error.
 
-Usage::
+Usage (with the project installed, ``pip install -e .``)::
 
     python docs/make_figures.py                      # docs/synthetic_examples.png, 320x320 crops
     python docs/make_figures.py --size 128 --out /tmp/examples.png
@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,8 +25,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mriadv.config import TrainConfig  # noqa: E402
 from mriadv.data.files import SliceDataset  # noqa: E402

@@ -26,7 +26,8 @@ from mriadv.evaluate import preview
 from mriadv.metrics import nmse
 from mriadv.runtime import Runtime
 from mriadv.training import build_data, build_reconstructor, load_checkpoint, preview_batch
-from study.report import StudyResults, format_value, save_png
+from study.report_data import StudyResults, format_value
+from study.report_plots import save_png
 
 FIGURE6_MAX_ROWS = 8
 FIGURE6_COLUMNS = ("ground truth", "adv. model,\nclean input", "worst-case δ\n(PGD)", "perturbed input",

@@ -22,7 +22,8 @@ from mriadv.config import TrainConfig
 from mriadv.instabilities import FeatureSearch, FeatureSpec, feature_example
 from mriadv.runtime import Runtime
 from mriadv.training import build_data, build_reconstructor, load_checkpoint
-from study.report import StudyResults, held_out, save_png
+from study.report_data import StudyResults, held_out
+from study.report_plots import save_png
 
 COLUMNS = ("target with feature", "zero-filled input", "reconstruction", "feature's effect\n(with − without)",
            "|error| with feature")

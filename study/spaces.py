@@ -141,15 +141,29 @@ def available_spaces() -> list[str]:
 
 
 def load_space(name_or_path: str) -> StudySpace:
+    """The space of a name in ``search_spaces/`` or of a YAML file, validated (:func:`space_from_dict`)."""
     path = resolve_space_path(name_or_path)
+    return space_from_dict(parse_space_yaml(path.read_text(), path), path.stem, path)
+
+
+def parse_space_yaml(text: str, source: str | Path) -> Any:
+    """The YAML ``text`` of a space as plain data (``1e-3`` read as a float); :class:`SpaceError`
+    naming ``source`` if it is not YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace:
+    """The space ``space_name`` from its already-parsed YAML ``raw`` (a mapping), validated. ``source`` is
+    where it came from (its file, or the ``study.json`` that saved its text): every error message
+    names it, and it becomes the space's ``path``."""
+    path = Path(source)
 
     def fail(key: str, why: str) -> SpaceError:
         return SpaceError(f"{path}: {key}: {why}")
 
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise fail("(top level)", "expected a mapping of keys such as 'parameters' and 'objectives'")
     unknown = sorted(set(raw) - TOP_KEYS)
@@ -271,7 +285,7 @@ def load_space(name_or_path: str) -> StudySpace:
             raise fail(f"scheduler.{key}", "must be a number >= 1")
 
     return StudySpace(
-        name=path.stem, path=path, description=str(raw.get("description", "")), params=tuple(params),
+        name=space_name, path=path, description=str(raw.get("description", "")), params=tuple(params),
         fixed=dict(fixed), num_samples=num_samples, objectives=tuple(objectives),
         attack_budgets=tuple(float(b) for b in budgets), scheduler=sched, raw=raw, points=points,
     )

@@ -100,6 +100,34 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_study_modules_import_one_another_without_a_cycle():
+    """No module of study/ imports (directly or through others, at its top or inside a function) a
+    module that imports it back: the report's parts and the figures import loading and plotting
+    pieces, never the report's entry point."""
+    import ast
+
+    graph = {}
+    for path in (REPO / "study").glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "study":
+                names |= {f"study.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("study."):
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names if a.name.startswith("study.")}
+        graph[f"study.{path.stem}"] = names
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for name in graph.get(start, ()):
+            if name == goal or (name not in seen and not seen.add(name) and reaches(name, goal, seen)):
+                return True
+        return False
+
+    assert graph["study.figure6"] and "study.report" not in graph["study.figure6"]
+    assert [m for m in sorted(graph) if reaches(m, m, set())] == []
+
+
 @slow
 def test_report_files_exist_and_images_are_valid(written):
     folder, status, stdout = written
@@ -345,17 +373,17 @@ def test_summary_names_files_relative_to_the_study_folder(tmp_path):
 
 
 def test_runner_summary_names_files_relative_to_the_current_folder(tmp_path, monkeypatch):
-    from study import run
+    from study import run_summary
     from study.spaces import load_space
 
     folder, names = fake_study(tmp_path)
     space_file = tmp_path / "fake.yaml"
     space_file.write_text(json.loads((folder / layout.STATE_FILE).read_text())["space_yaml"])
     monkeypatch.chdir(tmp_path)
-    lines = run.summarize(folder, load_space(str(space_file)))
+    lines = run_summary.summarize(folder, load_space(str(space_file)))
     text = "\n".join(ln for ln in lines if " failed: " not in ln)  # error messages are quoted as they are
     assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
     assert f"checkpoint results/fake/{names['aaaa1111']}/best.pt" in text
     assert "results: results/fake" in lines and "TensorBoard: tensorboard --logdir results/fake" in lines
     monkeypatch.chdir(tmp_path / "results" / ".data")  # not above the study: paths stay as they are
-    assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(run.summarize(folder, load_space(str(space_file))))
+    assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(run_summary.summarize(folder, load_space(str(space_file))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,23 @@ def test_space_errors_name_file_and_key(tmp_path, text, key, why):
         load_space(str(path))
     message = str(err.value)
     assert str(path) in message and key in message and why in message
+
+
+def test_a_parsed_space_is_the_same_space_and_its_errors_name_the_source(tmp_path):
+    """space_from_dict builds from already-parsed YAML (the text a study.json keeps) what load_space
+    builds from the file, and names the given source in its errors."""
+    from study.spaces import parse_space_yaml, space_from_dict
+
+    text = "parameters:\n  lr_recon: {loguniform: [1e-5, 1e-3]}\nnum_samples: 3\n"
+    path = write(tmp_path, text)
+    parsed = space_from_dict(parse_space_yaml(text, "study.json"), "saved", path)
+    loaded = load_space(str(path))
+    assert (parsed.name, loaded.name) == ("saved", "space")  # the given name; a file's is its stem
+    assert dataclasses.replace(parsed, name="space") == loaded and parsed.params[0].low == 1e-5  # read as a float
+    with pytest.raises(SpaceError, match=r"^saved/study.json: parameters.lr_recn: unknown parameter"):
+        space_from_dict({"parameters": {"lr_recn": {"loguniform": [1e-5, 1e-3]}}}, "space", "saved/study.json")
+    with pytest.raises(SpaceError, match=r"^saved/study.json: not valid YAML"):
+        parse_space_yaml("parameters: [epsilon\n", "saved/study.json")
 
 
 def test_cli_exits_2_with_one_clear_line(tmp_path):
@@ -101,7 +119,7 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
     profile's, and its robustness keys stay in the space's 320x320 units (issue 8.3)."""
     import argparse
 
-    from study.run import base_config
+    from study.plan import base_config
 
     space = load_space(write(tmp_path, "parameters:\n  epsilon: {grid: [0, 1000]}\n"
                                         "fixed: {crop_size: 128}\nattack_budgets: [1000, 5000]\n"))
