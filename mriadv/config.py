@@ -7,7 +7,7 @@ hyperparameter that a study searches provably reaches the trainer.
 Perturbation budgets. ``epsilon`` and ``attack_budgets`` are squared L2 norms of the perturbation
 of one image, in normalised (z-scored) image units at the run's crop size (the seed: 1e3 and 5e3
 at 320x320). The same epsilon is a larger per-pixel perturbation on a smaller crop, so records
-carry the per-pixel RMS budget ``sqrt(epsilon / (H W))`` beside it, and :func:`scale_epsilon`
+carry the per-pixel RMS budget ``sqrt(epsilon / (H W))`` beside it, and :mod:`mriadv.units`
 converts the seed's 320x320 budgets to another crop at equal per-pixel RMS.
 """
 
@@ -17,7 +17,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-REFERENCE_CROP = 320  # the seed's crop; epsilon values "at 320" are scaled from here
+# budgets_at_crop and to_reference: re-exported for study/run.py, which imports them from here
+from mriadv.units import budgets_at_crop, epsilon_rms, scale_epsilon, to_reference
+
 ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
 # What produces the training perturbation delta (epsilon > 0): the seed's generator game G(z) (or G(y)
 # in k-space), k-step PGD at the budget (Madry et al. 2018), Gaussian noise at the budget
@@ -27,35 +29,6 @@ ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional")
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the key."""
-
-
-def scale_epsilon(epsilon_at_reference: float, crop_size: int, reference: int = REFERENCE_CROP) -> float:
-    """A budget given for ``reference``x``reference`` images, at equal per-pixel RMS for ``crop_size``."""
-    return float(epsilon_at_reference) * (crop_size * crop_size) / (reference * reference)
-
-
-def to_reference(budget: float, crop_size: int, reference: int = REFERENCE_CROP) -> float:
-    """A budget at ``crop_size`` expressed at 320x320 with the same per-pixel RMS (the seed's units)."""
-    return round(budget * reference * reference / (crop_size * crop_size), 6)
-
-
-def budgets_at_crop(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Config values whose ``epsilon`` and ``attack_budgets`` are given at 320x320 (a study space's
-    units), with both scaled to the crop that ``values`` itself sets (or the default crop)."""
-    crop = int(values.get("crop_size", TrainConfig.crop_size))
-    out = dict(values)
-    if "epsilon" in out:
-        out["epsilon"] = scale_epsilon(float(out["epsilon"]), crop)
-    if "attack_budgets" in out:
-        budgets = out["attack_budgets"]
-        budgets = [budgets] if isinstance(budgets, (int, float)) else budgets
-        out["attack_budgets"] = tuple(scale_epsilon(float(b), crop) for b in budgets)
-    return out
-
-
-def epsilon_rms(epsilon: float, crop_size: int) -> float:
-    """Per-pixel RMS of a perturbation with squared norm ``epsilon`` on a ``crop_size``^2 image."""
-    return math.sqrt(epsilon / (crop_size * crop_size))
 
 
 def _as_tuple(key: str, value: Any, numbers: bool) -> tuple[Any, ...]:
@@ -166,6 +139,11 @@ class TrainConfig:
     @property
     def epsilon_rms(self) -> float:
         return epsilon_rms(self.epsilon, self.crop_size)
+
+    @property
+    def epsilon_ref(self) -> float:
+        """``epsilon`` at 320x320 with the same per-pixel RMS (the seed's units)."""
+        return to_reference(self.epsilon, self.crop_size)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
@@ -296,5 +274,5 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["ADVERSARIES", "ATTACKS", "TrainConfig", "budgets_at_crop", "to_reference", "ConfigError", "Profile", "PROFILES", "get_profile", "scale_epsilon", "epsilon_rms",
-           "REFERENCE_CROP"]
+__all__ = ["ADVERSARIES", "ATTACKS", "ConfigError", "PROFILES", "Profile", "TrainConfig", "budgets_at_crop", "get_profile",
+           "to_reference"]

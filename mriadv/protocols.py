@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, check_pgd_options
-from mriadv.config import ConfigError, TrainConfig, scale_epsilon
+from mriadv.config import ConfigError, TrainConfig
+from mriadv.units import scale_epsilon
 from mriadv.data.transforms import Batch
 
 PROTOCOL_ATTACKS = ("pgd", "pgd_kspace", "noise", "noise_kspace", "generator")
@@ -75,7 +76,7 @@ class Protocol:
         return any(a in KSPACE_ATTACKS for a in self.attacks)
 
     def budgets_at(self, crop_size: int) -> tuple[float, ...]:
-        """The absolute budgets at ``crop_size`` (:func:`mriadv.config.scale_epsilon`)."""
+        """The absolute budgets at ``crop_size`` (:func:`mriadv.units.scale_epsilon`)."""
         return tuple(scale_epsilon(b, crop_size) for b in self.budgets_ref)
 
     def build(

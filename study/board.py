@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mriadv.training import robust_key
+from mriadv.units import robust_key
 
 # per-epoch scalar tags: (tag, EpochRecord field)
 SCALARS = (
@@ -57,7 +57,7 @@ def tag_of(key: str) -> str:
 def report_tag(metric: str) -> str:
     """The report-split tag of a selection-split metric name: ``val_nmse`` -> ``report/nmse``,
     ``rob_pgd_e5000_nmse`` -> ``report/rob_pgd_e5000_nmse`` (the flat names of
-    :meth:`mriadv.training.EpochRecord.flat` without their ``report_`` prefix)."""
+    :meth:`mriadv.records.EpochRecord.flat` without their ``report_`` prefix)."""
     return "report/" + (metric[len("val_"):] if metric.startswith("val_") else metric)
 
 
@@ -139,7 +139,7 @@ class TrialBoard:
             self.writer.add_scalar(tag, value, step)
 
     def log_epoch(self, record: Any, best: dict[str, float], preview_file: Path | None) -> None:
-        """Scalars and images of one :class:`~mriadv.training.EpochRecord`; ``best`` maps each
+        """Scalars and images of one :class:`~mriadv.records.EpochRecord`; ``best`` maps each
         objective to its value at the best epoch so far."""
         step = record.epoch
         for tag, key in SCALARS:

@@ -23,6 +23,7 @@ import pandas as pd
 from mriadv.config import TrainConfig
 from study.analysis import best_epochs
 from study.layout import ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE, best_checkpoint, trial_folder
+from study.spaces import EPSILON_KEYS, SpaceError, load_space, parse_space_yaml, space_from_dict
 from study.tables import load_tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,8 +113,6 @@ def load_results(study_dir: str | Path) -> StudyResults:
         notes.append(f"no {STATE_FILE}: study settings (space, profile, data) unknown")
     trials, robust = _read_tables(folder, notes)
 
-    from study.spaces import EPSILON_KEYS  # imports torch: only here, not at module import
-
     space = _load_space(state, folder / STATE_FILE, notes)
     if space is not None:
         params = [p.name for p in space.params]
@@ -152,8 +151,6 @@ def _read_tables(folder: Path, notes: list[str]) -> tuple[pd.DataFrame, pd.DataF
 
 def _load_space(state: dict[str, Any] | None, state_file: Path, notes: list[str]):
     """The space the study ran: the YAML saved in study.json (``state_file``), else the file it came from."""
-    from study.spaces import SpaceError, load_space, parse_space_yaml, space_from_dict
-
     if state is None:
         return None
     if state.get("space_yaml"):

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mriadv.config import REFERENCE_CROP  # the seed's crop; light (no torch)
+from mriadv.units import REFERENCE_CROP  # the seed's crop; light (no torch)
 from study.analysis import at_best_epochs, finished_trials, pareto_front
 from study.report_data import (METRIC_NAMES, METRICS, SPLIT_NAMES, StudyResults, float_of, held_out, held_out_split,
                                param_symbol, zero_filled)

@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from mriadv.config import ATTACKS, ConfigError, TrainConfig, budgets_at_crop
-from mriadv.training import robust_key
+from mriadv.config import ATTACKS, ConfigError, TrainConfig
+from mriadv.units import ROBUST_METRICS, budgets_at_crop, robust_key
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -47,7 +47,6 @@ EPSILON_KEYS = ("epsilon",)
 # metrics a trial reports that can be objectives, beside the rob_<attack>_e<budget>_<metric> family
 OBJECTIVE_METRICS = ("val_loss", "val_nmse", "val_psnr", "val_ssim", "train_loss", "val_seed_nmse",
                      "val_seed_psnr", "val_seed_ssim", "feature_fnr", "feature_error")
-ROBUST_METRICS = ("nmse", "psnr", "ssim", "d_nmse", "d_psnr", "d_ssim")
 
 
 class _Loader(yaml.SafeLoader):
@@ -114,7 +113,7 @@ class StudySpace:
 
     def budgets_at(self, crop_size: int) -> tuple[float, ...]:
         """The attack budgets at ``crop_size`` (a trial's config scales its own, with
-        :func:`mriadv.config.budgets_at_crop`)."""
+        :func:`mriadv.units.budgets_at_crop`)."""
         return budgets_at_crop({"crop_size": crop_size, "attack_budgets": self.attack_budgets})["attack_budgets"]
 
     def summary_line(self) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mriadv.atomic import atomic_write
 from mriadv.data.files import SPLITS, DataError, VolumeInfo, inspect_volume, list_volumes
 from mriadv.data.transforms import TARGET_KEYS
 
@@ -103,10 +103,8 @@ class ScanCache:
 
     def save(self) -> None:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, self.path)
+            with atomic_write(self.path) as tmp:
+                tmp.write_text(json.dumps(self.entries))
 
 
 def check_folder(root: str | Path, crop_size: int | None = None, target_key: str = "reconstruction_esc",

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 import torch
 
+from mriadv.atomic import atomic_write
 from mriadv.data.transforms import TARGET_KEYS, RawSlice, center_crop, zero_filled_magnitude
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
@@ -205,10 +205,8 @@ def build_index(
             changed = True
         index.append(info)
     if cache_file is not None and (changed or len(cached) != len(index)):
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"folder": str(folder), "volumes": [asdict(v) for v in index]}))
-        os.replace(tmp, cache_file)
+        with atomic_write(cache_file) as tmp:
+            tmp.write_text(json.dumps({"folder": str(folder), "volumes": [asdict(v) for v in index]}))
     return index
 
 
