@@ -41,7 +41,7 @@ from mriadv.config import PROFILES, get_profile  # noqa: E402
 from mriadv.data.synthetic import SyntheticSpec  # noqa: E402
 from mriadv.evaluate import evaluate, robustness  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
-from mriadv.training import Trainer  # noqa: E402
+from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 from step_cost import random_batch, sync  # noqa: E402
 

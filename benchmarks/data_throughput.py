@@ -1,6 +1,6 @@
 """How many slices per second the training loader delivers, per loader worker.
 
-Iterates the training pipeline exactly as :func:`mriadv.training.fit` builds it: a
+Iterates the training pipeline exactly as :func:`mriadv.fit.fit` builds it: a
 ``DataLoader(SliceDataset(..., UnetTransform(train=True, ...)), batch_size=8, collate_fn=collate)``
 whose batches are model-ready :class:`~mriadv.data.transforms.Batch` es (a fresh random mask per
 slice, zero-filled magnitude, crop, instance normalisation). By default the data are fastMRI-sized
@@ -56,7 +56,7 @@ SYNTHETIC = SyntheticSpec(volumes=4, val_volumes=1, slices=16, size=320)  # fast
 
 
 def epoch_batches(dataset: SliceDataset, batch_size: int, bucketed: bool, seed: int, epoch: int) -> list[list[int]]:
-    """The index batches of one training epoch, drawn as :meth:`mriadv.training.Data.loader` draws them."""
+    """The index batches of one training epoch, drawn as :meth:`mriadv.data.loading.Data.loader` draws them."""
     if bucketed:  # batches that carry k-space must share its shape
         sampler = ShapeBucketSampler(dataset.kspace_shapes(), batch_size, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)

@@ -83,7 +83,7 @@ study=("$PY" study/run.py --space "$OUT/pack4.yaml" --profile demo --max-epochs 
        --cpus-per-trial "$cpus_per_trial" --results "$OUT/results" --no-report)
 part "(c) demo data" 60 "$OUT/c_data.log" "$PY" -c "
 import sys; from pathlib import Path; sys.path.insert(0, '.')
-from mriadv.config import get_profile; from mriadv.train import synthetic_data
+from mriadv.config import get_profile; from mriadv.data.loading import synthetic_data
 print(synthetic_data(get_profile('demo'), Path('$OUT/results')))"
 
 sampler=()

@@ -1,6 +1,6 @@
 """Slices per second of a seed-size adversarial training epoch, fed by the loader workers.
 
-Runs the training loop exactly as :func:`mriadv.training.fit` does (``build_data``'s loader with its
+Runs the training loop exactly as :func:`mriadv.fit.fit` does (``build_data``'s loader with its
 workers and pinned memory, ``batch.to(device, non_blocking=True)``, ``Trainer.train_step``: the
 generator step and the reconstructor step, bf16 autocast and channels_last on CUDA) on the
 ``paper`` profile (320x320 crops, U-Net 64/5, batch 8), over several shuffled passes of a small
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mriadv.config import PROFILES, get_profile  # noqa: E402
 from mriadv.data.synthetic import SyntheticSpec, generate  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
-from mriadv.training import Trainer, build_data  # noqa: E402
+from mriadv.data.loading import build_data  # noqa: E402
+from mriadv.trainer import Trainer  # noqa: E402
 
 TRAIN_VOLUMES, VAL_VOLUMES, SLICES = 4, 2, 16  # 64 training slices, looped over; the profile's geometry
 

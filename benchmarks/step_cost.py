@@ -1,6 +1,6 @@
 """What an adversarial training step costs relative to a standard one.
 
-Builds two :class:`mriadv.training.Trainer` s from a profile's config: a standard one (``epsilon=0``,
+Builds two :class:`mriadv.trainer.Trainer` s from a profile's config: a standard one (``epsilon=0``,
 no generator) and an adversarial one (the profile's epsilon), feeds both the same random batch of the
 profile's batch size and crop, and times, in rounds so that every operation is measured in the same
 run under the same conditions (medians over the rounds):
@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
-from mriadv.training import Trainer, frozen  # noqa: E402
+from mriadv.models.utils import frozen  # noqa: E402
+from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
 TARGET_RATIO = 2.9  # the issue's target; the floor is ~2.67 plus the generator's own cost

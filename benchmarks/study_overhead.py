@@ -5,7 +5,7 @@ same pre-generated synthetic data:
 
 * **ray**: ``study/run.py`` with a grid of N epsilon values (Ray start, OptunaSearch, one trial per
   CPU at a time, Parquet and TensorBoard writing, checkpoints through Tune, shutdown);
-* **direct**: one Python process calling :func:`mriadv.training.fit` for the same N configs one
+* **direct**: one Python process calling :func:`mriadv.fit.fit` for the same N configs one
   after another (each with all CPUs as torch threads), writing checkpoints to a folder.
 
 The last line is ``ratio: <ray/direct>`` (target <= 1.15 on 2 cores). Ray costs a fixed ~8 s here
@@ -30,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mriadv.config import get_profile, scale_epsilon  # noqa: E402
-from mriadv.train import synthetic_data  # noqa: E402
+from mriadv.config import get_profile  # noqa: E402
+from mriadv.data.loading import synthetic_data  # noqa: E402
+from mriadv.units import scale_epsilon  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> float:
@@ -70,7 +71,7 @@ def main() -> None:
             import json, sys
             sys.path.insert(0, {str(REPO)!r})
             from mriadv.config import TrainConfig
-            from mriadv.training import fit
+            from mriadv.fit import fit
             for i, values in enumerate(json.loads({json.dumps(json.dumps(configs))})):
                 fit(TrainConfig.from_dict(values), out_dir={str(tmp / 'direct')!r} + f"/{{i}}", log=None)
         """)

@@ -84,8 +84,9 @@ from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
-from mriadv.train import DEFAULT_RESULTS, synthetic_data  # noqa: E402
-from mriadv.training import Data, Trainer, build_data  # noqa: E402
+from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
+from mriadv.train import DEFAULT_RESULTS  # noqa: E402
+from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
 INSTALL = ("pip install --no-deps fastmri==0.3.0 && "

@@ -77,6 +77,12 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**30)
 
 
+def default_profile() -> str:
+    """The run profile (:data:`mriadv.config.PROFILES`) when none is named: ``paper`` where CUDA is
+    present, else ``demo``."""
+    return "paper" if torch.cuda.is_available() else "demo"
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (model initialisation). Data masks and order are seeded apart."""
     random.seed(seed)

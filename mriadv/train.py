@@ -4,7 +4,7 @@
                            [--epsilon E | --epsilon-ref E320] [--loss dssim] [--max-epochs N]
                            [--set key=value ...] [--resume]
 
-Runs one :func:`mriadv.training.fit`, printing a line per epoch, and writes ``records.jsonl`` (one
+Runs one :func:`mriadv.fit.fit`, printing a line per epoch, and writes ``records.jsonl`` (one
 JSON record per epoch), ``config.json``, ``checkpoint.pt`` (resumable) and ``best.pt`` to ``--out``.
 Without ``--data`` the profile's synthetic dataset is generated once under
 ``results/.data/`` and reused. Exit status: 0 trained, 2 bad input, 3 stopped on a NaN/inf loss.
@@ -15,42 +15,18 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mriadv.config import PROFILES, ConfigError, Profile, TrainConfig, get_profile, scale_epsilon
-from mriadv.data.check import check_folder
-from mriadv.data.synthetic import SyntheticSpec, ensure
+from mriadv.atomic import atomic_write
+from mriadv.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from mriadv.config import PROFILES, ConfigError, Profile, TrainConfig, get_profile
+from mriadv.runtime import default_profile
+from mriadv.units import crop_of, scale_epsilon
 
 DEFAULT_RESULTS = Path("results")
-
-
-def default_profile() -> str:
-    """``paper`` where CUDA is present, else ``demo``."""
-    import torch
-
-    return "paper" if torch.cuda.is_available() else "demo"
-
-
-def synthetic_data(profile: Profile, results_dir: Path = DEFAULT_RESULTS, seed: int = 0) -> Path:
-    """The profile's synthetic dataset under ``results_dir/.data``, generated on first use."""
-    spec = SyntheticSpec(**profile.synthetic, seed=seed)
-    name = f"synthetic_{spec.size}px_{spec.volumes}+{spec.val_volumes}x{spec.slices}_seed{spec.seed}"
-    return ensure(results_dir / ".data" / name, spec)
-
-
-def validate_data(folder: str | Path, crop_size: int, cache_dir: str | Path | None = None) -> str | None:
-    """None if ``folder`` is usable for training, else a message listing what is wrong (every slice
-    is read once: non-finite or all-zero slices fail here, not at the first step; verdicts are
-    cached per file in ``cache_dir`` when given)."""
-    reports = check_folder(folder, crop_size, cache_dir=cache_dir)
-    errors = [e for r in reports.values() for e in r.errors]
-    if "train" not in reports or "val" not in reports:
-        errors.append(f"{folder}: needs sub-folders singlecoil_train/ and singlecoil_val/")
-    return "; ".join(errors) if errors else None
 
 
 def parse_value(text: str, key: str = "") -> Any:
@@ -80,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("mse", "dssim"), default=None)
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME}")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where synthetic data is kept")
     return p
 
@@ -93,13 +69,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Profile]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(value, key.strip())
-    crop = int(overrides.get("crop_size", TrainConfig.crop_size))
     if args.epsilon is not None and args.epsilon_ref is not None:
         raise ConfigError("give --epsilon or --epsilon-ref, not both")
     if args.epsilon is not None:
         overrides["epsilon"] = args.epsilon
     if args.epsilon_ref is not None:
-        overrides["epsilon"] = scale_epsilon(args.epsilon_ref, crop)
+        overrides["epsilon"] = scale_epsilon(args.epsilon_ref, crop_of(overrides))
     if args.loss is not None:
         overrides["loss"] = args.loss
     if args.max_epochs is not None:
@@ -111,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Profile]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mriadv.training import fit  # heavy imports after argument parsing
+    from mriadv.data.loading import synthetic_data, validate_data  # heavy imports after argument parsing
+    from mriadv.fit import fit
 
     args = build_parser().parse_args(argv)
     try:
@@ -130,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     args.out.mkdir(parents=True, exist_ok=True)
-    resume = args.out / "checkpoint.pt" if args.resume else None
+    resume = args.out / CHECKPOINT_NAME if args.resume else None
     if resume is not None and not resume.is_file():
         print(f"error: --resume given but {resume} does not exist", file=sys.stderr)
         return 2
@@ -143,14 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     def on_epoch(record, _checkpoint) -> None:
         history.append(asdict(record))
         lines = "".join(json.dumps(r) + "\n" for r in history)
-        tmp = args.out / f"records.jsonl.tmp{os.getpid()}"
-        tmp.write_text(lines)
-        os.replace(tmp, args.out / "records.jsonl")
+        with atomic_write(args.out / "records.jsonl") as tmp:
+            tmp.write_text(lines)
 
     try:
         if resume is not None:
-            from mriadv.training import load_checkpoint
-
             history.extend(load_checkpoint(resume)["history"])
         result = fit(cfg, out_dir=args.out, on_epoch=on_epoch, resume_from=resume)
     except ConfigError as exc:

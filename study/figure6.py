@@ -25,7 +25,9 @@ from mriadv.data.transforms import denormalize
 from mriadv.evaluate import preview
 from mriadv.metrics import nmse
 from mriadv.runtime import Runtime
-from mriadv.training import build_data, build_reconstructor, load_checkpoint, preview_batch
+from mriadv.checkpoint import load_checkpoint
+from mriadv.data.loading import build_data, preview_batch
+from mriadv.trainer import build_reconstructor
 from study.report_data import StudyResults, format_value
 from study.report_plots import save_png
 
@@ -67,7 +69,7 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
                 payload = load_checkpoint(ckpt)
                 cfg = TrainConfig.from_dict(payload["config"])
                 model = build_reconstructor(cfg)
-                model.load_state_dict(payload["recon"])
+                model.load_state_dict(payload["networks"]["recon"])
                 models[trial_id] = (cfg, runtime.prepare_model(model).eval())
         return models[trial_id]
 

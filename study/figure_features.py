@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 from mriadv.config import TrainConfig
 from mriadv.instabilities import FeatureSearch, FeatureSpec, feature_example
 from mriadv.runtime import Runtime
-from mriadv.training import build_data, build_reconstructor, load_checkpoint
+from mriadv.checkpoint import load_checkpoint
+from mriadv.data.loading import build_data
+from mriadv.trainer import build_reconstructor
 from study.report_data import StudyResults, held_out
 from study.report_plots import save_png
 
@@ -63,7 +65,7 @@ def features_figure(res: StudyResults, path: Path) -> list[str]:
         payload = load_checkpoint(ckpt)
         cfg = TrainConfig.from_dict(payload["config"])
         model = build_reconstructor(cfg)
-        model.load_state_dict(payload["recon"])
+        model.load_state_dict(payload["networks"]["recon"])
         model = runtime.prepare_model(model).eval()
         data = build_data(cfg, runtime, training=False)
         dataset = data.report if data.report is not None else data.val

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mriadv.config import ConfigError, TrainConfig, budgets_at_crop, get_profile, to_reference
-from mriadv.train import default_profile, synthetic_data, validate_data
+from mriadv.data.loading import synthetic_data, validate_data
+from mriadv.runtime import default_profile
 from study.cluster import ClusterError, is_local, locate_cluster
 from study.layout import STATE_FILE, TUNER_FILE
 from study.run_summary import trial_statuses

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: a thin adapter around :func:`mriadv.training.fit`.
+"""The Ray Tune trainable: a thin adapter around :func:`mriadv.fit.fit`.
 
 It builds the trial's :class:`~mriadv.config.TrainConfig` (the study's base config plus the
 sampled parameters), resumes from Tune's checkpoint when there is one, and forwards each epoch's
@@ -21,9 +21,11 @@ from typing import Any
 import ray
 from ray import tune
 
-from mriadv.config import TrainConfig, budgets_at_crop
-from mriadv.training import (BEST_NAME, CHECKPOINT_NAME, PREVIEW_NAME, EpochRecord, fit, load_checkpoint,
-                             to_reference)
+from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from mriadv.config import TrainConfig
+from mriadv.fit import PREVIEW_NAME, fit
+from mriadv.records import EpochRecord
+from mriadv.units import budgets_at_crop
 from study.board import TrialBoard, hparams_metrics
 from study.console import trial_label
 from study.layout import BEST_CHECKPOINT, HPARAM_KEYS
@@ -72,8 +74,8 @@ def hparams_of(cfg: TrainConfig, sampled: dict[str, Any], epsilon_keys: tuple[st
     """The trial's hyperparameters: :data:`HPARAM_KEYS` and the searched keys, as the trainer uses
     them; a searched budget appears once, as ``epsilon_ref`` (the space's 320x320 units)."""
     out: dict[str, Any] = {}
-    for key in HPARAM_KEYS:
-        out[key] = to_reference(cfg.epsilon, cfg.crop_size) if key == "epsilon_ref" else getattr(cfg, key)
+    for key in HPARAM_KEYS:  # epsilon_ref: TrainConfig.epsilon_ref
+        out[key] = getattr(cfg, key)
     for key in sampled:
         if key not in epsilon_keys:
             out.setdefault(key, getattr(cfg, key))

@@ -10,7 +10,7 @@ import pytest
 
 from mriadv.assess import assess, main
 from mriadv.config import ConfigError, TrainConfig
-from mriadv.training import fit
+from mriadv.fit import fit
 
 
 def _fit(root, out, **kw):
@@ -121,7 +121,7 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from mriadv.attacks import PGDAttack  # noqa: E402
-from mriadv.config import scale_epsilon  # noqa: E402
+from mriadv.units import scale_epsilon  # noqa: E402
 from mriadv.protocols import PROTOCOLS, get_protocol  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import mriadv
 
 def test_core_does_not_import_study_dependencies():
     modules = [m.name for m in pkgutil.walk_packages(mriadv.__path__, "mriadv.")]
-    assert "mriadv.training" in modules and "mriadv.data.files" in modules
+    assert "mriadv.fit" in modules and "mriadv.data.files" in modules
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

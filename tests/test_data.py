@@ -176,8 +176,9 @@ def test_check_corrupt_files_each_named(synthetic_root, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_training_refuses_a_flat_folder(synthetic_root, tmp_path):
     from mriadv.config import ConfigError, TrainConfig
+    from mriadv.data.loading import build_data
+    from mriadv.fit import fit
     from mriadv.runtime import Runtime
-    from mriadv.training import build_data, fit
 
     flat = tmp_path / "flat"
     shutil.copytree(synthetic_root / "singlecoil_train", flat)  # .h5 files, no split sub-folders

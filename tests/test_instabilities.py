@@ -234,7 +234,7 @@ def test_sweep_rejects_an_acceleration_the_centre_does_not_allow(val_set, runtim
 def test_assess_runs_both_instabilities_and_writes_them(synthetic_root, tmp_path, capsys):
     from mriadv.assess import assess, main
     from mriadv.config import TrainConfig
-    from mriadv.training import fit
+    from mriadv.fit import fit
 
     cfg = TrainConfig.from_dict(dict(
         data=str(synthetic_root), crop_size=CROP, unet_chans=4, unet_pools=2, epsilon=0.0, loss="mse",

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mriadv.config import TrainConfig, scale_epsilon
+from mriadv.config import TrainConfig
+from mriadv.units import scale_epsilon
 from study.spaces import SpaceError, available_spaces, load_space
 from study.trainable import StudyContext, trial_config
 
@@ -132,7 +133,7 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
     assert cfg.epsilon == pytest.approx(1000 * 128**2 / 320**2)  # 160, not 1000 * 96^2 / 320^2 = 90
     assert cfg.epsilon_rms == pytest.approx((1000 / 320**2) ** 0.5)  # 0.099 per pixel, as at 320
     assert cfg.attack_budgets == pytest.approx((160.0, 800.0))
-    from mriadv.training import robust_key, to_reference
+    from mriadv.units import robust_key, to_reference
 
     assert [robust_key("pgd", to_reference(b, 128), "nmse") for b in cfg.attack_budgets] == [
         "rob_pgd_e1000_nmse", "rob_pgd_e5000_nmse"]
@@ -144,7 +145,7 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
 def test_robust_every_with_a_robustness_objective(synthetic_root):
     """robust_every > 1: attacks also run at every new best epoch, so the value the searcher is told
     (the objective at the best epoch so far) exists in every result."""
-    from mriadv.training import fit
+    from mriadv.fit import fit
     from study.trainable import BestSoFar
 
     cfg = TrainConfig.from_dict(dict(data=str(synthetic_root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4,

@@ -12,8 +12,10 @@ import torch
 from mriadv.attacks import PGDAttack, hinge, project_l2, squared_norm
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.data.transforms import Batch
+from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from mriadv.fit import EarlyStopping, fit
 from mriadv.runtime import Runtime
-from mriadv.training import Trainer, fit, load_checkpoint
+from mriadv.trainer import Trainer
 
 CPU = Runtime.resolve("cpu", "fp32")
 
@@ -209,8 +211,8 @@ def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
     for key in ("train_loss", "gen_objective", "delta_sq", "val_loss", "val_nmse", "val_psnr", "val_ssim"):
         assert getattr(a, key) == getattr(b, key), key
     assert [r["nmse"] for r in a.robustness] == [r["nmse"] for r in b.robustness]
-    wa = load_checkpoint(tmp_path / "full")["trainer"]["recon"]
-    wb = load_checkpoint(tmp_path / "part")["trainer"]["recon"]
+    wa = load_checkpoint(tmp_path / "full")["networks"]["recon"]
+    wb = load_checkpoint(tmp_path / "part")["networks"]["recon"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -220,6 +222,27 @@ def test_resume_rejects_a_changed_config(synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match="lambda1"):
         fit(TrainConfig.from_dict({"lambda1": 2.0, "max_epochs": 2}, base=cfg), out_dir=tmp_path,
             resume_from=tmp_path, log=None)
+
+
+def test_best_and_last_checkpoint_share_one_shape(synthetic_root, tmp_path):
+    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0,
+                    instabilities=False)
+    fit(cfg, out_dir=tmp_path, log=None)
+    best, last = load_checkpoint(tmp_path / BEST_NAME), load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert set(best) == set(last) == set(Checkpoint.__annotations__)
+    assert set(best["networks"]) == set(last["networks"]) == {"recon", "generator"}
+    recon = best["networks"]["recon"]  # one epoch: the best epoch is the last one
+    assert all(torch.equal(recon[k], last["networks"]["recon"][k]) for k in recon)
+    assert best["trainer"] is None and best["history"] == [] and last["trainer"] is not None
+    assert EarlyStopping(**last["early_stopping"]) == EarlyStopping(last["history"][0]["val_loss"], 1, 0)
+    # the first format-2 files (networks at best.pt's top level, inside checkpoint.pt's "trainer") load as the one shape
+    old_best = {"format": 2, "config": best["config"], "epoch": best["epoch"], **best["networks"]}
+    old_last = {k: v for k, v in last.items() if k != "networks"} | {"trainer": {**last["trainer"], **last["networks"]}}
+    for old, new in ((old_best, best), (old_last, last)):
+        torch.save(old, tmp_path / "old.pt")
+        again = load_checkpoint(tmp_path / "old.pt")
+        assert set(again) == set(new) and set(again["trainer"] or {}) == set(new["trainer"] or {})
+        assert all(torch.equal(again["networks"]["recon"][k], recon[k]) for k in recon)
 
 
 def _poison(folder, split):

@@ -1,0 +1,88 @@
+"""What a run's checkpoint files hold, and writing and reading them.
+
+:func:`mriadv.fit.fit` writes two files of one shape, :class:`Checkpoint`: ``checkpoint.pt`` after
+every epoch (the last epoch's networks and everything needed to resume) and ``best.pt`` at every new
+best epoch (that epoch's networks; the resume-only fields empty). So a reader takes the networks of
+either file from ``payload["networks"]``.
+
+Only the standard library is imported at module level (torch when a file is written or read), so
+the study's layout and report share the file names without loading torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, TypedDict
+
+from mriadv.atomic import atomic_write
+
+CHECKPOINT_FORMAT = 2  # 2: the U-Net's up path halves channels before concatenating (models/unet.py)
+CHECKPOINT_NAME = "checkpoint.pt"  # every epoch: resumable
+BEST_NAME = "best.pt"  # the networks of the best selection epoch
+
+
+class Checkpoint(TypedDict):
+    """The payload of ``checkpoint.pt`` and ``best.pt`` (plain tensors and containers, loadable with
+    ``weights_only=True``)."""
+
+    format: int  # CHECKPOINT_FORMAT
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    epoch: int  # epochs completed when these networks were saved (best.pt: the best epoch)
+    status: str  # the record's status after that epoch: 'running' | 'completed' | 'early_stopped' | 'nan'
+    networks: dict[str, Any]  # {'recon': state dict, 'generator': state dict or None} (Trainer.networks)
+    early_stopping: dict[str, Any] | None  # fit.EarlyStopping fields after that epoch
+    # what resuming needs: in checkpoint.pt only (None / empty in best.pt)
+    trainer: dict[str, Any] | None  # optimisers, latent and noise RNG streams, step count (Trainer.state_dict)
+    torch_rng: Any  # torch's global RNG state (a ByteTensor)
+    best: dict[str, Any] | None  # the best epoch's networks, for the held-out evaluation at the end
+    history: list[dict[str, Any]]  # one EpochRecord dict per epoch so far
+
+
+def make_checkpoint(config: dict[str, Any], epoch: int, status: str, networks: dict[str, Any],
+                    early_stopping: dict[str, Any] | None, *, trainer: dict[str, Any] | None = None,
+                    torch_rng: Any = None, best: dict[str, Any] | None = None,
+                    history: Sequence[dict[str, Any]] = ()) -> Checkpoint:
+    """A :class:`Checkpoint`; without the keyword arguments, the shape of ``best.pt``."""
+    return Checkpoint(format=CHECKPOINT_FORMAT, config=config, epoch=epoch, status=status, networks=networks,
+                      early_stopping=early_stopping, trainer=trainer, torch_rng=torch_rng, best=best,
+                      history=list(history))
+
+
+def save_checkpoint(path: Path, payload: Checkpoint) -> None:
+    """Write atomically (temporary file, then rename): a kill never leaves half a checkpoint."""
+    import torch
+
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
+    """A checkpoint written by :func:`mriadv.fit.fit` (a file, or a folder's ``checkpoint.pt``),
+    always in the shape of :class:`Checkpoint`. Raises ``ValueError`` for another format."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT} (format "
+                         f"{payload.get('format')!r}; format 1 checkpoints hold the older U-Net layout: retrain)")
+    return payload if "networks" in payload else _one_shape(payload)
+
+
+def _one_shape(old: dict[str, Any]) -> Checkpoint:
+    """A format-2 file from before both files shared one shape: ``best.pt`` held the networks at its
+    top level, ``checkpoint.pt`` inside ``trainer``. Same tensors, moved; what a file lacked is empty."""
+    trainer = old.get("trainer")
+    holder = trainer if trainer is not None else old
+    networks = {"recon": holder["recon"], "generator": holder.get("generator")}
+    if trainer is not None:
+        trainer = {k: v for k, v in trainer.items() if k not in networks}
+    return make_checkpoint(old["config"], old["epoch"], old.get("status", ""), networks, old.get("early_stopping"),
+                           trainer=trainer, torch_rng=old.get("torch_rng"), best=old.get("best"),
+                           history=old.get("history", ()))
+
+
+__all__ = ["BEST_NAME", "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "make_checkpoint",
+           "save_checkpoint"]

@@ -1,0 +1,145 @@
+"""The data of a run: its datasets and per-epoch loaders (:func:`build_data`), the fixed preview
+batch, and the folder itself: a profile's synthetic dataset when none is given, and the check that a
+folder is usable before anything trains on it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mriadv.config import ConfigError, TrainConfig
+from mriadv.data.check import check_folder
+from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir, seeded_slices,
+                               split_for_report)
+from mriadv.data.masks import make_mask_func
+from mriadv.data.synthetic import SyntheticSpec, ensure
+from mriadv.data.transforms import Batch, UnetTransform, collate
+from mriadv.protocols import get_protocol
+from mriadv.runtime import Runtime
+
+if TYPE_CHECKING:
+    from mriadv.config import Profile
+
+# The shuffled order of epoch e is drawn with seed * EPOCH_SEED_STRIDE + e: a prime stride larger than
+# any epoch count, so no two (seed, epoch) pairs of a study share an order (seed + e would: seed 0 in
+# epoch 1 would replay seed 1 in epoch 0).
+EPOCH_SEED_STRIDE = 100003
+
+
+@dataclass
+class Data:
+    """The datasets of a run; loaders are made per epoch so that order depends only on (seed, epoch).
+
+    ``val`` is the *selection* split (early stopping, ``best.pt``, the search); ``robust_val`` its
+    fixed subset that the per-epoch attacks use; ``report`` the held-out split (``report_split``:
+    ``'test'`` for a ``singlecoil_test/`` with targets, ``'report'`` for the validation volumes held
+    out by name, ``'selection'`` when nothing is held out) that the best epoch is reported on."""
+
+    train: SliceDataset
+    val: SliceDataset
+    train_eval: SliceDataset | None
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    bucketed: bool
+    seed: int
+    report: SliceDataset | None = None
+    report_split: str = "selection"
+    robust_val: SliceDataset | None = None
+
+    def loader(self, dataset: SliceDataset, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        dataset.set_epoch(epoch)
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate)
+        if self.bucketed:
+            sampler = ShapeBucketSampler(dataset.kspace_shapes(), self.batch_size, shuffle, self.seed)
+            sampler.set_epoch(epoch)
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+        gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+                                           **common)
+
+    def kspace_shape(self) -> tuple[int, int] | None:
+        report = self.report.volumes if self.report is not None else []
+        shapes = {v.kspace_shape for v in self.train.volumes + self.val.volumes + report}
+        return next(iter(shapes)) if len(shapes) == 1 else None
+
+
+def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Data:
+    """The datasets and loader settings of ``cfg``.
+
+    ``training=True`` (fit) refuses a folder whose two splits resolve to the same files (a flat folder
+    of .h5 files), which would validate on the training volumes; ``training=False`` (assessing a saved
+    model) accepts it, since only the validation split is used.
+    """
+    if cfg.data is None:
+        raise ConfigError("config key 'data' is None: give a data folder (or use a profile's synthetic data)")
+    root = Path(cfg.data)
+    if training and resolve_split_dir(root, "train").resolve() == resolve_split_dir(root, "val").resolve():
+        raise ConfigError(f"config key 'data': {root} has no sub-folders {SPLITS['train']}/ and {SPLITS['val']}/, "
+                          "so training would validate on its training volumes; training needs both sub-folders")
+    mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
+    keep_k = (cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
+              or (cfg.report_protocol is not None and get_protocol(cfg.report_protocol).needs_kspace))
+    train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
+    fixed_tf = UnetTransform(mask_func, cfg.crop_size, train=False, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
+    common = dict(target_key=cfg.target_key, crop_size=cfg.crop_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    train = SliceDataset(root, "train", train_tf, volume_fraction=cfg.train_fraction,
+                         max_volumes=cfg.max_train_volumes, **common)
+    val = SliceDataset(root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes,
+                       **common)
+    report, report_split = None, "selection"
+    if (root / SPLITS["test"]).is_dir():  # a test split with targets is the report split
+        test = SliceDataset(root, "test", fixed_tf, **common)
+        if all(v.target_shape is not None for v in test.volumes):
+            report, report_split = test, "test"
+    if report is None and cfg.report_fraction > 0:
+        try:
+            selection, held_out = split_for_report(val.volumes, cfg.report_fraction)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'report_fraction' = {cfg.report_fraction}: {val.folder}: {exc}") from None
+        val, report, report_split = val.restricted(selection, fixed_tf), val.restricted(held_out, fixed_tf), "report"
+    robust_val = val.with_slices(seeded_slices(val.volumes, cfg.robust_slices_per_volume, cfg.seed))
+    train_eval = train.restricted(train.volumes[: cfg.train_eval_volumes], fixed_tf) if cfg.train_eval_volumes else None
+    workers = cfg.num_workers
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
+    return Data(train, val, train_eval, cfg.batch_size, workers, runtime.is_cuda, keep_k, cfg.seed,
+                report=report, report_split=report_split, robust_val=robust_val)
+
+
+def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
+    """A fixed batch for previews: the middle slice of the first ``count`` volumes that share the
+    first volume's k-space shape (real fastMRI widths differ: 368, 372, ..., and batches that carry
+    k-space cannot mix them)."""
+    starts, i = [], 0
+    shape = dataset.volumes[0].kspace_shape
+    for v in dataset.volumes:
+        if v.kspace_shape == shape:
+            starts.append(i + v.num_slices // 2)
+        i += v.num_slices
+    return collate([dataset[j] for j in starts[:count]])
+
+
+def synthetic_data(profile: Profile, results_dir: Path, seed: int = 0) -> Path:
+    """The profile's synthetic dataset under ``results_dir/.data``, generated on first use."""
+    spec = SyntheticSpec(**profile.synthetic, seed=seed)
+    name = f"synthetic_{spec.size}px_{spec.volumes}+{spec.val_volumes}x{spec.slices}_seed{spec.seed}"
+    return ensure(results_dir / ".data" / name, spec)
+
+
+def validate_data(folder: str | Path, crop_size: int, cache_dir: str | Path | None = None) -> str | None:
+    """None if ``folder`` is usable for training, else a message listing what is wrong (every slice
+    is read once: non-finite or all-zero slices fail here, not at the first step; verdicts are
+    cached per file in ``cache_dir`` when given)."""
+    reports = check_folder(folder, crop_size, cache_dir=cache_dir)
+    errors = [e for r in reports.values() for e in r.errors]
+    if "train" not in reports or "val" not in reports:
+        errors.append(f"{folder}: needs sub-folders singlecoil_train/ and singlecoil_val/")
+    return "; ".join(errors) if errors else None
+
+
+__all__ = ["EPOCH_SEED_STRIDE", "Data", "build_data", "preview_batch", "synthetic_data", "validate_data"]
