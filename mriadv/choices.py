@@ -30,12 +30,16 @@ DOMAINS = ("image", "kspace")
 # precision: mriadv.runtime.Runtime.resolve
 PRECISIONS = ("auto", "fp32", "bf16")
 
-# the training's options (mriadv.training)
+# the training's options (mriadv.trainer, mriadv.fit)
 EPSILON_SCOPES = ("image", "batch")  # epsilon_scope
 KSPACE_CONDITIONINGS = ("measurements", "latent")  # kspace_conditioning
 GEN_SCALES = ("budget", "unit")  # gen_scale
 LR_SCHEDULES = ("constant", "cosine")  # lr_schedule
 NOISE_MODES = ("norm", "sigma")  # noise_mode
 
+# report_protocol: the names of mriadv.protocols.PROTOCOLS (which imports torch and the attacks; it
+# checks at import that its presets are exactly these)
+PROTOCOL_NAMES = ("seed", "l2-kspace-100", "l2-kspace-curve", "l2-kspace-restarts", "deviation-kspace")
+
 __all__ = ["ACTIVATIONS", "DOMAINS", "EPSILON_SCOPES", "GEN_SCALES", "KSPACE_CONDITIONINGS", "LOSSES", "LR_SCHEDULES",
-           "MASK_TYPES", "NOISE_MODES", "NORMS", "POOLINGS", "PRECISIONS", "TARGET_KEYS"]
+           "MASK_TYPES", "NOISE_MODES", "NORMS", "POOLINGS", "PRECISIONS", "PROTOCOL_NAMES", "TARGET_KEYS"]

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 # budgets_at_crop and to_reference: re-exported for study/run.py, which imports them from here
-from mriadv.units import budgets_at_crop, epsilon_rms, scale_epsilon, to_reference
+from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
+from mriadv.units import REFERENCE_CROP, budgets_at_crop, epsilon_rms, scale_epsilon, to_reference
 
 ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
 # What produces the training perturbation delta (epsilon > 0): the seed's generator game G(z) (or G(y)
@@ -97,7 +98,7 @@ class TrainConfig:
     cond_chans: int = 32  # first-level width of the conditional generator's U-Net (half the reconstructor's)
     # --- data ------------------------------------------------------------------------------
     data: str | None = None  # root with singlecoil_train/ and singlecoil_val/
-    crop_size: int = 320
+    crop_size: int = REFERENCE_CROP  # the seed's 320x320 crops
     mask_type: str = "random"
     center_fraction: float = 0.08
     acceleration: float = 4.0
@@ -166,8 +167,6 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
 
-        from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
-
         choices = {
             "loss": allowed.LOSSES, "epsilon_scope": allowed.EPSILON_SCOPES, "perturbation": allowed.DOMAINS,
             "kspace_conditioning": allowed.KSPACE_CONDITIONINGS, "unet_activation": allowed.ACTIVATIONS,
@@ -204,9 +203,8 @@ class TrainConfig:
         need(isinstance(self.report_fraction, (int, float)) and 0 <= self.report_fraction < 1, "report_fraction",
              "must be in [0, 1)")
         if self.report_protocol is not None:
-            from mriadv.protocols import PROTOCOLS  # torch: only when a protocol is asked for
-
-            need(self.report_protocol in PROTOCOLS, "report_protocol", f"must be None or one of {sorted(PROTOCOLS)}")
+            need(self.report_protocol in allowed.PROTOCOL_NAMES, "report_protocol",
+                 f"must be None or one of {sorted(allowed.PROTOCOL_NAMES)}")
         need(isinstance(self.robust_slices_per_volume, int) and self.robust_slices_per_volume >= 0,
              "robust_slices_per_volume", "must be an integer >= 0 (0: every slice)")
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, check_pgd_options
+from mriadv.choices import PROTOCOL_NAMES
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.units import scale_epsilon
 from mriadv.data.transforms import Batch
@@ -179,6 +180,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                     "k-space before masking)",
     ),
 )}
+if tuple(PROTOCOLS) != PROTOCOL_NAMES:  # the config validates names against mriadv.choices (torch-free)
+    raise RuntimeError(f"mriadv.choices.PROTOCOL_NAMES {PROTOCOL_NAMES} != the presets {tuple(PROTOCOLS)}")
 
 
 def get_protocol(name: str) -> Protocol:

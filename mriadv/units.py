@@ -34,10 +34,9 @@ def epsilon_rms(epsilon: float, crop_size: int) -> float:
 
 
 def crop_of(values: Mapping[str, Any]) -> int:
-    """The crop that config values set, or :class:`~mriadv.config.TrainConfig`'s default crop."""
-    from mriadv.config import TrainConfig  # config imports this module: only at call time
-
-    return int(values["crop_size"]) if "crop_size" in values else TrainConfig.crop_size
+    """The crop that config values set, or the default crop (:class:`~mriadv.config.TrainConfig`'s
+    ``crop_size`` is :data:`REFERENCE_CROP`, the seed's)."""
+    return int(values["crop_size"]) if "crop_size" in values else REFERENCE_CROP
 
 
 def budgets_at_crop(values: Mapping[str, Any]) -> dict[str, Any]:

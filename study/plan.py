@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mriadv.config import ConfigError, TrainConfig, budgets_at_crop, get_profile, to_reference
+from mriadv.config import ConfigError, TrainConfig, get_profile
+from mriadv.units import budgets_at_crop, to_reference
 from mriadv.data.loading import synthetic_data, validate_data
 from mriadv.runtime import default_profile
 from study.cluster import ClusterError, is_local, locate_cluster

@@ -163,7 +163,9 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
     from study.console import StudyReporter
     from study.results import ResultsCallback
     from study.trainable import StudyContext, train_trial
+    from study.tune_state import save_state_only_on_change
 
+    save_state_only_on_change()  # every step's save, but not when nothing changed (tune_state.py)
     space, base = plan.space, plan.base
     ctx = StudyContext(base=base, epsilon_keys=tuple(k for k in EPSILON_KEYS if k in {p.name for p in space.params}),
                        study_dir=str(plan.study_dir), attack_budgets_ref=space.attack_budgets,
