@@ -4,8 +4,7 @@ relative budget.
 Every attack is an :class:`Attack`: called with the model and a batch, it returns an
 :class:`AttackOutput` (the perturbed network input and the perturbation's squared norms), so that
 one :func:`mriadv.evaluate.evaluate` serves clean validation and every attack alike. The perturbation
-domains, budgets and seeded draws they share are :mod:`mriadv.perturbations` (whose functions are
-re-exported here, where :mod:`mriadv.training` imports them).
+domains, budgets and seeded draws they share are :mod:`mriadv.perturbations`.
 """
 
 from __future__ import annotations
@@ -269,7 +268,6 @@ class GeneratorAttack:
                             relative_size(delta, batch, self.domain))
 
 
-# the perturbation functions are re-exported: mriadv.training and older callers import them from here
 __all__ = ["DOMAINS", "NOISE_SALT", "OBJECTIVES", "PGD_START_SALT", "RANDOM_STARTS", "Attack", "AttackOutput",
            "GeneratorAttack", "NoiseAttack", "PGDAttack", "apply_perturbation", "check_pgd_options", "hinge",
            "project_l2", "random_start", "reference_norm", "relative_radius", "relative_size", "restrict",

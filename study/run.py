@@ -5,7 +5,7 @@
                         [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--resume]
     python study/run.py --list-spaces
 
-Trials are :func:`mriadv.training.fit` runs, searched by Optuna (grid sampler for grid spaces, TPE
+Trials are :func:`mriadv.fit.fit` runs, searched by Optuna (grid sampler for grid spaces, TPE
 otherwise; multi-objective where the space names several objectives), stopped early by the
 trainer's patience and, for sampled spaces, by ASHA. Everything lands in ``results/<name>/``:
 Tune's trial folders (checkpoints every epoch, TensorBoard events), ``trials.parquet``,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mriadv.attacks import PGDAttack, hinge, project_l2, squared_norm
+from mriadv.attacks import PGDAttack
+from mriadv.perturbations import hinge, project_l2, squared_norm
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, Checkpoint, load_checkpoint
