@@ -41,21 +41,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from mriadv.assessment import Assessment, format_assessment
+from mriadv.assessment import RANDOM_START_CHOICES, Assessment, format_assessment, instabilities, resolve_protocol
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
 from mriadv.units import scale_epsilon, to_reference
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from mriadv.data.files import SliceDataset
     from mriadv.instabilities import FeatureSearch, FeatureSpec
-    from mriadv.runtime import Runtime
 
 CHECKPOINT_NAMES = (BEST_NAME, CHECKPOINT_NAME)  # in a folder: best.pt preferred
 SPLIT_CHOICES = ("report", "selection", "robust", "all")
-RANDOM_START_CHOICES = ("none", "uniform", "gaussian")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -142,18 +137,39 @@ def assess(
         raise ConfigError("give attack budgets at the crop or at 320x320 (budgets_ref), not both")
     if budgets_ref is not None:
         budgets = [scale_epsilon(b, int(payload["config"]["crop_size"])) for b in budgets_ref]
-    given = {"data": data and str(data), "max_val_volumes": max_volumes, "attack_budgets": budgets,
-             "attacks": attacks, "pgd_steps": pgd_steps, "pgd_step_scale": pgd_step_scale}
-    overrides = {"device": device, "precision": precision, "threads": None, "train_eval_volumes": 0,
-                 **({"report_fraction": 0.0} if split == "all" else {}),
-                 **{k: v for k, v in given.items() if v is not None}}
+    given = {
+        "data": data and str(data),
+        "max_val_volumes": max_volumes,
+        "attack_budgets": budgets,
+        "attacks": attacks,
+        "pgd_steps": pgd_steps,
+        "pgd_step_scale": pgd_step_scale,
+    }
+    overrides = {
+        "device": device,
+        "precision": precision,
+        "threads": None,
+        "train_eval_volumes": 0,
+        **({"report_fraction": 0.0} if split == "all" else {}),
+        **{k: v for k, v in given.items() if v is not None},
+    }
     cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
     if protocol is not None and attacks is not None:
         raise ConfigError("give attacks or a protocol (which names its own attacks), not both")
     proto, proto_budgets = resolve_protocol(
-        protocol, cfg, budgets is not None, rel_budgets,
-        dict(restarts=pgd_restarts, random_start=pgd_random_start, keep_best=pgd_keep_best, objective=pgd_objective,
-             steps=pgd_steps, step_scale=pgd_step_scale))
+        protocol,
+        cfg,
+        budgets is not None,
+        rel_budgets,
+        dict(
+            restarts=pgd_restarts,
+            random_start=pgd_random_start,
+            keep_best=pgd_keep_best,
+            objective=pgd_objective,
+            steps=pgd_steps,
+            step_scale=pgd_step_scale,
+        ),
+    )
     data_cfg = cfg
     if proto is not None and proto.needs_kspace and "pgd_kspace" not in cfg.attacks:
         data_cfg = replace(cfg, attacks=(*cfg.attacks, "pgd_kspace"))  # only so that batches carry k-space
@@ -168,89 +184,55 @@ def assess(
         attack_list = [replace(a, trace_first=True) if isinstance(a, PGDAttack) else a for a in trainer.attacks()]
     else:
         generator = trainer.generator_perturb if trainer.generator is not None else None
-        attack_list = proto.build(cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, generator, cfg.perturbation,
-                                  budgets=proto_budgets)
-    dataset = {"report": data_.report or data_.val, "selection": data_.val, "all": data_.val,
-               "robust": data_.robust_val or data_.val}[split]
+        attack_list = proto.build(
+            cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, generator, cfg.perturbation, budgets=proto_budgets
+        )
+    dataset = {
+        "report": data_.report or data_.val,
+        "selection": data_.val,
+        "all": data_.val,
+        "robust": data_.robust_val or data_.val,
+    }[split]
     loader = data_.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
-    traces = [{"attack": a.name, "budget": float(a.budget), "rel": float("nan") if a.rel is None else float(a.rel),
-               "trace": a.trace} for a in attack_list if isinstance(a, PGDAttack) and a.trace is not None]
+    traces = [
+        {
+            "attack": a.name,
+            "budget": float(a.budget),
+            "rel": float("nan") if a.rel is None else float(a.rel),
+            "trace": a.trace,
+        }
+        for a in attack_list
+        if isinstance(a, PGDAttack) and a.trace is not None
+    ]
     used = None
     if proto is not None:  # with the absolute grid that ran, at the crop
         ran = proto.budgets_at(cfg.crop_size) if proto_budgets is None else proto_budgets
         used = {**proto.as_dict(), "budgets": [float(b) for b in ran]}
-    features_out, sampling_out = instabilities(trainer.recon, dataset, runtime, cfg.batch_size, data_.num_workers,
-                                               features, feature_search, sampling, sampling_center_fraction)
-    return Assessment(
-        checkpoint=str(path), epoch=int(payload["epoch"]), config=cfg.to_dict(), clean=clean.as_dict(),
-        rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows], split=split,
-        protocol=used, pgd_trace=traces, features=features_out, sampling=sampling_out,
+    features_out, sampling_out = instabilities(
+        trainer.recon,
+        dataset,
+        runtime,
+        cfg.batch_size,
+        data_.num_workers,
+        features,
+        feature_search,
+        sampling,
+        sampling_center_fraction,
     )
-
-
-def instabilities(model: nn.Module, dataset: SliceDataset, runtime: Runtime, batch_size: int, num_workers: int,
-                  features: FeatureSpec | None, feature_search: FeatureSearch | None,
-                  sampling: Sequence[float] | None, center_fraction: float | None,
-                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
-    """The type-2 and type-3 results :func:`assess` adds (None where not asked for), as dicts."""
-    from mriadv.instabilities import FeatureSearch, NoTissue, feature_recovery, nested_masks, sampling_sweep
-
-    if sampling is not None:
-        cf = dataset.transform.mask_func.center_fraction if center_fraction is None else center_fraction
-        try:
-            nested_masks(sampling, cf)
-        except ValueError as exc:
-            raise ConfigError(f"sampling sweep: {exc}") from exc
-    try:
-        feats = None if features is None else feature_recovery(
-            model, dataset, runtime, features, feature_search or FeatureSearch()).as_dict()
-    except NoTissue as exc:
-        raise ConfigError(str(exc)) from exc
-    rows = None if sampling is None else [r.as_dict() for r in sampling_sweep(
-        model, dataset, runtime, sampling, center_fraction, batch_size=batch_size, num_workers=num_workers)]
-    return feats, rows
-
-
-def resolve_protocol(
-    name: str | None, cfg: TrainConfig, budgets_given: bool, rel_budgets: Sequence[float] | None,
-    options: dict[str, Any],
-) -> tuple[Any, tuple[float, ...] | None]:
-    """The protocol :func:`assess` evaluates with, and the absolute budgets at the crop it runs at
-    (None: the protocol's own ``budgets_ref``); ``(None, None)`` for the training's own attacks.
-
-    ``name``: a preset, or None for the training's attacks and PGD settings (used only when
-    ``rel_budgets`` or a PGD option is given). ``options``: PGD fields of the protocol, None where not
-    given (``random_start='none'``: from zero). ``budgets_given`` (``cfg.attack_budgets`` holds them)
-    or ``rel_budgets``: a grid that replaces the protocol's whole grid."""
-    from mriadv.protocols import Protocol, get_protocol
-
-    options = {k: v for k, v in options.items() if v is not None}
-    if options.get("random_start") == "none":
-        options["random_start"] = None
-    elif "random_start" in options and options["random_start"] not in RANDOM_START_CHOICES:
-        raise ConfigError(f"PGD random start {options['random_start']!r}: must be one of {RANDOM_START_CHOICES}")
-    pgd_options = {k: v for k, v in options.items() if k not in ("steps", "step_scale")}
-    if name is None and rel_budgets is None and not pgd_options:
-        return None, None
-    grid_given = budgets_given or rel_budgets is not None
-    rels = tuple(float(r) for r in rel_budgets) if rel_budgets is not None else ()
-    if name is None:  # cfg already holds any steps / step scale / budgets given
-        base = Protocol("trained", tuple(cfg.attacks), steps=cfg.pgd_steps, step_scale=cfg.pgd_step_scale,
-                        source="the run's own attacks and PGD settings (TrainConfig attacks, pgd_steps, "
-                               "pgd_step_scale, attack_budgets)", differences="none")
-        options = pgd_options
-        grid_given = True
-        budgets = tuple(cfg.attack_budgets) if budgets_given or rel_budgets is None else ()
-    else:
-        base = get_protocol(name)
-        budgets = tuple(cfg.attack_budgets) if budgets_given else ()
-    changes: dict[str, Any] = dict(options)
-    if grid_given:
-        changes |= {"budgets_ref": (), "rel_budgets": rels}
-    proto = replace(base, **changes)  # validates: ConfigError naming the bad option
-    return proto, (budgets if grid_given else None)
+    return Assessment(
+        checkpoint=str(path),
+        epoch=int(payload["epoch"]),
+        config=cfg.to_dict(),
+        clean=clean.as_dict(),
+        rows=[{**r.as_dict(), "budget_ref": to_reference(r.budget, cfg.crop_size)} for r in rows],
+        split=split,
+        protocol=used,
+        pgd_trace=traces,
+        features=features_out,
+        sampling=sampling_out,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,40 +240,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, nargs="?", help="best.pt / checkpoint.pt, or a folder holding one")
     p.add_argument("--data", type=Path, help="data root (default: the data the model trained on)")
     budgets = p.add_mutually_exclusive_group()
-    budgets.add_argument("--budgets-ref", type=float, nargs="+", metavar="B",
-                         help="attack budgets ||delta||^2 at 320x320 (the seed's units), scaled to the crop")
+    budgets.add_argument(
+        "--budgets-ref",
+        type=float,
+        nargs="+",
+        metavar="B",
+        help="attack budgets ||delta||^2 at 320x320 (the seed's units), scaled to the crop",
+    )
     budgets.add_argument("--budgets", type=float, nargs="+", metavar="B", help="attack budgets at the model's crop")
-    p.add_argument("--rel-budgets", type=float, nargs="+", metavar="R",
-                   help="relative budgets ||delta|| / ||ref|| (ref: the sampled k-space for k-space attacks, "
-                        "the input image for image attacks)")
+    p.add_argument(
+        "--rel-budgets",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="relative budgets ||delta|| / ||ref|| (ref: the sampled k-space for k-space attacks, "
+        "the input image for image attacks)",
+    )
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, help="default: the training's")
-    p.add_argument("--protocol", metavar="NAME",
-                   help="a named attack protocol (its attacks, PGD settings and budgets; see --list-protocols)")
+    p.add_argument(
+        "--protocol",
+        metavar="NAME",
+        help="a named attack protocol (its attacks, PGD settings and budgets; see --list-protocols)",
+    )
     p.add_argument("--list-protocols", action="store_true", help="print the attack protocols and their sources")
     p.add_argument("--pgd-steps", type=int, help="default: the training's (or the protocol's)")
-    p.add_argument("--pgd-step-scale", type=float,
-                   help="step = scale * radius / steps (default: the training's or the protocol's)")
-    p.add_argument("--pgd-restarts", type=int, metavar="N", help="runs per slice, the worst kept (needs a random start)")
-    p.add_argument("--pgd-random-start", choices=RANDOM_START_CHOICES,
-                   help="none (delta = 0), uniform (in the ball) or gaussian (scaled into it); seeded per slice")
-    p.add_argument("--pgd-keep-best", action="store_true", default=None,
-                   help="return the worst case found over all steps, not the last iterate")
-    p.add_argument("--pgd-objective", choices=("target", "deviation"),
-                   help="target: ||f(x+d) - x||^2; deviation: ||f(x+d) - f(x)||^2 (Darestani et al. 2021)")
+    p.add_argument(
+        "--pgd-step-scale", type=float, help="step = scale * radius / steps (default: the training's or the protocol's)"
+    )
+    p.add_argument(
+        "--pgd-restarts", type=int, metavar="N", help="runs per slice, the worst kept (needs a random start)"
+    )
+    p.add_argument(
+        "--pgd-random-start",
+        choices=RANDOM_START_CHOICES,
+        help="none (delta = 0), uniform (in the ball) or gaussian (scaled into it); seeded per slice",
+    )
+    p.add_argument(
+        "--pgd-keep-best",
+        action="store_true",
+        default=None,
+        help="return the worst case found over all steps, not the last iterate",
+    )
+    p.add_argument(
+        "--pgd-objective",
+        choices=("target", "deviation"),
+        help="target: ||f(x+d) - x||^2; deviation: ||f(x+d) - f(x)||^2 (Darestani et al. 2021)",
+    )
     p.add_argument("--max-volumes", type=int, help="only this many validation volumes")
-    p.add_argument("--split", choices=SPLIT_CHOICES, default="report",
-                   help="report: the held-out split the study reports on (default); selection: the volumes "
-                        "early stopping chose by; robust: the per-epoch attack subset; all: every volume")
+    p.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        default="report",
+        help="report: the held-out split the study reports on (default); selection: the volumes "
+        "early stopping chose by; robust: the per-epoch attack subset; all: every volume",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
     p.add_argument("--out", type=Path, help="also write the assessment as JSON here")
-    inst = p.add_argument_group("instabilities (the seed's types 2 and 3, mriadv.instabilities; defaults: its "
-                                "FeatureSpec and FeatureSearch)")
+    inst = p.add_argument_group(
+        "instabilities (the seed's types 2 and 3, mriadv.instabilities; defaults: its FeatureSpec and FeatureSearch)"
+    )
     inst.add_argument("--instabilities", action="store_true", help="--features and --sampling at their defaults")
     inst.add_argument("--features", action="store_true", help="small-feature recovery: error, contrast, misses")
-    inst.add_argument("--sampling", type=float, nargs="*", metavar="R",
-                      help="sampling sweep at these accelerations with nested masks (no value: SWEEP_ACCELERATIONS)")
+    inst.add_argument(
+        "--sampling",
+        type=float,
+        nargs="*",
+        metavar="R",
+        help="sampling sweep at these accelerations with nested masks (no value: SWEEP_ACCELERATIONS)",
+    )
     inst.add_argument("--sampling-center-fraction", type=float, metavar="F", help="default: the training's")
     inst.add_argument("--feature-size", type=int, metavar="PX", help="feature area in pixels")
     inst.add_argument("--feature-shape", choices=("disc", "square"))
@@ -306,17 +325,25 @@ def instability_options(args: argparse.Namespace) -> dict[str, Any]:
     from the command line; the defaults are the dataclasses' own. Raises :class:`ConfigError`."""
     from mriadv.instabilities import SWEEP_ACCELERATIONS, FeatureSearch, FeatureSpec
 
-    spec = {k: v for k, v in dict(size=args.feature_size, shape=args.feature_shape,
-                                  contrast=args.feature_contrast).items() if v is not None}
-    search = {k: v for k, v in dict(restarts=args.feature_restarts, threshold=args.feature_threshold).items()
-              if v is not None}
+    spec = {
+        k: v
+        for k, v in dict(size=args.feature_size, shape=args.feature_shape, contrast=args.feature_contrast).items()
+        if v is not None
+    }
+    search = {
+        k: v for k, v in dict(restarts=args.feature_restarts, threshold=args.feature_threshold).items() if v is not None
+    }
     sampling = args.sampling
     if args.instabilities or sampling == []:
         sampling = sampling or SWEEP_ACCELERATIONS
     try:
         features = FeatureSpec(**spec) if args.features or args.instabilities or spec or search else None
-        return {"features": features, "feature_search": FeatureSearch(**search) if features else None,
-                "sampling": sampling, "sampling_center_fraction": args.sampling_center_fraction}
+        return {
+            "features": features,
+            "feature_search": FeatureSearch(**search) if features else None,
+            "sampling": sampling,
+            "sampling_center_fraction": args.sampling_center_fraction,
+        }
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -333,11 +360,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is None:
         parser.error("the following arguments are required: checkpoint")
     try:
-        result = assess(args.checkpoint, args.data, args.budgets, args.budgets_ref, args.attacks, args.pgd_steps,
-                        args.pgd_step_scale, args.max_volumes, args.device, args.precision, args.split,
-                        protocol=args.protocol, rel_budgets=args.rel_budgets, pgd_restarts=args.pgd_restarts,
-                        pgd_random_start=args.pgd_random_start, pgd_keep_best=args.pgd_keep_best,
-                        pgd_objective=args.pgd_objective, **instability_options(args))
+        result = assess(
+            args.checkpoint,
+            args.data,
+            args.budgets,
+            args.budgets_ref,
+            args.attacks,
+            args.pgd_steps,
+            args.pgd_step_scale,
+            args.max_volumes,
+            args.device,
+            args.precision,
+            args.split,
+            protocol=args.protocol,
+            rel_budgets=args.rel_budgets,
+            pgd_restarts=args.pgd_restarts,
+            pgd_random_start=args.pgd_random_start,
+            pgd_keep_best=args.pgd_keep_best,
+            pgd_objective=args.pgd_objective,
+            **instability_options(args),
+        )
     except (ConfigError, RuntimeError) as exc:  # RuntimeError: e.g. CUDA asked for but absent
         print(f"error: {exc}", file=sys.stderr)
         return 2

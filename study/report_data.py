@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 METRICS = ("nmse", "psnr", "ssim")
 METRIC_NAMES = {"nmse": "NMSE", "psnr": "PSNR", "ssim": "SSIM"}
 HELD_OUT_SPLITS = ("report", "test")
-SPLIT_NAMES = {"report": "report split (validation volumes held out by name; nothing was selected on them)",
-               "test": "test split (singlecoil_test/ with targets; nothing was selected on it)",
-               "selection": "selection split (the validation volumes early stopping and the search chose by)"}
+SPLIT_NAMES = {
+    "report": "report split (validation volumes held out by name; nothing was selected on them)",
+    "test": "test split (singlecoil_test/ with targets; nothing was selected on it)",
+    "selection": "selection split (the validation volumes early stopping and the search chose by)",
+}
 
 
 class NotAStudyFolder(ValueError):
@@ -56,6 +58,12 @@ class StudyResults:
     labels: dict[str, str]  # trial id -> "ε=1000" or "lambda1=3, lambda2=0.1"
     description: str = ""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def crop(self) -> int | None:
+        """The crop the study's trials ran at (its base config), or None where unknown."""
+        crop = ((self.state or {}).get("base") or {}).get("crop_size")
+        return int(crop) if isinstance(crop, (int, float)) else None
 
     def trial_folder(self, trial_id: str) -> Path | None:
         return trial_folder(self.folder, trial_id)
@@ -90,8 +98,10 @@ class StudyResults:
 
 
 def is_study_folder(folder: Path) -> bool:
-    return folder.is_dir() and (any((folder / name).is_file() for name in (STATE_FILE, TRIALS_FILE, TUNER_FILE))
-                                or any(folder.glob("experiment_state-*.json")))
+    return folder.is_dir() and (
+        any((folder / name).is_file() for name in (STATE_FILE, TRIALS_FILE, TUNER_FILE))
+        or any(folder.glob("experiment_state-*.json"))
+    )
 
 
 def load_results(study_dir: str | Path) -> StudyResults:
@@ -100,8 +110,10 @@ def load_results(study_dir: str | Path) -> StudyResults:
     if not folder.is_dir():
         raise NotAStudyFolder(f"{folder}: no such folder")
     if not is_study_folder(folder):
-        raise NotAStudyFolder(f"{folder}: not a study folder (no {STATE_FILE}, {TRIALS_FILE} or Tune state); "
-                              "give results/<name> as written by study/run.py")
+        raise NotAStudyFolder(
+            f"{folder}: not a study folder (no {STATE_FILE}, {TRIALS_FILE} or Tune state); "
+            "give results/<name> as written by study/run.py"
+        )
     notes: list[str] = []
     state = None
     if (folder / STATE_FILE).is_file():
@@ -122,8 +134,10 @@ def load_results(study_dir: str | Path) -> StudyResults:
         params = _varying_config_keys(trials)
         objectives = [("val_nmse", "min")]
         description = ""
-        notes.append("the study's search space could not be read: objective taken as val_nmse (min), "
-                     f"searched parameters guessed from the table ({', '.join(params) or 'none'})")
+        notes.append(
+            "the study's search space could not be read: objective taken as val_nmse (min), "
+            f"searched parameters guessed from the table ({', '.join(params) or 'none'})"
+        )
     columns = {p: ("epsilon_ref" if p in EPSILON_KEYS else p) for p in params}
     attacked = robust[robust["budget_ref"] > 0] if "budget_ref" in robust else robust  # not clean, not type 2/3
     budgets = sorted(float(b) for b in attacked["budget_ref"].unique()) if "budget_ref" in attacked else []
