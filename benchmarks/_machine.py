@@ -19,8 +19,11 @@ def cpu_seconds() -> tuple[float, float] | None:
     except (OSError, ValueError):
         return None
     busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-    own = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for k in ("ru_utime", "ru_stime"))
+    own = sum(
+        getattr(resource.getrusage(who), k)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for k in ("ru_utime", "ru_stime")
+    )
     return busy / os.sysconf("SC_CLK_TCK"), own
 
 

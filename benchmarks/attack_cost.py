@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -67,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = random_batch(cfg, rt.device)
     b = len(batch)
     attacks = trainer.attacks()
-    print(f"profile {args.profile}: crop {cfg.crop_size}, U-Net {cfg.unet_chans}/{cfg.unet_pools}, adversary "
-          f"{cfg.adversary_kind}; per-epoch attacks: {', '.join(f'{a.name}@{a.budget:g}' for a in attacks)}, "
-          f"PGD {cfg.pgd_steps} steps; timed batch {b}; device {rt.device}")
+    print(
+        f"profile {args.profile}: crop {cfg.crop_size}, U-Net {cfg.unet_chans}/{cfg.unet_pools}, adversary "
+        f"{cfg.adversary_kind}; per-epoch attacks: {', '.join(f'{a.name}@{a.budget:g}' for a in attacks)}, "
+        f"PGD {cfg.pgd_steps} steps; timed batch {b}; device {rt.device}"
+    )
 
     def once(op) -> float:
         sync(rt.device)
@@ -92,24 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     step, attack = statistics.median(steps) / b, statistics.median(passes) / b
     share = others_share(usage, time.perf_counter() - t0)
     if share is not None and share > 0.1:
-        print(f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU; the two costs were timed "
-              "alternately, so their ratio is less affected than each one")
-    print(f"per slice: training step {1e3 * step:.1f} ms; every per-epoch attack once {1e3 * attack:.1f} ms "
-          f"({attack / step:.2f} training steps' worth)")
+        print(
+            f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU; the two costs were timed "
+            "alternately, so their ratio is less affected than each one"
+        )
+    print(
+        f"per slice: training step {1e3 * step:.1f} ms; every per-epoch attack once {1e3 * attack:.1f} ms "
+        f"({attack / step:.2f} training steps' worth)"
+    )
 
     spec = SyntheticSpec(**profile.synthetic)
     selection = spec.val_volumes - math.floor(spec.val_volumes * cfg.report_fraction)
     per_volume = cfg.robust_slices_per_volume or spec.slices
-    sets = {f"its synthetic set ({spec.volumes} x {spec.slices} training slices, {selection} selection volumes)":
-            (spec.volumes * spec.slices, selection * min(per_volume, spec.slices)),
-            "fastMRI single-coil knee (34,742 training slices, ~100 selection volumes)":
-            (FASTMRI_TRAIN_SLICES, math.ceil(FASTMRI_VAL_VOLUMES * (1 - cfg.report_fraction)) * per_volume)}
+    sets = {
+        f"its synthetic set ({spec.volumes} x {spec.slices} training slices, {selection} selection volumes)": (
+            spec.volumes * spec.slices,
+            selection * min(per_volume, spec.slices),
+        ),
+        "fastMRI single-coil knee (34,742 training slices, ~100 selection volumes)": (
+            FASTMRI_TRAIN_SLICES,
+            math.ceil(FASTMRI_VAL_VOLUMES * (1 - cfg.report_fraction)) * per_volume,
+        ),
+    }
     ratios = []
     for name, (train_slices, attacked) in sets.items():
         train_s, attack_s = train_slices * step, attacked * attack
         ratios.append(attack_s / train_s)
-        print(f"{name}: training {train_s:.0f} s, per-epoch attacks on {attacked} slices {attack_s:.0f} s: "
-              f"ratio {ratios[-1]:.3f} (target <= {TARGET})")
+        print(
+            f"{name}: training {train_s:.0f} s, per-epoch attacks on {attacked} slices {attack_s:.0f} s: "
+            f"ratio {ratios[-1]:.3f} (target <= {TARGET})"
+        )
     print(f"ratio: {ratios[0]:.3f}")
     return 0
 

@@ -65,16 +65,24 @@ def epoch_batches(dataset: SliceDataset, batch_size: int, bucketed: bool, seed: 
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def measure(dataset: SliceDataset, workers: int, batch_size: int, bucketed: bool, warmup_batches: int,
-            timed_slices: int, seed: int) -> dict[str, float]:
+def measure(
+    dataset: SliceDataset,
+    workers: int,
+    batch_size: int,
+    bucketed: bool,
+    warmup_batches: int,
+    timed_slices: int,
+    seed: int,
+) -> dict[str, float]:
     """Iterate one loader: time to the first batch, then the steady-state slices/s after ``warmup_batches``."""
     batches: list[list[int]] = []
     epoch = 0
     while sum(len(b) for b in batches[warmup_batches:]) < timed_slices:
         batches += epoch_batches(dataset, batch_size, bucketed, seed, epoch)
         epoch += 1
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
     t0 = time.perf_counter()
     first = start = None
     slices = 0
@@ -122,18 +130,30 @@ def breakdown(dataset: SliceDataset, n: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a fastMRI root (singlecoil_train/ is read); default: synthetic 640x368 k-space in a temp dir")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a fastMRI root (singlecoil_train/ is read); default: synthetic 640x368 k-space in a temp dir",
+    )
     parser.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts (default: 0,1,2)")
-    parser.add_argument("--slices", type=int, default=None,
-                        help="slices timed per repeat (default: 2 passes over the data, at least 512 slices)")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=None,
+        help="slices timed per repeat (default: 2 passes over the data, at least 512 slices)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per setting; the median is reported")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="batches discarded before timing (default: 2 per worker, at least 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="batches discarded before timing (default: 2 per worker, at least 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--crop", type=int, default=defaults.crop_size)
-    parser.add_argument("--keep-kspace", action="store_true",
-                        help="batches also carry the masked k-space and mask (as for k-space attacks)")
+    parser.add_argument(
+        "--keep-kspace",
+        action="store_true",
+        help="batches also carry the masked k-space and mask (as for k-space attacks)",
+    )
     parser.add_argument("--max-volumes", type=int, default=None, help="use only this many training volumes of --data")
     args = parser.parse_args(argv)
     try:
@@ -142,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
     if any(w < 0 for w in workers):
         parser.error("--workers must be >= 0")
-    if args.repeats < 1 or (args.slices is not None and args.slices < 1) or (args.warmup is not None and args.warmup < 1):
+    if (
+        args.repeats < 1
+        or (args.slices is not None and args.slices < 1)
+        or (args.warmup is not None and args.warmup < 1)
+    ):
         parser.error("--repeats, --slices and --warmup must be >= 1")
 
     tmp = None
@@ -152,47 +176,65 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             root = generate(tmp / "data", SYNTHETIC)
             print(f"synthetic data: {SYNTHETIC} -> {root} ({time.perf_counter() - t0:.1f}s to write)")
-            cache_note = ("the files were written seconds ago and sit in the OS page cache: these rates exclude "
-                          "disk reads (a cold read from disk or network storage adds to the read time)")
+            cache_note = (
+                "the files were written seconds ago and sit in the OS page cache: these rates exclude "
+                "disk reads (a cold read from disk or network storage adds to the read time)"
+            )
         else:
             root = args.data
-            cache_note = ("files read before (by this or an earlier run) may sit in the OS page cache; a cold "
-                          "read from disk or network storage is slower than what the first setting sees")
+            cache_note = (
+                "files read before (by this or an earlier run) may sit in the OS page cache; a cold "
+                "read from disk or network storage is slower than what the first setting sees"
+            )
         mask_func = make_mask_func(defaults.mask_type, defaults.center_fraction, defaults.acceleration)
-        transform = UnetTransform(mask_func, args.crop, train=True, seed=defaults.seed, clamp=defaults.clamp,
-                                  keep_kspace=args.keep_kspace)
-        dataset = SliceDataset(root, "train", transform, target_key=defaults.target_key, crop_size=args.crop,
-                               max_volumes=args.max_volumes)
+        transform = UnetTransform(
+            mask_func, args.crop, train=True, seed=defaults.seed, clamp=defaults.clamp, keep_kspace=args.keep_kspace
+        )
+        dataset = SliceDataset(
+            root, "train", transform, target_key=defaults.target_key, crop_size=args.crop, max_volumes=args.max_volumes
+        )
         shapes = sorted(set(dataset.kspace_shapes()))
         timed = args.slices if args.slices is not None else max(2 * len(dataset), 512)
-        print(f"dataset: {len(dataset.volumes)} volumes, {len(dataset)} slices, k-space {shapes}, "
-              f"crop {args.crop}, batch {args.batch_size}, keep_kspace={args.keep_kspace}")
-        print(f"cpu cores available: {len(os.sched_getaffinity(0))}; torch threads in-process: "
-              f"{torch.get_num_threads()} (1 in each worker); note: {cache_note}")
+        print(
+            f"dataset: {len(dataset.volumes)} volumes, {len(dataset)} slices, k-space {shapes}, "
+            f"crop {args.crop}, batch {args.batch_size}, keep_kspace={args.keep_kspace}"
+        )
+        print(
+            f"cpu cores available: {len(os.sched_getaffinity(0))}; torch threads in-process: "
+            f"{torch.get_num_threads()} (1 in each worker); note: {cache_note}"
+        )
 
         parts = breakdown(dataset, 32)
-        print(f"per slice, one thread: h5py read {parts['read']:.1f} ms, whole transform {parts['transform']:.1f} ms "
-              f"(of which the 2-D inverse FFT {parts['ifft2c']:.1f} ms)")
+        print(
+            f"per slice, one thread: h5py read {parts['read']:.1f} ms, whole transform {parts['transform']:.1f} ms "
+            f"(of which the 2-D inverse FFT {parts['ifft2c']:.1f} ms)"
+        )
 
         rates: dict[int, float] = {}
         usage, t_start = cpu_seconds(), time.perf_counter()
         for w in workers:
             warm = args.warmup if args.warmup is not None else max(2, 2 * w)
-            runs = [measure(dataset, w, args.batch_size, args.keep_kspace, warm, timed, defaults.seed + i)
-                    for i in range(args.repeats)]
+            runs = [
+                measure(dataset, w, args.batch_size, args.keep_kspace, warm, timed, defaults.seed + i)
+                for i in range(args.repeats)
+            ]
             r = sorted(runs, key=lambda run: run["rate"])[len(runs) // 2]  # the median run
             rates[w] = r["rate"]
             spread = f"{min(x['rate'] for x in runs):.0f}-{max(x['rate'] for x in runs):.0f}"
             label = "in-process" if w == 0 else f"{w} worker{'s' if w > 1 else ''}"
             per = f"{r['rate'] / w:7.1f} per worker" if w else " " * 18
-            print(f"workers={w:<2d} ({label:>10s}): {r['rate']:7.1f} slices/s  {per}  "
-                  f"[median of {len(runs)} ({spread}); {r['slices']} slices in {r['seconds']:.2f}s after {warm} "
-                  f"warm-up batches; "
-                  f"first batch after {r['first_batch_s']:.2f}s]")
+            print(
+                f"workers={w:<2d} ({label:>10s}): {r['rate']:7.1f} slices/s  {per}  "
+                f"[median of {len(runs)} ({spread}); {r['slices']} slices in {r['seconds']:.2f}s after {warm} "
+                f"warm-up batches; "
+                f"first batch after {r['first_batch_s']:.2f}s]"
+            )
         share = others_share(usage, time.perf_counter() - t_start)
         if share is not None and share > 0.1:
-            print(f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU during the timing; "
-                  f"rerun on a quiet machine")
+            print(
+                f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU during the timing; "
+                f"rerun on a quiet machine"
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         per_worker, source = rates[0], "the in-process setting"
     need = math.ceil(GPU_SLICES_PER_S / per_worker)
     print(f"per-worker rate ({source}): {per_worker:.1f} slices/s")
-    print(f"a GPU consuming {GPU_SLICES_PER_S:.0f} slices/s (seed-size adversarial epoch) needs "
-          f"ceil({GPU_SLICES_PER_S:.0f} / {per_worker:.1f}) = {need} loader worker(s) (one free core each, "
-          f"plus one for the training process)")
+    print(
+        f"a GPU consuming {GPU_SLICES_PER_S:.0f} slices/s (seed-size adversarial epoch) needs "
+        f"ceil({GPU_SLICES_PER_S:.0f} / {per_worker:.1f}) = {need} loader worker(s) (one free core each, "
+        f"plus one for the training process)"
+    )
     print(f"slices_per_s_per_worker: {per_worker:.2f}")
     return 0
 

@@ -70,6 +70,7 @@ class Clock:
                 return fn(*args, **kwargs)
             finally:
                 self.events.append((what, self.results, time.perf_counter() - w0, time.thread_time() - c0))
+
         return timed
 
 
@@ -94,8 +95,9 @@ def trivial(config: dict) -> None:
             tune.report({**metrics, "robustness_json": "[]"}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def run(n_trials: int, epochs: int, folder: Path, unpacked: bool = False, unchanged_saves: bool = False
-        ) -> dict[str, float]:
+def run(
+    n_trials: int, epochs: int, folder: Path, unpacked: bool = False, unchanged_saves: bool = False
+) -> dict[str, float]:
     import optuna
     from ray import tune
     from ray.tune.execution.tune_controller import TuneController
@@ -111,8 +113,14 @@ def run(n_trials: int, epochs: int, folder: Path, unpacked: bool = False, unchan
     class TimedCallback(ResultsCallback):
         pass
 
-    for name in ("on_trial_result", "on_checkpoint", "on_trial_complete", "on_step_end", "on_trial_start",
-                 "on_experiment_end"):
+    for name in (
+        "on_trial_result",
+        "on_checkpoint",
+        "on_trial_complete",
+        "on_step_end",
+        "on_trial_start",
+        "on_experiment_end",
+    ):
         setattr(TimedCallback, name, clock.wrap("study callback", getattr(ResultsCallback, name)))
 
     class TimedSearch(OptunaSearch):
@@ -122,6 +130,7 @@ def run(n_trials: int, epochs: int, folder: Path, unpacked: bool = False, unchan
         def on_result(self, trial_id, result):
             clock.results += 1
             return fn(self, trial_id, result)
+
         return on_result
 
     TimedSearch.on_trial_result = counted(clock.wrap("optuna", OptunaSearch.on_trial_result))
@@ -133,16 +142,24 @@ def run(n_trials: int, epochs: int, folder: Path, unpacked: bool = False, unchan
         study_dir = folder / name
         study_dir.mkdir(parents=True)
         values = list(range(n_trials))
-        search = TimedSearch(metric="val_nmse", mode="min", study_name=name,
-                             sampler=optuna.samplers.GridSampler({"x": values}, seed=0),
-                             storage=optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}"))
+        search = TimedSearch(
+            metric="val_nmse",
+            mode="min",
+            study_name=name,
+            sampler=optuna.samplers.GridSampler({"x": values}, seed=0),
+            storage=optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}"),
+        )
         tuner = tune.Tuner(
             tune.with_resources(trivial, {"cpu": 1}),
             param_space={"x": tune.choice(values), "epochs": epochs, "unpacked": unpacked},
             tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(folder), verbose=0,
-                                      callbacks=[TimedCallback(study_dir, record_processes=True)],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(folder),
+                verbose=0,
+                callbacks=[TimedCallback(study_dir, record_processes=True)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
         )
         t0 = time.perf_counter()
         tuner.fit()
@@ -166,10 +183,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", default="10,100,300", help="comma-separated trial counts (default: 10,100,300)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--unpacked", action="store_true",
-                   help="report every metric as its own key, as the trainable did before record_json")
-    p.add_argument("--unchanged-saves", action="store_true",
-                   help="let Tune save its state at every step, as before study.tune_state.save_state_only_on_change")
+    p.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="report every metric as its own key, as the trainable did before record_json",
+    )
+    p.add_argument(
+        "--unchanged-saves",
+        action="store_true",
+        help="let Tune save its state at every step, as before study.tune_state.save_state_only_on_change",
+    )
     args = p.parse_args()
     counts = [int(n) for n in args.trials.split(",")]
 
@@ -193,7 +216,7 @@ def main() -> None:
         ray.shutdown()
 
     parts = ("tune save", "study callback", "optuna")
-    print(f"\ndriver cost per result, ms wall (driver-thread CPU); 'last': the last tenth of the results")
+    print("\ndriver cost per result, ms wall (driver-thread CPU); 'last': the last tenth of the results")
     print(f"{'trials':>6s}  " + "  ".join(f"{p:>22s}" for p in parts) + f"  {'sum':>14s}  {'sum, last':>14s}")
     for r in rows:
         cells = [f"{r[f'{p} ms']:6.1f} ({r[f'{p} cpu ms']:5.1f}) last {r[f'{p} last ms']:5.1f}" for p in parts]
@@ -201,11 +224,16 @@ def main() -> None:
         total_cpu = sum(r[f"{p} cpu ms"] for p in parts)
         last = sum(r[f"{p} last ms"] for p in parts)
         last_cpu = sum(r[f"{p} last cpu ms"] for p in parts)
-        print(f"{r['trials']:6d}  " + "  ".join(f"{c:>22s}" for c in cells)
-              + f"  {total:6.1f} ({total_cpu:5.1f})  {last:6.1f} ({last_cpu:5.1f})")
+        print(
+            f"{r['trials']:6d}  "
+            + "  ".join(f"{c:>22s}" for c in cells)
+            + f"  {total:6.1f} ({total_cpu:5.1f})  {last:6.1f} ({last_cpu:5.1f})"
+        )
     worst = max(sum(r[f"{p} last cpu ms"] for p in parts) for r in rows)
-    print(f"target: <= {TARGET_MS:g} ms per result (driver CPU, last tenth) up to {max(counts)} trials: "
-          f"{'met' if worst <= TARGET_MS else 'NOT met'}")
+    print(
+        f"target: <= {TARGET_MS:g} ms per result (driver CPU, last tenth) up to {max(counts)} trials: "
+        f"{'met' if worst <= TARGET_MS else 'NOT met'}"
+    )
     print(f"worst_ms_per_result: {worst:.1f}")
 
 

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="paper", choices=sorted(PROFILES))
     parser.add_argument("--batches", type=int, default=40, help="timed training steps (default: 40)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default: 4)")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's: min(8, CPUs) on CUDA)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="loader workers (default: the config's: min(8, CPUs) on CUDA)"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.warmup < 0 or (args.workers is not None and args.workers < 0):
@@ -56,21 +58,25 @@ def main(argv: list[str] | None = None) -> int:
         root = args.data
         if root is None:
             tmp = Path(tempfile.mkdtemp(prefix="mriadv-gpu-epoch-"))
-            spec = SyntheticSpec(volumes=TRAIN_VOLUMES, val_volumes=VAL_VOLUMES, slices=SLICES,
-                                 size=profile.synthetic["size"])
+            spec = SyntheticSpec(
+                volumes=TRAIN_VOLUMES, val_volumes=VAL_VOLUMES, slices=SLICES, size=profile.synthetic["size"]
+            )
             t0 = time.perf_counter()
             root = generate(tmp / "data", spec)
             print(f"synthetic data: {spec} ({time.perf_counter() - t0:.0f}s to write; in the page cache)")
-        cfg = profile.config(data=str(root), device=args.device, num_workers=args.workers,
-                             cache_dir=str(tmp / "cache") if tmp else None)
+        cfg = profile.config(
+            data=str(root), device=args.device, num_workers=args.workers, cache_dir=str(tmp / "cache") if tmp else None
+        )
         rt = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
         seed_everything(cfg.seed)
         data = build_data(cfg, rt)
         trainer = Trainer(cfg, rt, data.kspace_shape())
         where = f"{rt.device}" + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.is_cuda else "")
-        print(f"profile {args.profile}: batch {cfg.batch_size}, crop {cfg.crop_size}, U-Net {cfg.unet_chans}/"
-              f"{cfg.unet_pools}, epsilon {cfg.epsilon:g}; {len(data.train)} training slices; device {where}, "
-              f"precision {rt.dtype or 'fp32'}, {data.num_workers} loader workers, pinned {data.pin_memory}")
+        print(
+            f"profile {args.profile}: batch {cfg.batch_size}, crop {cfg.crop_size}, U-Net {cfg.unet_chans}/"
+            f"{cfg.unet_pools}, epsilon {cfg.epsilon:g}; {len(data.train)} training slices; device {where}, "
+            f"precision {rt.dtype or 'fp32'}, {data.num_workers} loader workers, pinned {data.pin_memory}"
+        )
 
         def sync() -> None:
             if rt.is_cuda:
@@ -99,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: --warmup must be >= 1 to time the steady state")
         seconds = time.perf_counter() - t_start
         rate = slices / seconds
-        print(f"{slices} slices in {seconds:.2f}s after {args.warmup} warm-up steps ({epoch} passes; first batch "
-              f"after {first_batch_s:.2f}s): {rate:.1f} slices/s, {1e3 * seconds / args.batches:.1f} ms per "
-              f"adversarial step")
+        print(
+            f"{slices} slices in {seconds:.2f}s after {args.warmup} warm-up steps ({epoch} passes; first batch "
+            f"after {first_batch_s:.2f}s): {rate:.1f} slices/s, {1e3 * seconds / args.batches:.1f} ms per "
+            f"adversarial step"
+        )
         if rt.is_cuda:
             gib = 2**30
-            print(f"peak GPU memory of one {args.profile} trial: {torch.cuda.max_memory_allocated(rt.device) / gib:.2f} "
-                  f"GiB allocated, {torch.cuda.max_memory_reserved(rt.device) / gib:.2f} GiB reserved by PyTorch "
-                  f"(+ the CUDA context, ~0.5 GiB)")
+            print(
+                f"peak GPU memory of one {args.profile} trial: {torch.cuda.max_memory_allocated(rt.device) / gib:.2f} "
+                f"GiB allocated, {torch.cuda.max_memory_reserved(rt.device) / gib:.2f} GiB reserved by PyTorch "
+                f"(+ the CUDA context, ~0.5 GiB)"
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

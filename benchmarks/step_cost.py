@@ -66,8 +66,13 @@ def random_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> Batch
     target = torch.randn(b, 1, c, c, generator=g)
     image = target + 0.3 * torch.randn(b, 1, c, c, generator=g)
     return Batch(
-        image=image, target=target, mean=torch.zeros(b), std=torch.ones(b), max_value=torch.full((b,), 6.0),
-        fnames=[f"random{i:03d}.h5" for i in range(b)], slice_nums=torch.arange(b),
+        image=image,
+        target=target,
+        mean=torch.zeros(b),
+        std=torch.ones(b),
+        max_value=torch.full((b,), 6.0),
+        fnames=[f"random{i:03d}.h5" for i in range(b)],
+        slice_nums=torch.arange(b),
     ).to(device)
 
 
@@ -76,8 +81,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rounds(ops: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                steps: int) -> tuple[dict[str, float], dict[str, float]]:
+def time_rounds(
+    ops: dict[str, Callable[[], object]], device: torch.device, warmup: int, steps: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of each op, the ops run one after another in each of ``warmup + steps`` rounds,
     and the median number of minor page faults of this process during each op.
 
@@ -97,8 +103,10 @@ def time_rounds(ops: dict[str, Callable[[], object]], device: torch.device, warm
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return ({name: statistics.median(ts) for name, ts in times.items()},
-            {name: statistics.median(fs) for name, fs in faults.items()})
+    return (
+        {name: statistics.median(ts) for name, ts in times.items()},
+        {name: statistics.median(fs) for name, fs in faults.items()},
+    )
 
 
 def unit_ops(trainer: Trainer, batch: Batch) -> dict[str, Callable[[], object]]:
@@ -154,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--precision", default="auto", help="'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16'")
     parser.add_argument("--breakdown", action="store_true", help="also time the forward/backward units")
-    parser.add_argument("--adversaries", nargs="*", default=["pgd", "noise", "conditional"],
-                        choices=["pgd", "noise", "conditional"],
-                        help="other defences to time beside the seed's generator (default: all)")
+    parser.add_argument(
+        "--adversaries",
+        nargs="*",
+        default=["pgd", "noise", "conditional"],
+        choices=["pgd", "noise", "conditional"],
+        help="other defences to time beside the seed's generator (default: all)",
+    )
     parser.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial PGD training (default 3)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -171,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     batch = random_batch(cfg_adv, rt.device)
     n_recon = sum(p.numel() for p in adversarial.recon.parameters())
     n_gen = sum(p.numel() for p in adversarial.generator.parameters())
-    where = f"{rt.device}" + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.is_cuda else
-                              f", {torch.get_num_threads()} threads")
-    print(f"profile {args.profile}: batch {cfg_adv.batch_size}, crop {cfg_adv.crop_size}, U-Net "
-          f"{cfg_adv.unet_chans}/{cfg_adv.unet_pools} ({n_recon / 1e6:.2f} M params), generator "
-          f"{cfg_adv.gen_chans} ({n_gen / 1e6:.2f} M params), loss {cfg_adv.loss}, epsilon {cfg_adv.epsilon:g}; "
-          f"device {where}, precision {rt.dtype or 'fp32'}")
+    where = f"{rt.device}" + (
+        f" ({torch.cuda.get_device_name(rt.device)})" if rt.is_cuda else f", {torch.get_num_threads()} threads"
+    )
+    print(
+        f"profile {args.profile}: batch {cfg_adv.batch_size}, crop {cfg_adv.crop_size}, U-Net "
+        f"{cfg_adv.unet_chans}/{cfg_adv.unet_pools} ({n_recon / 1e6:.2f} M params), generator "
+        f"{cfg_adv.gen_chans} ({n_gen / 1e6:.2f} M params), loss {cfg_adv.loss}, epsilon {cfg_adv.epsilon:g}; "
+        f"device {where}, precision {rt.dtype or 'fp32'}"
+    )
 
     # The isolated steps get the inputs that train_step would give them (z, and delta = G(z) detached).
     adversarial.recon.train()
@@ -198,8 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     others: dict[str, str] = {}  # op name -> adversary kind (issue 10: every defence's step cost)
     for kind in args.adversaries:
-        trainer = Trainer(profile.config(device=args.device, precision=args.precision, threads=args.threads,
-                                         adversary=kind, adv_steps=args.adv_steps), rt)
+        trainer = Trainer(
+            profile.config(
+                device=args.device,
+                precision=args.precision,
+                threads=args.threads,
+                adversary=kind,
+                adv_steps=args.adv_steps,
+            ),
+            rt,
+        )
         name = f"{kind} step" + (f" (k={args.adv_steps})" if kind == "pgd" else "")
         ops[name] = (lambda tr: lambda: tr.train_step(batch))(trainer)
         others[name] = kind
@@ -218,27 +241,35 @@ def main(argv: list[str] | None = None) -> int:
     if share is not None and share > 0.1:
         # intra-op threads that share their cores with other processes wait on each other at every
         # barrier: steps get many times slower and the timings are not comparable between runs
-        print(f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU during the timing; "
-              f"rerun on a quiet machine (or with --threads 1)")
+        print(
+            f"WARNING: other processes used {100 * share:.0f}% of the machine's CPU during the timing; "
+            f"rerun on a quiet machine (or with --threads 1)"
+        )
     print(f"{'':{width}s}  {'ms':>9s}  {'x standard':>10s}  {'page faults':>11s}")
     for name, value in ms.items():
         print(f"{name:{width}s}  {value:9.2f}  {value / ms['standard step']:10.3f}  {faults[name]:11.0f}")
     ratio = ms["adversarial step"] / ms["standard step"]
     parts = ms["generator_step"] + ms["generator forward (no_grad)"] + ms["reconstructor_step (adversarial)"]
-    print(f"generator_step + generator forward + reconstructor_step = {parts:.2f} ms "
-          f"(adversarial step {ms['adversarial step']:.2f} ms)")
+    print(
+        f"generator_step + generator forward + reconstructor_step = {parts:.2f} ms "
+        f"(adversarial step {ms['adversarial step']:.2f} ms)"
+    )
     if args.breakdown:
         fwd = ms["f fwd (B, no_grad)"]
         floor = (ms["f fwd + input-only bwd (B)"] + ms["f fwd + full bwd (2B)"]) / ms["f fwd + full bwd (B)"]
-        print(f"units: f forward (B) {fwd:.2f} ms = {fwd / unit:.2f} of standard/3; measured floor "
-              f"(f fwd+input bwd on B + f fwd+full bwd on 2B) / (f fwd+full bwd on B) = {floor:.3f}")
+        print(
+            f"units: f forward (B) {fwd:.2f} ms = {fwd / unit:.2f} of standard/3; measured floor "
+            f"(f fwd+input bwd on B + f fwd+full bwd on 2B) / (f fwd+full bwd on B) = {floor:.3f}"
+        )
     for name, kind in others.items():
         r = ms[name] / ms["standard step"]
         target = {"conditional": 3.5, "pgd": args.adv_steps + 2.2}.get(kind)
         verdict = f" (target <= {target:g}: {'met' if r <= target else 'NOT met'})" if target else ""
         print(f"step ratio {kind}: {r:.3f}{verdict}")
-    print(f"target: ratio <= {TARGET_RATIO} (floor ~2.67 + the generator's cost): "
-          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
+    print(
+        f"target: ratio <= {TARGET_RATIO} (floor ~2.67 + the generator's cost): "
+        f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}"
+    )
     print(f"ratio: {ratio:.3f}")
     return 0
 

@@ -40,7 +40,9 @@ def timed(cmd: list[str], cwd: Path) -> float:
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
-        raise SystemExit(f"command failed ({out.returncode}): {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        raise SystemExit(
+            f"command failed ({out.returncode}): {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -57,27 +59,51 @@ def main() -> None:
         profile = get_profile("smoke")
         data = synthetic_data(profile, results)  # shared by both sides, generated before timing
         space = tmp / "overhead.yaml"
-        space.write_text(textwrap.dedent(f"""\
+        space.write_text(
+            textwrap.dedent(f"""\
             description: overhead benchmark
             parameters:
               epsilon: {{grid: {epsilons}}}
             objectives: [{{metric: val_nmse, mode: min}}]
             attack_budgets: [1000, 5000]
-        """))
+        """)
+        )
         crop = profile.overrides["crop_size"]
-        configs = [{**profile.overrides, "epsilon": scale_epsilon(e, crop), "max_epochs": args.epochs,
-                    "data": str(data), "cache_dir": str(results / ".cache")} for e in epsilons]
+        configs = [
+            {
+                **profile.overrides,
+                "epsilon": scale_epsilon(e, crop),
+                "max_epochs": args.epochs,
+                "data": str(data),
+                "cache_dir": str(results / ".cache"),
+            }
+            for e in epsilons
+        ]
         direct_script = textwrap.dedent(f"""\
             import json, sys
             sys.path.insert(0, {str(REPO)!r})
             from mriadv.config import TrainConfig
             from mriadv.fit import fit
             for i, values in enumerate(json.loads({json.dumps(json.dumps(configs))})):
-                fit(TrainConfig.from_dict(values), out_dir={str(tmp / 'direct')!r} + f"/{{i}}", log=None)
+                fit(TrainConfig.from_dict(values), out_dir={str(tmp / "direct")!r} + f"/{{i}}", log=None)
         """)
         direct = timed([sys.executable, "-c", direct_script], REPO)
-        ray = timed([sys.executable, str(REPO / "study" / "run.py"), "--space", str(space), "--profile", "smoke",
-                     "--results", str(results), "--max-epochs", str(args.epochs), "--no-report"], REPO)
+        ray = timed(
+            [
+                sys.executable,
+                str(REPO / "study" / "run.py"),
+                "--space",
+                str(space),
+                "--profile",
+                "smoke",
+                "--results",
+                str(results),
+                "--max-epochs",
+                str(args.epochs),
+                "--no-report",
+            ],
+            REPO,
+        )
 
     print(f"{args.trials} smoke trials x {args.epochs} epochs on {len(__import__('os').sched_getaffinity(0))} CPUs")
     print(f"direct (one process, sequential): {direct:7.1f} s")

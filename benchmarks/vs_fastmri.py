@@ -89,8 +89,7 @@ from mriadv.train import DEFAULT_RESULTS  # noqa: E402
 from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
-INSTALL = ("pip install --no-deps fastmri==0.3.0 && "
-           "pip install runstats scikit-image pandas pyyaml requests tqdm h5py")
+INSTALL = "pip install --no-deps fastmri==0.3.0 && pip install runstats scikit-image pandas pyyaml requests tqdm h5py"
 # fastMRI's default single-coil U-Net recipe (UnetModule and train_unet_demo.py defaults)
 FASTMRI_LR, FASTMRI_WEIGHT_DECAY, FASTMRI_LR_STEP_EPOCHS, FASTMRI_LR_GAMMA = 1e-3, 0.0, 40, 0.1
 TARGET_NMSE_RATIO, TARGET_TIME_RATIO = 1.0, 1.0  # issue 9: at least as accurate, no slower
@@ -155,15 +154,17 @@ def transform_parity(data: Data, cfg: TrainConfig, UnetDataTransform) -> tuple[f
     crop = (cfg.crop_size, cfg.crop_size)
     target = center_crop(torch.from_numpy(raw.target), crop).numpy() if raw.target is not None else None
     theirs = UnetDataTransform("singlecoil", mask_func=same_mask)(
-        raw.kspace, None, target, {"max": raw.max_value}, raw.fname, raw.slice_num)
+        raw.kspace, None, target, {"max": raw.max_value}, raw.fname, raw.slice_num
+    )
     d_input = float((theirs.image - ours.image[0]).abs().max())
     d_target = float((theirs.target - ours.target[0].clamp(-6, 6)).abs().max()) if target is not None else math.nan
     clipped = float((ours.target.abs() > 6).float().mean())
     return d_input, d_target, clipped
 
 
-def fastmri_metrics(models: dict[str, torch.nn.Module | None], data: Data, runtime: Runtime,
-                    Metrics, METRIC_FUNCS) -> dict[str, dict[str, float]]:
+def fastmri_metrics(
+    models: dict[str, torch.nn.Module | None], data: Data, runtime: Runtime, Metrics, METRIC_FUNCS
+) -> dict[str, dict[str, float]]:
     """fastMRI's evaluation of each model (None: the zero-filled input) on every validation volume:
     de-normalised slices stacked per volume, ``Metrics.push(target, recons)`` per volume, means."""
     per_volume: dict[str, dict[str, list]] = {}
@@ -203,12 +204,19 @@ def fastmri_metrics(models: dict[str, torch.nn.Module | None], data: Data, runti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="recipe and data (default: demo)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps of each model (default: the profile's epochs x steps per epoch)")
-    parser.add_argument("--data", type=Path, default=None, help="fastMRI-format root (default: the profile's synthetic)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of each model (default: the profile's epochs x steps per epoch)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="fastMRI-format root (default: the profile's synthetic)"
+    )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where synthetic data is kept")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads on CPU (default: 1; 0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads on CPU (default: 1; 0: torch's default)"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (default: 3)")
     parser.add_argument("--seed", type=int, default=0)
@@ -218,8 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     profile = get_profile(args.profile)
     folder = args.data if args.data is not None else synthetic_data(profile, args.results)
     # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
-    cfg = profile.config(epsilon=0.0, data=str(folder), device=args.device, threads=args.threads or None, seed=args.seed,
-                         report_fraction=0.0, train_eval_volumes=0)
+    cfg = profile.config(
+        epsilon=0.0,
+        data=str(folder),
+        device=args.device,
+        threads=args.threads or None,
+        seed=args.seed,
+        report_fraction=0.0,
+        train_eval_volumes=0,
+    )
     rt = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     seed_everything(cfg.seed)
     data = build_data(cfg, rt)
@@ -234,26 +249,40 @@ def main(argv: list[str] | None = None) -> int:
     ours = Trainer(cfg, rt)
     ours.total_steps = steps  # the cosine schedule spans this run, as fit() spans its epochs
     torch.manual_seed(cfg.seed)
-    theirs = FastMRIRecipe(rt.prepare_model(Unet(1, 1, chans=cfg.unet_chans, num_pool_layers=cfg.unet_pools,
-                                                 drop_prob=0.0)), rt)
+    theirs = FastMRIRecipe(
+        rt.prepare_model(Unet(1, 1, chans=cfg.unet_chans, num_pool_layers=cfg.unet_pools, drop_prob=0.0)), rt
+    )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    where = f"{rt.device}" + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.is_cuda else
-                              f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}")
-    print(f"data {folder}: {len(data.train)} training slices ({steps_per_epoch} steps of {cfg.batch_size} per "
-          f"epoch), {len(data.val.volumes)} validation volumes ({len(data.val)} slices), crop {cfg.crop_size}, "
-          f"{cfg.mask_type} mask {cfg.acceleration:g}x / centre {cfg.center_fraction:g}")
-    print(f"steps {steps} ({steps / steps_per_epoch:.2f} epochs) for each model, same batches; device {where}, "
-          f"precision {rt.dtype or 'fp32'}")
-    print(f"fastMRI: Unet {cfg.unet_chans}/{cfg.unet_pools} ({count(theirs.unet) / 1e6:.3f} M params), L1, RMSprop "
-          f"lr {FASTMRI_LR:g}, weight decay {FASTMRI_WEIGHT_DECAY:g}, StepLR {FASTMRI_LR_STEP_EPOCHS} epochs x "
-          f"{FASTMRI_LR_GAMMA:g}")
-    print(f"mriadv:  UNet {cfg.unet_chans}/{cfg.unet_pools} ({count(ours.recon) / 1e6:.3f} M params, "
-          f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {args.profile}: "
-          f"{cfg.loss.upper()}, AdamW lr {cfg.lr_recon:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} schedule")
+    where = f"{rt.device}" + (
+        f" ({torch.cuda.get_device_name(rt.device)})"
+        if rt.is_cuda
+        else f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    )
+    print(
+        f"data {folder}: {len(data.train)} training slices ({steps_per_epoch} steps of {cfg.batch_size} per "
+        f"epoch), {len(data.val.volumes)} validation volumes ({len(data.val)} slices), crop {cfg.crop_size}, "
+        f"{cfg.mask_type} mask {cfg.acceleration:g}x / centre {cfg.center_fraction:g}"
+    )
+    print(
+        f"steps {steps} ({steps / steps_per_epoch:.2f} epochs) for each model, same batches; device {where}, "
+        f"precision {rt.dtype or 'fp32'}"
+    )
+    print(
+        f"fastMRI: Unet {cfg.unet_chans}/{cfg.unet_pools} ({count(theirs.unet) / 1e6:.3f} M params), L1, RMSprop "
+        f"lr {FASTMRI_LR:g}, weight decay {FASTMRI_WEIGHT_DECAY:g}, StepLR {FASTMRI_LR_STEP_EPOCHS} epochs x "
+        f"{FASTMRI_LR_GAMMA:g}"
+    )
+    print(
+        f"mriadv:  UNet {cfg.unet_chans}/{cfg.unet_pools} ({count(ours.recon) / 1e6:.3f} M params, "
+        f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {args.profile}: "
+        f"{cfg.loss.upper()}, AdamW lr {cfg.lr_recon:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} schedule"
+    )
     d_input, d_target, clipped = transform_parity(data, cfg, UnetDataTransform)
-    print(f"fastMRI UnetDataTransform vs the project's transform, same slice and mask: max |input diff| "
-          f"{d_input:.2e}, max |target diff| {d_target:.2e} after clamping ours to 6 (fastMRI clamps the target: "
-          f"{100 * clipped:.3f}% of its pixels; both models here train on the unclamped target)")
+    print(
+        f"fastMRI UnetDataTransform vs the project's transform, same slice and mask: max |input diff| "
+        f"{d_input:.2e}, max |target diff| {d_target:.2e} after clamping ours to 6 (fastMRI clamps the target: "
+        f"{100 * clipped:.3f}% of its pixels; both models here train on the unclamped target)"
+    )
 
     times: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
     losses: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
@@ -270,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t0)
         losses[name].append(float(loss))
 
-    print(f"{'epoch':>5s} {'step':>5s}  {'mriadv loss (' + cfg.loss + ')':>18s}  {'fastMRI loss (l1)':>17s}  "
-          f"{'s/step mriadv':>13s}  {'fastMRI':>8s}")
+    print(
+        f"{'epoch':>5s} {'step':>5s}  {'mriadv loss (' + cfg.loss + ')':>18s}  {'fastMRI loss (l1)':>17s}  "
+        f"{'s/step mriadv':>13s}  {'fastMRI':>8s}"
+    )
     t_start, usage = time.perf_counter(), cpu_seconds()
     step, epoch = 0, 0
     while step < steps:
@@ -287,40 +318,51 @@ def main(argv: list[str] | None = None) -> int:
         epoch += 1
         n = steps_per_epoch
         med = {k: f"{statistics.median(v[-n:]):.3f}" if v else "-" for k, v in times.items()}
-        print(f"{epoch:5d} {step:5d}  {statistics.fmean(losses['mriadv'][-n:]):18.4f}  "
-              f"{statistics.fmean(losses['fastMRI'][-n:]):17.4f}  {med['mriadv']:>13s}  {med['fastMRI']:>8s}",
-              flush=True)
+        print(
+            f"{epoch:5d} {step:5d}  {statistics.fmean(losses['mriadv'][-n:]):18.4f}  "
+            f"{statistics.fmean(losses['fastMRI'][-n:]):17.4f}  {med['mriadv']:>13s}  {med['fastMRI']:>8s}",
+            flush=True,
+        )
     elapsed = time.perf_counter() - t_start
     share = others_share(usage, elapsed)
 
     t_eval = time.perf_counter()
-    scores = fastmri_metrics({"zero-filled": None, "fastMRI": theirs.unet, "mriadv": ours.recon}, data, rt,
-                             Metrics, METRIC_FUNCS)
+    scores = fastmri_metrics(
+        {"zero-filled": None, "fastMRI": theirs.unet, "mriadv": ours.recon}, data, rt, Metrics, METRIC_FUNCS
+    )
     check = mriadv_evaluate(ours.recon, data.loader(data.val, shuffle=False), ours.loss_fn, rt, clamp=cfg.clamp)
     t_eval = time.perf_counter() - t_eval
 
     step_s = {k: statistics.median(v) for k, v in times.items()}
     paired = statistics.median(a / b for a, b in zip(times["mriadv"], times["fastMRI"]))
-    print(f"trained in {elapsed:.0f}s, evaluated in {t_eval:.0f}s; step times: median of {len(times['mriadv'])} "
-          f"steps after {args.warmup} warm-up steps")
+    print(
+        f"trained in {elapsed:.0f}s, evaluated in {t_eval:.0f}s; step times: median of {len(times['mriadv'])} "
+        f"steps after {args.warmup} warm-up steps"
+    )
     if share is not None:
         cpus = share * (torch.multiprocessing.cpu_count() or 1)
-        print(f"machine: other processes kept {cpus:.2f} of {torch.multiprocessing.cpu_count()} CPUs busy "
-              f"({100 * share:.0f}%) during training" + ("; timings are noisy (paired ratios compensate in part)"
-                                                          if share > 0.1 else ""))
+        print(
+            f"machine: other processes kept {cpus:.2f} of {torch.multiprocessing.cpu_count()} CPUs busy "
+            f"({100 * share:.0f}%) during training"
+            + ("; timings are noisy (paired ratios compensate in part)" if share > 0.1 else "")
+        )
     print(f"fastMRI evaluation ({len(data.val.volumes)} validation volumes, de-normalised, maxval = volume max):")
     print(f"  {'':14s} {'NMSE':>8s} {'PSNR':>7s} {'SSIM':>7s} {'s/step':>8s}")
     for name in ("zero-filled", "fastMRI", "mriadv"):
         s = scores[name]
         t = f"{step_s[name]:8.3f}" if name in step_s else f"{'-':>8s}"
         print(f"  {name:14s} {s['NMSE']:8.4f} {s['PSNR']:7.2f} {s['SSIM']:7.4f} {t}")
-    print(f"cross-check, the project's evaluate() of the mriadv model: NMSE {check.nmse:.4f} PSNR {check.psnr:.2f} "
-          f"SSIM {check.ssim:.4f}")
+    print(
+        f"cross-check, the project's evaluate() of the mriadv model: NMSE {check.nmse:.4f} PSNR {check.psnr:.2f} "
+        f"SSIM {check.ssim:.4f}"
+    )
     nmse_ratio = scores["mriadv"]["NMSE"] / scores["fastMRI"]["NMSE"]
-    print(f"target: mriadv NMSE <= {TARGET_NMSE_RATIO:g}x fastMRI's at equal steps: "
-          f"{'met' if nmse_ratio <= TARGET_NMSE_RATIO else 'NOT met'}; step time <= {TARGET_TIME_RATIO:g}x at equal "
-          f"size: {'met' if paired <= TARGET_TIME_RATIO else 'NOT met'} (ratio of medians "
-          f"{step_s['mriadv'] / step_s['fastMRI']:.3f}, paired {paired:.3f})")
+    print(
+        f"target: mriadv NMSE <= {TARGET_NMSE_RATIO:g}x fastMRI's at equal steps: "
+        f"{'met' if nmse_ratio <= TARGET_NMSE_RATIO else 'NOT met'}; step time <= {TARGET_TIME_RATIO:g}x at equal "
+        f"size: {'met' if paired <= TARGET_TIME_RATIO else 'NOT met'} (ratio of medians "
+        f"{step_s['mriadv'] / step_s['fastMRI']:.3f}, paired {paired:.3f})"
+    )
     print(f"ratios: nmse {nmse_ratio:.3f} step_time {paired:.3f}")
     return 0
 

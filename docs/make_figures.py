@@ -42,8 +42,9 @@ def _log_magnitude(kspace: np.ndarray) -> np.ndarray:
     return np.log10(np.maximum(mag, floor))
 
 
-def synthetic_examples(out: str | Path = DEFAULT_OUT, volumes: int = 4, size: int = 320, slices: int = 5,
-                       dpi: int = 80, seed: int = 0) -> Path:
+def synthetic_examples(
+    out: str | Path = DEFAULT_OUT, volumes: int = 4, size: int = 320, slices: int = 5, dpi: int = 80, seed: int = 0
+) -> Path:
     """Write the synthetic-examples grid to ``out`` (PNG) and return its path.
 
     Args:
@@ -60,8 +61,9 @@ def synthetic_examples(out: str | Path = DEFAULT_OUT, volumes: int = 4, size: in
     # clamp=None so that de-normalising the input gives |C(F^-1 P(y))| exactly
     transform = UnetTransform(mask_func, size, train=False, seed=defaults.seed, clamp=None, keep_kspace=True)
     with tempfile.TemporaryDirectory(prefix="mriadv-figures-") as tmp:
-        root = generate(Path(tmp) / "data", SyntheticSpec(volumes=volumes, val_volumes=1, slices=slices, size=size,
-                                                          seed=seed))
+        root = generate(
+            Path(tmp) / "data", SyntheticSpec(volumes=volumes, val_volumes=1, slices=slices, size=size, seed=seed)
+        )
         dataset = SliceDataset(root, "train", transform, crop_size=size)
         shown = []
         for vol in dataset.volumes:
@@ -81,36 +83,64 @@ def synthetic_examples(out: str | Path = DEFAULT_OUT, volumes: int = 4, size: in
         axes[0, col].imshow(target, cmap="gray", vmin=0, vmax=vmax)
         axes[0, col].set_title(f"{vol.name} slice {s}\n{vol.acquisition}\ntarget (reconstruction_esc)", fontsize=8)
         axes[1, col].imshow(zero_filled, cmap="gray", vmin=0, vmax=vmax)
-        axes[1, col].set_title(f"zero-filled |C(F^-1 P(y))|, 4x\n({kept} of {acquired} acquired columns kept)",
-                               fontsize=8)
+        axes[1, col].set_title(
+            f"zero-filled |C(F^-1 P(y))|, 4x\n({kept} of {acquired} acquired columns kept)", fontsize=8
+        )
 
     vol, s, raw, zero_filled, masked, mask = shown[0]
     full = _log_magnitude(raw.kspace)
     lo, hi = float(full.min()), float(full.max())
     aspect = raw.kspace.shape[1] / raw.kspace.shape[0]
     panels = [
-        (full, f"log10 |y|, fully sampled\n{raw.kspace.shape[0]}x{raw.kspace.shape[1]} ({vol.name})", "viridis", lo, hi),
-        (_log_magnitude(np.where(mask[None, :], masked, 0)), "log10 |P(y)|, 4x random mask\n(8% centre)", "viridis",
-         lo, hi),
-        (np.repeat(mask[None, :].astype(float), raw.kspace.shape[0], 0), "mask P (white: kept columns)\n"
-         f"acquired columns [{raw.padding[0]}, {raw.padding[1]})", "gray", 0, 1),
-        (np.abs(zero_filled - raw.target), f"|zero-filled - target|\n({vol.name} slice {s})", "magma", 0,
-         float(np.percentile(raw.target, 99.5)) / 4),
+        (
+            full,
+            f"log10 |y|, fully sampled\n{raw.kspace.shape[0]}x{raw.kspace.shape[1]} ({vol.name})",
+            "viridis",
+            lo,
+            hi,
+        ),
+        (
+            _log_magnitude(np.where(mask[None, :], masked, 0)),
+            "log10 |P(y)|, 4x random mask\n(8% centre)",
+            "viridis",
+            lo,
+            hi,
+        ),
+        (
+            np.repeat(mask[None, :].astype(float), raw.kspace.shape[0], 0),
+            f"mask P (white: kept columns)\nacquired columns [{raw.padding[0]}, {raw.padding[1]})",
+            "gray",
+            0,
+            1,
+        ),
+        (
+            np.abs(zero_filled - raw.target),
+            f"|zero-filled - target|\n({vol.name} slice {s})",
+            "magma",
+            0,
+            float(np.percentile(raw.target, 99.5)) / 4,
+        ),
     ]
     for col in range(volumes):
         ax = axes[2, col]
         if col < len(panels):
             image, title, cmap, vmin, vmax = panels[col]
-            ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, aspect=1.0 if image.shape[0] == image.shape[1]
-                      else aspect * image.shape[0] / image.shape[1])
+            ax.imshow(
+                image,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                aspect=1.0 if image.shape[0] == image.shape[1] else aspect * image.shape[0] / image.shape[1],
+            )
             ax.set_title(title, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         if not ax.images:
             ax.axis("off")
-    fig.suptitle(f"Synthetic fastMRI-format knees ({size}x{size} crops), reference vs 4x zero-filled input",
-                 fontsize=10)
+    fig.suptitle(
+        f"Synthetic fastMRI-format knees ({size}x{size} crops), reference vs 4x zero-filled input", fontsize=10
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)

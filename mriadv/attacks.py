@@ -19,9 +19,23 @@ from torch import nn
 from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.models.utils import frozen
-from mriadv.perturbations import (DOMAINS, RANDOM_STARTS, apply_perturbation, broadcast_per_sample, hinge,
-                                  perturbation_shape, project_l2, random_start, reference_norm, relative_radius,
-                                  relative_size, restrict, slice_generator, slice_noise, squared_norm)
+from mriadv.perturbations import (
+    DOMAINS,
+    RANDOM_STARTS,
+    apply_perturbation,
+    broadcast_per_sample,
+    hinge,
+    perturbation_shape,
+    project_l2,
+    random_start,
+    reference_norm,
+    relative_radius,
+    relative_size,
+    restrict,
+    slice_generator,
+    slice_noise,
+    squared_norm,
+)
 from mriadv.runtime import Runtime
 
 OBJECTIVES = ("target", "deviation")  # ||f(x(delta)) - x||^2, or ||f(x(delta)) - f(x~)||^2 (Darestani et al.)
@@ -34,8 +48,7 @@ NOISE_SALT = 7919  # the 1,000th prime
 PGD_START_SALT = 104729  # the 10,000th prime
 
 
-def check_pgd_options(steps: int, step_scale: float, random_start: str | None, restarts: int,
-                      objective: str) -> None:
+def check_pgd_options(steps: int, step_scale: float, random_start: str | None, restarts: int, objective: str) -> None:
     """Raise ``ValueError`` naming the first PGD option that cannot be used."""
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"PGD steps {steps!r}: must be an integer >= 1")
@@ -130,8 +143,9 @@ class PGDAttack:
     def name(self) -> str:
         return "pgd" if self.domain == "image" else "pgd_kspace"
 
-    def objective_of(self, model: nn.Module, batch: Batch, runtime: Runtime, delta: torch.Tensor,
-                     reference: torch.Tensor) -> torch.Tensor:
+    def objective_of(
+        self, model: nn.Module, batch: Batch, runtime: Runtime, delta: torch.Tensor, reference: torch.Tensor
+    ) -> torch.Tensor:
         """The per-slice objective ``(B,)``: ``||f(x(delta)) - reference||^2`` (float32)."""
         with runtime.autocast():
             out = model(runtime.image(apply_perturbation(batch, delta, self.domain, self.clamp)))
@@ -164,8 +178,9 @@ class PGDAttack:
                 if self.random_start is None:
                     delta = torch.zeros(shape, dtype=dtype, device=batch.image.device)
                 else:
-                    delta = random_start(batch, self.domain, radius, self.random_start, self.salt + restart,
-                                         self.sampled_only)
+                    delta = random_start(
+                        batch, self.domain, radius, self.random_start, self.salt + restart, self.sampled_only
+                    )
                 run_best: torch.Tensor | None = None
                 run_obj: torch.Tensor | None = None
                 values: list[torch.Tensor] = []
@@ -196,12 +211,17 @@ class PGDAttack:
         if tracing:
             self.trace = [[float(v) for v in torch.stack(vals).tolist()] for vals in traces]
         delta = best  # type: ignore[assignment]
-        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta), delta,
-                            relative_size(delta, batch, self.domain))
+        return AttackOutput(
+            apply_perturbation(batch, delta, self.domain, self.clamp),
+            squared_norm(delta),
+            delta,
+            relative_size(delta, batch, self.domain),
+        )
 
 
-def _keep_larger(best: torch.Tensor | None, best_obj: torch.Tensor | None, cand: torch.Tensor,
-                 cand_obj: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _keep_larger(
+    best: torch.Tensor | None, best_obj: torch.Tensor | None, cand: torch.Tensor, cand_obj: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per slice, the candidate perturbation where its objective ``(B,)`` is strictly larger."""
     if best is None or best_obj is None:
         return cand, cand_obj  # type: ignore[return-value]
@@ -233,15 +253,23 @@ class NoiseAttack:
             noise = slice_noise(batch, salt=NOISE_SALT)
         else:
             shape = perturbation_shape(batch, self.domain)[1:]
-            noise = torch.stack([torch.randn(shape, generator=slice_generator(f, int(s), NOISE_SALT),
-                                             dtype=torch.complex64) for f, s in zip(batch.fnames, batch.slice_nums)])
+            noise = torch.stack(
+                [
+                    torch.randn(shape, generator=slice_generator(f, int(s), NOISE_SALT), dtype=torch.complex64)
+                    for f, s in zip(batch.fnames, batch.slice_nums)
+                ]
+            )
             noise = restrict(noise.to(device), batch, self.domain, self.sampled_only)
         target = self.budget if self.rel is None else relative_radius(batch, self.rel, self.domain).pow(2)
         if isinstance(target, torch.Tensor):
             target = target.to(noise.device)
         delta = (noise * broadcast_per_sample((target / squared_norm(noise)).sqrt(), noise.ndim)).to(device)
-        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta), delta,
-                            relative_size(delta, batch, self.domain))
+        return AttackOutput(
+            apply_perturbation(batch, delta, self.domain, self.clamp),
+            squared_norm(delta),
+            delta,
+            relative_size(delta, batch, self.domain),
+        )
 
 
 @dataclass
@@ -264,11 +292,35 @@ class GeneratorAttack:
             delta = self.perturb(batch).float() if self.domain == "image" else self.perturb(batch)
             budget = self.budget if self.rel is None else relative_radius(batch, self.rel, self.domain).pow(2)
             delta = delta * broadcast_per_sample((budget / squared_norm(delta).clamp_min(1e-30)).sqrt(), delta.ndim)
-        return AttackOutput(apply_perturbation(batch, delta, self.domain, self.clamp), squared_norm(delta), delta,
-                            relative_size(delta, batch, self.domain))
+        return AttackOutput(
+            apply_perturbation(batch, delta, self.domain, self.clamp),
+            squared_norm(delta),
+            delta,
+            relative_size(delta, batch, self.domain),
+        )
 
 
-__all__ = ["DOMAINS", "NOISE_SALT", "OBJECTIVES", "PGD_START_SALT", "RANDOM_STARTS", "Attack", "AttackOutput",
-           "GeneratorAttack", "NoiseAttack", "PGDAttack", "apply_perturbation", "check_pgd_options", "hinge",
-           "project_l2", "random_start", "reference_norm", "relative_radius", "relative_size", "restrict",
-           "slice_generator", "slice_noise", "squared_norm"]
+__all__ = [
+    "DOMAINS",
+    "NOISE_SALT",
+    "OBJECTIVES",
+    "PGD_START_SALT",
+    "RANDOM_STARTS",
+    "Attack",
+    "AttackOutput",
+    "GeneratorAttack",
+    "NoiseAttack",
+    "PGDAttack",
+    "apply_perturbation",
+    "check_pgd_options",
+    "hinge",
+    "project_l2",
+    "random_start",
+    "reference_norm",
+    "relative_radius",
+    "relative_size",
+    "restrict",
+    "slice_generator",
+    "slice_noise",
+    "squared_norm",
+]

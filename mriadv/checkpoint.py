@@ -38,14 +38,31 @@ class Checkpoint(TypedDict):
     history: list[dict[str, Any]]  # one EpochRecord dict per epoch so far
 
 
-def make_checkpoint(config: dict[str, Any], epoch: int, status: str, networks: dict[str, Any],
-                    early_stopping: dict[str, Any] | None, *, trainer: dict[str, Any] | None = None,
-                    torch_rng: Any = None, best: dict[str, Any] | None = None,
-                    history: Sequence[dict[str, Any]] = ()) -> Checkpoint:
+def make_checkpoint(
+    config: dict[str, Any],
+    epoch: int,
+    status: str,
+    networks: dict[str, Any],
+    early_stopping: dict[str, Any] | None,
+    *,
+    trainer: dict[str, Any] | None = None,
+    torch_rng: Any = None,
+    best: dict[str, Any] | None = None,
+    history: Sequence[dict[str, Any]] = (),
+) -> Checkpoint:
     """A :class:`Checkpoint`; without the keyword arguments, the shape of ``best.pt``."""
-    return Checkpoint(format=CHECKPOINT_FORMAT, config=config, epoch=epoch, status=status, networks=networks,
-                      early_stopping=early_stopping, trainer=trainer, torch_rng=torch_rng, best=best,
-                      history=list(history))
+    return Checkpoint(
+        format=CHECKPOINT_FORMAT,
+        config=config,
+        epoch=epoch,
+        status=status,
+        networks=networks,
+        early_stopping=early_stopping,
+        trainer=trainer,
+        torch_rng=torch_rng,
+        best=best,
+        history=list(history),
+    )
 
 
 def save_checkpoint(path: Path, payload: Checkpoint) -> None:
@@ -66,8 +83,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
         path = path / CHECKPOINT_NAME
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT} (format "
-                         f"{payload.get('format')!r}; format 1 checkpoints hold the older U-Net layout: retrain)")
+        raise ValueError(
+            f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT} (format "
+            f"{payload.get('format')!r}; format 1 checkpoints hold the older U-Net layout: retrain)"
+        )
     return payload if "networks" in payload else _one_shape(payload)
 
 
@@ -79,10 +98,25 @@ def _one_shape(old: dict[str, Any]) -> Checkpoint:
     networks = {"recon": holder["recon"], "generator": holder.get("generator")}
     if trainer is not None:
         trainer = {k: v for k, v in trainer.items() if k not in networks}
-    return make_checkpoint(old["config"], old["epoch"], old.get("status", ""), networks, old.get("early_stopping"),
-                           trainer=trainer, torch_rng=old.get("torch_rng"), best=old.get("best"),
-                           history=old.get("history", ()))
+    return make_checkpoint(
+        old["config"],
+        old["epoch"],
+        old.get("status", ""),
+        networks,
+        old.get("early_stopping"),
+        trainer=trainer,
+        torch_rng=old.get("torch_rng"),
+        best=old.get("best"),
+        history=old.get("history", ()),
+    )
 
 
-__all__ = ["BEST_NAME", "CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "make_checkpoint",
-           "save_checkpoint"]
+__all__ = [
+    "BEST_NAME",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "Checkpoint",
+    "load_checkpoint",
+    "make_checkpoint",
+    "save_checkpoint",
+]

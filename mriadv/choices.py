@@ -41,5 +41,19 @@ NOISE_MODES = ("norm", "sigma")  # noise_mode
 # checks at import that its presets are exactly these)
 PROTOCOL_NAMES = ("seed", "l2-kspace-100", "l2-kspace-curve", "l2-kspace-restarts", "deviation-kspace")
 
-__all__ = ["ACTIVATIONS", "DOMAINS", "EPSILON_SCOPES", "GEN_SCALES", "KSPACE_CONDITIONINGS", "LOSSES", "LR_SCHEDULES",
-           "MASK_TYPES", "NOISE_MODES", "NORMS", "POOLINGS", "PRECISIONS", "PROTOCOL_NAMES", "TARGET_KEYS"]
+__all__ = [
+    "ACTIVATIONS",
+    "DOMAINS",
+    "EPSILON_SCOPES",
+    "GEN_SCALES",
+    "KSPACE_CONDITIONINGS",
+    "LOSSES",
+    "LR_SCHEDULES",
+    "MASK_TYPES",
+    "NOISE_MODES",
+    "NORMS",
+    "POOLINGS",
+    "PRECISIONS",
+    "PROTOCOL_NAMES",
+    "TARGET_KEYS",
+]

@@ -163,50 +163,97 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`ConfigError` naming the first bad key."""
+
         def need(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
 
         choices = {
-            "loss": allowed.LOSSES, "epsilon_scope": allowed.EPSILON_SCOPES, "perturbation": allowed.DOMAINS,
-            "kspace_conditioning": allowed.KSPACE_CONDITIONINGS, "unet_activation": allowed.ACTIVATIONS,
-            "unet_pooling": allowed.POOLINGS, "unet_norm": allowed.NORMS, "mask_type": allowed.MASK_TYPES,
-            "target_key": allowed.TARGET_KEYS, "precision": allowed.PRECISIONS, "gen_scale": allowed.GEN_SCALES,
-            "lr_schedule": allowed.LR_SCHEDULES, "adversary": ADVERSARIES, "noise_mode": allowed.NOISE_MODES,
+            "loss": allowed.LOSSES,
+            "epsilon_scope": allowed.EPSILON_SCOPES,
+            "perturbation": allowed.DOMAINS,
+            "kspace_conditioning": allowed.KSPACE_CONDITIONINGS,
+            "unet_activation": allowed.ACTIVATIONS,
+            "unet_pooling": allowed.POOLINGS,
+            "unet_norm": allowed.NORMS,
+            "mask_type": allowed.MASK_TYPES,
+            "target_key": allowed.TARGET_KEYS,
+            "precision": allowed.PRECISIONS,
+            "gen_scale": allowed.GEN_SCALES,
+            "lr_schedule": allowed.LR_SCHEDULES,
+            "adversary": ADVERSARIES,
+            "noise_mode": allowed.NOISE_MODES,
         }
         for key, values in choices.items():
             need(getattr(self, key) in values, key, f"must be one of {values}")
         for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
             value = getattr(self, key)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, key, "must be a finite number >= 0")
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                key,
+                "must be a finite number >= 0",
+            )
         for key in ("lr_recon", "lr_gen", "latent_scale"):
             value = getattr(self, key)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, "must be a finite number > 0")
-        for key in ("batch_size", "max_epochs", "patience", "latent_dim", "unet_chans", "gen_chans", "cond_chans",
-                    "crop_size", "pgd_steps", "robust_every", "adv_steps"):
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                key,
+                "must be a finite number > 0",
+            )
+        for key in (
+            "batch_size",
+            "max_epochs",
+            "patience",
+            "latent_dim",
+            "unet_chans",
+            "gen_chans",
+            "cond_chans",
+            "crop_size",
+            "pgd_steps",
+            "robust_every",
+            "adv_steps",
+        ):
             value = getattr(self, key)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
         need(isinstance(self.unet_pools, int) and self.unet_pools >= 0, "unet_pools", "must be an integer >= 0")
-        need(isinstance(self.train_eval_volumes, int) and self.train_eval_volumes >= 0, "train_eval_volumes",
-             "must be an integer >= 0")
+        need(
+            isinstance(self.train_eval_volumes, int) and self.train_eval_volumes >= 0,
+            "train_eval_volumes",
+            "must be an integer >= 0",
+        )
         for key in ("max_train_batches", "max_train_volumes", "max_val_volumes", "threads"):
             value = getattr(self, key)
             need(value is None or (isinstance(value, int) and value >= 1), key, "must be None or an integer >= 1")
-        need(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
-             "num_workers", "must be None or an integer >= 0")
+        need(
+            self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+            "num_workers",
+            "must be None or an integer >= 0",
+        )
         need(0 < self.center_fraction < 1, "center_fraction", "must be in (0, 1)")
         need(self.acceleration > 1, "acceleration", "must be > 1")
-        need(self.center_fraction * self.acceleration < 1, "center_fraction",
-             f"times acceleration ({self.acceleration}) must be < 1")
+        need(
+            self.center_fraction * self.acceleration < 1,
+            "center_fraction",
+            f"times acceleration ({self.acceleration}) must be < 1",
+        )
         for key in ("train_fraction", "val_fraction"):
             need(0 < getattr(self, key) <= 1, key, "must be in (0, 1]")
-        need(isinstance(self.report_fraction, (int, float)) and 0 <= self.report_fraction < 1, "report_fraction",
-             "must be in [0, 1)")
+        need(
+            isinstance(self.report_fraction, (int, float)) and 0 <= self.report_fraction < 1,
+            "report_fraction",
+            "must be in [0, 1)",
+        )
         if self.report_protocol is not None:
-            need(self.report_protocol in allowed.PROTOCOL_NAMES, "report_protocol",
-                 f"must be None or one of {sorted(allowed.PROTOCOL_NAMES)}")
-        need(isinstance(self.robust_slices_per_volume, int) and self.robust_slices_per_volume >= 0,
-             "robust_slices_per_volume", "must be an integer >= 0 (0: every slice)")
+            need(
+                self.report_protocol in allowed.PROTOCOL_NAMES,
+                "report_protocol",
+                f"must be None or one of {sorted(allowed.PROTOCOL_NAMES)}",
+            )
+        need(
+            isinstance(self.robust_slices_per_volume, int) and self.robust_slices_per_volume >= 0,
+            "robust_slices_per_volume",
+            "must be an integer >= 0 (0: every slice)",
+        )
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
@@ -216,8 +263,12 @@ class TrainConfig:
         for a in self.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"config key 'attacks': {a!r} is not one of {ATTACKS}")
-        need(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
-             "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        need(
+            isinstance(self.device, str)
+            and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
+            "device",
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
         return self
 
 
@@ -241,14 +292,30 @@ def _budgets(crop: int) -> tuple[float, ...]:
 
 PROFILES: dict[str, Profile] = {
     "paper": Profile(
-        "paper", {}, dict(volumes=64, val_volumes=16, slices=16, size=320),
+        "paper",
+        {},
+        dict(volumes=64, val_volumes=16, slices=16, size=320),
         "the seed's setting: 320x320, U-Net 64 channels / 5 pools, batch 8, 5 epochs (GPU)",
     ),
     "demo": Profile(
         "demo",
-        dict(crop_size=96, unet_chans=16, unet_pools=3, gen_chans=16, cond_chans=8, epsilon=_budgets(96)[0],
-             attack_budgets=_budgets(96), max_epochs=6, train_eval_volumes=4, pgd_steps=10,
-             loss="mse", lr_recon=1e-3, lr_gen=1e-3, lr_schedule="cosine", batch_size=4),
+        dict(
+            crop_size=96,
+            unet_chans=16,
+            unet_pools=3,
+            gen_chans=16,
+            cond_chans=8,
+            epsilon=_budgets(96)[0],
+            attack_budgets=_budgets(96),
+            max_epochs=6,
+            train_eval_volumes=4,
+            pgd_steps=10,
+            loss="mse",
+            lr_recon=1e-3,
+            lr_gen=1e-3,
+            lr_schedule="cosine",
+            batch_size=4,
+        ),
         dict(volumes=48, val_volumes=8, slices=10, size=96),
         "CPU-sized: 96x96, U-Net 16 channels / 3 pools, 480 training slices, 6 epochs of 120 steps of batch 4; "
         "recipe by measurement (MSE, AdamW 1e-3 with cosine decay: the seed's 1e-4 and ~30 steps per epoch "
@@ -257,9 +324,21 @@ PROFILES: dict[str, Profile] = {
     ),
     "smoke": Profile(
         "smoke",
-        dict(crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4, cond_chans=4, epsilon=_budgets(64)[0],
-             attack_budgets=_budgets(64), batch_size=4, max_epochs=2, patience=3, train_eval_volumes=1,
-             pgd_steps=3, max_train_batches=4),
+        dict(
+            crop_size=64,
+            unet_chans=4,
+            unet_pools=2,
+            gen_chans=4,
+            cond_chans=4,
+            epsilon=_budgets(64)[0],
+            attack_budgets=_budgets(64),
+            batch_size=4,
+            max_epochs=2,
+            patience=3,
+            train_eval_volumes=1,
+            pgd_steps=3,
+            max_train_batches=4,
+        ),
         dict(volumes=3, val_volumes=4, slices=4, size=64),
         "tiny: 64x64, a few slices, seconds; for tests",
     ),
@@ -272,5 +351,14 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-__all__ = ["ADVERSARIES", "ATTACKS", "ConfigError", "PROFILES", "Profile", "TrainConfig", "budgets_at_crop", "get_profile",
-           "to_reference"]
+__all__ = [
+    "ADVERSARIES",
+    "ATTACKS",
+    "ConfigError",
+    "PROFILES",
+    "Profile",
+    "TrainConfig",
+    "budgets_at_crop",
+    "get_profile",
+    "to_reference",
+]

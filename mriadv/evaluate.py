@@ -98,8 +98,13 @@ def evaluate(
             delta_sum += float(delta_sq.sum())
             slices += len(batch)
             std, mean = batch.std.view(-1, 1, 1, 1), batch.mean.view(-1, 1, 1, 1)
-            volumes.update(batch.fnames, batch.slice_nums, denormalize(batch.target, mean, std),
-                           denormalize(pred, mean, std), batch.max_value)
+            volumes.update(
+                batch.fnames,
+                batch.slice_nums,
+                denormalize(batch.target, mean, std),
+                denormalize(pred, mean, std),
+                batch.max_value,
+            )
             seed_target = batch.target.clamp(-clamp, clamp) if clamp is not None else batch.target
             for k, v in seed_batch_metrics(seed_target, pred).items():
                 seed_sums[k] += v
@@ -110,13 +115,20 @@ def evaluate(
         raise ValueError("evaluate: the loader produced no batches")
     summary, se = volumes.summary(), volumes.standard_errors()
     return EvalResult(
-        nmse=summary["nmse"], psnr=summary["psnr"], ssim=summary["ssim"],
-        nmse_se=se["nmse"], psnr_se=se["psnr"], ssim_se=se["ssim"],
+        nmse=summary["nmse"],
+        psnr=summary["psnr"],
+        ssim=summary["ssim"],
+        nmse_se=se["nmse"],
+        psnr_se=se["psnr"],
+        ssim_se=se["ssim"],
         volume_nmse={f: v["nmse"] for f, v in sorted(volumes.per_volume().items())},
         loss=loss_sum / slices,
-        seed_nmse=seed_sums["nmse"] / num_batches, seed_psnr=seed_sums["psnr"] / num_batches,
+        seed_nmse=seed_sums["nmse"] / num_batches,
+        seed_psnr=seed_sums["psnr"] / num_batches,
         seed_ssim=seed_sums["ssim"] / num_batches,
-        delta_sq=delta_sum / slices, num_volumes=len(volumes), num_slices=slices,
+        delta_sq=delta_sum / slices,
+        num_volumes=len(volumes),
+        num_slices=slices,
         delta_rel=0.0 if attack is None else (rel_sum / rel_slices if rel_slices == slices else float("nan")),
     )
 
@@ -164,14 +176,27 @@ def robustness(
     rows = []
     for attack in attacks:
         res = evaluate(model, batches, loss_fn, runtime, attack, clamp)
-        rows.append(RobustRow(
-            attack=attack.name, budget=float(attack.budget), nmse=res.nmse, psnr=res.psnr, ssim=res.ssim,
-            loss=res.loss, delta_sq=res.delta_sq, d_nmse=res.nmse - clean.nmse,
-            d_psnr=_finite_diff(res.psnr, clean.psnr), d_ssim=res.ssim - clean.ssim,
-            nmse_se=res.nmse_se, psnr_se=res.psnr_se, ssim_se=res.ssim_se,
-            d_nmse_se=paired_se(res.volume_nmse, clean.volume_nmse), volume_nmse=res.volume_nmse,
-            rel=_relative_budget(attack), delta_rel=res.delta_rel,
-        ))
+        rows.append(
+            RobustRow(
+                attack=attack.name,
+                budget=float(attack.budget),
+                nmse=res.nmse,
+                psnr=res.psnr,
+                ssim=res.ssim,
+                loss=res.loss,
+                delta_sq=res.delta_sq,
+                d_nmse=res.nmse - clean.nmse,
+                d_psnr=_finite_diff(res.psnr, clean.psnr),
+                d_ssim=res.ssim - clean.ssim,
+                nmse_se=res.nmse_se,
+                psnr_se=res.psnr_se,
+                ssim_se=res.ssim_se,
+                d_nmse_se=paired_se(res.volume_nmse, clean.volume_nmse),
+                volume_nmse=res.volume_nmse,
+                rel=_relative_budget(attack),
+                delta_rel=res.delta_rel,
+            )
+        )
     return rows
 
 
@@ -196,8 +221,9 @@ def _finite_diff(a: float, b: float) -> float:
 
 
 @torch.no_grad()
-def preview(model: nn.Module, batch: Batch, runtime: Runtime,
-            perturbed: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+def preview(
+    model: nn.Module, batch: Batch, runtime: Runtime, perturbed: dict[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
     """Images of a few slices for logs and figures, in normalised units, each ``(B, h, w)`` float32:
     ``input``, ``target``, ``recon``, and for each named perturbed input ``x`` in ``perturbed``
     (e.g. ``{"pgd": ..., "generator": ...}``): ``<name>_delta`` (``x - input``), ``<name>_input``

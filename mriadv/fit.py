@@ -24,8 +24,14 @@ from mriadv.config import ConfigError, TrainConfig
 from mriadv.data.files import SliceDataset
 from mriadv.data.loading import Data, build_data, preview_batch
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
-from mriadv.instabilities import (SWEEP_ACCELERATIONS, FeatureSearch, FeatureSpec, NoTissue, feature_recovery,
-                                  sampling_sweep)
+from mriadv.instabilities import (
+    SWEEP_ACCELERATIONS,
+    FeatureSearch,
+    FeatureSpec,
+    NoTissue,
+    feature_recovery,
+    sampling_sweep,
+)
 from mriadv.protocols import get_protocol
 from mriadv.records import EpochRecord, FitResult, clean_row, robust_rows
 from mriadv.runtime import Runtime, seed_everything
@@ -33,8 +39,17 @@ from mriadv.trainer import NonFiniteLoss, Trainer, eval_mode
 
 PREVIEW_NAME = "preview.npz"
 # fields that may differ between a checkpoint's config and the config resuming it
-RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "precision", "num_workers", "threads", "cache_dir", "data",
-                     "robust_every"}
+RESUMABLE_CHANGES = {
+    "max_epochs",
+    "patience",
+    "device",
+    "precision",
+    "num_workers",
+    "threads",
+    "cache_dir",
+    "data",
+    "robust_every",
+}
 
 
 @dataclass
@@ -114,8 +129,7 @@ def fit(
         torch.set_rng_state(state["torch_rng"])
         if state["status"] in ("early_stopped", "nan"):
             say(f"checkpoint is final ({state['status']}); nothing to resume")
-            return FitResult(state["status"], "resumed a finished run", history, early.best_epoch, ckpt_path,
-                             best_path)
+            return FitResult(state["status"], "resumed a finished run", history, early.best_epoch, ckpt_path, best_path)
         say(f"resuming after epoch {start}")
 
     def save(record: EpochRecord, epoch: int) -> None:
@@ -124,9 +138,20 @@ def fit(
         stopping = asdict(early)
         if record.is_best:
             save_checkpoint(best_path, make_checkpoint(cfg.to_dict(), epoch, record.status, best_nets, stopping))
-        save_checkpoint(ckpt_path, make_checkpoint(
-            cfg.to_dict(), epoch, record.status, trainer.networks(copy=False), stopping, trainer=trainer.state_dict(),
-            torch_rng=torch.get_rng_state(), best=best_nets, history=[asdict(r) for r in history]))
+        save_checkpoint(
+            ckpt_path,
+            make_checkpoint(
+                cfg.to_dict(),
+                epoch,
+                record.status,
+                trainer.networks(copy=False),
+                stopping,
+                trainer=trainer.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                best=best_nets,
+                history=[asdict(r) for r in history],
+            ),
+        )
 
     def stop_on_nan(epoch: int, message: str, **known: Any) -> FitResult:
         say(f"stopped: {message}")
@@ -151,18 +176,29 @@ def fit(
                 steps += 1
                 slices += len(batch)
         except NonFiniteLoss as exc:
-            return stop_on_nan(epoch + 1, f"epoch {epoch + 1}, step {steps + 1}: {exc}; training stopped",
-                               steps=steps)
+            return stop_on_nan(epoch + 1, f"epoch {epoch + 1}, step {steps + 1}: {exc}; training stopped", steps=steps)
         t_train = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         val = evaluate(trainer.recon, data.loader(data.val, shuffle=False), trainer.loss_fn, runtime, clamp=cfg.clamp)
         if not math.isfinite(val.loss):
-            return stop_on_nan(epoch + 1, f"epoch {epoch + 1}: validation loss is {val.loss}; training stopped",
-                               steps=steps, train_loss=_mean(sums, "recon_loss", steps), val_loss=val.loss,
-                               val_nmse=val.nmse, val_psnr=val.psnr, val_ssim=val.ssim)
-        tr = (evaluate(trainer.recon, data.loader(data.train_eval, shuffle=False), trainer.loss_fn, runtime,
-                       clamp=cfg.clamp) if data.train_eval is not None else None)
+            return stop_on_nan(
+                epoch + 1,
+                f"epoch {epoch + 1}: validation loss is {val.loss}; training stopped",
+                steps=steps,
+                train_loss=_mean(sums, "recon_loss", steps),
+                val_loss=val.loss,
+                val_nmse=val.nmse,
+                val_psnr=val.psnr,
+                val_ssim=val.ssim,
+            )
+        tr = (
+            evaluate(
+                trainer.recon, data.loader(data.train_eval, shuffle=False), trainer.loss_fn, runtime, clamp=cfg.clamp
+            )
+            if data.train_eval is not None
+            else None
+        )
         t_eval = time.perf_counter() - t1
 
         improved = early.update(val.loss, epoch + 1)
@@ -177,8 +213,9 @@ def fit(
         if (epoch + 1) % cfg.robust_every == 0 or improved or last:
             robust_loader = data.loader(data.robust_val or data.val, shuffle=False)
             robust_clean = evaluate(trainer.recon, robust_loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-            rows = robustness(trainer.recon, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean,
-                              cfg.clamp)
+            rows = robustness(
+                trainer.recon, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean, cfg.clamp
+            )
             feats = _features(trainer, data.robust_val or data.val, runtime) if cfg.instabilities else None
         t_rob = time.perf_counter() - t2
 
@@ -190,23 +227,47 @@ def fit(
         t_report = time.perf_counter() - t3
 
         record = EpochRecord(
-            epoch=epoch + 1, status="early_stopped" if stop else ("completed" if last else "running"),
-            epsilon=cfg.epsilon, epsilon_rms=cfg.epsilon_rms, epsilon_ref=cfg.epsilon_ref,
-            train_loss=_mean(sums, "recon_loss", steps), train_clean_loss=_mean(sums, "clean_loss", steps),
-            train_pert_loss=_mean(sums, "pert_loss", steps), gen_objective=_mean(sums, "gen_objective", steps),
-            hinge=_mean(sums, "hinge", steps), delta_sq=_mean(sums, "delta_sq", steps), steps=steps,
-            val_loss=val.loss, val_nmse=val.nmse, val_psnr=val.psnr, val_ssim=val.ssim,
-            val_seed_nmse=val.seed_nmse, val_seed_psnr=val.seed_psnr, val_seed_ssim=val.seed_ssim,
-            train_nmse=tr.nmse if tr else float("nan"), train_psnr=tr.psnr if tr else float("nan"),
-            train_ssim=tr.ssim if tr else float("nan"), train_seed_nmse=tr.seed_nmse if tr else float("nan"),
-            train_seed_psnr=tr.seed_psnr if tr else float("nan"), train_seed_ssim=tr.seed_ssim if tr else float("nan"),
-            best_epoch=early.best_epoch, best_val_loss=early.best_loss, is_best=improved,
-            train_time_s=t_train, eval_time_s=t_eval, robust_time_s=t_rob,
-            epoch_time_s=time.perf_counter() - t0, slices_per_s=slices / t_train if t_train > 0 else float("nan"),
+            epoch=epoch + 1,
+            status="early_stopped" if stop else ("completed" if last else "running"),
+            epsilon=cfg.epsilon,
+            epsilon_rms=cfg.epsilon_rms,
+            epsilon_ref=cfg.epsilon_ref,
+            train_loss=_mean(sums, "recon_loss", steps),
+            train_clean_loss=_mean(sums, "clean_loss", steps),
+            train_pert_loss=_mean(sums, "pert_loss", steps),
+            gen_objective=_mean(sums, "gen_objective", steps),
+            hinge=_mean(sums, "hinge", steps),
+            delta_sq=_mean(sums, "delta_sq", steps),
+            steps=steps,
+            val_loss=val.loss,
+            val_nmse=val.nmse,
+            val_psnr=val.psnr,
+            val_ssim=val.ssim,
+            val_seed_nmse=val.seed_nmse,
+            val_seed_psnr=val.seed_psnr,
+            val_seed_ssim=val.seed_ssim,
+            train_nmse=tr.nmse if tr else float("nan"),
+            train_psnr=tr.psnr if tr else float("nan"),
+            train_ssim=tr.ssim if tr else float("nan"),
+            train_seed_nmse=tr.seed_nmse if tr else float("nan"),
+            train_seed_psnr=tr.seed_psnr if tr else float("nan"),
+            train_seed_ssim=tr.seed_ssim if tr else float("nan"),
+            best_epoch=early.best_epoch,
+            best_val_loss=early.best_loss,
+            is_best=improved,
+            train_time_s=t_train,
+            eval_time_s=t_eval,
+            robust_time_s=t_rob,
+            epoch_time_s=time.perf_counter() - t0,
+            slices_per_s=slices / t_train if t_train > 0 else float("nan"),
             robustness=robust_rows(rows, cfg.crop_size),
             over_budget=_mean(sums, "over_budget", steps) if cfg.adversarial else float("nan"),
-            lr_factor=trainer.lr_factor(), val_nmse_se=val.nmse_se, val_psnr_se=val.psnr_se, val_ssim_se=val.ssim_se,
-            report_time_s=t_report, report=report,
+            lr_factor=trainer.lr_factor(),
+            val_nmse_se=val.nmse_se,
+            val_psnr_se=val.psnr_se,
+            val_ssim_se=val.ssim_se,
+            report_time_s=t_report,
+            report=report,
             feature_fnr=feats["random"]["fnr"] if feats else float("nan"),
             feature_error=feats["random"]["error"] if feats else float("nan"),
         )
@@ -238,9 +299,19 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     groups = [("", trainer.attacks())]
     if cfg.report_protocol is not None:  # a published protocol beside the study's own attacks
         protocol = get_protocol(cfg.report_protocol)
-        groups.append((protocol.name, protocol.build(
-            cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, trainer.generator_perturb if trainer.generator else None,
-            cfg.perturbation, trace=False)))
+        groups.append(
+            (
+                protocol.name,
+                protocol.build(
+                    cfg.crop_size,
+                    cfg.clamp,
+                    cfg.kspace_sampled_only,
+                    trainer.generator_perturb if trainer.generator else None,
+                    cfg.perturbation,
+                    trace=False,
+                ),
+            )
+        )
     rows: list[dict[str, Any]] = []
     zf_rows: list[dict[str, Any]] = []
     for name, attacks in groups:
@@ -249,12 +320,24 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
         zf_attacks = [a for a in attacks if a.name != "generator"]
         found = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
         zf_rows += [{**r, "protocol": name} for r in robust_rows(found, cfg.crop_size, True)]
-    out = {"split": data.report_split, "clean": clean_row(clean), "robustness": rows, "zero_filled": clean_row(zf),
-           "zero_filled_robustness": zf_rows}
+    out = {
+        "split": data.report_split,
+        "clean": clean_row(clean),
+        "robustness": rows,
+        "zero_filled": clean_row(zf),
+        "zero_filled_robustness": zf_rows,
+    }
     if cfg.instabilities:  # the seed's types 2 and 3, on the same held-out slices
         out["features"] = _features(trainer, dataset, runtime)
-        sweep = sampling_sweep(trainer.recon, dataset, runtime, SWEEP_ACCELERATIONS, cfg.center_fraction,
-                               batch_size=cfg.batch_size, loss_fn=trainer.loss_fn)
+        sweep = sampling_sweep(
+            trainer.recon,
+            dataset,
+            runtime,
+            SWEEP_ACCELERATIONS,
+            cfg.center_fraction,
+            batch_size=cfg.batch_size,
+            loss_fn=trainer.loss_fn,
+        )
         out["sampling"] = [{k: v for k, v in row.as_dict().items() if k != "volume_nmse"} for row in sweep]
     return out
 
@@ -310,9 +393,10 @@ def _mean(sums: dict[str, float], key: str, n: int) -> float:
 def _progress_line(r: EpochRecord) -> str:
     pgd = [row for row in r.robustness if row["attack"] == "pgd"]
     rob = " ".join(f"pgd@{row['budget']:g}: nmse {row['nmse']:.4f}" for row in pgd)
-    return (f"epoch {r.epoch}: loss {r.train_loss:.4f} |delta|^2 {r.delta_sq:.1f} | val nmse {r.val_nmse:.4f} "
-            f"psnr {r.val_psnr:.2f} ssim {r.val_ssim:.4f} {rob} | {r.epoch_time_s:.0f}s"
-            + (" *" if r.is_best else ""))
+    return (
+        f"epoch {r.epoch}: loss {r.train_loss:.4f} |delta|^2 {r.delta_sq:.1f} | val nmse {r.val_nmse:.4f} "
+        f"psnr {r.val_psnr:.2f} ssim {r.val_ssim:.4f} {rob} | {r.epoch_time_s:.0f}s" + (" *" if r.is_best else "")
+    )
 
 
 __all__ = ["PREVIEW_NAME", "RESUMABLE_CHANGES", "EarlyStopping", "fit", "report_evaluation", "write_preview"]

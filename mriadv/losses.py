@@ -122,7 +122,9 @@ def dssim_loss(
     if not sigma > 0:
         raise ValueError(f"dssim_loss: sigma must be positive, got {sigma}")
     if min(pred.shape[-2:]) < window_size:
-        raise ValueError(f"dssim_loss: images {tuple(pred.shape)} are smaller than the {window_size}x{window_size} window")
+        raise ValueError(
+            f"dssim_loss: images {tuple(pred.shape)} are smaller than the {window_size}x{window_size} window"
+        )
     dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
     b, c = pred.shape[:2]
     with torch.autocast(device_type=pred.device.type, enabled=False):
@@ -149,9 +151,7 @@ def dssim_loss(
     return _reduce(per_sample, reduction)
 
 
-LOSSES: MappingProxyType[str, Callable[..., torch.Tensor]] = MappingProxyType(
-    {"mse": mse_loss, "dssim": dssim_loss}
-)
+LOSSES: MappingProxyType[str, Callable[..., torch.Tensor]] = MappingProxyType({"mse": mse_loss, "dssim": dssim_loss})
 
 
 def make_loss(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -171,7 +171,9 @@ def _pair(gt: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return g, p
 
 
-def _per_slice(value: torch.Tensor | float | Sequence[float], batch: int, like: torch.Tensor, name: str) -> torch.Tensor:
+def _per_slice(
+    value: torch.Tensor | float | Sequence[float], batch: int, like: torch.Tensor, name: str
+) -> torch.Tensor:
     """A float or a ``(B,)`` tensor/sequence -> float64 ``(B,)`` on ``like``'s device."""
     v = torch.as_tensor(value, dtype=torch.float64, device=like.device)
     if v.ndim == 0:

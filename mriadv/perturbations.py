@@ -140,8 +140,9 @@ def slice_noise(batch: Batch, salt: int) -> torch.Tensor:
     draw comes from its own :func:`slice_generator`, so a slice gets the same noise whatever its
     batch-mates, their order or the batch size."""
     shape = tuple(batch.image.shape[1:])
-    return torch.stack([torch.randn(shape, generator=slice_generator(f, int(s), salt))
-                        for f, s in zip(batch.fnames, batch.slice_nums)])
+    return torch.stack(
+        [torch.randn(shape, generator=slice_generator(f, int(s), salt)) for f, s in zip(batch.fnames, batch.slice_nums)]
+    )
 
 
 def _free_entries(batch: Batch, domain: str, sampled_only: bool) -> torch.Tensor:
@@ -156,8 +157,9 @@ def _free_entries(batch: Batch, domain: str, sampled_only: bool) -> torch.Tensor
     return torch.full((b,), float(H * W), device=batch.kspace.device)  # type: ignore[union-attr]
 
 
-def random_start(batch: Batch, domain: str, radius: float | torch.Tensor, kind: str, salt: int,
-                 sampled_only: bool = True) -> torch.Tensor:
+def random_start(
+    batch: Batch, domain: str, radius: float | torch.Tensor, kind: str, salt: int, sampled_only: bool = True
+) -> torch.Tensor:
     """A random perturbation inside each slice's L2 ball of ``radius`` (a number or ``(B,)``), shaped
     like the domain (real ``(B, 1, h, w)`` or complex ``(B, H, W)``, zero outside the acquired columns
     when ``sampled_only``), on the batch's device.
@@ -188,6 +190,20 @@ def random_start(batch: Batch, domain: str, radius: float | torch.Tensor, kind: 
     return project_l2(z * broadcast_per_sample(radius / entries.sqrt(), z.ndim), radius.pow(2))
 
 
-__all__ = ["DOMAINS", "RANDOM_STARTS", "apply_perturbation", "broadcast_per_sample", "hinge", "perturbation_shape",
-           "project_l2", "random_start", "reference_norm", "relative_radius", "relative_size", "restrict",
-           "slice_generator", "slice_noise", "squared_norm"]
+__all__ = [
+    "DOMAINS",
+    "RANDOM_STARTS",
+    "apply_perturbation",
+    "broadcast_per_sample",
+    "hinge",
+    "perturbation_shape",
+    "project_l2",
+    "random_start",
+    "reference_norm",
+    "relative_radius",
+    "relative_size",
+    "restrict",
+    "slice_generator",
+    "slice_noise",
+    "squared_norm",
+]

@@ -95,14 +95,26 @@ class EpochRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def stopped(cls, epoch: int, cfg: TrainConfig, message: str, best_epoch: int, best_val_loss: float,
-                **known: Any) -> "EpochRecord":
+    def stopped(
+        cls, epoch: int, cfg: TrainConfig, message: str, best_epoch: int, best_val_loss: float, **known: Any
+    ) -> "EpochRecord":
         """The record of an epoch that ended in a non-finite loss: status ``nan``, unknown values NaN."""
         nan = float("nan")
         values: dict[str, Any] = {f.name: nan for f in fields(cls) if f.type in ("float", float)}
-        values.update(epoch=epoch, status="nan", epsilon=cfg.epsilon, epsilon_rms=cfg.epsilon_rms,
-                      epsilon_ref=cfg.epsilon_ref, steps=0, best_epoch=best_epoch,
-                      best_val_loss=best_val_loss, is_best=False, message=message, robustness=[], report=None)
+        values.update(
+            epoch=epoch,
+            status="nan",
+            epsilon=cfg.epsilon,
+            epsilon_rms=cfg.epsilon_rms,
+            epsilon_ref=cfg.epsilon_ref,
+            steps=0,
+            best_epoch=best_epoch,
+            best_val_loss=best_val_loss,
+            is_best=False,
+            message=message,
+            robustness=[],
+            report=None,
+        )
         values.update(known)
         return cls(**values)
 

@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --resume given but {resume} does not exist", file=sys.stderr)
         return 2
     (args.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    print(f"epsilon {cfg.epsilon:g} (per-pixel RMS {cfg.epsilon_rms:.4f}), loss {cfg.loss}, "
-          f"crop {cfg.crop_size}, out {args.out}")
+    print(
+        f"epsilon {cfg.epsilon:g} (per-pixel RMS {cfg.epsilon_rms:.4f}), loss {cfg.loss}, "
+        f"crop {cfg.crop_size}, out {args.out}"
+    )
 
     history: list[dict[str, Any]] = []
 

@@ -29,8 +29,7 @@ from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.losses import make_loss
-from mriadv.models import (ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex,
-                           kspace_features)
+from mriadv.models import ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex, kspace_features
 from mriadv.models.utils import frozen
 from mriadv.perturbations import apply_perturbation, hinge, project_l2, restrict, squared_norm
 from mriadv.runtime import Runtime
@@ -61,8 +60,9 @@ def build_generator(cfg: TrainConfig, kspace_shape: tuple[int, int] | None = Non
     kind = cfg.adversary_kind
     if kind == "conditional":  # sees its input: the image (1 channel) or k-space features (3)
         image = cfg.perturbation == "image"
-        return ConditionalGenerator(1 if image else 3, 1 if image else 2, cfg.latent_dim, cfg.cond_chans,
-                                    max(1, cfg.unet_pools))
+        return ConditionalGenerator(
+            1 if image else 3, 1 if image else 2, cfg.latent_dim, cfg.cond_chans, max(1, cfg.unet_pools)
+        )
     if kind != "generator":
         return None
     if cfg.perturbation == "image":
@@ -107,8 +107,11 @@ class Trainer:
         self.opt_recon = torch.optim.AdamW(self.recon.parameters(), lr=cfg.lr_recon, weight_decay=cfg.weight_decay)
         gen = build_generator(cfg, kspace_shape)
         self.generator = runtime.prepare_model(gen) if gen is not None else None
-        self.opt_gen = (torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.weight_decay)
-                        if self.generator is not None else None)
+        self.opt_gen = (
+            torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.weight_decay)
+            if self.generator is not None
+            else None
+        )
         self.latent_rng = torch.Generator().manual_seed(cfg.seed + LATENT_SEED_OFFSET)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_OFFSET)  # adversary='noise'
         self.steps_done = 0  # optimiser steps so far (the schedule's clock; saved with the state)
@@ -133,8 +136,9 @@ class Trainer:
     def latent_conditioned(self) -> bool:
         """Whether the generator takes a latent ``z`` (G(z), and the conditional G(x, z))."""
         kind = self.cfg.adversary_kind
-        return kind == "conditional" or (kind == "generator" and (
-            self.cfg.perturbation == "image" or self.cfg.kspace_conditioning == "latent"))
+        return kind == "conditional" or (
+            kind == "generator" and (self.cfg.perturbation == "image" or self.cfg.kspace_conditioning == "latent")
+        )
 
     def draw_latent(self, batch_size: int) -> torch.Tensor | None:
         """z ~ N(0, latent_scale^2) ``(B, latent_dim)``, from the run's own generator (resumable)."""
@@ -151,7 +155,9 @@ class Trainer:
         conditional = cfg.adversary_kind == "conditional"
         with self.runtime.autocast():
             if cfg.perturbation == "image":
-                delta = (self.generator(self.runtime.image(batch.image), z) if conditional else self.generator(z)).float()
+                delta = (
+                    self.generator(self.runtime.image(batch.image), z) if conditional else self.generator(z)
+                ).float()
             else:
                 if conditional:
                     raw = self.generator(kspace_features(batch.kspace, batch.mask), z)
@@ -175,8 +181,11 @@ class Trainer:
         budget, whatever the crop, instead of tens of times above it (the seed fixes no scale)."""
         b = delta.shape[0]
         if delta.is_complex():
-            cols = (batch.mask.to(torch.float32).sum(1) if self.cfg.kspace_sampled_only and batch.mask is not None
-                    else torch.full((b,), float(delta.shape[-1])))
+            cols = (
+                batch.mask.to(torch.float32).sum(1)
+                if self.cfg.kspace_sampled_only and batch.mask is not None
+                else torch.full((b,), float(delta.shape[-1]))
+            )
             n = 2.0 * delta.shape[-2] * cols.to(delta.device)
         else:
             n = torch.full((b,), float(delta[0].numel()), device=delta.device)
@@ -230,8 +239,9 @@ class Trainer:
         current reconstructor (in eval mode, so batch-norm statistics see only the update's batch),
         in the perturbation's domain (Madry et al. 2018)."""
         cfg = self.cfg
-        pgd = PGDAttack(cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only,
-                        cfg.clamp)
+        pgd = PGDAttack(
+            cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
+        )
         with eval_mode(self.recon):
             return pgd(self.recon, batch, self.runtime).delta
 
@@ -244,7 +254,9 @@ class Trainer:
             delta = torch.randn(batch.image.shape, generator=self.noise_rng).to(batch.image.device)
         else:
             shape = tuple(batch.kspace.shape)  # type: ignore[union-attr]
-            delta = torch.complex(torch.randn(shape, generator=self.noise_rng), torch.randn(shape, generator=self.noise_rng))
+            delta = torch.complex(
+                torch.randn(shape, generator=self.noise_rng), torch.randn(shape, generator=self.noise_rng)
+            )
             delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
         view = (-1, *([1] * (delta.ndim - 1)))
         if cfg.noise_mode == "norm":
@@ -297,7 +309,9 @@ class Trainer:
             z = None
             if self.latent_conditioned:  # fixed latent per evaluation: comparable across epochs
                 g = torch.Generator().manual_seed(EVAL_LATENT_SEED)
-                z = (torch.randn(len(batch), self.cfg.latent_dim, generator=g) * self.cfg.latent_scale).to(self.runtime.device)
+                z = (torch.randn(len(batch), self.cfg.latent_dim, generator=g) * self.cfg.latent_scale).to(
+                    self.runtime.device
+                )
             with torch.no_grad():
                 return self.perturbation(batch, z)
         finally:
@@ -311,8 +325,11 @@ class Trainer:
                 if name == "pgd":
                     out.append(PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp))
                 elif name == "pgd_kspace":
-                    out.append(PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, "kspace", cfg.kspace_sampled_only,
-                                         cfg.clamp))
+                    out.append(
+                        PGDAttack(
+                            budget, cfg.pgd_steps, cfg.pgd_step_scale, "kspace", cfg.kspace_sampled_only, cfg.clamp
+                        )
+                    )
                 elif name == "noise":
                     out.append(NoiseAttack(budget))
                 elif name == "generator" and self.generator is not None:
@@ -343,6 +360,7 @@ class Trainer:
     def networks(self, copy: bool = True) -> dict[str, Any]:
         """The two networks' weights, ``{'recon': ..., 'generator': ... or None}`` (a checkpoint's
         ``networks``); ``copy``: detached clones that later steps leave alone (the best epoch's)."""
+
         def weights(m: nn.Module) -> dict[str, torch.Tensor]:
             return {k: v.detach().clone() for k, v in m.state_dict().items()} if copy else m.state_dict()
 
@@ -364,5 +382,14 @@ class Trainer:
             self.load_networks(current)
 
 
-__all__ = ["EVAL_LATENT_SEED", "GEN_HEADROOM", "LATENT_SEED_OFFSET", "NOISE_SEED_OFFSET", "NonFiniteLoss", "Trainer",
-           "build_generator", "build_reconstructor", "eval_mode"]
+__all__ = [
+    "EVAL_LATENT_SEED",
+    "GEN_HEADROOM",
+    "LATENT_SEED_OFFSET",
+    "NOISE_SEED_OFFSET",
+    "NonFiniteLoss",
+    "Trainer",
+    "build_generator",
+    "build_reconstructor",
+    "eval_mode",
+]

@@ -87,8 +87,12 @@ def instability_flat(rep: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     feats = rep.get("features")
     if feats:
-        for where, prefix in (("random", "report_"), ("worst", "report_"), ("zero_filled_random", "zf_report_"),
-                              ("zero_filled_worst", "zf_report_")):
+        for where, prefix in (
+            ("random", "report_"),
+            ("worst", "report_"),
+            ("zero_filled_random", "zf_report_"),
+            ("zero_filled_worst", "zf_report_"),
+        ):
             kind = where.removeprefix("zero_filled_")
             for stat in ("fnr", "fnr_se", "error", "error_se", "contrast", "contrast_se"):
                 out[f"{prefix}feature_{kind}_{stat}"] = feats[where][stat]
@@ -103,5 +107,15 @@ def instability_flat(rep: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-__all__ = ["REFERENCE_CROP", "ROBUST_METRICS", "budgets_at_crop", "crop_of", "epsilon_rms", "instability_flat",
-           "robust_flat", "robust_key", "scale_epsilon", "to_reference"]
+__all__ = [
+    "REFERENCE_CROP",
+    "ROBUST_METRICS",
+    "budgets_at_crop",
+    "crop_of",
+    "epsilon_rms",
+    "instability_flat",
+    "robust_flat",
+    "robust_key",
+    "scale_epsilon",
+    "to_reference",
+]

@@ -36,10 +36,19 @@ from mriadv.units import robust_key
 
 # per-epoch scalar tags: (tag, EpochRecord field)
 SCALARS = (
-    ("train/loss", "train_loss"), ("train/clean_loss", "train_clean_loss"), ("train/pert_loss", "train_pert_loss"),
-    ("train/gen_objective", "gen_objective"), ("train/hinge", "hinge"), ("train/delta_sq", "delta_sq"),
-    ("val/loss", "val_loss"), ("val/nmse", "val_nmse"), ("val/psnr", "val_psnr"), ("val/ssim", "val_ssim"),
-    ("train_eval/nmse", "train_nmse"), ("train_eval/psnr", "train_psnr"), ("train_eval/ssim", "train_ssim"),
+    ("train/loss", "train_loss"),
+    ("train/clean_loss", "train_clean_loss"),
+    ("train/pert_loss", "train_pert_loss"),
+    ("train/gen_objective", "gen_objective"),
+    ("train/hinge", "hinge"),
+    ("train/delta_sq", "delta_sq"),
+    ("val/loss", "val_loss"),
+    ("val/nmse", "val_nmse"),
+    ("val/psnr", "val_psnr"),
+    ("val/ssim", "val_ssim"),
+    ("train_eval/nmse", "train_nmse"),
+    ("train_eval/psnr", "train_psnr"),
+    ("train_eval/ssim", "train_ssim"),
     ("time/epoch_s", "epoch_time_s"),
 )
 IMAGE_KEYS = ("input", "recon", "target", "pgd_delta", "pgd_recon", "generator_delta", "generator_recon")
@@ -58,7 +67,7 @@ def report_tag(metric: str) -> str:
     """The report-split tag of a selection-split metric name: ``val_nmse`` -> ``report/nmse``,
     ``rob_pgd_e5000_nmse`` -> ``report/rob_pgd_e5000_nmse`` (the flat names of
     :meth:`mriadv.records.EpochRecord.flat` without their ``report_`` prefix)."""
-    return "report/" + (metric[len("val_"):] if metric.startswith("val_") else metric)
+    return "report/" + (metric[len("val_") :] if metric.startswith("val_") else metric)
 
 
 def hparams_metrics(objectives: Iterable[str], budgets_ref: Iterable[float]) -> list[str]:
@@ -103,10 +112,13 @@ def hparams_summaries(hparams: dict[str, Any], searched: Iterable[str], metrics:
             start.hparams[name].string_value, kind = str(value), "DATA_TYPE_STRING"
         infos.append(api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(kind), differs=name in searched))
     infos.sort(key=lambda info: not info.differs)
-    experiment = api_pb2.Experiment(hparam_infos=infos,
-                                    metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics])
-    return [_summary(metadata.EXPERIMENT_TAG, experiment=experiment),
-            _summary(metadata.SESSION_START_INFO_TAG, session_start_info=start)]
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos, metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metrics]
+    )
+    return [
+        _summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+        _summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+    ]
 
 
 def session_end_summary(status: str):
@@ -171,7 +183,7 @@ def _report_scalar_tag(key: str) -> str | None:
     None for the keys that are not written (standard errors, other changes, bookkeeping)."""
     for prefix, group in (("zf_report_", "report_zero_filled/"), ("report_", "report/")):
         if key.startswith(prefix):
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if rest in CLEAN_METRICS:
                 return group + rest
             if not rest.startswith("rob_"):

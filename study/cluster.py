@@ -20,8 +20,10 @@ import threading
 
 CONNECT_TIMEOUT_S = 10.0  # ray.init joining a cluster (after the TCP probe): handshake, token, registration
 PROBE_TIMEOUT_S = 5.0  # the TCP connect to the head's port
-TOKEN_HELP = ("a Ray 2.60 cluster with token authentication needs RAY_AUTH_MODE=token and the head's token "
-              "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) in the driver's environment too")
+TOKEN_HELP = (
+    "a Ray 2.60 cluster with token authentication needs RAY_AUTH_MODE=token and the head's token "
+    "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) in the driver's environment too"
+)
 
 
 class ClusterError(Exception):
@@ -39,8 +41,10 @@ def locate_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
     where an ``auto`` address came from, and the likely cause. Starts nothing."""
     source = ""
     if address.startswith("ray://"):
-        raise ClusterError(f"--address {address}: Ray Client addresses are not supported; run the study on a node "
-                           "of the cluster with --address auto or --address HEAD:6379")
+        raise ClusterError(
+            f"--address {address}: Ray Client addresses are not supported; run the study on a node "
+            "of the cluster with --address auto or --address HEAD:6379"
+        )
     if address == "auto":
         from ray._common.utils import get_ray_address_file
         from ray._private.services import canonicalize_bootstrap_address
@@ -49,8 +53,10 @@ def locate_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
         try:
             resolved = canonicalize_bootstrap_address("auto")
         except (ConnectionError, ValueError) as exc:
-            raise ClusterError(f"--address auto: no running Ray cluster found on this machine ({_first_line(exc)}); "
-                               "start one with `ray start --head`, or give --address HEAD:PORT") from None
+            raise ClusterError(
+                f"--address auto: no running Ray cluster found on this machine ({_first_line(exc)}); "
+                "start one with `ray start --head`, or give --address HEAD:PORT"
+            ) from None
         if os.environ.get("RAY_ADDRESS"):
             source = " (from RAY_ADDRESS)"
         elif os.path.isfile(address_file):
@@ -58,20 +64,26 @@ def locate_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
         address = resolved or ""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ClusterError(f"--address {address}: give HOST:PORT (the head's GCS port, 6379 unless "
-                           "`ray start --head --port` chose another) or 'auto'")
+        raise ClusterError(
+            f"--address {address}: give HOST:PORT (the head's GCS port, 6379 unless "
+            "`ray start --head --port` chose another) or 'auto'"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
     except socket.gaierror:
         raise ClusterError(f"--address {address}{source}: cannot resolve host '{host}'") from None
     except ConnectionRefusedError:
-        raise ClusterError(f"--address {address}{source}: connection refused: no Ray head is running there, or it "
-                           "is the wrong port (the head's GCS port is 6379 unless `ray start --head --port` chose "
-                           "another)") from None
+        raise ClusterError(
+            f"--address {address}{source}: connection refused: no Ray head is running there, or it "
+            "is the wrong port (the head's GCS port is 6379 unless `ray start --head --port` chose "
+            "another)"
+        ) from None
     except (socket.timeout, TimeoutError):
-        raise ClusterError(f"--address {address}{source}: no answer within {timeout_s:g} s: the host is down, a "
-                           "firewall drops the connection, or the address is wrong") from None
+        raise ClusterError(
+            f"--address {address}{source}: no answer within {timeout_s:g} s: the host is down, a "
+            "firewall drops the connection, or the address is wrong"
+        ) from None
     except OSError as exc:
         raise ClusterError(f"--address {address}{source}: cannot connect ({exc.strerror or exc})") from None
     return f"{host}:{port}"
@@ -142,7 +154,9 @@ def start_ray(address: str | None, cpus: int, gpus: int, timeout_s: float = CONN
 def _connect_failure(address: str, text: str, error: Exception | None, timeout_s: float) -> str:
     """One line saying why the connection to ``address`` failed, from Ray's held-back messages."""
     message = f"{text}\n{error or ''}"
-    if any(s in message for s in ("InvalidAuthToken", "Unauthenticated", "authentication token", "AuthenticationError")):
+    if any(
+        s in message for s in ("InvalidAuthToken", "Unauthenticated", "authentication token", "AuthenticationError")
+    ):
         if "no authentication token was found" in message:
             here = "RAY_AUTH_MODE=token here, but no token"
         elif os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
@@ -151,10 +165,14 @@ def _connect_failure(address: str, text: str, error: Exception | None, timeout_s
             here = "the token here is not the head's"
         return f"--address {address}: the cluster refused this driver's authentication token ({here}); {TOKEN_HELP}"
     if error is None:
-        return (f"--address {address}: no Ray cluster answered within {timeout_s:g} s (the port is open: is it the "
-                "head's GCS port, 6379 by default?)")
-    return (f"--address {address}: cannot connect to the Ray cluster: {_first_line(error)} (something accepts "
-            "connections there: is it a Ray head's GCS port, 6379 by default?)")
+        return (
+            f"--address {address}: no Ray cluster answered within {timeout_s:g} s (the port is open: is it the "
+            "head's GCS port, 6379 by default?)"
+        )
+    return (
+        f"--address {address}: cannot connect to the Ray cluster: {_first_line(error)} (something accepts "
+        "connections there: is it a Ray head's GCS port, 6379 by default?)"
+    )
 
 
 def cluster_problem(request: dict[str, float], address: str) -> str | None:
@@ -170,9 +188,11 @@ def cluster_problem(request: dict[str, float], address: str) -> str | None:
         largest = max((float(n.get(key, 0)) for n in nodes), default=0.0)
         if largest < need:
             total = sum(float(n.get(key, 0)) for n in nodes)
-            return (f"{option} {need:g}: no node of the cluster at {address} has {need:g} {key}s "
-                    f"(largest node: {largest:g}, {len(nodes)} nodes: {total:g} in all), so every trial would wait "
-                    "forever; ask for less, or pass --wait-for-resources if the cluster scales up")
+            return (
+                f"{option} {need:g}: no node of the cluster at {address} has {need:g} {key}s "
+                f"(largest node: {largest:g}, {len(nodes)} nodes: {total:g} in all), so every trial would wait "
+                "forever; ask for less, or pass --wait-for-resources if the cluster scales up"
+            )
     return None
 
 
@@ -183,8 +203,11 @@ def trial_slots(request: dict[str, float]) -> int:
 
     slots = 0
     for node in (n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")):
-        fits = [int(float(node.get(key, 0)) / float(request[key.lower()]) + 1e-9)
-                for key in ("CPU", "GPU") if float(request[key.lower()]) > 0]
+        fits = [
+            int(float(node.get(key, 0)) / float(request[key.lower()]) + 1e-9)
+            for key in ("CPU", "GPU")
+            if float(request[key.lower()]) > 0
+        ]
         slots += min(fits) if fits else 0
     return slots
 

@@ -50,8 +50,16 @@ class StudyReporter(ProgressReporter):
         max_rows: trial rows per table; unfinished trials first, then the latest finished.
     """
 
-    def __init__(self, name: str, params: list[str], metrics: list[str], max_epochs: int, num_samples: int,
-                 every_s: float = 30.0, max_rows: int = 24) -> None:
+    def __init__(
+        self,
+        name: str,
+        params: list[str],
+        metrics: list[str],
+        max_epochs: int,
+        num_samples: int,
+        every_s: float = 30.0,
+        max_rows: int = 24,
+    ) -> None:
         self.name, self.params, self.metrics = name, list(params), list(metrics)
         self.max_epochs, self.num_samples, self.every_s, self.max_rows = max_epochs, num_samples, every_s, max_rows
         self._start: float | None = None
@@ -88,17 +96,31 @@ class StudyReporter(ProgressReporter):
         if waiting:
             counts["not started"] = waiting
         elapsed = now - (self._start or now)
-        lines = [f"== study {self.name}: {self.num_samples} trials ("
-                 + ", ".join(f"{n} {s}" for s, n in counts.items()) + f") | {clock(elapsed)} elapsed, "
-                 + self._time_left(trials, elapsed, waiting) + " =="]
+        lines = [
+            f"== study {self.name}: {self.num_samples} trials ("
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + f") | {clock(elapsed)} elapsed, "
+            + self._time_left(trials, elapsed, waiting)
+            + " =="
+        ]
         header = ["trial", *self.params, "status", "epoch", *self.metrics]
-        rows = [[t.trial_id, *(_cell(t.config.get(p)) for p in self.params), _status(t),
-                 f"{_epoch(t) or '-'}/{self._max_epochs(t)}", *(_cell(t.last_result.get(m)) for m in self.metrics)]
-                for t in self._shown(trials)]
+        rows = [
+            [
+                t.trial_id,
+                *(_cell(t.config.get(p)) for p in self.params),
+                _status(t),
+                f"{_epoch(t) or '-'}/{self._max_epochs(t)}",
+                *(_cell(t.last_result.get(m)) for m in self.metrics),
+            ]
+            for t in self._shown(trials)
+        ]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
-            lines.append("  ".join(str(c).rjust(w) if i > 0 else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+            lines.append(
+                "  ".join(
+                    str(c).rjust(w) if i > 0 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                ).rstrip()
+            )
         hidden = len(trials) - len(rows)
         if hidden:
             lines.append(f"... and {hidden} more finished trials (all of them: trials.parquet)")
@@ -109,7 +131,7 @@ class StudyReporter(ProgressReporter):
             return list(trials)
         unfinished = [t for t in trials if t.status not in FINISHED]
         finished = [t for t in trials if t.status in FINISHED]
-        keep = set(map(id, unfinished + finished[len(finished) - max(0, self.max_rows - len(unfinished)):]))
+        keep = set(map(id, unfinished + finished[len(finished) - max(0, self.max_rows - len(unfinished)) :]))
         return [t for t in trials if id(t) in keep]
 
     def _max_epochs(self, trial: Any) -> int:

@@ -31,11 +31,25 @@ def commands(study_dir: Path, tensorboard_port: int = 6006, optuna_port: int = 8
         raise FileNotFoundError("optuna-dashboard is not installed (pip install optuna-dashboard)")
     return {
         f"TensorBoard       http://{HOST}:{tensorboard_port}/": [
-            sys.executable, "-m", "tensorboard.main", "--logdir", str(study_dir), "--host", HOST,
-            "--port", str(tensorboard_port)],
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(study_dir),
+            "--host",
+            HOST,
+            "--port",
+            str(tensorboard_port),
+        ],
         f"optuna-dashboard  http://{HOST}:{optuna_port}/": [
-            optuna_dashboard, f"sqlite:///{study_dir / OPTUNA_FILE}", "--host", HOST, "--port", str(optuna_port),
-            "--quiet"],
+            optuna_dashboard,
+            f"sqlite:///{study_dir / OPTUNA_FILE}",
+            "--host",
+            HOST,
+            "--port",
+            str(optuna_port),
+            "--quiet",
+        ],
     }
 
 
@@ -55,8 +69,10 @@ def serve(study_dir: Path, tensorboard_port: int = 6006, optuna_port: int = 8080
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs = {name: tempfile.TemporaryFile(mode="w+") for name in todo}  # a pipe left unread could fill and block
-    servers = {name: subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, text=True)
-               for name, cmd in todo.items()}
+    servers = {
+        name: subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, text=True)
+        for name, cmd in todo.items()
+    }
     for name in servers:
         print(name)
     print("Ctrl-C stops both")
@@ -69,8 +85,10 @@ def serve(study_dir: Path, tensorboard_port: int = 6006, optuna_port: int = 8080
             if p.poll() is not None:  # a port in use, a bad storage: say why
                 logs[name].seek(0)
                 message = logs[name].read().strip().splitlines()
-                print(f"error: {name.split()[0]} stopped: {message[-1] if message else f'exit {p.returncode}'}",
-                      file=sys.stderr)
+                print(
+                    f"error: {name.split()[0]} stopped: {message[-1] if message else f'exit {p.returncode}'}",
+                    file=sys.stderr,
+                )
                 code = 1
     except KeyboardInterrupt:
         pass

@@ -32,9 +32,16 @@ from study.report_data import StudyResults, format_value
 from study.report_plots import save_png
 
 FIGURE6_MAX_ROWS = 8
-FIGURE6_COLUMNS = ("ground truth", "adv. model,\nclean input", "worst-case δ\n(PGD)", "perturbed input",
-                   "adv. model,\nperturbed input", "std. model, its own\nworst-case input",
-                   "|error| adv. model,\nperturbed", "|error| std. model,\nits worst case")
+FIGURE6_COLUMNS = (
+    "ground truth",
+    "adv. model,\nclean input",
+    "worst-case δ\n(PGD)",
+    "perturbed input",
+    "adv. model,\nperturbed input",
+    "std. model, its own\nworst-case input",
+    "|error| adv. model,\nperturbed",
+    "|error| std. model,\nits worst case",
+)
 
 
 @dataclass
@@ -74,8 +81,18 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
         return models[trial_id]
 
     def batch_for(cfg):
-        key = (cfg.data, cfg.crop_size, cfg.mask_type, cfg.center_fraction, cfg.acceleration, cfg.seed, cfg.clamp,
-               cfg.target_key, cfg.perturbation, tuple(cfg.attacks))
+        key = (
+            cfg.data,
+            cfg.crop_size,
+            cfg.mask_type,
+            cfg.center_fraction,
+            cfg.acceleration,
+            cfg.seed,
+            cfg.clamp,
+            cfg.target_key,
+            cfg.perturbation,
+            tuple(cfg.attacks),
+        )
         if key not in batches:
             if cfg.data is None or not Path(cfg.data).is_dir():
                 raise FileNotFoundError(f"the data folder {cfg.data} is gone")
@@ -91,8 +108,9 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
 
     def attacked(model, cfg, budget, batch) -> dict[str, np.ndarray]:
         """preview() of the model on the clean and the PGD-perturbed slice: (h, w) arrays."""
-        attack = PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only,
-                           cfg.clamp)
+        attack = PGDAttack(
+            budget, cfg.pgd_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
+        )
         x = attack(model, batch, runtime).inputs
         return {k: v[0] for k, v in preview(model, batch, runtime, {"pgd": x}).items()}
 
@@ -115,11 +133,14 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
         notes.append(f"figure 6 shows {len(keep)} of the {len(adversarial)} adversarial trials (evenly over ε)")
         adversarial = adversarial.iloc[keep]
     if standard.empty:
-        notes.append("figure 6: the study has no standard-training (ε = 0) trial, so the standard model's "
-                     "columns are empty")
+        notes.append(
+            "figure 6: the study has no standard-training (ε = 0) trial, so the standard model's columns are empty"
+        )
     if adversarial.empty:
-        notes.append("figure 6: the study has no adversarially trained (ε > 0) trial; it shows the standard "
-                     "model under PGD at the largest attack budget only")
+        notes.append(
+            "figure 6: the study has no adversarially trained (ε > 0) trial; it shows the standard "
+            "model under PGD at the largest attack budget only"
+        )
 
     base = (res.state or {}).get("base") or {}
     threads = torch.get_num_threads()
@@ -137,9 +158,13 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
             slice_name = f"{batch.fnames[0]} slice {int(batch.slice_nums[0])}"
             a = attacked(model, cfg, cfg.epsilon, batch)
             n_clean, n_adv = slice_nmse(batch, a["recon"]), slice_nmse(batch, a["pgd_recon"])
-            panels = [_Panel("", a["target"]), _Panel(f"NMSE {n_clean:.4f}", a["recon"]),
-                      _Panel(f"vs adv. model, ‖δ‖²≤{cfg.epsilon:.3g}", a["pgd_delta"], "delta"),
-                      _Panel("", a["pgd_input"]), _Panel(f"NMSE {n_adv:.4f}", a["pgd_recon"])]
+            panels = [
+                _Panel("", a["target"]),
+                _Panel(f"NMSE {n_clean:.4f}", a["recon"]),
+                _Panel(f"vs adv. model, ‖δ‖²≤{cfg.epsilon:.3g}", a["pgd_delta"], "delta"),
+                _Panel("", a["pgd_input"]),
+                _Panel(f"NMSE {n_adv:.4f}", a["pgd_recon"]),
+            ]
             std_id = standard_for(row)
             std = load(std_id) if std_id is not None else None
             if std is not None and std[0].crop_size != cfg.crop_size:
@@ -149,13 +174,26 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
             if std is not None:
                 s = attacked(std[1], cfg, cfg.epsilon, batch)
                 n_std = slice_nmse(batch, s["pgd_recon"])
-                panels += [_Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]), err_adv,
-                           _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error")]
+                panels += [
+                    _Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]),
+                    err_adv,
+                    _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error"),
+                ]
             else:
                 why = "no standard\n(ε = 0) trial" if std_id is None else f"standard trial\n{std_id}:\nno best.pt"
                 panels += [_Panel(why), err_adv, _Panel("")]
-            rows.append(("\n".join([f"ε={format_value(row['epsilon_ref'])} (320²)", f"RMS {cfg.epsilon_rms:.3f}/px",
-                                    *(f"{p}={format_value(row[c])}" for p, c in res.columns.items() if c in other)]), panels))
+            rows.append(
+                (
+                    "\n".join(
+                        [
+                            f"ε={format_value(row['epsilon_ref'])} (320²)",
+                            f"RMS {cfg.epsilon_rms:.3f}/px",
+                            *(f"{p}={format_value(row[c])}" for p, c in res.columns.items() if c in other),
+                        ]
+                    ),
+                    panels,
+                )
+            )
         if adversarial.empty and not standard.empty:
             std_id = standard.iloc[0]["trial_id"]
             loaded = load(std_id)
@@ -166,23 +204,31 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
                 budget = max(cfg.attack_budgets)
                 s = attacked(model, cfg, budget, batch)
                 n_clean, n_std = slice_nmse(batch, s["recon"]), slice_nmse(batch, s["pgd_recon"])
-                panels = [_Panel("", s["target"]),
-                          _Panel("no adversarially\ntrained (ε > 0) trial\n\n"
-                                 f"(std. model, clean:\nNMSE {n_clean:.4f})"),
-                          _Panel(f"vs std. model, ‖δ‖²≤{budget:.3g}", s["pgd_delta"], "delta"),
-                          _Panel("", s["pgd_input"]), _Panel(""),
-                          _Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]), _Panel(""),
-                          _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error")]
+                panels = [
+                    _Panel("", s["target"]),
+                    _Panel(f"no adversarially\ntrained (ε > 0) trial\n\n(std. model, clean:\nNMSE {n_clean:.4f})"),
+                    _Panel(f"vs std. model, ‖δ‖²≤{budget:.3g}", s["pgd_delta"], "delta"),
+                    _Panel("", s["pgd_input"]),
+                    _Panel(""),
+                    _Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]),
+                    _Panel(""),
+                    _Panel(f"NMSE {n_std:.4f}", np.abs(s["pgd_recon"] - s["target"]), "error"),
+                ]
                 rows.append((f"{res.label(std_id)}\nattacked at\n{max(res.budgets or [0]):g} (320²)", panels))
     finally:
         torch.set_num_threads(threads)
     if not rows:
         raise ValueError("no trial with a best.pt to draw")
     steps = sorted({m[0].pgd_steps for m in models.values() if m is not None})
-    where = ("at each row's training budget ε" if not adversarial.empty else
-             f"at the largest attack budget ({max(res.budgets or [0]):g} at 320²): the study has no ε > 0 trial")
-    title = (f"{res.folder.name} — Figure 6 after Huang & Liang: held-out {slice_name}; worst case = L2 PGD "
-             f"({'/'.join(map(str, steps))} steps) {where}; normalised units")
+    where = (
+        "at each row's training budget ε"
+        if not adversarial.empty
+        else f"at the largest attack budget ({max(res.budgets or [0]):g} at 320²): the study has no ε > 0 trial"
+    )
+    title = (
+        f"{res.folder.name} — Figure 6 after Huang & Liang: held-out {slice_name}; worst case = L2 PGD "
+        f"({'/'.join(map(str, steps))} steps) {where}; normalised units"
+    )
     _draw_rows(rows, title, path)
     return notes
 

@@ -27,8 +27,13 @@ from mriadv.trainer import build_reconstructor
 from study.report_data import StudyResults, held_out
 from study.report_plots import save_png
 
-COLUMNS = ("target with feature", "zero-filled input", "reconstruction", "feature's effect\n(with − without)",
-           "|error| with feature")
+COLUMNS = (
+    "target with feature",
+    "zero-filled input",
+    "reconstruction",
+    "feature's effect\n(with − without)",
+    "|error| with feature",
+)
 
 
 def chosen_models(res: StudyResults) -> list[tuple[str, str]]:
@@ -72,13 +77,21 @@ def features_figure(res: StudyResults, path: Path) -> list[str]:
         index = dataset.volumes[0].num_slices // 2  # the middle slice of the first held-out volume
         where = f"{dataset.volumes[0].name} slice {index}"
         if not rows:  # the zero-filled input first, at its own worst position
-            rows.append(("zero-filled input", feature_example(torch.nn.Identity(), dataset, runtime, index,
-                                                              FeatureSpec(), FeatureSearch())))
+            rows.append(
+                (
+                    "zero-filled input",
+                    feature_example(torch.nn.Identity(), dataset, runtime, index, FeatureSpec(), FeatureSearch()),
+                )
+            )
         rows.append((label, feature_example(model, dataset, runtime, index, FeatureSpec(), FeatureSearch())))
     if not rows:
         return notes
-    _draw(rows, f"{res.folder.name}: a {FeatureSpec().size}-pixel feature inserted into the data of held-out "
-                f"{where} at each model's worst position (normalised units)", path)
+    _draw(
+        rows,
+        f"{res.folder.name}: a {FeatureSpec().size}-pixel feature inserted into the data of held-out "
+        f"{where} at each model's worst position (normalised units)",
+        path,
+    )
     return notes
 
 
@@ -91,8 +104,13 @@ def _draw(rows: list[tuple[str, dict[str, np.ndarray]]], title: str, path: Path)
         cy, cx = (int(ys.mean()), int(xs.mean())) if len(ys) else (im["mask"].shape[0] // 2, im["mask"].shape[1] // 2)
         effect = im["difference"]
         m = float(np.abs(im["feature"]).max()) or 1.0
-        panels = [(im["target"], lo, hi), (im["input"], lo, hi), (im["recon"], lo, hi), (effect, -m, m),
-                  (np.abs(im["recon"] - im["target"]), 0.0, m)]
+        panels = [
+            (im["target"], lo, hi),
+            (im["input"], lo, hi),
+            (im["recon"], lo, hi),
+            (effect, -m, m),
+            (np.abs(im["recon"] - im["target"]), 0.0, m),
+        ]
         for c, (ax, (image, vmin, vmax)) in enumerate(zip(axes[r], panels)):
             ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.contour(im["mask"], levels=[0.5], colors="red", linewidths=0.6)

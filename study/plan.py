@@ -51,9 +51,13 @@ class Plan:
 def check_options(args: argparse.Namespace) -> str | None:
     """None if the numeric options are in range, else a message naming the first option as typed
     (checked before anything else, so that it is not reported as a problem of the space file)."""
-    bounds = (("--max-epochs", args.max_epochs, 1), ("--num-samples", args.num_samples, 1),
-              ("--max-concurrent", args.max_concurrent, 1), ("--cpus-per-trial", args.cpus_per_trial, 1),
-              ("--gpus-per-trial", args.gpus_per_trial, 0))
+    bounds = (
+        ("--max-epochs", args.max_epochs, 1),
+        ("--num-samples", args.num_samples, 1),
+        ("--max-concurrent", args.max_concurrent, 1),
+        ("--cpus-per-trial", args.cpus_per_trial, 1),
+        ("--gpus-per-trial", args.gpus_per_trial, 0),
+    )
     for option, value, low in bounds:
         if value is not None and value < low:
             return f"{option} must be >= {low}, got {value:g}"
@@ -96,15 +100,19 @@ def plan_study(args: argparse.Namespace) -> Plan:
     else:
         base = _new_base(args, space, results, study_dir, threads if not res["gpu"] else None)
     if args.num_samples is not None and (space.is_grid or space.points) and args.num_samples != space.trial_count():
-        print(f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
-              f"runs {min(args.num_samples, space.trial_count())} of them")
+        print(
+            f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
+            f"runs {min(args.num_samples, space.trial_count())} of them"
+        )
     max_epochs = int(base.get("max_epochs", TrainConfig.max_epochs))
     num_samples = args.num_samples or space.trial_count()
     if space.is_grid or space.points:
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
-    print(f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
-          + (f"; cluster at {located}" if cluster else ""))
+    print(
+        f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
+        + (f"; cluster at {located}" if cluster else "")
+    )
     return Plan(space, name, results, study_dir, resuming, cluster, res, cpus, gpus, base, num_samples, max_epochs)
 
 
@@ -123,17 +131,26 @@ def _resumed_base(args: argparse.Namespace, study_dir: Path, name: str) -> dict[
     for note in repair_state(study_dir):
         print(f"note: {note}")
     if newest(study_dir, EXPERIMENT_STATE) is None:
-        raise Refused(f"cannot resume study '{name}': Tune's experiment state in {study_dir} is missing or "
-                      "truncated and no complete copy was kept (the driver stopped before its first result); "
-                      "nothing was deleted: start the study under another --name, or remove the folder")
-    ignored = [flag for flag, given, saved in (("--profile", args.profile, profile_name),
-                                                ("--data", args.data and str(args.data.resolve()), base["data"]),
-                                                ("--max-epochs", args.max_epochs, base["max_epochs"]))
-               if given is not None and given != saved]
+        raise Refused(
+            f"cannot resume study '{name}': Tune's experiment state in {study_dir} is missing or "
+            "truncated and no complete copy was kept (the driver stopped before its first result); "
+            "nothing was deleted: start the study under another --name, or remove the folder"
+        )
+    ignored = [
+        flag
+        for flag, given, saved in (
+            ("--profile", args.profile, profile_name),
+            ("--data", args.data and str(args.data.resolve()), base["data"]),
+            ("--max-epochs", args.max_epochs, base["max_epochs"]),
+        )
+        if given is not None and given != saved
+    ]
     statuses = trial_statuses(study_dir)
     unfinished = [t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR")]
-    print(f"resuming study '{name}' in {study_dir}: {len(statuses) - len(unfinished)} of {len(statuses)} "
-          f"started trials finished; profile {profile_name} (as started)")
+    print(
+        f"resuming study '{name}' in {study_dir}: {len(statuses) - len(unfinished)} of {len(statuses)} "
+        f"started trials finished; profile {profile_name} (as started)"
+    )
     if ignored:
         print(f"note: {', '.join(ignored)} ignored: a resumed study keeps the settings it started with")
     if Path(state["space_path"]).is_file() and Path(state["space_path"]).read_text() != state["space_yaml"]:
@@ -144,8 +161,9 @@ def _resumed_base(args: argparse.Namespace, study_dir: Path, name: str) -> dict[
     return base
 
 
-def _new_base(args: argparse.Namespace, space: StudySpace, results: Path, study_dir: Path,
-              threads: int | None) -> dict[str, Any]:
+def _new_base(
+    args: argparse.Namespace, space: StudySpace, results: Path, study_dir: Path, threads: int | None
+) -> dict[str, Any]:
     """The base config of a new study, on the given or the profile's synthetic data; writes the
     study folder and its ``study.json``."""
     profile_name = args.profile or default_profile()
@@ -165,15 +183,22 @@ def _new_base(args: argparse.Namespace, space: StudySpace, results: Path, study_
     except ConfigError as exc:
         raise Refused(f"{space.path}: {exc}") from None
     study_dir.mkdir(parents=True, exist_ok=True)
-    state = {"space": space.name, "space_path": str(space.path), "space_yaml": space.path.read_text(),
-             "profile": profile_name, "base": base, "budget_units": "320",
-             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    state = {
+        "space": space.name,
+        "space_path": str(space.path),
+        "space_yaml": space.path.read_text(),
+        "profile": profile_name,
+        "base": base,
+        "budget_units": "320",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (study_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
     return base
 
 
-def base_config(space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, threads: int | None,
-                cache_dir: Path) -> dict[str, Any]:
+def base_config(
+    space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, threads: int | None, cache_dir: Path
+) -> dict[str, Any]:
     """The config every trial starts from: profile, the space's fixed values, budgets, the run.
 
     Budgets (``epsilon``, ``attack_budgets``) stay in the space's 320x320 units here; each trial
@@ -202,12 +227,18 @@ def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float]
 
     cpus = len(os.sched_getaffinity(0))
     gpus = 0 if cluster else torch.cuda.device_count()
-    gpu = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if gpus or cluster and torch.cuda.is_available() else 0.0)
+    gpu = (
+        args.gpus_per_trial
+        if args.gpus_per_trial is not None
+        else (1.0 if gpus or cluster and torch.cuda.is_available() else 0.0)
+    )
     if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
         raise ConfigError(f"--gpus-per-trial {gpu:g}: a trial takes a fraction of one GPU or whole GPUs (Ray's rule)")
     if not cluster and gpu > gpus:  # Ray would keep such trials PENDING forever
-        raise ConfigError(f"--gpus-per-trial {gpu:g}: {'no GPU is' if not gpus else f'only {gpus} GPUs are'} visible "
-                          "here (torch.cuda); use --gpus-per-trial 0, or --address a Ray cluster with GPUs")
+        raise ConfigError(
+            f"--gpus-per-trial {gpu:g}: {'no GPU is' if not gpus else f'only {gpus} GPUs are'} visible "
+            "here (torch.cuda); use --gpus-per-trial 0, or --address a Ray cluster with GPUs"
+        )
     cpu = args.cpus_per_trial if args.cpus_per_trial is not None else (max(1, cpus // max(1, gpus)) if gpu else 1)
     if cpu < 1 or (not cluster and cpu > cpus):
         raise ConfigError(f"--cpus-per-trial {cpu} is not between 1 and the {cpus} CPUs here")

@@ -45,8 +45,17 @@ from study.report_plots import pareto_points, plot_curves, plot_pareto, plot_pro
 from study.report_summary import summary_markdown
 from study.report_tables import markdown_cell, write_table1
 
-REPORT_FILES = ("summary.md", "table1.md", "table1.csv", "figure6.png", "features.png", "robustness.png", "pareto.png",
-                "curves.png", "protocol_curves.png")
+REPORT_FILES = (
+    "summary.md",
+    "table1.md",
+    "table1.csv",
+    "figure6.png",
+    "features.png",
+    "robustness.png",
+    "pareto.png",
+    "curves.png",
+    "protocol_curves.png",
+)
 
 
 def write_report(study_dir: Path) -> Path:
@@ -105,29 +114,39 @@ def _check_partial(res: StudyResults) -> None:
     statuses = trial_status(res.trials)
     running = statuses[statuses == "RUNNING"]
     if len(running):
-        res.notes.append(f"{len(running)} trial(s) still RUNNING: the study is running or was interrupted (run the "
-                         "same study command again to resume it); this report shows the epochs reported so far")
+        res.notes.append(
+            f"{len(running)} trial(s) still RUNNING: the study is running or was interrupted (run the "
+            "same study command again to resume it); this report shows the epochs reported so far"
+        )
     for t, message in failed_trials(res.trials).items():
         res.notes.append(f"trial {t} ({res.label(t)}) failed: {markdown_cell(message) or 'no message'}")
     messages = trial_messages(res.trials)
     for t in statuses[statuses == "nan"].index:
-        res.notes.append(f"trial {t} ({res.label(t)}) stopped on a non-finite loss: "
-                         f"{markdown_cell(messages.get(t, ''))}")
+        res.notes.append(
+            f"trial {t} ({res.label(t)}) stopped on a non-finite loss: {markdown_cell(messages.get(t, ''))}"
+        )
     no_best = set(statuses.index) - set(res.best["trial_id"] if not res.best.empty else [])
     for t in sorted(no_best - set(statuses[statuses == "ERROR"].index)):
         res.notes.append(f"trial {t} ({res.label(t)}) has no epoch with a finite validation loss: not in the tables")
-    for t in (res.best["trial_id"] if not res.best.empty else []):
+    for t in res.best["trial_id"] if not res.best.empty else []:
         if res.best_pt(t) is None:
-            res.notes.append(f"trial {t} ({res.label(t)}) has no best.pt"
-                             + ("" if res.trial_folder(t) else " (no trial folder)") + ": left out of figure 6")
+            res.notes.append(
+                f"trial {t} ({res.label(t)}) has no best.pt"
+                + ("" if res.trial_folder(t) else " (no trial folder)")
+                + ": left out of figure 6"
+            )
     shown = list(res.best["trial_id"]) if not res.best.empty else []
     for group in identical_trials(res.trials):
         group = sorted(group, key=lambda t: shown.index(t) if t in shown else len(shown))
-        res.notes.append(f"trials {', '.join(f'{t} ({res.label(t)})' for t in group)} have the same validation loss "
-                         "at every epoch: in these runs their differing hyperparameters made no difference")
+        res.notes.append(
+            f"trials {', '.join(f'{t} ({res.label(t)})' for t in group)} have the same validation loss "
+            "at every epoch: in these runs their differing hyperparameters made no difference"
+        )
     if not res.best.empty and not {"train_seed_nmse", "train_seed_psnr", "train_seed_ssim"} <= set(res.trials):
-        res.notes.append("trials.parquet has no train_seed_* columns (an older table): Training rows lack the "
-                         "seed-definition numbers")
+        res.notes.append(
+            "trials.parquet has no train_seed_* columns (an older table): Training rows lack the "
+            "seed-definition numbers"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,13 +19,26 @@ from matplotlib.lines import Line2D
 
 from mriadv.units import REFERENCE_CROP  # the seed's crop; light (no torch)
 from study.analysis import at_best_epochs, finished_trials, pareto_front
-from study.report_data import (METRIC_NAMES, METRICS, SPLIT_NAMES, StudyResults, float_of, held_out, held_out_split,
-                               param_symbol, zero_filled)
+from study.report_data import (
+    METRIC_NAMES,
+    METRICS,
+    SPLIT_NAMES,
+    StudyResults,
+    float_of,
+    held_out,
+    held_out_split,
+    param_symbol,
+    zero_filled,
+)
 from study.report_tables import pgd_column
 
 DEFENCE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
-ATTACK_NAMES = {"pgd": "PGD", "pgd_kspace": "k-space PGD", "noise": "random noise",
-                "generator": "the trial's generator"}
+ATTACK_NAMES = {
+    "pgd": "PGD",
+    "pgd_kspace": "k-space PGD",
+    "noise": "random noise",
+    "generator": "the trial's generator",
+}
 DPI = 100
 
 
@@ -60,8 +73,15 @@ def robustness_rows(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, str]
     rob = at_best_epochs(res.best, res.robust)
     if "split" in rob:
         rob = rob[rob["split"] == "selection"]
-    clean = [{"trial_id": b["trial_id"], "attack": "clean", "budget_ref": 0.0,
-              **{m: float_of(b, f"val_{m}") for m in METRICS}} for _, b in res.best.iterrows()]
+    clean = [
+        {
+            "trial_id": b["trial_id"],
+            "attack": "clean",
+            "budget_ref": 0.0,
+            **{m: float_of(b, f"val_{m}") for m in METRICS},
+        }
+        for _, b in res.best.iterrows()
+    ]
     return pd.concat([rob, pd.DataFrame(clean)], ignore_index=True), rob.iloc[0:0], "selection"
 
 
@@ -73,8 +93,10 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
         raise ValueError("no robustness results at the trials' best epochs")
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    curves = [(res.label(b["trial_id"]), color, rob[rob["trial_id"] == b["trial_id"]])
-              for color, (_, b) in zip(_colors(len(res.best)), res.best.iterrows())]
+    curves = [
+        (res.label(b["trial_id"]), color, rob[rob["trial_id"] == b["trial_id"]])
+        for color, (_, b) in zip(_colors(len(res.best)), res.best.iterrows())
+    ]
     if len(zf):
         curves.insert(0, ("zero-filled input", "k", zf))
     for label, color, mine in curves:
@@ -86,12 +108,20 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
             for ax, m in zip(axes, ("nmse", "ssim")):
                 x = [0.0, *r["budget_ref"]]
                 y = [float(clean.iloc[0][m]), *r[m]]
-                ax.plot(x, y, style, color=color, marker="o" if attack == "pgd" else None, ms=4,
-                        label=label if attack == "pgd" else None)
+                ax.plot(
+                    x,
+                    y,
+                    style,
+                    color=color,
+                    marker="o" if attack == "pgd" else None,
+                    ms=4,
+                    label=label if attack == "pgd" else None,
+                )
     ticks = [0.0, *res.budgets]
     for ax, m in zip(axes, ("nmse", "ssim")):
-        ax.set_xticks(ticks, ["clean"] + [f"{b:g}\n({math.sqrt(b) / REFERENCE_CROP:.3f}/px)" for b in res.budgets],
-                      fontsize=8)
+        ax.set_xticks(
+            ticks, ["clean"] + [f"{b:g}\n({math.sqrt(b) / REFERENCE_CROP:.3f}/px)" for b in res.budgets], fontsize=8
+        )
         ax.set_ylabel(f"{split}-split {METRIC_NAMES[m]}")
         ax.grid(alpha=0.3)
     axes[0].set_title("NMSE under attack (lower is better)", fontsize=10)
@@ -101,8 +131,9 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
     labels += ["PGD (worst case)", "random noise, same ‖δ‖²"]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, title=_legend_title(res), title_fontsize=8)
     fig.supxlabel("attack budget ‖δ‖² in 320×320 units (per-pixel RMS in normalised units)", fontsize=9)
-    fig.suptitle(f"{res.folder.name}: robustness of each trial's best epoch ({SPLIT_NAMES.get(split, split)})",
-                 fontsize=10)
+    fig.suptitle(
+        f"{res.folder.name}: robustness of each trial's best epoch ({SPLIT_NAMES.get(split, split)})", fontsize=10
+    )
     save_png(fig, path)
 
 
@@ -150,8 +181,10 @@ def metric_label(metric: str) -> str:
     found = re.fullmatch(r"rob_(.+)_e([0-9p]+)_(d_)?(nmse|psnr|ssim)", metric)
     if found:
         attack, budget, delta, m = found.groups()
-        return (f"{'degradation of ' if delta else ''}{METRIC_NAMES[m]} under {ATTACK_NAMES.get(attack, attack)}, "
-                f"‖δ‖² = {budget.replace('p', '.')} (320²)")
+        return (
+            f"{'degradation of ' if delta else ''}{METRIC_NAMES[m]} under {ATTACK_NAMES.get(attack, attack)}, "
+            f"‖δ‖² = {budget.replace('p', '.')} (320²)"
+        )
     return metric
 
 
@@ -182,13 +215,28 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
         name = f"{kind} (finished)" if kind else "trial (finished)"
         ax.scatter(values[done & mine, 0], values[done & mine, 1], s=40, color=color, label=name, zorder=2)
         if (~done & mine).any():
-            ax.scatter(values[~done & mine, 0], values[~done & mine, 1], s=40, facecolors="none", edgecolors=color,
-                       label=f"{kind or 'trial'} (stopped by the scheduler, or running)", zorder=2)
+            ax.scatter(
+                values[~done & mine, 0],
+                values[~done & mine, 1],
+                s=40,
+                facecolors="none",
+                edgecolors=color,
+                label=f"{kind or 'trial'} (stopped by the scheduler, or running)",
+                zorder=2,
+            )
     if front.any():
         order = np.argsort(values[front, 0])
         ax.plot(values[front, 0][order], values[front, 1][order], "-", color="tab:red", lw=1, zorder=1)
-        ax.scatter(values[front, 0], values[front, 1], s=110, facecolors="none", edgecolors="tab:red", lw=1.5,
-                   label="Pareto front", zorder=3)
+        ax.scatter(
+            values[front, 0],
+            values[front, 1],
+            s=110,
+            facecolors="none",
+            edgecolors="tab:red",
+            lw=1.5,
+            label="Pareto front",
+            zorder=3,
+        )
     names = [res.label(t) for t in points.trial_ids]
     numbered = max(map(len, names), default=0) > 24  # long labels: numbers on the plot, a key beside it
     at: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
@@ -196,11 +244,24 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
         if np.isfinite(x) and np.isfinite(y):
             at.setdefault((float(f"{x:.6g}"), float(f"{y:.6g}")), []).append(str(i + 1) if numbered else name)
     for (x, y), labels in at.items():
-        ax.annotate((", " if numbered else "\n").join(labels), (x, y), textcoords="offset points", xytext=(6, 4),
-                    fontsize=7, va="bottom")
+        ax.annotate(
+            (", " if numbered else "\n").join(labels),
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=7,
+            va="bottom",
+        )
     if numbered:
-        fig.legend([Line2D([], [], ls="")] * len(names), [f"{i + 1}: {n}" for i, n in enumerate(names)],
-                   loc="outside right center", fontsize=7, handlelength=0, title=_legend_title(res), title_fontsize=7)
+        fig.legend(
+            [Line2D([], [], ls="")] * len(names),
+            [f"{i + 1}: {n}" for i, n in enumerate(names)],
+            loc="outside right center",
+            fontsize=7,
+            handlelength=0,
+            title=_legend_title(res),
+            title_fontsize=7,
+        )
     ax.set_xlabel(f"clean NMSE ({held_out_split(res) or 'report'} split)")
     ax.set_ylabel(points.y_label)
     ax.grid(alpha=0.3)
@@ -242,8 +303,10 @@ def plot_protocol_curves(res: StudyResults, path: Path) -> None:
         zf = held_out(res, "zero_filled", name)
         zf = zf[zf["trial_id"] == zf["trial_id"].iloc[0]] if len(zf) else zf
         curves = [("zero-filled input", "k", "-", zf, zf_clean)]
-        curves += [(label, color, style, rows[rows["trial_id"] == t], clean[clean["trial_id"] == t])
-                   for label, color, style, t in lines]
+        curves += [
+            (label, color, style, rows[rows["trial_id"] == t], clean[clean["trial_id"] == t])
+            for label, color, style, t in lines
+        ]
         for label, color, style, r, c in curves:
             r = r[(r["attack"] == attack) & r["rel"].notna()].sort_values("rel")
             if r.empty:
@@ -251,8 +314,12 @@ def plot_protocol_curves(res: StudyResults, path: Path) -> None:
             x = ([0.0] if len(c) else []) + list(r["rel"])
             y = ([float(c.iloc[0]["nmse"])] if len(c) else []) + list(r["nmse"])
             ax.plot(x, y, style, color=color, marker="o", ms=3, lw=1.2, label=label)
-        ax.set_xlabel("relative budget ‖δ‖ / ‖y‖ (sampled k-space)" if attack.endswith("_kspace")
-                      else "relative budget ‖δ‖ / ‖x̃‖ (input image)", fontsize=9)
+        ax.set_xlabel(
+            "relative budget ‖δ‖ / ‖y‖ (sampled k-space)"
+            if attack.endswith("_kspace")
+            else "relative budget ‖δ‖ / ‖x̃‖ (input image)",
+            fontsize=9,
+        )
         ax.set_ylabel(f"{held_out_split(res) or 'report'}-split NMSE (lower is better)")
         ax.set_title(f"{ATTACK_NAMES.get(attack, attack)}, protocol {name}", fontsize=10)
         ax.grid(alpha=0.3)
@@ -267,8 +334,12 @@ def plot_curves(res: StudyResults, path: Path) -> None:
     """Validation NMSE / PSNR / SSIM and training loss per epoch, best epochs marked."""
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
-    panels = (("val_nmse", "validation NMSE"), ("val_psnr", "validation PSNR (dB)"), ("val_ssim", "validation SSIM"),
-              ("train_loss", "training loss (reconstructor objective)"))
+    panels = (
+        ("val_nmse", "validation NMSE"),
+        ("val_psnr", "validation PSNR (dB)"),
+        ("val_ssim", "validation SSIM"),
+        ("train_loss", "training loss (reconstructor objective)"),
+    )
     trials = res.trials[res.trials["epoch"] > 0] if "epoch" in res.trials else res.trials
     order = list(res.best["trial_id"]) + sorted(set(trials["trial_id"]) - set(res.best["trial_id"]))
     best_epoch = dict(zip(res.best["trial_id"], res.best["epoch"]))

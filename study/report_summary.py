@@ -9,8 +9,16 @@ from pathlib import Path
 
 from study.analysis import best_trials, finished_trials, trial_messages, trial_status
 from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
-from study.report_data import (StudyResults, format_number, format_value, held_out, held_out_cell, held_out_split,
-                               is_present, zero_filled)
+from study.report_data import (
+    StudyResults,
+    format_number,
+    format_value,
+    held_out,
+    held_out_cell,
+    held_out_split,
+    is_present,
+    zero_filled,
+)
 from study.report_plots import ParetoPoints
 from study.report_tables import markdown_cell, markdown_table, plus_minus
 
@@ -18,30 +26,38 @@ STATUS_ORDER = ("TERMINATED", "early_stopped", "nan", "ERROR", "RUNNING")
 
 
 def summary_markdown(res: StudyResults, written: list[str], points: ParetoPoints | None) -> str:
-    return "\n".join([*_summary_head(res), *_summary_best(res, points), *_summary_trials(res),
-                      *_summary_files(res, written)])
+    return "\n".join(
+        [*_summary_head(res), *_summary_best(res, points), *_summary_trials(res), *_summary_files(res, written)]
+    )
 
 
 def _summary_head(res: StudyResults) -> list[str]:
     st = res.state or {}
     base = st.get("base") or {}
-    out = [f"# Study report: {res.folder.name}", "",
-           f"- folder: `{res.folder.name}/`, the study folder (the paths below are relative to it)"]
+    out = [
+        f"# Study report: {res.folder.name}",
+        "",
+        f"- folder: `{res.folder.name}/`, the study folder (the paths below are relative to it)",
+    ]
     if st:
         budgets = ", ".join(f"{b:g}" for b in res.budgets) or "–"
         space = res.shown(st["space_path"]) if st.get("space_path") else "?"
         space = Path(space).name if Path(space).is_absolute() else space  # elsewhere: its text is in study.json
-        out += [f"- space: {st.get('space', '?')} (`{space}`)"
-                + (f": {res.description}" if res.description else ""),
-                f"- searched: {', '.join(res.columns) or '–'}; objectives: "
-                + ", ".join(f"{m} ({mode})" for m, mode in res.objectives),
-                f"- profile: {st.get('profile', '?')}; data: `{res.shown(base['data']) if base.get('data') else '?'}`; "
-                f"crop {base.get('crop_size', '?')}; attack budgets (320² units): {budgets}",
-                f"- started: {st.get('created', '?')}"]
+        out += [
+            f"- space: {st.get('space', '?')} (`{space}`)" + (f": {res.description}" if res.description else ""),
+            f"- searched: {', '.join(res.columns) or '–'}; objectives: "
+            + ", ".join(f"{m} ({mode})" for m, mode in res.objectives),
+            f"- profile: {st.get('profile', '?')}; data: `{res.shown(base['data']) if base.get('data') else '?'}`; "
+            f"crop {base.get('crop_size', '?')}; attack budgets (320² units): {budgets}",
+            f"- started: {st.get('created', '?')}",
+        ]
     counts = trial_status(res.trials).value_counts().to_dict()
     order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
-    out += [f"- trials: {sum(counts.values())}"
-            + (" (" + ", ".join(f"{counts[s]} {s or 'unknown'}" for s in order) + ")" if counts else ""), ""]
+    out += [
+        f"- trials: {sum(counts.values())}"
+        + (" (" + ", ".join(f"{counts[s]} {s or 'unknown'}" for s in order) + ")" if counts else ""),
+        "",
+    ]
     if res.notes:
         out += ["## Notes", "", *(f"- {res.shown_text(n)}" for n in res.notes), ""]
     return out
@@ -52,9 +68,12 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     if res.best.empty:
         return out + ["No trial has a finished epoch yet.", ""]
     split = held_out_split(res)
-    out += ["Chosen by each objective on the *selection* split (every trial's best epoch: lowest selection loss, "
-            "the epoch in `best.pt`); the metrics beside are that epoch's held-out "
-            f"{split or 'report'}-split evaluation (± standard error over volumes), which nothing was chosen by.", ""]
+    out += [
+        "Chosen by each objective on the *selection* split (every trial's best epoch: lowest selection loss, "
+        "the epoch in `best.pt`); the metrics beside are that epoch's held-out "
+        f"{split or 'report'}-split evaluation (± standard error over volumes), which nothing was chosen by.",
+        "",
+    ]
     report = held_out(res)
     top = max(res.budgets) if res.budgets else None
     by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
@@ -64,21 +83,55 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
         ckpt = res.best_pt(row["trial_id"])
         tied = by_id.loc[(by_id[metric] == row[metric]) & (by_id["trial_id"] != row["trial_id"]), "trial_id"]
         mine = report[report["trial_id"] == row["trial_id"]] if len(report) else report
-        rows.append([f"{metric} ({dict(res.objectives)[metric]})",
-                     row["trial_id"] + (f" (tied with {', '.join(tied)})" if len(tied) else ""),
-                     res.label(row["trial_id"]), str(int(row["epoch"])), format_number(row[metric], ".5g"),
-                     _measured(mine, "clean", 0.0, "nmse", ".4f"), _measured(mine, "clean", 0.0, "psnr", ".2f"),
-                     _measured(mine, "clean", 0.0, "ssim", ".4f"),
-                     _measured(mine, "pgd", top, "nmse", ".4f") if top else "–",
-                     f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)"])
+        rows.append(
+            [
+                f"{metric} ({dict(res.objectives)[metric]})",
+                row["trial_id"] + (f" (tied with {', '.join(tied)})" if len(tied) else ""),
+                res.label(row["trial_id"]),
+                str(int(row["epoch"])),
+                format_number(row[metric], ".5g"),
+                _measured(mine, "clean", 0.0, "nmse", ".4f"),
+                _measured(mine, "clean", 0.0, "psnr", ".2f"),
+                _measured(mine, "clean", 0.0, "ssim", ".4f"),
+                _measured(mine, "pgd", top, "nmse", ".4f") if top else "–",
+                f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)",
+            ]
+        )
     zf = zero_filled(res)
     if len(zf):
-        rows.insert(0, ["(baseline)", "zero-filled input", "–", "–", "–",
-                        _measured(zf, "clean", 0.0, "nmse", ".4f"), _measured(zf, "clean", 0.0, "psnr", ".2f"),
-                        _measured(zf, "clean", 0.0, "ssim", ".4f"),
-                        _measured(zf, "pgd", top, "nmse", ".4f") if top else "–", "–"])
-    out += [markdown_table(["objective", "trial", "searched values", "best epoch", "selection value", "NMSE", "PSNR",
-                            "SSIM", f"PGD@{top:g} NMSE" if top else "PGD NMSE", "checkpoint"], rows), ""]
+        rows.insert(
+            0,
+            [
+                "(baseline)",
+                "zero-filled input",
+                "–",
+                "–",
+                "–",
+                _measured(zf, "clean", 0.0, "nmse", ".4f"),
+                _measured(zf, "clean", 0.0, "psnr", ".2f"),
+                _measured(zf, "clean", 0.0, "ssim", ".4f"),
+                _measured(zf, "pgd", top, "nmse", ".4f") if top else "–",
+                "–",
+            ],
+        )
+    out += [
+        markdown_table(
+            [
+                "objective",
+                "trial",
+                "searched values",
+                "best epoch",
+                "selection value",
+                "NMSE",
+                "PSNR",
+                "SSIM",
+                f"PGD@{top:g} NMSE" if top else "PGD NMSE",
+                "checkpoint",
+            ],
+            rows,
+        ),
+        "",
+    ]
     keys = list(dict.fromkeys([*HPARAM_KEYS, *(c for c in res.columns.values() if c != "epsilon_ref")]))
     for trial_id in dict.fromkeys(row["trial_id"] for row in picks.values()):
         row = by_id[by_id["trial_id"] == trial_id].iloc[0]
@@ -88,15 +141,19 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     out += [""] + ([f"No trial has a value for {', '.join(missing)}.", ""] if missing else [])
     if points is not None:
         front = [t for t, on in zip(points.trial_ids, points.front) if on]
-        out += [f"Pareto front of held-out clean NMSE vs {points.y_metric} (finished trials only): "
-                + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none"), ""]
+        out += [
+            f"Pareto front of held-out clean NMSE vs {points.y_metric} (finished trials only): "
+            + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none"),
+            "",
+        ]
     return out
 
 
 def _measured(rows, attack: str, budget: float | None, metric: str, spec: str) -> str:
     """``value ± se`` of ``metric`` in the held-out ``rows`` under ``attack`` at ``budget``."""
-    return plus_minus(held_out_cell(rows, attack, budget, metric), held_out_cell(rows, attack, budget, f"{metric}_se"),
-                      spec)
+    return plus_minus(
+        held_out_cell(rows, attack, budget, metric), held_out_cell(rows, attack, budget, f"{metric}_se"), spec
+    )
 
 
 def _summary_trials(res: StudyResults) -> list[str]:
@@ -106,8 +163,11 @@ def _summary_trials(res: StudyResults) -> list[str]:
         return out + ["None reported.", ""]
     best = res.best.set_index("trial_id") if not res.best.empty else res.best
     epochs = res.trials[res.trials["epoch"] > 0].groupby("trial_id")["epoch"].max()
-    cost = (res.trials[res.trials["epoch"] > 0].groupby("trial_id")["train_time_s"].mean()
-            if "train_time_s" in res.trials else {})
+    cost = (
+        res.trials[res.trials["epoch"] > 0].groupby("trial_id")["train_time_s"].mean()
+        if "train_time_s" in res.trials
+        else {}
+    )
     ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
     rob = held_out(res)
     top = max(res.budgets) if res.budgets else None
@@ -122,21 +182,52 @@ def _summary_trials(res: StudyResults) -> list[str]:
             status += " (stopped by the scheduler)"
         ckpt = res.best_pt(t)
         b = best.loc[t] if t in best.index else {}
-        rows.append([t, res.label(t), status, str(int(epochs.get(t, 0))), format_number(cost.get(t), ".1f"),
-                     format_number(b.get("epoch"), ".0f"), format_number(b.get("val_nmse"), ".4f"),
-                     format_number(clean.get(t), ".4f"), format_number(pgd.get(t), ".4f"),
-                     f"`{res.shown(ckpt)}`" if ckpt else "missing", markdown_cell(res.shown_text(messages.get(t, "")))])
-    headers = ["trial", "searched values", "status", "epochs", "train s/epoch", "best epoch", "selection NMSE",
-               "report NMSE", f"report PGD@{top:g} NMSE" if top else "report PGD NMSE", "best.pt", "message"]
+        rows.append(
+            [
+                t,
+                res.label(t),
+                status,
+                str(int(epochs.get(t, 0))),
+                format_number(cost.get(t), ".1f"),
+                format_number(b.get("epoch"), ".0f"),
+                format_number(b.get("val_nmse"), ".4f"),
+                format_number(clean.get(t), ".4f"),
+                format_number(pgd.get(t), ".4f"),
+                f"`{res.shown(ckpt)}`" if ckpt else "missing",
+                markdown_cell(res.shown_text(messages.get(t, ""))),
+            ]
+        )
+    headers = [
+        "trial",
+        "searched values",
+        "status",
+        "epochs",
+        "train s/epoch",
+        "best epoch",
+        "selection NMSE",
+        "report NMSE",
+        f"report PGD@{top:g} NMSE" if top else "report PGD NMSE",
+        "best.pt",
+        "message",
+    ]
     return out + [markdown_table(headers, rows), ""]
 
 
 def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
-    describe = {"table1.md": "the seed's Table 1 for this study (and the seed's metric definitions)",
-                "table1.csv": "the same, every number", "figure6.png": "the seed's Figure 6 (worst-case perturbations)",
-                "features.png": "a small feature inserted into the data, and what each model makes of it",
-                "robustness.png": "NMSE / SSIM versus attack budget", "pareto.png": "clean versus attacked NMSE",
-                "curves.png": "metrics per epoch"}
-    return ["## Files", "", *(f"- [{name}]({name}): {text}" for name, text in describe.items() if name in written),
-            f"- tables: `{TRIALS_FILE}`, `{ROBUSTNESS_FILE}`",
-            "- TensorBoard, in the study folder: `tensorboard --logdir .`", ""]
+    describe = {
+        "table1.md": "the seed's Table 1 for this study (and the seed's metric definitions)",
+        "table1.csv": "the same, every number",
+        "figure6.png": "the seed's Figure 6 (worst-case perturbations)",
+        "features.png": "a small feature inserted into the data, and what each model makes of it",
+        "robustness.png": "NMSE / SSIM versus attack budget",
+        "pareto.png": "clean versus attacked NMSE",
+        "curves.png": "metrics per epoch",
+    }
+    return [
+        "## Files",
+        "",
+        *(f"- [{name}]({name}): {text}" for name, text in describe.items() if name in written),
+        f"- tables: `{TRIALS_FILE}`, `{ROBUSTNESS_FILE}`",
+        "- TensorBoard, in the study folder: `tensorboard --logdir .`",
+        "",
+    ]

@@ -60,8 +60,17 @@ class ResultsCallback(tune.Callback):
         return self._log
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"folder": self.folder, "record_processes": self.record_processes, "_log": None, "_procs": None,
-                "_pending": False, "_held": {}, "_written": 0.0, "_write_s": 0.0, "_procs_at": -PROCS_S}
+        return {
+            "folder": self.folder,
+            "record_processes": self.record_processes,
+            "_log": None,
+            "_procs": None,
+            "_pending": False,
+            "_held": {},
+            "_written": 0.0,
+            "_write_s": 0.0,
+            "_procs_at": -PROCS_S,
+        }
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.log.set_params(trial.trial_id, trial.config)

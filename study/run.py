@@ -47,17 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 with GPUs)")
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: 1 without GPUs, else CPUs/GPUs)")
-    p.add_argument("--address", help="join a running Ray cluster ('auto' or HEAD:PORT); results must be on shared "
-                   "storage (without it, the study starts a Ray instance of its own)")
-    p.add_argument("--wait-for-resources", action="store_true",
-                   help="with --address: start even if no node can run a trial yet (an autoscaling cluster)")
+    p.add_argument(
+        "--address",
+        help="join a running Ray cluster ('auto' or HEAD:PORT); results must be on shared "
+        "storage (without it, the study starts a Ray instance of its own)",
+    )
+    p.add_argument(
+        "--wait-for-resources",
+        action="store_true",
+        help="with --address: start even if no node can run a trial yet (an autoscaling cluster)",
+    )
     p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument("--verbose", action="store_true",
-                   help="Ray's own detail too: every result, checkpoint lines, log messages")
-    p.add_argument("--dashboard", action="store_true",
-                   help="do not run: serve the study's TensorBoard (port 6006) and optuna-dashboard (port 8080) "
-                   "on 127.0.0.1 until Ctrl-C")
+    p.add_argument(
+        "--verbose", action="store_true", help="Ray's own detail too: every result, checkpoint lines, log messages"
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="do not run: serve the study's TensorBoard (port 6006) and optuna-dashboard (port 8080) "
+        "on 127.0.0.1 until Ctrl-C",
+    )
     return p
 
 
@@ -131,10 +141,16 @@ def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
     metrics = [searched_metric(o.metric) for o in space.objectives]
     modes = [o.mode for o in space.objectives]
     single = len(metrics) == 1
-    return StudySearch(metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-                       sampler=sampler, storage=storage, study_name=name, study_dir=str(study_dir),
-                       curve_metric=space.objectives[0].metric,
-                       points_to_evaluate=space.grid_points() if space.points else None)
+    return StudySearch(
+        metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes,
+        sampler=sampler,
+        storage=storage,
+        study_name=name,
+        study_dir=str(study_dir),
+        curve_metric=space.objectives[0].metric,
+        points_to_evaluate=space.grid_points() if space.points else None,
+    )
 
 
 def searched_metric(metric: str) -> str:
@@ -149,10 +165,14 @@ def scheduler(space: StudySpace, max_epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     obj = space.objectives[0]
-    return ASHAScheduler(time_attr="training_iteration", metric=searched_metric(obj.metric), mode=obj.mode,
-                         max_t=max_epochs,
-                         grace_period=int(space.scheduler.get("grace_period", 1)),
-                         reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=searched_metric(obj.metric),
+        mode=obj.mode,
+        max_t=max_epochs,
+        grace_period=int(space.scheduler.get("grace_period", 1)),
+        reduction_factor=float(space.scheduler.get("reduction_factor", 2)),
+    )
 
 
 def make_tuner(plan: Plan, args: argparse.Namespace):
@@ -167,28 +187,38 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
 
     save_state_only_on_change()  # every step's save, but not when nothing changed (tune_state.py)
     space, base = plan.space, plan.base
-    ctx = StudyContext(base=base, epsilon_keys=tuple(k for k in EPSILON_KEYS if k in {p.name for p in space.params}),
-                       study_dir=str(plan.study_dir), attack_budgets_ref=space.attack_budgets,
-                       objective_metrics=tuple(o.metric for o in space.objectives), verbose=args.verbose)
+    ctx = StudyContext(
+        base=base,
+        epsilon_keys=tuple(k for k in EPSILON_KEYS if k in {p.name for p in space.params}),
+        study_dir=str(plan.study_dir),
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=tuple(o.metric for o in space.objectives),
+        verbose=args.verbose,
+    )
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), plan.res)
     metric_cols = ["val_nmse", "val_ssim"] + [searched_metric(o.metric) for o in space.objectives]
-    reporter = StudyReporter(plan.name, [p.name for p in space.params], metric_cols, plan.max_epochs,
-                             plan.num_samples)
+    reporter = StudyReporter(plan.name, [p.name for p in space.params], metric_cols, plan.max_epochs, plan.num_samples)
     if plan.resuming:
         return tune.Tuner.restore(str(plan.study_dir), trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
         param_space=param_space(space),
-        tune_config=tune.TuneConfig(search_alg=searcher(space, plan.study_dir, plan.name, int(base.get("seed", 0))),
-                                    scheduler=scheduler(space, plan.max_epochs), num_samples=plan.num_samples,
-                                    max_concurrent_trials=args.max_concurrent, reuse_actors=True,
-                                    trial_dirname_creator=trial_dirname),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher(space, plan.study_dir, plan.name, int(base.get("seed", 0))),
+            scheduler=scheduler(space, plan.max_epochs),
+            num_samples=plan.num_samples,
+            max_concurrent_trials=args.max_concurrent,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=str(plan.results),
+            name=plan.name,
+            storage_path=str(plan.results),
             callbacks=[ResultsCallback(plan.study_dir, record_processes=not plan.cluster)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=0),
-            progress_reporter=reporter, verbose=2 if args.verbose else 1,
+            progress_reporter=reporter,
+            verbose=2 if args.verbose else 1,
         ),
     )
 

@@ -29,12 +29,15 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     best = best_epochs(trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
     for metric, row in best_trials(best, objectives).items():
-        params = ", ".join(f"{p.name}={_fmt(row.get('epsilon_ref' if p.name in EPSILON_KEYS else p.name))}"
-                           for p in space.params)
-        lines.append(f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
-                     f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
-                     f"ssim {row['val_ssim']:.4f}; checkpoint "
-                     f"{here(best_checkpoint(study_dir, row['trial_id'])) or 'missing (no best.pt)'}")
+        params = ", ".join(
+            f"{p.name}={_fmt(row.get('epsilon_ref' if p.name in EPSILON_KEYS else p.name))}" for p in space.params
+        )
+        lines.append(
+            f"best by {metric}: trial {row['trial_id']} ({params}), epoch {int(row['epoch'])}: "
+            f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
+            f"ssim {row['val_ssim']:.4f}; checkpoint "
+            f"{here(best_checkpoint(study_dir, row['trial_id'])) or 'missing (no best.pt)'}"
+        )
     cols = [m for m, _ in objectives]
     if len(objectives) > 1 and all(c in best for c in cols):
         done = best["trial_id"].isin(finished_trials(trials)).to_numpy()

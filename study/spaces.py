@@ -39,14 +39,23 @@ from mriadv.units import ROBUST_METRICS, budgets_at_crop, robust_key
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = {"description", "parameters", "points", "fixed", "num_samples", "objectives",
-            "attack_budgets", "scheduler"}
+TOP_KEYS = {"description", "parameters", "points", "fixed", "num_samples", "objectives", "attack_budgets", "scheduler"}
 # keys that a space may not set: they belong to the run, not to the study
 RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
 EPSILON_KEYS = ("epsilon",)
 # metrics a trial reports that can be objectives, beside the rob_<attack>_e<budget>_<metric> family
-OBJECTIVE_METRICS = ("val_loss", "val_nmse", "val_psnr", "val_ssim", "train_loss", "val_seed_nmse",
-                     "val_seed_psnr", "val_seed_ssim", "feature_fnr", "feature_error")
+OBJECTIVE_METRICS = (
+    "val_loss",
+    "val_nmse",
+    "val_psnr",
+    "val_ssim",
+    "train_loss",
+    "val_seed_nmse",
+    "val_seed_psnr",
+    "val_seed_ssim",
+    "feature_fnr",
+    "feature_error",
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -55,8 +64,10 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
-               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+        r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -180,8 +191,11 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
 
     if "points" in raw:
         if "parameters" in raw or "num_samples" in raw:
-            raise fail("points", "a space lists its trials as points, or searches parameters: not both "
-                                 "(and a list of points runs each once: no num_samples)")
+            raise fail(
+                "points",
+                "a space lists its trials as points, or searches parameters: not both "
+                "(and a list of points runs each once: no num_samples)",
+            )
         raw = {**raw, "parameters": _points_as_choices(raw["points"], fail, check_value, config_fields)}
     params_raw = raw.get("parameters") or {}
     if not isinstance(params_raw, dict):
@@ -195,7 +209,7 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
             raise fail(where, "belongs to the run, not to a search space")
         if not isinstance(spec, dict) or len(spec) != 1:
             raise fail(where, f"expected one distribution, e.g. {{grid: [...]}}; one of {DISTRIBUTIONS}")
-        (kind, arg), = spec.items()
+        ((kind, arg),) = spec.items()
         if kind not in DISTRIBUTIONS:
             raise fail(f"{where}.{kind}", f"unknown distribution; expected one of {DISTRIBUTIONS}")
         if kind in ("grid", "choice"):
@@ -207,8 +221,11 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
                 check_value(name, f"{where}.{kind}", v)
             params.append(Param(name, kind, values=tuple(arg)))
             continue
-        if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                 for v in arg)):
+        if not (
+            isinstance(arg, list)
+            and len(arg) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+        ):
             raise fail(f"{where}.{kind}", "expected [low, high] numbers")
         low, high = float(arg[0]), float(arg[1])
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
@@ -249,17 +266,18 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         raise fail("num_samples", f"must be a positive integer, got {num_samples!r}")
 
     budgets = raw.get("attack_budgets", [1000, 5000])
-    if not isinstance(budgets, list) or not budgets or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets):
+    if (
+        not isinstance(budgets, list)
+        or not budgets
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets)
+    ):
         raise fail("attack_budgets", "expected a non-empty list of numbers > 0")
 
     objectives_raw = raw.get("objectives") or [{"metric": "val_nmse", "mode": "min"}]
     if not isinstance(objectives_raw, list):
         raise fail("objectives", "expected a list of {metric: ..., mode: min|max}")
     objectives = []
-    allowed = set(OBJECTIVE_METRICS) | {
-        robust_key(a, b, m) for a in ATTACKS for b in budgets for m in ROBUST_METRICS
-    }
+    allowed = set(OBJECTIVE_METRICS) | {robust_key(a, b, m) for a in ATTACKS for b in budgets for m in ROBUST_METRICS}
     for i, obj in enumerate(objectives_raw):
         where = f"objectives[{i}]"
         if not isinstance(obj, dict) or set(obj) != {"metric", "mode"}:
@@ -267,8 +285,11 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         if obj["mode"] not in ("min", "max"):
             raise fail(f"{where}.mode", f"must be 'min' or 'max', got {obj['mode']!r}")
         if obj["metric"] not in allowed:
-            raise fail(f"{where}.metric", f"unknown metric {obj['metric']!r}; e.g. {sorted(OBJECTIVE_METRICS)} or "
-                                          "rob_<attack>_e<budget>_<metric> for a budget in attack_budgets")
+            raise fail(
+                f"{where}.metric",
+                f"unknown metric {obj['metric']!r}; e.g. {sorted(OBJECTIVE_METRICS)} or "
+                "rob_<attack>_e<budget>_<metric> for a budget in attack_budgets",
+            )
         objectives.append(Objective(obj["metric"], obj["mode"]))
 
     sched = raw.get("scheduler", "none" if grid or points else "asha")
@@ -284,9 +305,17 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
             raise fail(f"scheduler.{key}", "must be a number >= 1")
 
     return StudySpace(
-        name=space_name, path=path, description=str(raw.get("description", "")), params=tuple(params),
-        fixed=dict(fixed), num_samples=num_samples, objectives=tuple(objectives),
-        attack_budgets=tuple(float(b) for b in budgets), scheduler=sched, raw=raw, points=points,
+        name=space_name,
+        path=path,
+        description=str(raw.get("description", "")),
+        params=tuple(params),
+        fixed=dict(fixed),
+        num_samples=num_samples,
+        objectives=tuple(objectives),
+        attack_budgets=tuple(float(b) for b in budgets),
+        scheduler=sched,
+        raw=raw,
+        points=points,
     )
 
 

@@ -34,12 +34,46 @@ import pandas as pd
 from study.layout import JOURNAL_FILE, ROBUSTNESS_FILE, TRIALS_FILE
 
 # result keys that are Ray's bookkeeping, not ours
-RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
-            "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
-            "iterations_since_restore", "config", "experiment_tag"}
-FIRST_COLUMNS = ["trial_id", "epoch", "status", "epoch_status", "message", "epsilon", "epsilon_ref", "epsilon_rms",
-                 "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "train_loss", "val_loss", "val_nmse", "val_psnr",
-                 "val_ssim", "time_s", "epoch_time_s"]
+RAY_KEYS = {
+    "timestamp",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "config",
+    "experiment_tag",
+}
+FIRST_COLUMNS = [
+    "trial_id",
+    "epoch",
+    "status",
+    "epoch_status",
+    "message",
+    "epsilon",
+    "epsilon_ref",
+    "epsilon_rms",
+    "lambda1",
+    "lambda2",
+    "loss",
+    "lr_recon",
+    "lr_gen",
+    "train_loss",
+    "val_loss",
+    "val_nmse",
+    "val_psnr",
+    "val_ssim",
+    "time_s",
+    "epoch_time_s",
+]
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -84,19 +118,29 @@ class ResultsLog:
         """A trial's reported result (Tune's result dict): its row and its robustness rows."""
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         packed = json.loads(result.get("record_json") or "{}")  # the metrics Tune need not see (trainable.py)
-        row = {k: _plain(v) for k, v in {**result, **packed}.items()
-               if k not in RAY_KEYS and k not in ("robustness_json", "record_json") and not isinstance(v, (dict, list))}
+        row = {
+            k: _plain(v)
+            for k, v in {**result, **packed}.items()
+            if k not in RAY_KEYS and k not in ("robustness_json", "record_json") and not isinstance(v, (dict, list))
+        }
         row.update(trial_id=trial_id, epoch=epoch, time_s=_plain(result.get("time_total_s", math.nan)))
-        robust = [{"trial_id": trial_id, "epoch": epoch, "epsilon_ref": row.get("epsilon_ref", math.nan), **r}
-                  for r in json.loads(result.get("robustness_json") or "[]")]
+        robust = [
+            {"trial_id": trial_id, "epoch": epoch, "epsilon_ref": row.get("epsilon_ref", math.nan), **r}
+            for r in json.loads(result.get("robustness_json") or "[]")
+        ]
         self._apply({"kind": "row", "trial_id": trial_id, "epoch": epoch, "row": row, "robust": robust})
 
     def set_status(self, trial_id: str, status: str, message: str = "") -> None:
         self._apply({"kind": "status", "trial_id": trial_id, "status": status, "message": message})
 
     def set_params(self, trial_id: str, params: dict[str, Any]) -> None:
-        self._apply({"kind": "params", "trial_id": trial_id,
-                     "params": {k: _plain(v) for k, v in params.items() if isinstance(v, (int, float, str))}})
+        self._apply(
+            {
+                "kind": "params",
+                "trial_id": trial_id,
+                "params": {k: _plain(v) for k, v in params.items() if isinstance(v, (int, float, str))},
+            }
+        )
 
     def _apply(self, event: dict[str, Any], record: bool = True) -> None:
         kind, trial_id = event["kind"], event["trial_id"]
@@ -134,8 +178,15 @@ class ResultsLog:
         reported = {t for t, _ in self.rows}
         for trial_id, (status, message) in sorted(self.status.items()):
             if trial_id not in reported and status == "ERROR":  # failed before its first epoch: epoch 0
-                rows.append({**self.params.get(trial_id, {}), "trial_id": trial_id, "epoch": 0, "status": status,
-                             "message": message})
+                rows.append(
+                    {
+                        **self.params.get(trial_id, {}),
+                        "trial_id": trial_id,
+                        "epoch": 0,
+                        "status": status,
+                        "message": message,
+                    }
+                )
         trials = pd.DataFrame(rows)
         if not trials.empty:
             trials = trials[[c for c in FIRST_COLUMNS if c in trials] + [c for c in trials if c not in FIRST_COLUMNS]]
@@ -170,8 +221,11 @@ class ResultsLog:
         # the sampled values of trials without a row yet are in no table: keep them in the journal, so
         # that a trial that errors before its first epoch still gets its row with its values
         reported = {t for t, _ in self.rows}
-        self._events = [{"kind": "params", "trial_id": t, "params": p} for t, p in self.params.items()
-                        if t not in reported and self.status.get(t, ("", ""))[0] != "ERROR"]
+        self._events = [
+            {"kind": "params", "trial_id": t, "params": p}
+            for t, p in self.params.items()
+            if t not in reported and self.status.get(t, ("", ""))[0] != "ERROR"
+        ]
         self.commit()
 
     def _replay(self) -> int:

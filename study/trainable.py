@@ -115,23 +115,42 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             board.log_epoch(record, {m: best_values[f"best_{m}"] for m in best.metrics}, work / PREVIEW_NAME)
             if (work / PREVIEW_NAME).is_file():
                 shutil.copy2(work / PREVIEW_NAME, trial_dir / PREVIEW_NAME)
-            metrics = tune_result({**hp, **record.flat(), **best_values, "start_epoch": start_epoch,
-                                   "node_id": node_id}, ctx.objective_metrics)
+            metrics = tune_result(
+                {**hp, **record.flat(), **best_values, "start_epoch": start_epoch, "node_id": node_id},
+                ctx.objective_metrics,
+            )
             metrics["robustness_json"] = json.dumps(robustness_rows(record))
             with tempfile.TemporaryDirectory(prefix="mriadv-ckpt-") as d:
                 _link_or_copy(ckpt, Path(d) / CHECKPOINT_NAME)  # Tune copies the folder during report
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-        fit(cfg, out_dir=work, on_epoch=on_epoch, resume_from=resume_from,  # a NaN stop is a record too
-            log=lambda line: print(f"{label} {line}", flush=True))
+        fit(
+            cfg,
+            out_dir=work,
+            on_epoch=on_epoch,
+            resume_from=resume_from,  # a NaN stop is a record too
+            log=lambda line: print(f"{label} {line}", flush=True),
+        )
     finally:
         board.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
 # result keys Tune itself uses (console, searcher, scheduler, stopping) besides the objectives
-TUNE_KEYS = ("epoch", "epoch_status", "message", "train_loss", "val_loss", "val_nmse", "val_psnr", "val_ssim",
-             "epoch_time_s", "start_epoch", "node_id", *HPARAM_KEYS)
+TUNE_KEYS = (
+    "epoch",
+    "epoch_status",
+    "message",
+    "train_loss",
+    "val_loss",
+    "val_nmse",
+    "val_psnr",
+    "val_ssim",
+    "epoch_time_s",
+    "start_epoch",
+    "node_id",
+    *HPARAM_KEYS,
+)
 
 
 def tune_result(flat: dict[str, Any], objectives: tuple[str, ...]) -> dict[str, Any]:
@@ -157,13 +176,37 @@ def robustness_rows(record: EpochRecord) -> list[dict[str, Any]]:
     rows = [{**r, "split": "selection", "model": "trained", "eval_epoch": record.epoch} for r in record.robustness]
     rep = record.report
     if rep is not None:
-        for model, clean, attacked in (("trained", rep["clean"], rep["robustness"]),
-                                       ("zero_filled", rep["zero_filled"], rep["zero_filled_robustness"])):
-            keep = ("nmse", "psnr", "ssim", "loss", "delta_sq", "nmse_se", "psnr_se", "ssim_se", "volume_nmse",
-                    "num_volumes", "num_slices")
-            rows.append({"attack": "clean", "budget": 0.0, "budget_ref": 0.0, **{k: clean[k] for k in keep},
-                         "d_nmse": 0.0, "d_psnr": 0.0, "d_ssim": 0.0, "split": rep["split"], "model": model,
-                         "eval_epoch": rep["epoch"]})
+        for model, clean, attacked in (
+            ("trained", rep["clean"], rep["robustness"]),
+            ("zero_filled", rep["zero_filled"], rep["zero_filled_robustness"]),
+        ):
+            keep = (
+                "nmse",
+                "psnr",
+                "ssim",
+                "loss",
+                "delta_sq",
+                "nmse_se",
+                "psnr_se",
+                "ssim_se",
+                "volume_nmse",
+                "num_volumes",
+                "num_slices",
+            )
+            rows.append(
+                {
+                    "attack": "clean",
+                    "budget": 0.0,
+                    "budget_ref": 0.0,
+                    **{k: clean[k] for k in keep},
+                    "d_nmse": 0.0,
+                    "d_psnr": 0.0,
+                    "d_ssim": 0.0,
+                    "split": rep["split"],
+                    "model": model,
+                    "eval_epoch": rep["epoch"],
+                }
+            )
             rows += [{**r, "split": rep["split"], "model": model, "eval_epoch": rep["epoch"]} for r in attacked]
         rows += instability_rows(rep)
     return rows
@@ -178,16 +221,27 @@ def instability_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     feats = rep.get("features")
     if feats:
-        for key, model in (("random", "trained"), ("worst", "trained"), ("zero_filled_random", "zero_filled"),
-                           ("zero_filled_worst", "zero_filled")):
+        for key, model in (
+            ("random", "trained"),
+            ("worst", "trained"),
+            ("zero_filled_random", "zero_filled"),
+            ("zero_filled_worst", "zero_filled"),
+        ):
             stats = {k: v for k, v in feats[key].items() if k != "volume_fnr"}
             rows.append({**common, "attack": f"feature_{key.removeprefix('zero_filled_')}", "model": model, **stats})
     for row in rep.get("sampling") or []:
         for model, prefix in (("trained", ""), ("zero_filled", "zf_")):
-            rows.append({**common, "attack": "sampling", "model": model, "acceleration": row["acceleration"],
-                         "center_fraction": row["center_fraction"],
-                         **{m: row[f"{prefix}{m}"] for m in ("nmse", "psnr", "ssim", "nmse_se")},
-                         "stagnant": bool(row[f"{prefix}stagnant"])})
+            rows.append(
+                {
+                    **common,
+                    "attack": "sampling",
+                    "model": model,
+                    "acceleration": row["acceleration"],
+                    "center_fraction": row["center_fraction"],
+                    **{m: row[f"{prefix}{m}"] for m in ("nmse", "psnr", "ssim", "nmse_se")},
+                    "stagnant": bool(row[f"{prefix}stagnant"]),
+                }
+            )
     return rows
 
 

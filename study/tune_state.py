@@ -144,8 +144,7 @@ def save_state_only_on_change() -> None:
     def checkpoint(self, force: bool = False, wait: bool = False):
         manager = getattr(self, "_checkpoint_manager", None)
         pending = getattr(self, "_trials_to_cache", None)
-        if (not force and pending is not None and not pending
-                and not getattr(manager, "_should_force_sync_up", True)):
+        if not force and pending is not None and not pending and not getattr(manager, "_should_force_sync_up", True):
             return None
         return original(self, force=force, wait=wait)
 

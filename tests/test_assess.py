@@ -14,10 +14,26 @@ from mriadv.fit import fit
 
 
 def _fit(root, out, **kw):
-    cfg = TrainConfig.from_dict(dict(
-        data=str(root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4, batch_size=2,
-        epsilon=20.0, loss="mse", attack_budgets=(20.0, 80.0), pgd_steps=2, train_eval_volumes=0,
-        max_epochs=2, max_train_batches=3, device="cpu", threads=1, **kw))
+    cfg = TrainConfig.from_dict(
+        dict(
+            data=str(root),
+            crop_size=64,
+            unet_chans=4,
+            unet_pools=2,
+            gen_chans=4,
+            batch_size=2,
+            epsilon=20.0,
+            loss="mse",
+            attack_budgets=(20.0, 80.0),
+            pgd_steps=2,
+            train_eval_volumes=0,
+            max_epochs=2,
+            max_train_batches=3,
+            device="cpu",
+            threads=1,
+            **kw,
+        )
+    )
     return fit(cfg, out_dir=out, log=None)
 
 
@@ -133,7 +149,13 @@ def test_protocol_presets_load_with_their_sources():
         for a in attacks:
             if isinstance(a, PGDAttack):
                 assert (a.steps, a.step_scale, a.random_start, a.restarts, a.keep_best, a.objective) == (
-                    proto.steps, proto.step_scale, proto.random_start, proto.restarts, proto.keep_best, proto.objective)
+                    proto.steps,
+                    proto.step_scale,
+                    proto.random_start,
+                    proto.restarts,
+                    proto.keep_best,
+                    proto.objective,
+                )
                 assert (a.rel is None) == math.isfinite(a.budget)
     # the facts of the sources
     assert get_protocol("seed").budgets_at(64) == pytest.approx((40.0, 200.0))
@@ -209,8 +231,22 @@ def test_cli_protocol_writes_the_trace(run, tmp_path, capsys):
     listed = capsys.readouterr().out
     assert all(name in listed for name in PROTOCOLS) and "Krainovic" in listed
     path = tmp_path / "p.json"
-    assert main([str(out), "--protocol", "deviation-kspace", "--pgd-steps", "2", "--rel-budgets", "0.05",
-                 "--out", str(path)]) == 0
+    assert (
+        main(
+            [
+                str(out),
+                "--protocol",
+                "deviation-kspace",
+                "--pgd-steps",
+                "2",
+                "--rel-budgets",
+                "0.05",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "protocol deviation-kspace" in text and "pgd_kspace @ rel 0.05" in text and "objective per step" in text
     saved = json.loads(path.read_text())

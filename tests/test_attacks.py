@@ -24,9 +24,15 @@ def batch_of(keys: list[tuple[str, int]], size: int = 16) -> Batch:
         images.append(torch.randn(1, size, size, generator=g))
     image = torch.stack(images)
     b = len(keys)
-    return Batch(image=image, target=image.clone(), mean=torch.zeros(b), std=torch.ones(b),
-                 max_value=torch.full((b,), 3.0), fnames=[f for f, _ in keys],
-                 slice_nums=torch.tensor([s for _, s in keys]))
+    return Batch(
+        image=image,
+        target=image.clone(),
+        mean=torch.zeros(b),
+        std=torch.ones(b),
+        max_value=torch.full((b,), 3.0),
+        fnames=[f for f, _ in keys],
+        slice_nums=torch.tensor([s for _, s in keys]),
+    )
 
 
 def noise_by_slice(keys: list[tuple[str, int]], budget: float) -> dict[tuple[str, int], torch.Tensor]:
@@ -61,13 +67,21 @@ def kspace_batch(b: int = 3, H: int = 20, W: int = 18, crop: int = 16, seed: int
     input computed from them as the data transform does; the target is the input plus noise."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(b, W, generator=g) < 0.35
-    mask[:, W // 2 - 2: W // 2 + 2] = True
+    mask[:, W // 2 - 2 : W // 2 + 2] = True
     kspace = torch.randn(b, H, W, dtype=torch.complex64, generator=g) * mask[:, None, :]
     mean, std = torch.rand(b, generator=g), torch.ones(b)
     image = image_from_normalized_kspace(kspace, mean, std, (crop, crop), 6.0)
-    return Batch(image=image, target=image + 0.3 * torch.randn(image.shape, generator=g), mean=mean, std=std,
-                 max_value=torch.full((b,), 3.0), fnames=[f"file{i}.h5" for i in range(b)],
-                 slice_nums=torch.arange(b), kspace=kspace, mask=mask)
+    return Batch(
+        image=image,
+        target=image + 0.3 * torch.randn(image.shape, generator=g),
+        mean=mean,
+        std=std,
+        max_value=torch.full((b,), 3.0),
+        fnames=[f"file{i}.h5" for i in range(b)],
+        slice_nums=torch.arange(b),
+        kspace=kspace,
+        mask=mask,
+    )
 
 
 def tiny_unet(seed: int = 0) -> torch.nn.Module:
@@ -93,9 +107,17 @@ def test_relative_budgets_equal_their_definition_on_a_hand_made_batch():
     kspace = torch.where(mask[:, None, :], c.view(-1, 1, 1), torch.full((b, 1, 1), 7.0)).expand(b, H, W)
     kspace = kspace.to(torch.complex64) * (1 + 1j) / 2**0.5  # |entry| = c_i
     image = torch.full((b, 1, crop, crop), 2.0) * torch.tensor([1.0, -1.0, 3.0]).view(-1, 1, 1, 1)
-    batch = Batch(image=image, target=torch.zeros_like(image), mean=torch.zeros(b), std=torch.ones(b),
-                  max_value=torch.ones(b), fnames=["a.h5", "b.h5", "c.h5"], slice_nums=torch.arange(b),
-                  kspace=kspace, mask=mask)
+    batch = Batch(
+        image=image,
+        target=torch.zeros_like(image),
+        mean=torch.zeros(b),
+        std=torch.ones(b),
+        max_value=torch.ones(b),
+        fnames=["a.h5", "b.h5", "c.h5"],
+        slice_nums=torch.arange(b),
+        kspace=kspace,
+        mask=mask,
+    )
     y_norm = c * torch.sqrt(H * torch.arange(1.0, b + 1))
     x_norm = torch.tensor([2.0, 2.0, 6.0]) * crop  # |value| sqrt(crop^2)
     assert torch.allclose(reference_norm(batch, "kspace"), y_norm, rtol=1e-6)
@@ -113,8 +135,9 @@ def test_relative_budgets_equal_their_definition_on_a_hand_made_batch():
     for domain, ref in (("image", x_norm), ("kspace", y_norm)):
         out = PGDAttack(float("nan"), 5, domain=domain, clamp=None, rel=0.05)(torch.nn.Identity(), batch, CPU)
         assert torch.allclose(out.relative, out.delta_sq.sqrt() / ref, rtol=1e-6)
-        assert torch.all(out.relative <= 0.05 * (1 + 1e-5)) and torch.allclose(out.relative, torch.full((b,), 0.05),
-                                                                             rtol=1e-4)
+        assert torch.all(out.relative <= 0.05 * (1 + 1e-5)) and torch.allclose(
+            out.relative, torch.full((b,), 0.05), rtol=1e-4
+        )
     with pytest.raises(ValueError, match="not both"):
         PGDAttack(10.0, rel=0.05)
 

@@ -30,8 +30,9 @@ def hparams_route(folder: Path, route: str, request: dict) -> dict:
     mux.AddRunsFromDirectory(str(folder))
     mux.Reload()
     provider = data_provider.MultiplexerDataProvider(mux, str(folder))
-    plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(folder), data_provider=provider,
-                                                                multiplexer=mux))
+    plugin = hparams_plugin.HParamsPlugin(
+        base_plugin.TBContext(logdir=str(folder), data_provider=provider, multiplexer=mux)
+    )
     answer = Client(plugin.get_plugin_apps()[route], Response).post("/", json=request)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     return answer.get_json()
@@ -39,8 +40,9 @@ def hparams_route(folder: Path, route: str, request: dict) -> dict:
 
 def session_groups(folder: Path) -> dict[str, dict]:
     """The HParams table's rows by run name."""
-    answer = hparams_route(folder, "/session_groups",
-                           {"startIndex": 0, "sliceSize": 100, "colParams": [], "allowedStatuses": STATUSES})
+    answer = hparams_route(
+        folder, "/session_groups", {"startIndex": 0, "sliceSize": 100, "colParams": [], "allowedStatuses": STATUSES}
+    )
     return {g["name"]: g for g in answer["sessionGroups"]}
 
 
@@ -50,8 +52,12 @@ def test_session_end_follows_the_trial(tmp_path):
     from study.results import ResultsCallback
 
     callback = ResultsCallback(tmp_path, record_processes=False)
-    cases = {"aaaa0001": ("completed", "complete", "STATUS_SUCCESS"), "aaaa0002": ("nan", "complete", "STATUS_FAILURE"),
-             "aaaa0003": ("running", "error", "STATUS_FAILURE"), "aaaa0004": ("running", None, "STATUS_UNKNOWN")}
+    cases = {
+        "aaaa0001": ("completed", "complete", "STATUS_SUCCESS"),
+        "aaaa0002": ("nan", "complete", "STATUS_FAILURE"),
+        "aaaa0003": ("running", "error", "STATUS_FAILURE"),
+        "aaaa0004": ("running", None, "STATUS_UNKNOWN"),
+    }
     for i, (trial_id, (epoch_status, event, _)) in enumerate(cases.items()):
         folder = tmp_path / f"trial_{trial_id}_epsilon={i}"
         board = TrialBoard(folder, {"epsilon_ref": float(i), "loss": "mse"}, ["epsilon_ref"], ["val/nmse"])
@@ -75,16 +81,22 @@ def test_session_end_follows_the_trial(tmp_path):
 
 def test_hparams_metrics_are_the_same_list_in_every_trial():
     metrics = hparams_metrics(["val_nmse", "rob_pgd_e5000_nmse"], (1000.0, 5000.0))
-    assert metrics[:5] == ["best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse", "report/rob_pgd_e5000_nmse",
-                           "report/ssim"]
+    assert metrics[:5] == [
+        "best/val_nmse",
+        "best/rob_pgd_e5000_nmse",
+        "report/nmse",
+        "report/rob_pgd_e5000_nmse",
+        "report/ssim",
+    ]
     assert len(metrics) == len(set(metrics)) and "rob/pgd_e1000_nmse" in metrics
     assert "report/rob_pgd_e1000_d_nmse" in metrics and "report_zero_filled/nmse" in metrics
     assert tag_of("rob_pgd_e0p5_nmse") == "rob/pgd_e0p5_nmse"
 
 
 def test_trial_folder_names_are_readable_run_names():
-    trial = SimpleNamespace(trial_id="7683b80e", config={"epsilon": 10000, "lr_recon": 3.1622776e-4, "loss": "l1/ssim",
-                                                          "lambda1": 2.0})
+    trial = SimpleNamespace(
+        trial_id="7683b80e", config={"epsilon": 10000, "lr_recon": 3.1622776e-4, "loss": "l1/ssim", "lambda1": 2.0}
+    )
     assert values_label(trial.config) == "epsilon=10000,lr_recon=0.0003162,loss=l1/ssim,lambda1=2"
     assert trial_dirname(trial) == "trial_7683b80e_epsilon=10000,lr_recon=0.0003162,loss=l1_ssim,lambda1=2"
     assert trial_dirname(SimpleNamespace(trial_id="7683b80e", config={})) == "trial_7683b80e_"
@@ -124,12 +136,17 @@ def test_status_table_shows_progress_and_time_left():
     reporter = StudyReporter("eps_sweep", ["epsilon"], ["val_nmse"], max_epochs=4, num_samples=4)
     reporter.setup()
     assert reporter.should_report([]) is False  # the first step: nothing ran before this driver
-    trials = [trial("aaaa0001", 0, "TERMINATED", epoch=3, val_nmse=0.5, epoch_status="early_stopped"),
-              trial("aaaa0002", 1000, "RUNNING", epoch=2, val_nmse=float("nan")), trial("aaaa0003", 5000, "PENDING")]
+    trials = [
+        trial("aaaa0001", 0, "TERMINATED", epoch=3, val_nmse=0.5, epoch_status="early_stopped"),
+        trial("aaaa0002", 1000, "RUNNING", epoch=2, val_nmse=float("nan")),
+        trial("aaaa0003", 5000, "PENDING"),
+    ]
     lines = reporter.table(trials, now=reporter._start + 50).splitlines()
     # 5 epochs ran in 50 s; left: 2 + 4 + 4 (a trial not yet created) = 10 epochs, about 100 s
-    assert lines[0] == ("== study eps_sweep: 4 trials (1 early_stopped, 1 RUNNING, 1 PENDING, 1 not started) | "
-                        "0:00:50 elapsed, at most ~0:01:40 left ==")
+    assert lines[0] == (
+        "== study eps_sweep: 4 trials (1 early_stopped, 1 RUNNING, 1 PENDING, 1 not started) | "
+        "0:00:50 elapsed, at most ~0:01:40 left =="
+    )
     assert lines[1].split() == ["trial", "epsilon", "status", "epoch", "val_nmse"]
     assert lines[2].split() == ["aaaa0001", "0", "early_stopped", "3/4", "0.5"]
     assert lines[3].split() == ["aaaa0002", "1000", "RUNNING", "2/4", "-"]

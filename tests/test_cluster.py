@@ -42,8 +42,9 @@ def driver_env(**extra: str) -> dict[str, str]:
 
 
 def run_study(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env or driver_env(), cwd=REPO)
+    return subprocess.run(
+        [*RUN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env or driver_env(), cwd=REPO
+    )
 
 
 @pytest.fixture
@@ -55,18 +56,21 @@ def own_environ():
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("option, value, names", [
-    ("--num-samples", "0", "--num-samples"),
-    ("--num-samples", "-1", "--num-samples"),  # Ray reads -1 as "sample forever"
-    ("--max-concurrent", "0", "--max-concurrent"),
-    ("--cpus-per-trial", "0", "--cpus-per-trial"),
-    ("--gpus-per-trial", "-1", "--gpus-per-trial"),
-    ("--gpus-per-trial", "1.5", "--gpus-per-trial"),
-    ("--address", "127.0.0.1:1", "connection refused"),
-    ("--address", "no-such-host.invalid:6379", "cannot resolve host"),
-    ("--address", "somewhere", "HOST:PORT"),
-    ("--address", "ray://head:10001", "Ray Client"),
-])
+@pytest.mark.parametrize(
+    "option, value, names",
+    [
+        ("--num-samples", "0", "--num-samples"),
+        ("--num-samples", "-1", "--num-samples"),  # Ray reads -1 as "sample forever"
+        ("--max-concurrent", "0", "--max-concurrent"),
+        ("--cpus-per-trial", "0", "--cpus-per-trial"),
+        ("--gpus-per-trial", "-1", "--gpus-per-trial"),
+        ("--gpus-per-trial", "1.5", "--gpus-per-trial"),
+        ("--address", "127.0.0.1:1", "connection refused"),
+        ("--address", "no-such-host.invalid:6379", "cannot resolve host"),
+        ("--address", "somewhere", "HOST:PORT"),
+        ("--address", "ray://head:10001", "Ray Client"),
+    ],
+)
 def test_a_bad_request_fails_before_ray_with_one_line(option, value, names, tmp_path, capsys, own_environ):
     t0 = time.monotonic()
     code = main([*SMOKE, "--results", str(tmp_path / "results"), option, value])
@@ -127,7 +131,11 @@ def test_an_address_that_is_not_a_ray_head_fails_within_15_s(tmp_path):
         server.close()
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: --address 127.0.0.1:{server.port}") and "Traceback" not in out.stderr
+    assert (
+        len(lines) == 1
+        and lines[0].startswith(f"error: --address 127.0.0.1:{server.port}")
+        and "Traceback" not in out.stderr
+    )
     assert elapsed < 15 + 3  # 15 s, and the interpreter's start and the smoke data on 2 shared cores
 
 
@@ -139,10 +147,18 @@ def test_a_local_study_starts_its_own_ray_whatever_was_left(tmp_path):
     try:
         (temp / "ray").mkdir()
         (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-        code = ("import ray; from study.cluster import start_ray; start_ray(None, cpus=1, gpus=0); "
-                "print('CPU', ray.cluster_resources()['CPU']); ray.shutdown()")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=REPO,
-                             env=driver_env(RAY_ADDRESS="127.0.0.1:1", RAY_TMPDIR=str(temp)))
+        code = (
+            "import ray; from study.cluster import start_ray; start_ray(None, cpus=1, gpus=0); "
+            "print('CPU', ray.cluster_resources()['CPU']); ray.shutdown()"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd=REPO,
+            env=driver_env(RAY_ADDRESS="127.0.0.1:1", RAY_TMPDIR=str(temp)),
+        )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -178,9 +194,9 @@ def group_alive(pgid: int) -> list[str]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2:].split()
+        fields = text[text.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] not in "ZX":
-            out.append(f"{entry} {text[text.index('(') + 1:text.rindex(')')]} {cmd[:200]}")
+            out.append(f"{entry} {text[text.index('(') + 1 : text.rindex(')')]} {cmd[:200]}")
     return out
 
 
@@ -211,20 +227,62 @@ def test_a_study_on_a_two_node_cluster(tmp_path):
     logs = [tmp_path / "head.log", tmp_path / "worker.log"]
     try:
         with open(logs[0], "w") as log:
-            nodes.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--num-cpus", "1",
-                                           "--include-dashboard=false", "--disable-usage-stats", "--block"],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--head",
+                        "--port",
+                        str(port),
+                        "--num-cpus",
+                        "1",
+                        "--include-dashboard=false",
+                        "--disable-usage-stats",
+                        "--block",
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         wait_for(logs[0], "Ray runtime started", nodes[0], 60)
         # two nodes on one machine need separate temporary folders: each node's log monitor
         # forwards every worker log in its folder, so a shared one sent each trial line twice
         with open(logs[1], "w") as log:
-            nodes.append(subprocess.Popen([RAY, "start", "--address", address, "--num-cpus", "1", "--temp-dir",
-                                           str(temps[1]), "--disable-usage-stats", "--block"],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--address",
+                        address,
+                        "--num-cpus",
+                        "1",
+                        "--temp-dir",
+                        str(temps[1]),
+                        "--disable-usage-stats",
+                        "--block",
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         wait_for(logs[1], "Ray runtime started", nodes[1], 60)
 
-        out = run_study(*SMOKE, "--results", tmp_path / "results", "--address", address, "--no-report",
-                        env=driver_env(**auth), timeout=150)
+        out = run_study(
+            *SMOKE,
+            "--results",
+            tmp_path / "results",
+            "--address",
+            address,
+            "--no-report",
+            env=driver_env(**auth),
+            timeout=150,
+        )
         text = out.stdout + out.stderr
         assert out.returncode == 0, text[-4000:]
         trials = pd.read_parquet(tmp_path / "results" / "eps_sweep" / "trials.parquet")
@@ -239,20 +297,37 @@ def test_a_study_on_a_two_node_cluster(tmp_path):
         assert all(n.poll() is None for n in nodes)
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         deadline = time.monotonic() + 15
-        while (left := [p for n in nodes for p in group_alive(n.pid) if "ImplicitFunc" in p or "train_trial" in p]) \
-                and time.monotonic() < deadline:
+        while (
+            left := [p for n in nodes for p in group_alive(n.pid) if "ImplicitFunc" in p or "train_trial" in p]
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, left
 
         # refused after connecting: a GPU request no node can satisfy; a driver without the token
         t0 = time.monotonic()
-        out = run_study(*SMOKE, "--results", tmp_path / "r2", "--address", address, "--gpus-per-trial", "0.5",
-                        env=driver_env(**auth), timeout=60)
+        out = run_study(
+            *SMOKE,
+            "--results",
+            tmp_path / "r2",
+            "--address",
+            address,
+            "--gpus-per-trial",
+            "0.5",
+            env=driver_env(**auth),
+            timeout=60,
+        )
         assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-3000:]
         assert "--gpus-per-trial 0.5: no node of the cluster" in out.stderr and time.monotonic() - t0 < 15
         t0 = time.monotonic()
-        out = run_study(*SMOKE, "--results", tmp_path / "r3", "--address", address, timeout=60,
-                        env=driver_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)))
+        out = run_study(
+            *SMOKE,
+            "--results",
+            tmp_path / "r3",
+            "--address",
+            address,
+            timeout=60,
+            env=driver_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)),
+        )
         assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-3000:]
         assert "refused this driver's authentication token" in out.stderr and time.monotonic() - t0 < 15 + 3
         assert all(n.poll() is None for n in nodes)

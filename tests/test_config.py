@@ -16,27 +16,47 @@ from mriadv.models.unet import UNet
 from mriadv.train import build_parser, config_from_args
 
 
-@pytest.mark.parametrize("value,want", [
-    ("pgd", ("pgd",)), ("pgd,noise", ("pgd", "noise")), (" noise , pgd_kspace ", ("noise", "pgd_kspace")),
-    (["generator"], ("generator",)), (("pgd", "noise"), ("pgd", "noise")),
-])
+@pytest.mark.parametrize(
+    "value,want",
+    [
+        ("pgd", ("pgd",)),
+        ("pgd,noise", ("pgd", "noise")),
+        (" noise , pgd_kspace ", ("noise", "pgd_kspace")),
+        (["generator"], ("generator",)),
+        (("pgd", "noise"), ("pgd", "noise")),
+    ],
+)
 def test_attacks_from_a_single_or_comma_separated_value(value, want):
     assert TrainConfig.from_dict({"attacks": value}).attacks == want
 
 
-@pytest.mark.parametrize("value,want", [
-    ("1000,5000", (1000.0, 5000.0)), ("2.5e3", (2500.0,)), (1000, (1000.0,)), (12.5, (12.5,)),
-    ([10, 20.5], (10.0, 20.5)), ("7", (7.0,)),
-])
+@pytest.mark.parametrize(
+    "value,want",
+    [
+        ("1000,5000", (1000.0, 5000.0)),
+        ("2.5e3", (2500.0,)),
+        (1000, (1000.0,)),
+        (12.5, (12.5,)),
+        ([10, 20.5], (10.0, 20.5)),
+        ("7", (7.0,)),
+    ],
+)
 def test_attack_budgets_from_a_single_or_comma_separated_value(value, want):
     budgets = TrainConfig.from_dict({"attack_budgets": value}).attack_budgets
     assert budgets == want and all(isinstance(b, (int, float)) for b in budgets)
 
 
-@pytest.mark.parametrize("key,value,bad", [
-    ("attacks", "pgdx", "'pgdx'"), ("attacks", "pgd,nois", "'nois'"), ("attacks", ["noise", "fgsm"], "'fgsm'"),
-    ("attack_budgets", "1000,abc", "'abc'"), ("attack_budgets", "1000,-5", "-5"), ("attack_budgets", [10, 0], "0"),
-])
+@pytest.mark.parametrize(
+    "key,value,bad",
+    [
+        ("attacks", "pgdx", "'pgdx'"),
+        ("attacks", "pgd,nois", "'nois'"),
+        ("attacks", ["noise", "fgsm"], "'fgsm'"),
+        ("attack_budgets", "1000,abc", "'abc'"),
+        ("attack_budgets", "1000,-5", "-5"),
+        ("attack_budgets", [10, 0], "0"),
+    ],
+)
 def test_a_bad_tuple_item_is_named(key, value, bad):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({key: value})
@@ -46,11 +66,14 @@ def test_a_bad_tuple_item_is_named(key, value, bad):
 
 
 def test_train_cli_set_takes_single_and_comma_separated_values(tmp_path):
-    args = build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke", "--set", "attacks=pgd",
-                                      "--set", "attack_budgets=1000,5000"])
+    args = build_parser().parse_args(
+        ["--out", str(tmp_path), "--profile", "smoke", "--set", "attacks=pgd", "--set", "attack_budgets=1000,5000"]
+    )
     cfg, _ = config_from_args(args)
     assert cfg.attacks == ("pgd",) and cfg.attack_budgets == (1000.0, 5000.0)
-    args = build_parser().parse_args(["--out", str(tmp_path), "--set", "attacks=pgd,noise", "--set", "attack_budgets=40"])
+    args = build_parser().parse_args(
+        ["--out", str(tmp_path), "--set", "attacks=pgd,noise", "--set", "attack_budgets=40"]
+    )
     cfg, _ = config_from_args(args)
     assert cfg.attacks == ("pgd", "noise") and cfg.attack_budgets == (40.0,)
     with pytest.raises(ConfigError, match="'pgdx' is not one of"):
@@ -58,14 +81,23 @@ def test_train_cli_set_takes_single_and_comma_separated_values(tmp_path):
 
 
 def test_train_cli_set_adversary_none_is_the_standard_model_not_a_missing_value(tmp_path):
-    args = build_parser().parse_args(["--out", str(tmp_path), "--profile", "smoke", "--set", "adversary=none",
-                                      "--set", "report_protocol=none"])
+    args = build_parser().parse_args(
+        ["--out", str(tmp_path), "--profile", "smoke", "--set", "adversary=none", "--set", "report_protocol=none"]
+    )
     cfg, _ = config_from_args(args)
     assert cfg.adversary == "none" and cfg.report_protocol is None
 
 
-@pytest.mark.parametrize("option,value", [("--max-epochs", "0"), ("--num-samples", "0"), ("--max-concurrent", "-1"),
-                                          ("--cpus-per-trial", "0"), ("--gpus-per-trial", "-0.5")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--max-epochs", "0"),
+        ("--num-samples", "0"),
+        ("--max-concurrent", "-1"),
+        ("--cpus-per-trial", "0"),
+        ("--gpus-per-trial", "-0.5"),
+    ],
+)
 def test_study_cli_names_the_bad_option_before_anything_starts(option, value, tmp_path, capsys, monkeypatch):
     from study import run
 
@@ -112,9 +144,15 @@ def _build(key, value, root):
         raise AssertionError(f"no builder for {key}")
 
 
-ALLOWED = [("unet_activation", choices.ACTIVATIONS), ("unet_pooling", choices.POOLINGS),
-           ("unet_norm", choices.NORMS), ("mask_type", choices.MASK_TYPES), ("target_key", choices.TARGET_KEYS),
-           ("loss", choices.LOSSES), ("perturbation", choices.DOMAINS)]
+ALLOWED = [
+    ("unet_activation", choices.ACTIVATIONS),
+    ("unet_pooling", choices.POOLINGS),
+    ("unet_norm", choices.NORMS),
+    ("mask_type", choices.MASK_TYPES),
+    ("target_key", choices.TARGET_KEYS),
+    ("loss", choices.LOSSES),
+    ("perturbation", choices.DOMAINS),
+]
 
 
 @pytest.mark.parametrize("key,values", ALLOWED, ids=[k for k, _ in ALLOWED])

@@ -163,8 +163,12 @@ def test_check_corrupt_files_each_named(synthetic_root, tmp_path):
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 4
-    for name, problem in [("notes.h5", "not a readable HDF5"), ("nokspace.h5", "no 'kspace'"),
-                          ("rank2.h5", "rank 2"), ("truncated.h5", "truncated")]:
+    for name, problem in [
+        ("notes.h5", "not a readable HDF5"),
+        ("nokspace.h5", "no 'kspace'"),
+        ("rank2.h5", "rank 2"),
+        ("truncated.h5", "truncated"),
+    ]:
         assert any(name in e and problem in e for e in errors), (name, errors)
     assert f"{len(good)} volumes" in out.stdout  # the good files are still listed
     reports = check_folder(bad)
@@ -182,8 +186,19 @@ def test_training_refuses_a_flat_folder(synthetic_root, tmp_path):
 
     flat = tmp_path / "flat"
     shutil.copytree(synthetic_root / "singlecoil_train", flat)  # .h5 files, no split sub-folders
-    cfg = TrainConfig.from_dict(dict(data=str(flat), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4,
-                                     batch_size=2, epsilon=20.0, max_epochs=1, device="cpu"))
+    cfg = TrainConfig.from_dict(
+        dict(
+            data=str(flat),
+            crop_size=64,
+            unet_chans=4,
+            unet_pools=2,
+            gen_chans=4,
+            batch_size=2,
+            epsilon=20.0,
+            max_epochs=1,
+            device="cpu",
+        )
+    )
     for call in (lambda: build_data(cfg, Runtime.resolve("cpu", "fp32")), lambda: fit(cfg, tmp_path / "run", log=None)):
         with pytest.raises(ConfigError) as err:
             call()

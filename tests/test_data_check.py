@@ -18,7 +18,11 @@ BROKEN = {  # file -> (how it is broken, what the check must say)
     "inf_target.h5": ("reconstruction_esc", "inf", "'reconstruction_esc' has NaN or inf values in slice 2 (1 of 4)"),
     "zero_kspace.h5": ("kspace", "zero", "'kspace' is all zero in slice 3 (1 of 4)"),
     "zero_target.h5": ("reconstruction_esc", "zero", "'reconstruction_esc' is all zero in slice 0 (1 of 4)"),
-    "fewer_targets.h5": ("reconstruction_esc", "drop", "slice counts differ: 'reconstruction_esc' has 3 slices, 'kspace' 4"),
+    "fewer_targets.h5": (
+        "reconstruction_esc",
+        "drop",
+        "slice counts differ: 'reconstruction_esc' has 3 slices, 'kspace' 4",
+    ),
 }
 
 
@@ -90,8 +94,18 @@ def test_the_study_refuses_such_a_folder_before_ray(broken_folder, tmp_path, cap
 
     saved = dict(os.environ)
     try:
-        code = main(["--space", "eps_sweep", "--profile", "smoke", "--data", str(broken_folder),
-                     "--results", str(tmp_path / "results")])
+        code = main(
+            [
+                "--space",
+                "eps_sweep",
+                "--profile",
+                "smoke",
+                "--data",
+                str(broken_folder),
+                "--results",
+                str(tmp_path / "results"),
+            ]
+        )
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -15,9 +15,22 @@ from mriadv.data.files import SliceDataset, seeded_slices
 from mriadv.data.masks import NestedMaskFunc, make_mask_func, volume_seed
 from mriadv.data.transforms import UnetTransform, center_crop, zero_filled_magnitude
 from mriadv.fft import fft2c, ifft2c
-from mriadv.instabilities import (FeatureSearch, FeatureSpec, case_metrics, feature_case, feature_example,
-                                  feature_recovery, footprint, footprint_masks, format_features, format_sampling,
-                                  insert_feature, measured_input, sampling_sweep, valid_anchors)
+from mriadv.instabilities import (
+    FeatureSearch,
+    FeatureSpec,
+    case_metrics,
+    feature_case,
+    feature_example,
+    feature_recovery,
+    footprint,
+    footprint_masks,
+    format_features,
+    format_sampling,
+    insert_feature,
+    measured_input,
+    sampling_sweep,
+    valid_anchors,
+)
 from mriadv.models import UNet
 from mriadv.runtime import Runtime
 
@@ -61,8 +74,9 @@ def _slice(val_set, i=1):
 def test_inserted_feature_has_the_requested_area_and_contrast(val_set, contrast):
     _, kspace, target = _slice(val_set)
     offsets = footprint(10, "disc")
-    anchors = np.argwhere(valid_anchors(target.numpy(), offsets, 0.25, contrast,
-                                        zero_filled_magnitude(kspace, (CROP, CROP)).numpy()))[:3]
+    anchors = np.argwhere(
+        valid_anchors(target.numpy(), offsets, 0.25, contrast, zero_filled_magnitude(kspace, (CROP, CROP)).numpy())
+    )[:3]
     masks = footprint_masks(anchors, offsets, (CROP, CROP))
     ins = insert_feature(kspace, target, masks, contrast)
     added = (ins.target - target).double()
@@ -171,8 +185,13 @@ def test_feature_recovery_over_a_dataset(val_set, runtime):
 
 def test_no_tissue_is_refused(val_set, runtime):
     with pytest.raises(ValueError, match="tissue"):
-        feature_recovery(nn.Identity(), val_set.with_slices([(val_set.volumes[0], 0)]), runtime,
-                         FeatureSpec(size=400), FeatureSearch(tissue_fraction=1.0))
+        feature_recovery(
+            nn.Identity(),
+            val_set.with_slices([(val_set.volumes[0], 0)]),
+            runtime,
+            FeatureSpec(size=400),
+            FeatureSearch(tissue_fraction=1.0),
+        )
 
 
 @pytest.mark.parametrize("bad", [dict(size=0), dict(shape="star"), dict(contrast=0.0), dict(contrast=-1.0)])
@@ -236,16 +255,44 @@ def test_assess_runs_both_instabilities_and_writes_them(synthetic_root, tmp_path
     from mriadv.config import TrainConfig
     from mriadv.fit import fit
 
-    cfg = TrainConfig.from_dict(dict(
-        data=str(synthetic_root), crop_size=CROP, unet_chans=4, unet_pools=2, epsilon=0.0, loss="mse",
-        attacks=("noise",), attack_budgets=(20.0,), train_eval_volumes=0, max_epochs=1, max_train_batches=2,
-        batch_size=2, device="cpu", threads=1))
+    cfg = TrainConfig.from_dict(
+        dict(
+            data=str(synthetic_root),
+            crop_size=CROP,
+            unet_chans=4,
+            unet_pools=2,
+            epsilon=0.0,
+            loss="mse",
+            attacks=("noise",),
+            attack_budgets=(20.0,),
+            train_eval_volumes=0,
+            max_epochs=1,
+            max_train_batches=2,
+            batch_size=2,
+            device="cpu",
+            threads=1,
+        )
+    )
     fit(cfg, out_dir=tmp_path / "run", log=None)
     plain = assess(tmp_path / "run")
     assert plain.features is None and plain.sampling is None  # nothing new unless asked for
     out = tmp_path / "a.json"
-    assert main([str(tmp_path / "run"), "--instabilities", "--sampling", "8", "4", "--feature-restarts", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "run"),
+                "--instabilities",
+                "--sampling",
+                "8",
+                "4",
+                "--feature-restarts",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "small features (type 2)" in printed and "sampling sweep (type 3)" in printed
     import json

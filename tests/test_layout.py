@@ -31,8 +31,9 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
-                     for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            ]
         else:
             continue
         found.update(n for n in names if n in known)
@@ -84,7 +85,10 @@ def test_modules_stay_small():
 
 
 def test_no_sys_path_edits_outside_benchmarks():
-    offenders = [str(p.relative_to(REPO)) for package in (*PACKAGES, "tests", "docs")
-                 for p in (REPO / package).rglob("*.py") if "sys.path.insert" in p.read_text()
-                 and p.name != "test_layout.py"]
+    offenders = [
+        str(p.relative_to(REPO))
+        for package in (*PACKAGES, "tests", "docs")
+        for p in (REPO / package).rglob("*.py")
+        if "sys.path.insert" in p.read_text() and p.name != "test_layout.py"
+    ]
     assert not offenders, offenders

@@ -26,9 +26,22 @@ def _sk_dssim(pred: torch.Tensor, target: torch.Tensor, data_range) -> np.ndarra
     out = []
     for b in range(pred.shape[0]):
         t = target[b].double().numpy()
-        r = float(t.max() - t.min()) if data_range is None else float(data_range[b] if np.ndim(data_range) else data_range)
-        s = [structural_similarity(pred[b, c].double().numpy(), t[c], gaussian_weights=True, sigma=1.5,
-                                   use_sample_covariance=False, data_range=r) for c in range(pred.shape[1])]
+        r = (
+            float(t.max() - t.min())
+            if data_range is None
+            else float(data_range[b] if np.ndim(data_range) else data_range)
+        )
+        s = [
+            structural_similarity(
+                pred[b, c].double().numpy(),
+                t[c],
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=r,
+            )
+            for c in range(pred.shape[1])
+        ]
         out.append((1 - np.mean(s)) / 2)
     return np.array(out)
 
@@ -115,8 +128,10 @@ def test_dssim_under_bf16_autocast_matches_float32():
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert torch.isfinite(p.grad).all()
     # bf16 inputs (a network output under autocast) are cast up, too
-    torch.testing.assert_close(dssim_loss(pred.bfloat16(), target.bfloat16(), data_range=1.0),
-                               dssim_loss(pred.bfloat16().float(), target.bfloat16().float(), data_range=1.0))
+    torch.testing.assert_close(
+        dssim_loss(pred.bfloat16(), target.bfloat16(), data_range=1.0),
+        dssim_loss(pred.bfloat16().float(), target.bfloat16().float(), data_range=1.0),
+    )
 
 
 def test_mse_closed_form_and_reduction():

@@ -45,8 +45,13 @@ def test_same_seed_same_mask_and_volume_seed_is_stable():
 
     code = "from mriadv.data.masks import volume_seed; print(volume_seed('file1000001.h5'))"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+        ).stdout.strip()
         for h in (1, 2)
     }
     assert outs == {str(volume_seed("file1000001.h5"))}

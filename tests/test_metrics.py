@@ -68,7 +68,17 @@ def test_core_imports_only_numpy_and_torch():
                 roots |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 roots.add(node.module.split(".")[0])
-        assert roots <= {"__future__", "numpy", "torch", "math", "collections", "functools", "inspect", "types", "typing"}, roots
+        assert roots <= {
+            "__future__",
+            "numpy",
+            "torch",
+            "math",
+            "collections",
+            "functools",
+            "inspect",
+            "types",
+            "typing",
+        }, roots
 
 
 # ---------------------------------------------------------------- closed forms
@@ -153,9 +163,12 @@ def test_torch_slice_kernels(gt, pred):
     np.testing.assert_allclose(sum_of_squares(g4).numpy(), (gt**2).sum(axis=(1, 2)), rtol=1e-12)
     # float32 inputs (as during training) are promoted, not computed in float32
     s32 = ssim_slices(g4.float(), p4.float(), float(mx)).numpy()
-    ref32 = [structural_similarity(gt[i].astype(np.float32).astype(np.float64),
-                                   pred[i].astype(np.float32).astype(np.float64), data_range=mx)
-             for i in range(gt.shape[0])]
+    ref32 = [
+        structural_similarity(
+            gt[i].astype(np.float32).astype(np.float64), pred[i].astype(np.float32).astype(np.float64), data_range=mx
+        )
+        for i in range(gt.shape[0])
+    ]
     np.testing.assert_allclose(s32, ref32, atol=1e-9)
 
 
@@ -204,8 +217,10 @@ def _volumes():
 def test_volume_metrics_match_numpy(dtype, rel):
     volumes = _volumes()
     if dtype == torch.float32:  # the reference sees the same rounded images
-        volumes = {k: (g.astype(np.float32).astype(np.float64), p.astype(np.float32).astype(np.float64))
-                   for k, (g, p) in volumes.items()}
+        volumes = {
+            k: (g.astype(np.float32).astype(np.float64), p.astype(np.float32).astype(np.float64))
+            for k, (g, p) in volumes.items()
+        }
     vm = VolumeMetrics()
     _feed(vm, volumes, seed=0, dtype=dtype)
     assert len(vm) == len(volumes)

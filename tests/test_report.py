@@ -28,8 +28,9 @@ slow = pytest.mark.slow  # these use a Ray study (module fixture)
 
 
 def run_report(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "study" / "report.py"), str(folder)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "study" / "report.py"), str(folder)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,29 @@ def study(tmp_path_factory) -> Path:
     """A finished two-trial study: standard training and adversarial training at epsilon = 5000."""
     work = tmp_path_factory.mktemp("report")
     space = work / "pair.yaml"
-    space.write_text("description: standard vs adversarial\nparameters:\n  epsilon: {grid: [0, 5000]}\n"
-                     "fixed: {report_protocol: l2-kspace-curve}\n"
-                     "objectives:\n  - {metric: val_nmse, mode: min}\n  - {metric: rob_pgd_e5000_nmse, mode: min}\n"
-                     "attack_budgets: [1000, 5000]\n")
-    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", str(space), "--profile", "smoke",
-                          "--results", str(work / "results"), "--no-report"],
-                         capture_output=True, text=True, cwd=work, timeout=600)
+    space.write_text(
+        "description: standard vs adversarial\nparameters:\n  epsilon: {grid: [0, 5000]}\n"
+        "fixed: {report_protocol: l2-kspace-curve}\n"
+        "objectives:\n  - {metric: val_nmse, mode: min}\n  - {metric: rob_pgd_e5000_nmse, mode: min}\n"
+        "attack_budgets: [1000, 5000]\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "study" / "run.py"),
+            "--space",
+            str(space),
+            "--profile",
+            "smoke",
+            "--results",
+            str(work / "results"),
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return work / "results" / "pair"
 
@@ -160,8 +177,9 @@ def test_table1_numbers_are_the_parquet_rows(study, written):
             b = best.loc[row["trial_id"]]
             prefix = "train" if row["split"] == "Training" else "val"
             assert row["best_epoch"] == b["epoch"]
-            assert math.isclose(row["epsilon_rms"], math.sqrt(5000 / 320**2) if row["epsilon_ref"] else 0.0,
-                                rel_tol=1e-6)
+            assert math.isclose(
+                row["epsilon_rms"], math.sqrt(5000 / 320**2) if row["epsilon_ref"] else 0.0, rel_tol=1e-6
+            )
             for metric in ("nmse", "psnr", "ssim"):
                 assert math.isclose(row[metric.upper()], b[f"{prefix}_{metric}"], rel_tol=1e-9), (prefix, metric)
                 assert math.isclose(row[f"{metric.upper()} (seed def.)"], b[f"{prefix}_seed_{metric}"], rel_tol=1e-9)
@@ -182,8 +200,9 @@ def test_table1_numbers_are_the_parquet_rows(study, written):
                 assert len(r) == 1
                 attacked = row[f"PGD@{budget:g} {metric.upper()}"]
                 assert math.isclose(attacked, r.iloc[0][metric], rel_tol=1e-9)
-                assert math.isclose(row[f"PGD@{budget:g} d{metric.upper()}"], attacked - clean[metric], rel_tol=1e-6,
-                                    abs_tol=1e-9)
+                assert math.isclose(
+                    row[f"PGD@{budget:g} d{metric.upper()}"], attacked - clean[metric], rel_tol=1e-6, abs_tol=1e-9
+                )
         assert row["PGD@5000 NMSE"] > row["NMSE"]  # the worst case is worse than clean
         # the paired standard error of the degradation, recomputed from the per-volume NMSEs
         r = mine[(mine["attack"] == "pgd") & (mine["budget_ref"] == 5000.0)].iloc[0]
@@ -285,8 +304,17 @@ def test_errored_trial_and_missing_checkpoint(study, tmp_path, capsys):
     adversarial = trials.loc[trials["epsilon"] > 0, "trial_id"].iloc[0]
     # the adversarial trial failed after its epochs (results.py marks every row), a third failed at once
     trials.loc[trials["trial_id"] == adversarial, ["status", "message"]] = ["ERROR", "RuntimeError: disk on fire"]
-    failed = pd.DataFrame([{"trial_id": "deadbeef", "epoch": 0, "status": "ERROR", "epsilon": 1000.0,
-                            "message": "ValueError: crop size 96 too large"}])
+    failed = pd.DataFrame(
+        [
+            {
+                "trial_id": "deadbeef",
+                "epoch": 0,
+                "status": "ERROR",
+                "epsilon": 1000.0,
+                "message": "ValueError: crop size 96 too large",
+            }
+        ]
+    )
     pd.concat([trials, failed], ignore_index=True).to_parquet(folder / "trials.parquet", index=False)
     lost = next(p for p in folder.iterdir() if p.is_dir() and f"_{standard}_" in p.name) / "best.pt"
     lost.unlink()
@@ -335,25 +363,48 @@ def fake_study(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     folder, data = results / "fake", results / ".data" / "synthetic_64px"
     data.mkdir(parents=True)
     folder.mkdir()
-    space = "parameters:\n  epsilon: {grid: [0, 5000]}\nobjectives:\n  - {metric: val_nmse, mode: min}\n" \
-            "attack_budgets: [1000, 5000]\n"
-    state = {"space": "fake", "space_path": str(REPO / "search_spaces" / "fake.yaml"), "space_yaml": space, "profile": "smoke",
-             "base": {"data": str(data), "crop_size": 64, "max_epochs": 2}, "created": "2026-01-01 00:00:00"}
+    space = (
+        "parameters:\n  epsilon: {grid: [0, 5000]}\nobjectives:\n  - {metric: val_nmse, mode: min}\n"
+        "attack_budgets: [1000, 5000]\n"
+    )
+    state = {
+        "space": "fake",
+        "space_path": str(REPO / "search_spaces" / "fake.yaml"),
+        "space_yaml": space,
+        "profile": "smoke",
+        "base": {"data": str(data), "crop_size": 64, "max_epochs": 2},
+        "created": "2026-01-01 00:00:00",
+    }
     (folder / layout.STATE_FILE).write_text(json.dumps(state))
-    names = {"aaaa1111": "train_trial_aaaa1111_1_epsilon=0_2026-01-01_00-00-00",
-             "bbbb2222": "train_trial_bbbb2222_2_epsilon=5000_2026-01-01_00-00-01"}
+    names = {
+        "aaaa1111": "train_trial_aaaa1111_1_epsilon=0_2026-01-01_00-00-00",
+        "bbbb2222": "train_trial_bbbb2222_2_epsilon=5000_2026-01-01_00-00-01",
+    }
     for name in names.values():
         (folder / name).mkdir()
         (folder / name / "best.pt").write_bytes(b"not a checkpoint")
     broken = folder / names["bbbb2222"] / "checkpoint.pt"
     rows = []
-    for trial_id, eps, status, message, nmse in (("aaaa1111", 0.0, "TERMINATED", "", 0.10),
-                                                ("bbbb2222", 5000.0, "ERROR", f"OSError: cannot write {broken}", 0.12)):
+    for trial_id, eps, status, message, nmse in (
+        ("aaaa1111", 0.0, "TERMINATED", "", 0.10),
+        ("bbbb2222", 5000.0, "ERROR", f"OSError: cannot write {broken}", 0.12),
+    ):
         for epoch in (1, 2):
-            rows.append({"trial_id": trial_id, "epoch": epoch, "status": status, "epoch_status": "running",
-                         "message": message, "epsilon": eps * 64**2 / 320**2, "epsilon_ref": eps,
-                         "val_loss": nmse / epoch, "val_nmse": nmse / epoch, "val_psnr": 20.0 + epoch,
-                         "val_ssim": 0.5 + epoch / 10})
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "epoch": epoch,
+                    "status": status,
+                    "epoch_status": "running",
+                    "message": message,
+                    "epsilon": eps * 64**2 / 320**2,
+                    "epsilon_ref": eps,
+                    "val_loss": nmse / epoch,
+                    "val_nmse": nmse / epoch,
+                    "val_psnr": 20.0 + epoch,
+                    "val_ssim": 0.5 + epoch / 10,
+                }
+            )
     pd.DataFrame(rows).to_parquet(folder / layout.TRIALS_FILE, index=False)
     return folder, names
 
@@ -386,4 +437,6 @@ def test_runner_summary_names_files_relative_to_the_current_folder(tmp_path, mon
     assert f"checkpoint results/fake/{names['aaaa1111']}/best.pt" in text
     assert "results: results/fake" in lines and "TensorBoard: tensorboard --logdir results/fake" in lines
     monkeypatch.chdir(tmp_path / "results" / ".data")  # not above the study: paths stay as they are
-    assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(run_summary.summarize(folder, load_space(str(space_file))))
+    assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(
+        run_summary.summarize(folder, load_space(str(space_file)))
+    )

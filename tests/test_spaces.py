@@ -27,15 +27,27 @@ def write(tmp_path, text, name="space.yaml"):
     "text,key,why",
     [
         ("parameters:\n  lr_recn: {loguniform: [1e-5, 1e-3]}\n", "parameters.lr_recn", "unknown parameter"),
-        ("parameters:\n  lr_recon: {lognormal: [1e-5, 1e-3]}\n", "parameters.lr_recon.lognormal", "unknown distribution"),
+        (
+            "parameters:\n  lr_recon: {lognormal: [1e-5, 1e-3]}\n",
+            "parameters.lr_recon.lognormal",
+            "unknown distribution",
+        ),
         ("parameters:\n  lambda1: {uniform: [3, 1]}\n", "parameters.lambda1.uniform", "low must be < high"),
         ("parameters:\n  lambda1: {uniform: [2, 2]}\n", "parameters.lambda1.uniform", "low must be < high"),
         ("parameters:\n  lr_gen: {loguniform: [0, 1e-3]}\n", "parameters.lr_gen.loguniform", "log range must be > 0"),
         ("parameters:\n  epsilon: {grid: [0, -5]}\n", "parameters.epsilon.grid", "'epsilon'"),
         ("parameters:\n  loss: {choice: [mse, l1]}\n", "parameters.loss.choice", "'loss'"),
         ("parameters:\n  epsilon: {grid: [0, 1]}\nfixed: {lr_recon: -1}\n", "fixed.lr_recon", "'lr_recon'"),
-        ("parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: val_nmse, mode: up}]\n", "objectives[0].mode", "min"),
-        ("parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: accuracy, mode: max}]\n", "objectives[0].metric", "unknown metric"),
+        (
+            "parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: val_nmse, mode: up}]\n",
+            "objectives[0].mode",
+            "min",
+        ),
+        (
+            "parameters:\n  epsilon: {grid: [0, 1]}\nobjectives: [{metric: accuracy, mode: max}]\n",
+            "objectives[0].metric",
+            "unknown metric",
+        ),
         ("parameters:\n  epsilon: {grid: [0, 1]}\nscheduler: hyperband\n", "scheduler", "asha"),
         ("parameters:\n  epsilon: {grid: [0, 1]}\n  lambda1: {uniform: [1, 2]}\n", "parameters", "mixes grid"),
         ("parameters:\n  data: {choice: [a, b]}\n", "parameters.data", "belongs to the run"),
@@ -70,18 +82,28 @@ def test_a_parsed_space_is_the_same_space_and_its_errors_name_the_source(tmp_pat
 
 def test_cli_exits_2_with_one_clear_line(tmp_path):
     path = write(tmp_path, "parameters:\n  lr_gen: {loguniform: [0, 1e-3]}\n")
-    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", str(path)], capture_output=True,
-                         text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "study" / "run.py"), "--space", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert f"error: {path}: parameters.lr_gen.loguniform" in out.stderr
     assert "Traceback" not in out.stderr
-    unknown = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--space", "no_such_space"],
-                             capture_output=True, text=True, cwd=tmp_path)
+    unknown = subprocess.run(
+        [sys.executable, str(REPO / "study" / "run.py"), "--space", "no_such_space"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert unknown.returncode == 2 and "eps_sweep" in unknown.stderr  # lists what is available
 
 
 def test_list_spaces():
-    out = subprocess.run([sys.executable, str(REPO / "study" / "run.py"), "--list-spaces"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "study" / "run.py"), "--list-spaces"], capture_output=True, text=True
+    )
     assert out.returncode == 0
     names = [line.split()[0] for line in out.stdout.splitlines()]
     assert set(names) == set(available_spaces()) >= {"eps_sweep", "lambda_sweep", "loss_type", "lr_sweep", "full"}
@@ -91,14 +113,23 @@ def test_list_spaces():
 def test_every_searched_key_reaches_the_trainer(name):
     space = load_space(name)
     crop = 96
-    ctx = StudyContext(base={"crop_size": crop}, epsilon_keys=("epsilon",), study_dir="/tmp",
-                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+    ctx = StudyContext(
+        base={"crop_size": crop},
+        epsilon_keys=("epsilon",),
+        study_dir="/tmp",
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=(),
+    )
     for p in space.params:
         values = p.values if p.values else (p.low, (p.low + p.high) / 2, p.high)
         for v in values:
             cfg = trial_config(ctx, {p.name: v})
             expected = scale_epsilon(v, crop) if p.name == "epsilon" else v
-            assert getattr(cfg, p.name) == pytest.approx(expected) if isinstance(v, float) else getattr(cfg, p.name) == expected
+            assert (
+                getattr(cfg, p.name) == pytest.approx(expected)
+                if isinstance(v, float)
+                else getattr(cfg, p.name) == expected
+            )
             # and differs from the default for some value: a searched key is not silently ignored
     for p in space.params:
         values = p.values if p.values else (p.low, p.high)
@@ -122,12 +153,21 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
 
     from study.plan import base_config
 
-    space = load_space(write(tmp_path, "parameters:\n  epsilon: {grid: [0, 1000]}\n"
-                                        "fixed: {crop_size: 128}\nattack_budgets: [1000, 5000]\n"))
+    space = load_space(
+        write(
+            tmp_path,
+            "parameters:\n  epsilon: {grid: [0, 1000]}\nfixed: {crop_size: 128}\nattack_budgets: [1000, 5000]\n",
+        )
+    )
     args = argparse.Namespace(max_epochs=None)
     base = base_config(space, "demo", tmp_path, args, None, tmp_path / ".cache")  # demo's own crop: 96
-    ctx = StudyContext(base=base, epsilon_keys=("epsilon",), study_dir=str(tmp_path),
-                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+    ctx = StudyContext(
+        base=base,
+        epsilon_keys=("epsilon",),
+        study_dir=str(tmp_path),
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=(),
+    )
     cfg = trial_config(ctx, {"epsilon": 1000})
     assert cfg.crop_size == 128
     assert cfg.epsilon == pytest.approx(1000 * 128**2 / 320**2)  # 160, not 1000 * 96^2 / 320^2 = 90
@@ -136,7 +176,9 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
     from mriadv.units import robust_key, to_reference
 
     assert [robust_key("pgd", to_reference(b, 128), "nmse") for b in cfg.attack_budgets] == [
-        "rob_pgd_e1000_nmse", "rob_pgd_e5000_nmse"]
+        "rob_pgd_e1000_nmse",
+        "rob_pgd_e5000_nmse",
+    ]
     # searching the crop: each trial scales with its own
     searched = trial_config(ctx, {"epsilon": 1000, "crop_size": 64})
     assert searched.epsilon == pytest.approx(1000 * 64**2 / 320**2)
@@ -148,10 +190,26 @@ def test_robust_every_with_a_robustness_objective(synthetic_root):
     from mriadv.fit import fit
     from study.trainable import BestSoFar
 
-    cfg = TrainConfig.from_dict(dict(data=str(synthetic_root), crop_size=64, unet_chans=4, unet_pools=2, gen_chans=4,
-                                     batch_size=2, epsilon=40.0, attack_budgets=(40.0, 200.0), attacks=("pgd",),
-                                     pgd_steps=2, train_eval_volumes=0, max_epochs=3, max_train_batches=2,
-                                     robust_every=5, device="cpu", threads=1))
+    cfg = TrainConfig.from_dict(
+        dict(
+            data=str(synthetic_root),
+            crop_size=64,
+            unet_chans=4,
+            unet_pools=2,
+            gen_chans=4,
+            batch_size=2,
+            epsilon=40.0,
+            attack_budgets=(40.0, 200.0),
+            attacks=("pgd",),
+            pgd_steps=2,
+            train_eval_volumes=0,
+            max_epochs=3,
+            max_train_batches=2,
+            robust_every=5,
+            device="cpu",
+            threads=1,
+        )
+    )
     best = BestSoFar(("val_nmse", "rob_pgd_e5000_nmse"))
     told = [best.update(r) for r in fit(cfg, log=None).history]
     assert len(told) == 3 and all(t["best_rob_pgd_e5000_nmse"] > 0 for t in told)
@@ -163,9 +221,19 @@ def test_a_list_of_points_is_one_trial_each(tmp_path):
     assert space.grid_points()[0] == {"adversary": "none", "epsilon": 0, "lambda1": 1.0}
     assert {p.name for p in space.params} == {"adversary", "epsilon", "lambda1"}
     assert set(next(p for p in space.params if p.name == "adversary").values) == {
-        "none", "generator", "pgd", "noise", "conditional"}
-    ctx = StudyContext(base={"crop_size": 96}, epsilon_keys=("epsilon",), study_dir="/tmp",
-                       attack_budgets_ref=space.attack_budgets, objective_metrics=())
+        "none",
+        "generator",
+        "pgd",
+        "noise",
+        "conditional",
+    }
+    ctx = StudyContext(
+        base={"crop_size": 96},
+        epsilon_keys=("epsilon",),
+        study_dir="/tmp",
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=(),
+    )
     cfg = trial_config(ctx, space.grid_points()[3])
     assert cfg.adversary == "pgd" and cfg.epsilon == pytest.approx(scale_epsilon(5000, 96))
     for text, key, why in [

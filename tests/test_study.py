@@ -22,8 +22,22 @@ from study.tables import load_tables
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "study" / "run.py")]
-REQUIRED_COLUMNS = {"trial_id", "epoch", "epsilon", "lambda1", "lambda2", "loss", "lr_recon", "lr_gen", "train_loss",
-                    "val_nmse", "val_psnr", "val_ssim", "time_s", "status"}
+REQUIRED_COLUMNS = {
+    "trial_id",
+    "epoch",
+    "epsilon",
+    "lambda1",
+    "lambda2",
+    "loss",
+    "lr_recon",
+    "lr_gen",
+    "train_loss",
+    "val_nmse",
+    "val_psnr",
+    "val_ssim",
+    "time_s",
+    "status",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +83,21 @@ def test_smoke_study_writes_tables(smoke_study):
     assert set(trials["status"]) == {"TERMINATED"}
     assert sorted(trials.groupby("trial_id")["epsilon_ref"].first()) == [0, 250, 1000, 2500, 5000, 10000]
     robust = pd.read_parquet(folder / "robustness.parquet")
-    assert {"trial_id", "epoch", "attack", "budget", "budget_ref", "nmse", "psnr", "ssim", "split",
-            "model"} <= set(robust.columns)
+    assert {"trial_id", "epoch", "attack", "budget", "budget_ref", "nmse", "psnr", "ssim", "split", "model"} <= set(
+        robust.columns
+    )
     standard = trials.loc[trials["epsilon"] == 0, "trial_id"].iloc[0]
     per_epoch = robust[robust["split"] == "selection"]
     assert set(per_epoch.loc[per_epoch["trial_id"] == standard, "attack"]) == {"pgd", "noise"}  # no generator
     assert set(per_epoch["budget_ref"]) == {1000.0, 5000.0}
     # the attacked NMSE in the trials table is the robustness table's number
     row = trials[(trials["trial_id"] == standard) & (trials["epoch"] == 2)].iloc[0]
-    rob = per_epoch[(per_epoch["trial_id"] == standard) & (per_epoch["epoch"] == 2) & (per_epoch["attack"] == "pgd")
-                    & (per_epoch["budget_ref"] == 5000.0)].iloc[0]
+    rob = per_epoch[
+        (per_epoch["trial_id"] == standard)
+        & (per_epoch["epoch"] == 2)
+        & (per_epoch["attack"] == "pgd")
+        & (per_epoch["budget_ref"] == 5000.0)
+    ].iloc[0]
     assert row["rob_pgd_e5000_nmse"] == rob["nmse"] and rob["d_nmse"] > 0
     # every trial's last epoch carries the held-out evaluation of its best epoch, and the zero-filled input's
     held = robust[robust["split"] == "report"]
@@ -116,13 +135,23 @@ def test_smoke_study_tensorboard(smoke_study):
         assert f"trial_{trial_id}_epsilon={eps:g}" in runs
     tags = {r: set(mux.GetAccumulator(r).Tags()["scalars"]) for r in runs}
     common = set.intersection(*tags.values())
-    assert {"val/nmse", "train/loss", "best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse",
-            "report/rob_pgd_e5000_nmse", "report_zero_filled/nmse", "rob/pgd_e5000_nmse"} <= common
+    assert {
+        "val/nmse",
+        "train/loss",
+        "best/val_nmse",
+        "best/rob_pgd_e5000_nmse",
+        "report/nmse",
+        "report/rob_pgd_e5000_nmse",
+        "report_zero_filled/nmse",
+        "rob/pgd_e5000_nmse",
+    } <= common
     assert all("generator" in t for t in set.union(*tags.values()) - common)  # epsilon = 0 has no generator
     assert not any(t.startswith("ray/") for t in set.union(*tags.values()))
     for r in runs:
         acc = mux.GetAccumulator(r)
-        assert [e.step for e in acc.Scalars("val/nmse")] == [1, 2] and [e.step for e in acc.Scalars("report/nmse")] == [2]
+        assert [e.step for e in acc.Scalars("val/nmse")] == [1, 2] and [e.step for e in acc.Scalars("report/nmse")] == [
+            2
+        ]
         assert {"images/input", "images/recon", "images/pgd_delta"} <= set(acc.Tags()["images"])
 
     experiment = hparams_route(folder, "/experiment", {"experimentName": ""})
@@ -130,8 +159,13 @@ def test_smoke_study_tensorboard(smoke_study):
     assert hparams["epsilon_ref"]["differs"] and not hparams["lambda1"].get("differs")
     assert experiment["hparamInfos"][0]["name"] == "epsilon_ref"  # listed, and ticked, first
     metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
-    assert metrics[:5] == ["best/val_nmse", "best/rob_pgd_e5000_nmse", "report/nmse", "report/rob_pgd_e5000_nmse",
-                           "report/ssim"]  # TensorBoard ticks the first five
+    assert metrics[:5] == [
+        "best/val_nmse",
+        "best/rob_pgd_e5000_nmse",
+        "report/nmse",
+        "report/rob_pgd_e5000_nmse",
+        "report/ssim",
+    ]  # TensorBoard ticks the first five
     groups = list(session_groups(folder).values())
     assert len(groups) == 6
     assert sorted(g["hparams"]["epsilon_ref"] for g in groups) == [0, 250, 1000, 2500, 5000, 10000]
@@ -164,7 +198,10 @@ def test_smoke_study_optuna(smoke_study):
         assert (folder / t.user_attrs["folder"] / "best.pt").is_file()
         assert t.user_attrs["folder"] == f"trial_{t.user_attrs['ray_trial_id']}_epsilon={t.params['epsilon']}"
         assert t.intermediate_values == {e: pytest.approx(rows.loc[e, "val_nmse"]) for e in (1, 2)}
-        assert t.values == [pytest.approx(rows.loc[2, "best_val_nmse"]), pytest.approx(rows.loc[2, "best_rob_pgd_e5000_nmse"])]
+        assert t.values == [
+            pytest.approx(rows.loc[2, "best_val_nmse"]),
+            pytest.approx(rows.loc[2, "best_rob_pgd_e5000_nmse"]),
+        ]
 
 
 def test_smoke_study_console(smoke_study):
@@ -175,8 +212,13 @@ def test_smoke_study_console(smoke_study):
     epoch_lines = [line for line in console.splitlines() if re.search(r"epoch [12]: loss", line)]
     assert len(epoch_lines) == 12
     assert all(re.search(r"\[epsilon=\d+ [0-9a-f]{8}\] epoch [12]: ", line) for line in epoch_lines), epoch_lines
-    for noise in ("Checkpoint successfully created", "Result logdir", "Study.stop", "Failed to fetch metrics",
-                  "A new study created"):
+    for noise in (
+        "Checkpoint successfully created",
+        "Result logdir",
+        "Study.stop",
+        "Failed to fetch metrics",
+        "A new study created",
+    ):
         assert noise not in console, noise
     assert re.search(r"== study eps_sweep: 6 trials \(6 TERMINATED\) \| \d+:\d\d:\d\d elapsed, done ==", console)
     assert re.search(r"[0-9a-f]{8} +10000 +TERMINATED +2/2 ", console)
@@ -192,15 +234,25 @@ def test_runner_imports_ray_only_when_it_starts_it():
 
 def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
     t0 = time.monotonic()
-    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--data", tmp_path / "nope", "--results",
-                    tmp_path / "results", cwd=tmp_path)
+    out = run_study(
+        "--space",
+        "eps_sweep",
+        "--profile",
+        "smoke",
+        "--data",
+        tmp_path / "nope",
+        "--results",
+        tmp_path / "results",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "nope" in out.stderr and "no such folder" in out.stderr
     bad = tmp_path / "bad"
     (bad / "singlecoil_train").mkdir(parents=True)
     (bad / "singlecoil_val").mkdir()
     (bad / "singlecoil_train" / "file1.h5").write_bytes(b"\x89HDF\r\n\x1a\n garbage")
-    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--data", bad, "--results", tmp_path / "results",
-                    cwd=tmp_path)
+    out = run_study(
+        "--space", "eps_sweep", "--profile", "smoke", "--data", bad, "--results", tmp_path / "results", cwd=tmp_path
+    )
     assert out.returncode == 2
     assert "file1.h5" in out.stderr and "not a readable HDF5" in out.stderr and "singlecoil_val" in out.stderr
     assert "Traceback" not in out.stderr and "ray" not in out.stdout.lower()  # Ray never started
@@ -209,10 +261,13 @@ def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
 
 def test_an_erroring_trial_does_not_stop_the_study(tmp_path):
     space = tmp_path / "crops.yaml"
-    space.write_text("description: one trial asks for a crop larger than the data\n"
-                     "parameters:\n  crop_size: {grid: [32, 96]}\nattack_budgets: [1000]\n")
-    out = run_study("--space", space, "--profile", "smoke", "--results", tmp_path / "results", "--no-report",
-                    cwd=tmp_path)
+    space.write_text(
+        "description: one trial asks for a crop larger than the data\n"
+        "parameters:\n  crop_size: {grid: [32, 96]}\nattack_budgets: [1000]\n"
+    )
+    out = run_study(
+        "--space", space, "--profile", "smoke", "--results", tmp_path / "results", "--no-report", cwd=tmp_path
+    )
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     trials = pd.read_parquet(tmp_path / "results" / "crops" / "trials.parquet")
     status = trials.groupby("trial_id")["status"].last()
@@ -225,8 +280,10 @@ def test_an_erroring_trial_does_not_stop_the_study(tmp_path):
 
     folder = tmp_path / "results" / "crops"
     ended = {name.split("_")[1]: g["sessions"][0]["status"] for name, g in session_groups(folder).items()}
-    assert ended == {failed["trial_id"]: "STATUS_FAILURE", **{t: "STATUS_SUCCESS" for t in status.index
-                                                              if t != failed["trial_id"]}}
+    assert ended == {
+        failed["trial_id"]: "STATUS_FAILURE",
+        **{t: "STATUS_SUCCESS" for t in status.index if t != failed["trial_id"]},
+    }
     study = optuna.load_study(study_name="crops", storage=f"sqlite:///{folder / 'optuna.db'}")
     assert sorted(t.user_attrs["status"] for t in study.trials) == ["ERROR", "TERMINATED"]
 
@@ -234,14 +291,28 @@ def test_an_erroring_trial_does_not_stop_the_study(tmp_path):
 def test_sigkill_and_resume(tmp_path):
     """Kill the driver while one trial is finished and another mid-way; the same command resumes."""
     space = tmp_path / "kill.yaml"
-    space.write_text("description: kill test\nparameters:\n  epsilon: {grid: [0, 1000, 5000]}\n"
-                     "objectives: [{metric: val_nmse, mode: min}]\nattack_budgets: [1000]\n")
-    args = ["--space", space, "--profile", "smoke", "--results", tmp_path / "results", "--max-epochs", 6,
-            "--max-concurrent", 1, "--no-report"]
+    space.write_text(
+        "description: kill test\nparameters:\n  epsilon: {grid: [0, 1000, 5000]}\n"
+        "objectives: [{metric: val_nmse, mode: min}]\nattack_budgets: [1000]\n"
+    )
+    args = [
+        "--space",
+        space,
+        "--profile",
+        "smoke",
+        "--results",
+        tmp_path / "results",
+        "--max-epochs",
+        6,
+        "--max-concurrent",
+        1,
+        "--no-report",
+    ]
     table = tmp_path / "results" / "kill" / "trials.parquet"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([*RUN, *map(str, args)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        [*RUN, *map(str, args)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     killed_at = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
@@ -262,8 +333,14 @@ def test_sigkill_and_resume(tmp_path):
     assert killed_at is not None, (tmp_path / "first.log").read_text()[-3000:]
     epochs_done, interrupted = killed_at
 
-    second = subprocess.Popen([*RUN, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+    second = subprocess.Popen(
+        [*RUN, *map(str, args)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     stdout, _ = second.communicate(timeout=600)
     (tmp_path / "second.log").write_text(stdout)  # kept by pytest for a post-mortem
     assert second.returncode == 0, stdout[-3000:]

@@ -121,8 +121,15 @@ def _lag1(img: np.ndarray) -> float:
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("volumes", 0), ("val_volumes", -1), ("slices", 0), ("size", 31), ("size", 30), ("size", 65),
-        ("seed", -1), ("size", 64.0), ("slices", True),
+        ("volumes", 0),
+        ("val_volumes", -1),
+        ("slices", 0),
+        ("size", 31),
+        ("size", 30),
+        ("size", 65),
+        ("seed", -1),
+        ("size", 64.0),
+        ("slices", True),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_field(field, value):
@@ -446,7 +453,11 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         [sys.executable, "-m", "mriadv.data.synthetic", *argv],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
     )
 
 

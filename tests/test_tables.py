@@ -15,8 +15,16 @@ from study.tables import ResultsLog, load_tables
 
 def result(epoch: int, nmse: float, status: str = "ok") -> dict:
     rows = [{"attack": "pgd", "budget_ref": 5000.0, "nmse": 2 * nmse}]
-    return {"epoch": epoch, "val_nmse": nmse, "epsilon_ref": 5000.0, "epoch_status": status, "time_total_s": epoch,
-            "training_iteration": epoch, "config": {"x": 1}, "robustness_json": json.dumps(rows)}
+    return {
+        "epoch": epoch,
+        "val_nmse": nmse,
+        "epsilon_ref": 5000.0,
+        "epoch_status": status,
+        "time_total_s": epoch,
+        "training_iteration": epoch,
+        "config": {"x": 1},
+        "robustness_json": json.dumps(rows),
+    }
 
 
 def events(log: ResultsLog) -> None:
@@ -45,8 +53,14 @@ def reference(tmp_path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_rows_statuses_and_errors(tmp_path):
     trials, robust = reference(tmp_path)
-    assert list(zip(trials["trial_id"], trials["epoch"])) == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2),
-                                                              ("c", 0)]
+    assert list(zip(trials["trial_id"], trials["epoch"])) == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 1),
+        ("b", 2),
+        ("c", 0),
+    ]
     assert trials.loc[(trials["trial_id"] == "a") & (trials["epoch"] == 2), "val_nmse"].item() == 0.3
     assert set(trials.loc[trials["trial_id"] == "a", "status"]) == {"TERMINATED"}
     assert set(trials.loc[trials["trial_id"] == "b", "status"]) == {"nan"}
@@ -116,9 +130,20 @@ def test_metrics_packed_for_tune_come_back_as_the_same_row(tmp_path):
     ``record_json`` (study/trainable.py); the table's row is the same as from the unpacked result."""
     from study.trainable import TUNE_KEYS, tune_result
 
-    flat = {"epoch": 3, "val_nmse": 0.05, "rob_pgd_e5000_nmse": 0.2, "best_rob_pgd_e5000_nmse": 0.19,
-            "report_nmse": 0.051, "report_feature_fnr": math.nan, "train_seed_ssim": 0.7, "epoch_status": "ok",
-            "stopped": False, "epsilon_ref": 5000.0, "lr_recon": 1e-3, "node_id": "abc"}
+    flat = {
+        "epoch": 3,
+        "val_nmse": 0.05,
+        "rob_pgd_e5000_nmse": 0.2,
+        "best_rob_pgd_e5000_nmse": 0.19,
+        "report_nmse": 0.051,
+        "report_feature_fnr": math.nan,
+        "train_seed_ssim": 0.7,
+        "epoch_status": "ok",
+        "stopped": False,
+        "epsilon_ref": 5000.0,
+        "lr_recon": 1e-3,
+        "node_id": "abc",
+    }
     packed = tune_result(flat, ("val_nmse", "rob_pgd_e5000_nmse"))
     numeric = {k for k, v in packed.items() if isinstance(v, float)}
     assert numeric == {"val_nmse", "rob_pgd_e5000_nmse", "best_rob_pgd_e5000_nmse", "epsilon_ref", "lr_recon"}

@@ -22,17 +22,35 @@ CPU = Runtime.resolve("cpu", "fp32")
 
 
 def tiny(**kw) -> TrainConfig:
-    base = dict(crop_size=32, unet_chans=4, unet_pools=2, gen_chans=4, batch_size=2, epsilon=20.0, loss="mse",
-                attack_budgets=(20.0,), pgd_steps=2, train_eval_volumes=1, max_epochs=2, device="cpu")
+    base = dict(
+        crop_size=32,
+        unet_chans=4,
+        unet_pools=2,
+        gen_chans=4,
+        batch_size=2,
+        epsilon=20.0,
+        loss="mse",
+        attack_budgets=(20.0,),
+        pgd_steps=2,
+        train_eval_volumes=1,
+        max_epochs=2,
+        device="cpu",
+    )
     return TrainConfig.from_dict({**base, **kw})
 
 
 def fake_batch(b=2, size=32, seed=0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(b, 1, size, size, generator=g)
-    return Batch(image=target + 0.3 * torch.randn(b, 1, size, size, generator=g), target=target,
-                 mean=torch.zeros(b), std=torch.ones(b), max_value=torch.full((b,), 3.0),
-                 fnames=[f"f{i}.h5" for i in range(b)], slice_nums=torch.arange(b))
+    return Batch(
+        image=target + 0.3 * torch.randn(b, 1, size, size, generator=g),
+        target=target,
+        mean=torch.zeros(b),
+        std=torch.ones(b),
+        max_value=torch.full((b,), 3.0),
+        fnames=[f"f{i}.h5" for i in range(b)],
+        slice_nums=torch.arange(b),
+    )
 
 
 def params(module):
@@ -149,8 +167,9 @@ def test_kspace_pgd_respects_budget_and_acquired_columns(synthetic_root):
     from mriadv.data.transforms import UnetTransform, collate
 
     torch.manual_seed(0)
-    ds = SliceDataset(synthetic_root, "val", UnetTransform(RandomMaskFunc(), 64, train=False, keep_kspace=True),
-                      crop_size=64)
+    ds = SliceDataset(
+        synthetic_root, "val", UnetTransform(RandomMaskFunc(), 64, train=False, keep_kspace=True), crop_size=64
+    )
     batch = collate([ds[0], ds[5]])
     tr = Trainer(tiny(epsilon=0.0, crop_size=64), CPU)
     attack = PGDAttack(40.0, steps=3, domain="kspace")
@@ -166,8 +185,17 @@ def test_kspace_pgd_respects_budget_and_acquired_columns(synthetic_root):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("epsilon", -1.0), ("lr_recon", 0.0), ("lr_gen", -1e-4), ("patience", 0), ("batch_size", 0), ("loss", "l1"),
-     ("perturbation", "phase"), ("attack_budgets", (0.0,)), ("center_fraction", 1.5)],
+    [
+        ("epsilon", -1.0),
+        ("lr_recon", 0.0),
+        ("lr_gen", -1e-4),
+        ("patience", 0),
+        ("batch_size", 0),
+        ("loss", "l1"),
+        ("perturbation", "phase"),
+        ("attack_budgets", (0.0,)),
+        ("center_fraction", 1.5),
+    ],
 )
 def test_bad_config_values_are_rejected_by_name(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -188,8 +216,12 @@ def smoke_cfg(root, **kw) -> TrainConfig:
 
 def test_smoke_fit_lowers_training_loss(synthetic_root, tmp_path):
     records = []
-    res = fit(smoke_cfg(synthetic_root, max_epochs=4, lr_recon=1e-3), out_dir=tmp_path,
-              on_epoch=lambda r, p: records.append((r, p)), log=None)
+    res = fit(
+        smoke_cfg(synthetic_root, max_epochs=4, lr_recon=1e-3),
+        out_dir=tmp_path,
+        on_epoch=lambda r, p: records.append((r, p)),
+        log=None,
+    )
     assert res.status == "completed" and len(records) == 4
     losses = [r.train_loss for r, _ in records]
     assert losses[-1] < losses[0]
@@ -221,13 +253,18 @@ def test_resume_rejects_a_changed_config(synthetic_root, tmp_path):
     cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",))
     fit(cfg, out_dir=tmp_path, log=None)
     with pytest.raises(ConfigError, match="lambda1"):
-        fit(TrainConfig.from_dict({"lambda1": 2.0, "max_epochs": 2}, base=cfg), out_dir=tmp_path,
-            resume_from=tmp_path, log=None)
+        fit(
+            TrainConfig.from_dict({"lambda1": 2.0, "max_epochs": 2}, base=cfg),
+            out_dir=tmp_path,
+            resume_from=tmp_path,
+            log=None,
+        )
 
 
 def test_best_and_last_checkpoint_share_one_shape(synthetic_root, tmp_path):
-    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0,
-                    instabilities=False)
+    cfg = smoke_cfg(
+        synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0, instabilities=False
+    )
     fit(cfg, out_dir=tmp_path, log=None)
     best, last = load_checkpoint(tmp_path / BEST_NAME), load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert set(best) == set(last) == set(Checkpoint.__annotations__)
@@ -259,8 +296,9 @@ def test_nan_loss_stops_the_run_and_the_status_is_persisted(synthetic_root, tmp_
     shutil.copytree(synthetic_root, data)
     _poison(data, "singlecoil_train")
     records = []
-    res = fit(smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", log=None,
-              on_epoch=lambda r, p: records.append(r))
+    res = fit(
+        smoke_cfg(data, max_epochs=3), out_dir=tmp_path / "run", log=None, on_epoch=lambda r, p: records.append(r)
+    )
     assert res.status == "nan"
     assert "not finite" in res.message or "nan" in res.message
     # the stop is a record of its own (reported like any epoch) and the checkpoint says 'nan'
@@ -292,8 +330,9 @@ def test_kspace_run_on_validation_volumes_of_different_widths(synthetic_root, tm
         k = np.pad(f["kspace"][()], ((0, 0), (0, 0), (2, 2)))
         del f["kspace"]
         f["kspace"] = k
-    cfg = smoke_cfg(data, max_epochs=1, max_train_batches=1, perturbation="kspace", report_fraction=0.0,
-                    attacks=("pgd_kspace",))
+    cfg = smoke_cfg(
+        data, max_epochs=1, max_train_batches=1, perturbation="kspace", report_fraction=0.0, attacks=("pgd_kspace",)
+    )
     res = fit(cfg, out_dir=tmp_path / "run", log=None)
     assert res.status == "completed"
     assert (tmp_path / "run" / "preview.npz").is_file()
@@ -392,8 +431,15 @@ def test_noise_sigma_mode_has_the_budget_as_expected_norm():
 @pytest.mark.parametrize("kind", ["pgd", "noise", "conditional"])
 @pytest.mark.parametrize("domain", ["image", "kspace"])
 def test_every_adversary_trains_in_both_domains(synthetic_root, kind, domain):
-    cfg = smoke_cfg(synthetic_root, adversary=kind, perturbation=domain, max_epochs=1, max_train_batches=2,
-                    attacks=("noise",), train_eval_volumes=0)
+    cfg = smoke_cfg(
+        synthetic_root,
+        adversary=kind,
+        perturbation=domain,
+        max_epochs=1,
+        max_train_batches=2,
+        attacks=("noise",),
+        train_eval_volumes=0,
+    )
     res = fit(cfg, log=None)
     r = res.history[-1]
     assert res.status == "completed" and r.steps == 2 and 0 < r.delta_sq <= 20.0 * 1.0001
@@ -401,8 +447,14 @@ def test_every_adversary_trains_in_both_domains(synthetic_root, kind, domain):
 
 
 def test_a_named_protocol_joins_the_held_out_evaluation(synthetic_root):
-    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",), train_eval_volumes=0,
-                    report_protocol="deviation-kspace")
+    cfg = smoke_cfg(
+        synthetic_root,
+        max_epochs=1,
+        max_train_batches=1,
+        attacks=("noise",),
+        train_eval_volumes=0,
+        report_protocol="deviation-kspace",
+    )
     record = fit(cfg, log=None).history[-1]
     mine = [r for r in record.report["robustness"] if r["protocol"] == "deviation-kspace"]
     assert [r["rel"] for r in mine] == [0.04, 0.08] and all(r["attack"] == "pgd_kspace" for r in mine)
@@ -418,8 +470,14 @@ def test_instabilities_are_recorded_each_epoch_and_held_out(synthetic_root):
     record = fit(cfg, log=None).history[-1]
     assert 0 <= record.feature_fnr <= 1 and record.feature_error > 0  # on the attacked selection subset
     flat = record.flat()
-    for key in ("report_feature_random_fnr", "report_feature_worst_fnr", "zf_report_feature_random_fnr",
-                "report_sampling_r8_nmse", "report_sampling_r2_nmse", "zf_report_sampling_r2_nmse"):
+    for key in (
+        "report_feature_random_fnr",
+        "report_feature_worst_fnr",
+        "zf_report_feature_random_fnr",
+        "report_sampling_r8_nmse",
+        "report_sampling_r2_nmse",
+        "zf_report_sampling_r2_nmse",
+    ):
         assert key in flat, key
     # the worst of several positions is never easier than the first one drawn
     assert flat["report_feature_worst_error"] >= flat["report_feature_random_error"]

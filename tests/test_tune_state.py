@@ -52,7 +52,8 @@ def test_backup_copies_a_complete_set_only(tmp_path):
     write_state(staging, S2, 2)
     assert backup_state(staging, study)
     assert sorted(p.name for p in (study / ".tune_state").iterdir()) == sorted(
-        p.name for p in staging.iterdir() if S2 in p.name)  # only the newest set is kept
+        p.name for p in staging.iterdir() if S2 in p.name
+    )  # only the newest set is kept
 
 
 def test_repair_restores_the_copy_over_a_truncated_or_stale_file(tmp_path):
@@ -89,8 +90,12 @@ def test_results_wait_for_their_checkpoint_and_the_step_end(tmp_path):
 
     staging = tmp_path / "staging"
     write_state(staging, S1, 1)
-    trial = FakeTrial(trial_id="t1", config={"epsilon": 0.0}, path=None,  # Tune's Trial.path: None before a folder
-                      storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    trial = FakeTrial(
+        trial_id="t1",
+        config={"epsilon": 0.0},
+        path=None,  # Tune's Trial.path: None before a folder
+        storage=SimpleNamespace(experiment_driver_staging_path=str(staging)),
+    )
     study = tmp_path / "study"
     cb = ResultsCallback(study, record_processes=False)
     table = study / "trials.parquet"
@@ -127,8 +132,20 @@ def test_runner_refuses_to_resume_without_any_complete_state(tmp_path):
     (study / "tuner.pkl").write_bytes(b"")
     write_state(study, S1, 1)
     truncate(study / f"experiment_state-{S1}.json")
-    out = subprocess.run([sys.executable, str(repo / "study" / "run.py"), "--space", "eps_sweep", "--results",
-                          str(tmp_path / "results")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "study" / "run.py"),
+            "--space",
+            "eps_sweep",
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert "moved aside" in out.stdout and "cannot resume study 'eps_sweep'" in out.stderr
     assert (study / f"experiment_state-{S1}.json{CORRUPT_SUFFIX}").is_file()  # kept, not deleted

@@ -44,9 +44,12 @@ class SplitReport:
         slices = sum(v.num_slices for v in self.volumes)
         kshapes = Counter(v.kspace_shape for v in self.volumes)
         tshapes = Counter(v.target_shape for v in self.volumes)
-        fmt = lambda c: ", ".join(f"{'x'.join(map(str, s)) if s else 'none (from k-space)'} ({n})" for s, n in sorted(c.items(), key=str))
-        return (f"{len(self.volumes)} volumes, {slices} slices; k-space {fmt(kshapes) or '-'}; "
-                f"target {fmt(tshapes) or '-'}")
+        fmt = lambda c: ", ".join(
+            f"{'x'.join(map(str, s)) if s else 'none (from k-space)'} ({n})" for s, n in sorted(c.items(), key=str)
+        )
+        return (
+            f"{len(self.volumes)} volumes, {slices} slices; k-space {fmt(kshapes) or '-'}; target {fmt(tshapes) or '-'}"
+        )
 
 
 def scan_volume(path: Path, target_key: str) -> list[str]:
@@ -107,8 +110,13 @@ class ScanCache:
                 tmp.write_text(json.dumps(self.entries))
 
 
-def check_folder(root: str | Path, crop_size: int | None = None, target_key: str = "reconstruction_esc",
-                 scan: bool = True, cache_dir: str | Path | None = None) -> dict[str, SplitReport]:
+def check_folder(
+    root: str | Path,
+    crop_size: int | None = None,
+    target_key: str = "reconstruction_esc",
+    scan: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, SplitReport]:
     """Inspect every .h5 file under ``root`` (its ``singlecoil_train``/``singlecoil_val`` sub-folders
     when present, else ``root`` itself) and, with ``scan``, read every slice of the usable ones
     (:func:`scan_volume`; verdicts cached in ``cache_dir`` when given). Never raises on a bad file:

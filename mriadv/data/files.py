@@ -118,8 +118,9 @@ def inspect_volume(path: Path, target_key: str, crop_size: int | None) -> Volume
             if target.ndim != 3:
                 raise DataError(f"{path}: '{key}' has shape {target.shape}; expected ({num_slices}, H, W)")
             if target.shape[0] != num_slices:
-                raise DataError(f"{path}: slice counts differ: '{key}' has {target.shape[0]} slices, "
-                                f"'kspace' {num_slices}")
+                raise DataError(
+                    f"{path}: slice counts differ: '{key}' has {target.shape[0]} slices, 'kspace' {num_slices}"
+                )
             target_shape = (int(target.shape[1]), int(target.shape[2]))
         header = f["ismrmrd_header"][()] if "ismrmrd_header" in f else b""
         padding = acquired_band(header, W)
@@ -128,9 +129,7 @@ def inspect_volume(path: Path, target_key: str, crop_size: int | None) -> Volume
         image_shape = target_shape if target_shape is not None else (H, W)
         crop = crop_size if crop_size is not None else min(image_shape)
         if crop > min(image_shape) or crop > min(H, W):
-            raise DataError(
-                f"{path}: crop size {crop} does not fit the target {image_shape} / k-space ({H}, {W})"
-            )
+            raise DataError(f"{path}: crop size {crop} does not fit the target {image_shape} / k-space ({H}, {W})")
         if key == "reconstruction_esc" and "max" in f.attrs and crop == min(image_shape) == max(image_shape):
             max_value = float(f.attrs["max"])
         elif key != "kspace":
@@ -171,7 +170,9 @@ def list_volumes(folder: Path) -> list[Path]:
 
 
 def build_index(
-    folder: str | Path, target_key: str = "reconstruction_esc", crop_size: int | None = None,
+    folder: str | Path,
+    target_key: str = "reconstruction_esc",
+    crop_size: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> list[VolumeInfo]:
     """The volume index of ``folder``, read from ``cache_dir`` when it is still valid.
@@ -190,9 +191,14 @@ def build_index(
         if cache_file.is_file():
             try:
                 for entry in json.loads(cache_file.read_text())["volumes"]:
-                    info = VolumeInfo(**{**entry, "kspace_shape": tuple(entry["kspace_shape"]),
-                                         "target_shape": tuple(entry["target_shape"]) if entry["target_shape"] else None,
-                                         "padding": tuple(entry["padding"])})
+                    info = VolumeInfo(
+                        **{
+                            **entry,
+                            "kspace_shape": tuple(entry["kspace_shape"]),
+                            "target_shape": tuple(entry["target_shape"]) if entry["target_shape"] else None,
+                            "padding": tuple(entry["padding"]),
+                        }
+                    )
                     cached[info.name] = info
             except (ValueError, KeyError, TypeError):
                 cached = {}  # unreadable cache: rebuild
@@ -210,8 +216,9 @@ def build_index(
     return index
 
 
-def subsample_volumes(index: list[VolumeInfo], fraction: float = 1.0, max_volumes: int | None = None,
-                      seed: int = 0) -> list[VolumeInfo]:
+def subsample_volumes(
+    index: list[VolumeInfo], fraction: float = 1.0, max_volumes: int | None = None, seed: int = 0
+) -> list[VolumeInfo]:
     """A seeded subset of volumes, returned in name order (deterministic)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"volume fraction must be in (0, 1], got {fraction}")
@@ -239,8 +246,10 @@ def split_for_report(index: list[VolumeInfo], fraction: float) -> tuple[list[Vol
     report = [v for i, v in enumerate(ordered) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
     selection = [v for v in ordered if v not in report]
     if not report or not selection:
-        raise ValueError(f"{len(ordered)} validation volume(s) cannot be split into a selection and a report part "
-                         f"with report fraction {fraction}: give more volumes, or report_fraction=0")
+        raise ValueError(
+            f"{len(ordered)} validation volume(s) cannot be split into a selection and a report part "
+            f"with report fraction {fraction}: give more volumes, or report_fraction=0"
+        )
     return selection, report
 
 
@@ -321,8 +330,14 @@ class SliceDataset(torch.utils.data.Dataset):
         with h5py.File(path, "r") as f:
             kspace = f["kspace"][s]
             target = f[self.target_key][s] if self.target_key != "kspace" and self.target_key in f else None
-        return RawSlice(kspace=kspace.astype(np.complex64, copy=False), target=target, fname=vol.name,
-                        slice_num=s, padding=vol.padding, max_value=vol.max_value)
+        return RawSlice(
+            kspace=kspace.astype(np.complex64, copy=False),
+            target=target,
+            fname=vol.name,
+            slice_num=s,
+            padding=vol.padding,
+            max_value=vol.max_value,
+        )
 
     def __getitem__(self, i: int):
         return self.transform(self.read(i), self.epoch)
@@ -338,8 +353,9 @@ class ShapeBucketSampler(torch.utils.data.Sampler[list[int]]):
     Needed only when batches carry k-space. Shuffles within and across buckets with ``seed + epoch``.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, int]], batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self, shapes: Sequence[tuple[int, int]], batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
+    ) -> None:
         self.shapes, self.batch_size, self.shuffle, self.seed = list(shapes), batch_size, shuffle, seed
         self.drop_last = drop_last
         self.epoch = 0

@@ -13,8 +13,14 @@ import torch
 
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.data.check import check_folder
-from mriadv.data.files import (SPLITS, ShapeBucketSampler, SliceDataset, resolve_split_dir, seeded_slices,
-                               split_for_report)
+from mriadv.data.files import (
+    SPLITS,
+    ShapeBucketSampler,
+    SliceDataset,
+    resolve_split_dir,
+    seeded_slices,
+    split_for_report,
+)
 from mriadv.data.masks import make_mask_func
 from mriadv.data.synthetic import SyntheticSpec, ensure
 from mriadv.data.transforms import Batch, UnetTransform, collate
@@ -59,8 +65,9 @@ class Data:
             sampler.set_epoch(epoch)
             return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
         gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen,
-                                           **common)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen, **common
+        )
 
     def kspace_shape(self) -> tuple[int, int] | None:
         report = self.report.volumes if self.report is not None else []
@@ -79,18 +86,25 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
         raise ConfigError("config key 'data' is None: give a data folder (or use a profile's synthetic data)")
     root = Path(cfg.data)
     if training and resolve_split_dir(root, "train").resolve() == resolve_split_dir(root, "val").resolve():
-        raise ConfigError(f"config key 'data': {root} has no sub-folders {SPLITS['train']}/ and {SPLITS['val']}/, "
-                          "so training would validate on its training volumes; training needs both sub-folders")
+        raise ConfigError(
+            f"config key 'data': {root} has no sub-folders {SPLITS['train']}/ and {SPLITS['val']}/, "
+            "so training would validate on its training volumes; training needs both sub-folders"
+        )
     mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
-    keep_k = (cfg.perturbation == "kspace" or "pgd_kspace" in cfg.attacks
-              or (cfg.report_protocol is not None and get_protocol(cfg.report_protocol).needs_kspace))
+    keep_k = (
+        cfg.perturbation == "kspace"
+        or "pgd_kspace" in cfg.attacks
+        or (cfg.report_protocol is not None and get_protocol(cfg.report_protocol).needs_kspace)
+    )
     train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
     fixed_tf = UnetTransform(mask_func, cfg.crop_size, train=False, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
     common = dict(target_key=cfg.target_key, crop_size=cfg.crop_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    train = SliceDataset(root, "train", train_tf, volume_fraction=cfg.train_fraction,
-                         max_volumes=cfg.max_train_volumes, **common)
-    val = SliceDataset(root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes,
-                       **common)
+    train = SliceDataset(
+        root, "train", train_tf, volume_fraction=cfg.train_fraction, max_volumes=cfg.max_train_volumes, **common
+    )
+    val = SliceDataset(
+        root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes, **common
+    )
     report, report_split = None, "selection"
     if (root / SPLITS["test"]).is_dir():  # a test split with targets is the report split
         test = SliceDataset(root, "test", fixed_tf, **common)
@@ -107,8 +121,19 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     workers = cfg.num_workers
     if workers is None:
         workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
-    return Data(train, val, train_eval, cfg.batch_size, workers, runtime.is_cuda, keep_k, cfg.seed,
-                report=report, report_split=report_split, robust_val=robust_val)
+    return Data(
+        train,
+        val,
+        train_eval,
+        cfg.batch_size,
+        workers,
+        runtime.is_cuda,
+        keep_k,
+        cfg.seed,
+        report=report,
+        report_split=report_split,
+        robust_val=robust_val,
+    )
 
 
 def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:

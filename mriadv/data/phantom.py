@@ -149,8 +149,14 @@ def knee_magnitude(
     tibia = [
         (plateau_y, smooth(0.0), smooth(rty), u(0.42, 0.5) * taper, u(2.6, 3.2), cortex),
         (plateau_y + u(0.1, 0.15), smooth(0.0), u(0.14, 0.2), u(0.28, 0.34) * taper, 2.4, cortex),
-        (yj + u(0.5, 0.58), smooth(0.0, u(-0.03, 0.03)), smooth(shaft[1]), shaft[0] * u(0.9, 1.1) * taper, 2.6,
-         2.5 * cortex),
+        (
+            yj + u(0.5, 0.58),
+            smooth(0.0, u(-0.03, 0.03)),
+            smooth(shaft[1]),
+            shaft[0] * u(0.9, 1.1) * taper,
+            2.6,
+            2.5 * cortex,
+        ),
     ]
     fibula_on = presence(u(0.2, 0.8), 0.7)
     fr = u(0.07, 0.09) * fibula_on

@@ -121,8 +121,7 @@ def split_file_names(spec: SyntheticSpec) -> dict[str, list[str]]:
     """The file names of each split, in generation order."""
     counts = (spec.volumes, spec.val_volumes)
     return {
-        split: [volume_file_name(spec.seed, s, i) for i in range(n)]
-        for s, (split, n) in enumerate(zip(SPLITS, counts))
+        split: [volume_file_name(spec.seed, s, i) for i in range(n)] for s, (split, n) in enumerate(zip(SPLITS, counts))
     }
 
 

@@ -126,9 +126,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
         raise ValueError("cannot collate an empty list of samples")
     has_k = samples[0].kspace is not None
     if has_k and len({tuple(s.kspace.shape) for s in samples}) > 1:  # type: ignore[union-attr]
-        raise ValueError(
-            "samples in one batch have different k-space shapes; use a shape-bucketed batch sampler"
-        )
+        raise ValueError("samples in one batch have different k-space shapes; use a shape-bucketed batch sampler")
     return Batch(
         image=torch.stack([s.image for s in samples]),
         target=torch.stack([s.target for s in samples]),

@@ -13,15 +13,60 @@ package measures the other two on the same models and data:
 The public names of the three modules are importable from here.
 """
 
-from mriadv.instabilities.features import (FEATURE_SHAPES, FeatureCase, FeatureInsertion, FeatureSearch, FeatureSpec,
-                                           case_metrics, feature_case, footprint, footprint_masks, insert_feature,
-                                           measured_input, valid_anchors)
-from mriadv.instabilities.recovery import (FEATURE_METRICS, FeatureResult, FeatureStats, NoTissue, feature_example,
-                                           feature_recovery, format_features)
-from mriadv.instabilities.sampling import (SWEEP_ACCELERATIONS, SamplingRow, format_sampling, nested_masks,
-                                           sampling_sweep)
+from mriadv.instabilities.features import (
+    FEATURE_SHAPES,
+    FeatureCase,
+    FeatureInsertion,
+    FeatureSearch,
+    FeatureSpec,
+    case_metrics,
+    feature_case,
+    footprint,
+    footprint_masks,
+    insert_feature,
+    measured_input,
+    valid_anchors,
+)
+from mriadv.instabilities.recovery import (
+    FEATURE_METRICS,
+    FeatureResult,
+    FeatureStats,
+    NoTissue,
+    feature_example,
+    feature_recovery,
+    format_features,
+)
+from mriadv.instabilities.sampling import (
+    SWEEP_ACCELERATIONS,
+    SamplingRow,
+    format_sampling,
+    nested_masks,
+    sampling_sweep,
+)
 
-__all__ = ["FEATURE_METRICS", "FEATURE_SHAPES", "SWEEP_ACCELERATIONS", "FeatureCase", "FeatureInsertion",
-           "FeatureResult", "FeatureSearch", "FeatureSpec", "FeatureStats", "NoTissue", "SamplingRow", "case_metrics",
-           "feature_case", "feature_example", "feature_recovery", "footprint", "footprint_masks", "format_features",
-           "format_sampling", "insert_feature", "measured_input", "nested_masks", "sampling_sweep", "valid_anchors"]
+__all__ = [
+    "FEATURE_METRICS",
+    "FEATURE_SHAPES",
+    "SWEEP_ACCELERATIONS",
+    "FeatureCase",
+    "FeatureInsertion",
+    "FeatureResult",
+    "FeatureSearch",
+    "FeatureSpec",
+    "FeatureStats",
+    "NoTissue",
+    "SamplingRow",
+    "case_metrics",
+    "feature_case",
+    "feature_example",
+    "feature_recovery",
+    "footprint",
+    "footprint_masks",
+    "format_features",
+    "format_sampling",
+    "insert_feature",
+    "measured_input",
+    "nested_masks",
+    "sampling_sweep",
+    "valid_anchors",
+]

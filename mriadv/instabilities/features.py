@@ -50,8 +50,16 @@ import numpy as np
 import torch
 
 from mriadv.data.masks import volume_seed
-from mriadv.data.transforms import (NORM_EPS, RawSlice, UnetTransform, apply_mask, center_crop, denormalize, normalize,
-                                    zero_filled_magnitude)
+from mriadv.data.transforms import (
+    NORM_EPS,
+    RawSlice,
+    UnetTransform,
+    apply_mask,
+    center_crop,
+    denormalize,
+    normalize,
+    zero_filled_magnitude,
+)
 from mriadv.fft import fft2c, ifft2c
 
 FEATURE_SHAPES = ("disc", "square")
@@ -146,8 +154,13 @@ def _stack(x: np.ndarray, offsets: np.ndarray, fill: Any) -> np.ndarray:
     return np.stack([padded[pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx in offsets])
 
 
-def valid_anchors(target: np.ndarray, offsets: np.ndarray, tissue_fraction: float, contrast: float,
-                  magnitude: np.ndarray | None = None) -> np.ndarray:
+def valid_anchors(
+    target: np.ndarray,
+    offsets: np.ndarray,
+    tissue_fraction: float,
+    contrast: float,
+    magnitude: np.ndarray | None = None,
+) -> np.ndarray:
     """Boolean ``(h, w)``: the anchors whose whole footprint lies in the crop and in tissue.
 
     ``target``: real ``(h, w)`` (raw units); every footprint pixel must be ``>= tissue_fraction *
@@ -194,8 +207,9 @@ class FeatureInsertion(NamedTuple):
     level: torch.Tensor
 
 
-def insert_feature(kspace: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
-                   contrast: float) -> FeatureInsertion:
+def insert_feature(
+    kspace: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, contrast: float
+) -> FeatureInsertion:
     """Insert a feature into a slice's data (see the module docstring).
 
     ``kspace``: complex ``(H, W)``, the fully sampled k-space; ``target``: real ``(h, w)``, the
@@ -206,8 +220,10 @@ def insert_feature(kspace: torch.Tensor, target: torch.Tensor, masks: torch.Tens
     if not torch.is_complex(kspace) or kspace.ndim != 2:
         raise ValueError(f"kspace must be complex (H, W), got {tuple(kspace.shape)} {kspace.dtype}")
     if masks.ndim != 3 or masks.shape[-2:] != target.shape or masks.dtype != torch.bool:
-        raise ValueError(f"masks must be boolean (R, h, w) with (h, w) = {tuple(target.shape)}, got "
-                         f"{tuple(masks.shape)} {masks.dtype}")
+        raise ValueError(
+            f"masks must be boolean (R, h, w) with (h, w) = {tuple(target.shape)}, got "
+            f"{tuple(masks.shape)} {masks.dtype}"
+        )
     h, w = target.shape
     H, W = kspace.shape
     if h > H or w > W:
@@ -226,8 +242,14 @@ def insert_feature(kspace: torch.Tensor, target: torch.Tensor, masks: torch.Tens
     return FeatureInsertion(new_k.to(kspace.dtype), (target + feature).float(), feature.float(), level.float())
 
 
-def measured_input(kspace: torch.Tensor, mask: torch.Tensor, crop: tuple[int, int], mean: torch.Tensor,
-                   std: torch.Tensor, clamp: float | None) -> torch.Tensor:
+def measured_input(
+    kspace: torch.Tensor,
+    mask: torch.Tensor,
+    crop: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    clamp: float | None,
+) -> torch.Tensor:
     """The network input of full k-space ``(..., H, W)`` under the column mask ``(W,)``: the zero-filled
     magnitude, normalised with the given ``mean``/``std`` and clamped as :class:`UnetTransform` does.
     Returns ``(..., h, w)``; equals ``Sample.image[0]`` for the slice's own k-space, mean and std."""
@@ -254,8 +276,9 @@ class FeatureCase(NamedTuple):
     slice_num: int
 
 
-def feature_case(raw: RawSlice, transform: UnetTransform, spec: FeatureSpec,
-                 search: FeatureSearch) -> FeatureCase | None:
+def feature_case(
+    raw: RawSlice, transform: UnetTransform, spec: FeatureSpec, search: FeatureSearch
+) -> FeatureCase | None:
     """Draw ``search.restarts`` positions in ``raw``'s anatomy and build the inputs with the feature
     there, through ``transform``'s fixed per-volume mask (``transform.train`` must be False). None
     when the slice has no valid position."""
@@ -284,8 +307,14 @@ def feature_case(raw: RawSlice, transform: UnetTransform, spec: FeatureSpec,
     return FeatureCase(
         inputs=torch.cat([sample.image[None], inputs[:, None]]).float(),
         targets=torch.cat([sample.target[None], targets[:, None].float()]),
-        features=(ins.feature / (std + NORM_EPS)).float(), masks=masks, anchors=anchors,
-        mean=mean, std=std, fname=raw.fname, slice_num=raw.slice_num)
+        features=(ins.feature / (std + NORM_EPS)).float(),
+        masks=masks,
+        anchors=anchors,
+        mean=mean,
+        std=std,
+        fname=raw.fname,
+        slice_num=raw.slice_num,
+    )
 
 
 def case_metrics(case: FeatureCase, preds: torch.Tensor) -> dict[str, torch.Tensor]:

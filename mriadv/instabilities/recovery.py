@@ -79,8 +79,10 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 def _stats(per_slice: dict[str, list[dict[str, float]]]) -> FeatureStats:
     """``{fname: [{"error", "contrast", "fnr", "fnaf_nmse"} per slice]}`` -> volume means -> stats."""
-    volumes = {f: {k: math.fsum(s[k] for s in rows) / len(rows) for k in FEATURE_METRICS}
-               for f, rows in sorted(per_slice.items())}
+    volumes = {
+        f: {k: math.fsum(s[k] for s in rows) / len(rows) for k in FEATURE_METRICS}
+        for f, rows in sorted(per_slice.items())
+    }
     out: dict[str, Any] = {}
     for k in FEATURE_METRICS:
         out[k], out[f"{k}_se"] = _mean_se([v[k] for v in volumes.values()])
@@ -89,13 +91,22 @@ def _stats(per_slice: dict[str, list[dict[str, float]]]) -> FeatureStats:
 
 def _pick(metrics: dict[str, torch.Tensor], i: int, threshold: float) -> dict[str, float]:
     err = float(metrics["error"][i])
-    return {"error": err, "contrast": float(metrics["contrast"][i]), "fnr": float(err > threshold),
-            "fnaf_nmse": float(metrics["fnaf_nmse"][i])}
+    return {
+        "error": err,
+        "contrast": float(metrics["contrast"][i]),
+        "fnr": float(err > threshold),
+        "fnaf_nmse": float(metrics["fnaf_nmse"][i]),
+    }
 
 
 @torch.no_grad()
-def feature_recovery(model: nn.Module, dataset: SliceDataset, runtime: Runtime, spec: FeatureSpec = FeatureSpec(),
-                     search: FeatureSearch = FeatureSearch()) -> FeatureResult:
+def feature_recovery(
+    model: nn.Module,
+    dataset: SliceDataset,
+    runtime: Runtime,
+    spec: FeatureSpec = FeatureSpec(),
+    search: FeatureSearch = FeatureSearch(),
+) -> FeatureResult:
     """Small-feature recovery (type 2) of ``model`` on every slice of ``dataset``.
 
     ``model`` maps normalised inputs ``(B, 1, h, w)`` to reconstructions of the same shape (it is put
@@ -110,7 +121,8 @@ def feature_recovery(model: nn.Module, dataset: SliceDataset, runtime: Runtime, 
     was_training = model.training
     model.eval()
     per_slice: dict[str, dict[str, list[dict[str, float]]]] = {
-        k: {} for k in ("random", "worst", "zero_filled_random", "zero_filled_worst")}
+        k: {} for k in ("random", "worst", "zero_filled_random", "zero_filled_worst")
+    }
     measured = skipped = 0
     try:
         for i in range(len(dataset)):
@@ -128,17 +140,30 @@ def feature_recovery(model: nn.Module, dataset: SliceDataset, runtime: Runtime, 
     finally:
         model.train(was_training)
     if measured == 0:
-        raise NoTissue(f"feature recovery: none of {len(dataset)} slices has a position where every pixel of the "
-                         f"feature is in tissue (tissue_fraction={search.tissue_fraction})")
+        raise NoTissue(
+            f"feature recovery: none of {len(dataset)} slices has a position where every pixel of the "
+            f"feature is in tissue (tissue_fraction={search.tissue_fraction})"
+        )
     stats = {k: _stats(v) for k, v in per_slice.items()}
-    return FeatureResult(spec=spec, search=search, num_volumes=len(per_slice["random"]), num_slices=measured,
-                         skipped_slices=skipped, **stats)
+    return FeatureResult(
+        spec=spec,
+        search=search,
+        num_volumes=len(per_slice["random"]),
+        num_slices=measured,
+        skipped_slices=skipped,
+        **stats,
+    )
 
 
 @torch.no_grad()
-def feature_example(model: nn.Module, dataset: SliceDataset, runtime: Runtime, index: int,
-                    spec: FeatureSpec = FeatureSpec(),
-                    search: FeatureSearch = FeatureSearch()) -> dict[str, np.ndarray]:
+def feature_example(
+    model: nn.Module,
+    dataset: SliceDataset,
+    runtime: Runtime,
+    index: int,
+    spec: FeatureSpec = FeatureSpec(),
+    search: FeatureSearch = FeatureSearch(),
+) -> dict[str, np.ndarray]:
     """Images for a figure of slice ``index`` at its worst position, each float32 ``(h, w)`` in
     normalised units: ``target`` (with the feature), ``feature``, ``input`` (with the feature),
     ``recon`` (of that input), ``recon_clean`` (without the feature), ``difference`` (``recon -
@@ -154,9 +179,15 @@ def feature_example(model: nn.Module, dataset: SliceDataset, runtime: Runtime, i
     finally:
         model.train(was_training)
     k = int(torch.argmax(case_metrics(case, preds)["error"]))
-    images = {"target": case.targets[k + 1, 0], "feature": case.features[k], "input": case.inputs[k + 1, 0],
-              "recon": preds[k + 1, 0], "recon_clean": preds[0, 0], "difference": preds[k + 1, 0] - preds[0, 0],
-              "mask": case.masks[k].float()}
+    images = {
+        "target": case.targets[k + 1, 0],
+        "feature": case.features[k],
+        "input": case.inputs[k + 1, 0],
+        "recon": preds[k + 1, 0],
+        "recon_clean": preds[0, 0],
+        "difference": preds[k + 1, 0] - preds[0, 0],
+        "mask": case.masks[k].float(),
+    }
     return {name: v.float().numpy() for name, v in images.items()}
 
 
@@ -164,12 +195,16 @@ def format_features(result: FeatureResult | dict[str, Any]) -> list[str]:
     """Human-readable lines: one per reconstructor and position choice (``result`` or its ``as_dict()``)."""
     d = result.as_dict() if isinstance(result, FeatureResult) else result
     s, q = d["spec"], d["search"]
-    lines = [f"small features (type 2): {s['size']} px {s['shape']}, contrast {s['contrast']:+g}; {q['restarts']} "
-             f"positions per slice, lost when relative error > {q['threshold']:g}; {d['num_volumes']} volumes, "
-             f"{d['num_slices']} slices ({d['skipped_slices']} without tissue)"]
+    lines = [
+        f"small features (type 2): {s['size']} px {s['shape']}, contrast {s['contrast']:+g}; {q['restarts']} "
+        f"positions per slice, lost when relative error > {q['threshold']:g}; {d['num_volumes']} volumes, "
+        f"{d['num_slices']} slices ({d['skipped_slices']} without tissue)"
+    ]
     for name in ("random", "worst", "zero_filled_random", "zero_filled_worst"):
         st = d[name]
-        lines.append(f"  {name:<19} error {st['error']:.3f}±{st['error_se']:.3f}  contrast {st['contrast']:.3f}"
-                     f"±{st['contrast_se']:.3f}  FNR {st['fnr']:.3f}±{st['fnr_se']:.3f}  "
-                     f"fnaf_nmse {st['fnaf_nmse']:.4f}")
+        lines.append(
+            f"  {name:<19} error {st['error']:.3f}±{st['error_se']:.3f}  contrast {st['contrast']:.3f}"
+            f"±{st['contrast_se']:.3f}  FNR {st['fnr']:.3f}±{st['fnr_se']:.3f}  "
+            f"fnaf_nmse {st['fnaf_nmse']:.4f}"
+        )
     return lines

@@ -95,13 +95,22 @@ def sampling_sweep(
     for func in funcs:
         tf = replace(base, mask_func=func, train=False, keep_kspace=False)
         ds = dataset.restricted(dataset.volumes, tf).with_slices(dataset.slices)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             collate_fn=collate)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+        )
         res = evaluate(model, loader, loss_fn, runtime, clamp=base.clamp)
         row = SamplingRow(
-            acceleration=func.acceleration, center_fraction=cf, effective_acceleration=_effective(tf, ds),
-            nmse=res.nmse, psnr=res.psnr, ssim=res.ssim, nmse_se=res.nmse_se, psnr_se=res.psnr_se,
-            ssim_se=res.ssim_se, volume_nmse=res.volume_nmse)
+            acceleration=func.acceleration,
+            center_fraction=cf,
+            effective_acceleration=_effective(tf, ds),
+            nmse=res.nmse,
+            psnr=res.psnr,
+            ssim=res.ssim,
+            nmse_se=res.nmse_se,
+            psnr_se=res.psnr_se,
+            ssim_se=res.ssim_se,
+            volume_nmse=res.volume_nmse,
+        )
         if zero_filled:
             zf = evaluate(nn.Identity(), loader, loss_fn, runtime, clamp=base.clamp)
             row.zf_nmse, row.zf_psnr, row.zf_ssim, row.zf_nmse_se = zf.nmse, zf.psnr, zf.ssim, zf.nmse_se
@@ -142,7 +151,9 @@ def format_sampling(rows: Sequence[SamplingRow | dict[str, Any]]) -> list[str]:
     for row in rows:
         r = row.as_dict() if isinstance(row, SamplingRow) else row
         flag = "  <- no improvement with more samples" if r["stagnant"] else ""
-        lines.append(f"  {r['acceleration']:4g}x ({r['effective_acceleration']:4.2f}) cf {r['center_fraction']:g}  "
-                     f"nmse {r['nmse']:.4f}±{r['nmse_se']:.4f}  psnr {r['psnr']:6.2f}  ssim {r['ssim']:.4f} | "
-                     f"{r['zf_nmse']:.4f}{flag}")
+        lines.append(
+            f"  {r['acceleration']:4g}x ({r['effective_acceleration']:4.2f}) cf {r['center_fraction']:g}  "
+            f"nmse {r['nmse']:.4f}±{r['nmse_se']:.4f}  psnr {r['psnr']:6.2f}  ssim {r['ssim']:.4f} | "
+            f"{r['zf_nmse']:.4f}{flag}"
+        )
     return lines

@@ -44,8 +44,14 @@ class ImageGenerator(nn.Module):
         out_chans: 1 for an image perturbation, 2 for a (real, imaginary) k-space one.
     """
 
-    def __init__(self, size: tuple[int, int], latent_dim: int = 100, channels: int = 64, out_chans: int = 1,
-                 max_upsamplings: int = 6) -> None:
+    def __init__(
+        self,
+        size: tuple[int, int],
+        latent_dim: int = 100,
+        channels: int = 64,
+        out_chans: int = 1,
+        max_upsamplings: int = 6,
+    ) -> None:
         super().__init__()
         self.size, self.latent_dim = tuple(size), latent_dim
         k, base = upsampling_plan(self.size, max_upsamplings)
@@ -56,7 +62,11 @@ class ImageGenerator(nn.Module):
             nn.PReLU(),
         ]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.PReLU()]
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.PReLU(),
+            ]
         layers += [nn.ConvTranspose2d(widths[-1], out_chans, 4, stride=2, padding=1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -88,7 +98,9 @@ class MeasurementGenerator(nn.Module):
 
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if kspace.ndim != 3 or not torch.is_complex(kspace):
-            raise ValueError(f"MeasurementGenerator expects complex k-space (B, H, W), got {tuple(kspace.shape)} {kspace.dtype}")
+            raise ValueError(
+                f"MeasurementGenerator expects complex k-space (B, H, W), got {tuple(kspace.shape)} {kspace.dtype}"
+            )
         return self.net(kspace_features(kspace, mask))
 
 
@@ -111,12 +123,21 @@ class ConditionalGenerator(nn.Module):
     H, W)`` in [-1, 1] (tanh), scaled to the budget by the trainer.
     """
 
-    def __init__(self, in_chans: int, out_chans: int, latent_dim: int = 100, chans: int = 16, num_pools: int = 3,
-                 context: int = 8, grid: int = 8) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        latent_dim: int = 100,
+        chans: int = 16,
+        num_pools: int = 3,
+        context: int = 8,
+        grid: int = 8,
+    ) -> None:
         super().__init__()
         self.latent_dim, self.grid = latent_dim, grid
-        self.summary = nn.Sequential(nn.Linear(in_chans * grid * grid + latent_dim, 64), nn.PReLU(),
-                                     nn.Linear(64, context))
+        self.summary = nn.Sequential(
+            nn.Linear(in_chans * grid * grid + latent_dim, 64), nn.PReLU(), nn.Linear(64, context)
+        )
         self.unet = UNet(in_chans + context, out_chans, chans, num_pools)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,8 +51,12 @@ class PReLU(nn.PReLU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.weight.numel() == 1 and torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad)):
+        if (
+            x.device.type == "cpu"
+            and self.weight.numel() == 1
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+        ):
             return _PReLUFunction.apply(x, self.weight)
         return super().forward(x)
 
@@ -93,8 +97,7 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     k = torch.tensor(_BILINEAR_2X, dtype=x.dtype)
     kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 4, 4).contiguous()
-    return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, stride=2, padding=3,
-                              groups=x.shape[1])
+    return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, stride=2, padding=3, groups=x.shape[1])
 
 
 class ConvBlock(nn.Sequential):
@@ -102,8 +105,12 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, norm: str, activation: str) -> None:
         super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), make_norm(norm, c_out), make_activation(activation),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), make_norm(norm, c_out), make_activation(activation),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            make_norm(norm, c_out),
+            make_activation(activation),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            make_norm(norm, c_out),
+            make_activation(activation),
         )
 
 
@@ -139,8 +146,16 @@ class UNet(nn.Module):
         norm: ``'instance'`` (seed's report) or ``'batch'`` (seed's code).
     """
 
-    def __init__(self, in_chans: int = 1, out_chans: int = 1, chans: int = 64, num_pools: int = 5,
-                 activation: str = "prelu", pooling: str = "avg", norm: str = "instance") -> None:
+    def __init__(
+        self,
+        in_chans: int = 1,
+        out_chans: int = 1,
+        chans: int = 64,
+        num_pools: int = 5,
+        activation: str = "prelu",
+        pooling: str = "avg",
+        norm: str = "instance",
+    ) -> None:
         super().__init__()
         if chans < 1 or num_pools < 0:
             raise ValueError(f"chans must be >= 1 and num_pools >= 0, got chans={chans}, num_pools={num_pools}")
