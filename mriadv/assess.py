@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from mriadv.assessment import RANDOM_START_CHOICES, Assessment, format_assessment, instabilities, resolve_protocol
+from mriadv.choices import PGD_OBJECTIVES
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
 from mriadv.units import scale_epsilon, to_reference
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pgd-objective",
-        choices=("target", "deviation"),
+        choices=PGD_OBJECTIVES,
         help="target: ||f(x+d) - x||^2; deviation: ||f(x+d) - f(x)||^2 (Darestani et al. 2021)",
     )
     p.add_argument("--max-volumes", type=int, help="only this many validation volumes")

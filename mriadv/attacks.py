@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from mriadv.choices import PGD_OBJECTIVES
 from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.models.utils import frozen
@@ -38,7 +39,7 @@ from mriadv.perturbations import (
 )
 from mriadv.runtime import Runtime
 
-OBJECTIVES = ("target", "deviation")  # ||f(x(delta)) - x||^2, or ||f(x(delta)) - f(x~)||^2 (Darestani et al.)
+OBJECTIVES = PGD_OBJECTIVES  # ||f(x(delta)) - x||^2, or ||f(x(delta)) - f(x~)||^2 (Darestani et al.)
 
 # Salts of the per-slice generators (mriadv.perturbations.slice_generator). Two different primes, so
 # that a slice's noise and its PGD random starts (salt + restart, with restarts far below the gap) are

@@ -37,6 +37,11 @@ GEN_SCALES = ("budget", "unit")  # gen_scale
 LR_SCHEDULES = ("constant", "cosine")  # lr_schedule
 NOISE_MODES = ("norm", "sigma")  # noise_mode
 
+# PGD's objective (mriadv.attacks.PGDAttack, assess --pgd-objective): the error to the target
+# ||f(x(delta)) - x||^2, or the deviation from the clean reconstruction ||f(x(delta)) - f(x~)||^2
+# (Darestani et al.)
+PGD_OBJECTIVES = ("target", "deviation")
+
 # report_protocol: the names of mriadv.protocols.PROTOCOLS (which imports torch and the attacks; it
 # checks at import that its presets are exactly these)
 PROTOCOL_NAMES = ("seed", "l2-kspace-100", "l2-kspace-curve", "l2-kspace-restarts", "deviation-kspace")
