@@ -87,7 +87,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
             f"{path}: not an mriadv checkpoint of format {CHECKPOINT_FORMAT} (format "
             f"{payload.get('format')!r}; format 1 checkpoints hold the older U-Net layout: retrain)"
         )
-    return payload if "networks" in payload else _one_shape(payload)
+    payload = payload if "networks" in payload else _one_shape(payload)
+    for key, fill in FIELDS_ADDED.items():  # configs saved before a field existed: what it was then
+        if key not in payload["config"]:
+            payload["config"][key] = fill(payload["config"])
+    return payload
+
+
+# config fields added while checkpoints stayed format 2, and the value an older checkpoint's model
+# was built with (the conditional generator's U-Net was gen_chans wide before cond_chans existed)
+FIELDS_ADDED = {"cond_chans": lambda config: config.get("gen_chans")}
 
 
 def _one_shape(old: dict[str, Any]) -> Checkpoint:

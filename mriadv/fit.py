@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -375,7 +375,11 @@ def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) ->
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's in anything but
+    :data:`RESUMABLE_CHANGES`; a field the checkpoint predates counts as its default."""
     now = cfg.to_dict()
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {**defaults, **saved}
     diffs = sorted(k for k in now if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(now[k]))
     if diffs:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diffs)

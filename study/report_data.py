@@ -24,7 +24,7 @@ from mriadv.config import TrainConfig
 from study.analysis import best_epochs
 from study.layout import ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE, best_checkpoint, trial_folder
 from study.spaces import EPSILON_KEYS, SpaceError, load_space, parse_space_yaml, space_from_dict
-from study.tables import load_tables
+from study.tables import load_tables, read_parquet
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("nmse", "psnr", "ssim")
@@ -154,13 +154,22 @@ def _read_tables(folder: Path, notes: list[str]) -> tuple[pd.DataFrame, pd.DataF
     try:
         trials, robust = load_tables(folder)
     except Exception as exc:  # noqa: BLE001 - any unreadable table is reported, not raised
-        notes.append(f"the result tables are unreadable: {type(exc).__name__}: {exc}")
-        return pd.DataFrame(), pd.DataFrame()
+        notes.append(f"the result tables with their journal are unreadable: {type(exc).__name__}: {exc}")
+        trials, robust = (_read_alone(folder / name, notes) for name in (TRIALS_FILE, ROBUSTNESS_FILE))
     if trials.empty:
         notes.append(f"no trial has reported a result yet (no {TRIALS_FILE})")
     elif robust.empty:
         notes.append(f"no robustness results yet (no {ROBUSTNESS_FILE})")
     return trials, robust
+
+
+def _read_alone(path: Path, notes: list[str]) -> pd.DataFrame:
+    """One Parquet table without the journal (when reading both with it failed), or a note."""
+    try:
+        return read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable table is reported, not raised
+        notes.append(f"{path.name} is unreadable: {type(exc).__name__}: {exc}")
+        return pd.DataFrame()
 
 
 def _load_space(state: dict[str, Any] | None, state_file: Path, notes: list[str]):

@@ -112,13 +112,15 @@ class ResultsCallback(tune.Callback):
             self._pending = True
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        """Tune has saved this step's state (into its staging folder): copy it, then journal the step's
-        events, and rewrite the Parquet tables when they are due."""
+        """Tune has saved this step's state (into its staging folder): journal the step's events, copy
+        the state, and rewrite the Parquet tables when they are due."""
         if not self._pending:
             return
+        # the journal first: a row that runs ahead of Tune's saved state is reported again after a
+        # resume and replaces itself; a state copy ahead of the journal would lose the row
+        self.log.commit()
         if trials:
             backup_state(Path(trials[0].storage.experiment_driver_staging_path), self.folder)
-        self.log.commit()
         self._pending = False
         now = time.monotonic()
         if now - self._written >= max(REWRITE_S, REWRITE_FACTOR * self._write_s):

@@ -10,15 +10,17 @@ Both tables are keyed by ``(trial_id, epoch)``: after a resume, a re-reported ep
 instead of duplicating it. The driver (:class:`study.results.ResultsCallback`) appends every result
 and status change to the journal at the end of the Tune step that brought it (a few hundred bytes,
 whatever the study's size), and rewrites the two Parquet files whole (atomically: temporary file,
-then rename) only every few seconds and at the end of the study, then empties the journal. Rewriting
-them after every result cost the driver time that grew with the study (``benchmarks/driver_scale.py``).
+then rename) only every few seconds and at the end of the study, then replaces the journal by one
+that holds only what no table can (the sampled values of trials that have not reported yet).
+Rewriting the tables after every result cost the driver time that grew with the study
+(``benchmarks/driver_scale.py``).
 
 So at any moment the tables are the Parquet files plus the journal replayed over them:
-:func:`load_tables` (the report, the runner's summary and a resume read them so). Replaying is
-idempotent (rows replace rows by key, the last status wins), so a journal that outlived its rewrite
-(the driver killed between the rename and emptying it) gives the same tables, and a line cut short
-by a kill is ignored. After a finished study the journal is empty and the Parquet files alone are
-the whole result. Pure pandas and pyarrow; no Ray.
+:func:`load_tables` (the report, the runner's summary and a resume read them so; a reader that
+raced a rewrite reads again). Replaying is idempotent (rows replace rows by key, the last status
+wins), so a journal that outlived its rewrite (the driver killed between the renames) gives the same
+tables, and a line cut short by a kill is ignored. After a finished study the journal is empty and
+the Parquet files alone are the whole result. Pure pandas and pyarrow; no Ray.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 def _plain(value: Any) -> Any:
     """A JSON-safe scalar (NumPy scalars to Python; NaN and infinities as JSON's extension)."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
 
 
 class ResultsLog:
@@ -106,12 +110,22 @@ class ResultsLog:
         self.status: dict[str, tuple[str, str]] = {}
         self.params: dict[str, dict[str, Any]] = {}  # sampled config, for trials that never report
         self._events: list[dict[str, Any]] = []  # not yet in the journal
-        for row in read_parquet(self.folder / TRIALS_FILE).to_dict("records"):
+        self.replayed = 0
+        for _ in range(20):  # a reader racing the driver: again if the journal was replaced meanwhile
+            before = _inode(self.journal)
+            trials, robust = read_parquet(self.folder / TRIALS_FILE), read_parquet(self.folder / ROBUSTNESS_FILE)
+            try:
+                text = self.journal.read_text()
+            except OSError:
+                text = ""
+            if _inode(self.journal) == before:
+                break
+        for row in trials.to_dict("records"):
             self.rows[(row["trial_id"], int(row["epoch"]))] = row
             self.status[row["trial_id"]] = (row.get("status", ""), row.get("message", "") or "")
-        for row in read_parquet(self.folder / ROBUSTNESS_FILE).to_dict("records"):
+        for row in robust.to_dict("records"):
             self.robust.setdefault((row["trial_id"], int(row["epoch"])), []).append(row)
-        self.replayed = self._replay()
+        self.replayed = self._replay(text)
 
     # --- changes ---------------------------------------------------------------------------------
     def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -209,34 +223,31 @@ class ResultsLog:
         self._events.clear()
 
     def write(self) -> None:
-        """Rewrite both Parquet files from memory, then empty the journal (whose events they now hold)."""
-        self._events.clear()  # written into the tables below; a journal line for them is not needed
+        """Rewrite both Parquet files from memory, then replace the journal (whose events they now
+        hold) by a new one, atomically: a reader that sees the new journal sees the new tables."""
         trials, robust = self.frames()
         if not trials.empty:
             write_parquet(trials, self.folder / TRIALS_FILE)
         if not robust.empty:
             write_parquet(robust, self.folder / ROBUSTNESS_FILE)
-        if self.journal.exists():
-            os.truncate(self.journal, 0)
-        # the sampled values of trials without a row yet are in no table: keep them in the journal, so
+        # the sampled values of trials without a row yet are in no table: they stay in the journal, so
         # that a trial that errors before its first epoch still gets its row with its values
         reported = {t for t, _ in self.rows}
-        self._events = [
+        carry = [
             {"kind": "params", "trial_id": t, "params": p}
             for t, p in self.params.items()
             if t not in reported and self.status.get(t, ("", ""))[0] != "ERROR"
         ]
-        self.commit()
+        tmp = self.journal.with_name(f".{self.journal.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(e, allow_nan=True, default=str) + "\n" for e in carry))
+        os.replace(tmp, self.journal)
+        self._events.clear()  # all in the tables or the new journal now
 
-    def _replay(self) -> int:
+    def _replay(self, text: str) -> int:
         """Apply the journal's events (in order) over the tables read from Parquet; a last line cut
         short by a kill is skipped. Returns the number of events applied."""
-        try:
-            lines = self.journal.read_text().splitlines()
-        except OSError:
-            return 0
         n = 0
-        for line in lines:
+        for line in text.splitlines():
             try:
                 event = json.loads(line)
             except ValueError:
@@ -244,6 +255,14 @@ class ResultsLog:
             self._apply(event, record=False)
             n += 1
         return n
+
+
+def _inode(path: Path) -> int | None:
+    """Which file ``path`` is now (the driver replaces the journal at every rewrite), or None."""
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def load_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

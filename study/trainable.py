@@ -154,9 +154,11 @@ TUNE_KEYS = (
 
 
 def tune_result(flat: dict[str, Any], objectives: tuple[str, ...]) -> dict[str, Any]:
-    """What one epoch reports to Tune: the keys Tune itself reads (:data:`TUNE_KEYS`, the
-    objectives, ``best_<objective>``, the searched values) as they are, and every other metric packed
-    into one JSON string, ``record_json``, that the result tables unpack (:mod:`study.tables`).
+    """What one epoch reports to Tune: the keys Tune itself reads (:data:`TUNE_KEYS`, among them the
+    hyperparameters of :data:`study.layout.HPARAM_KEYS`; the objectives; ``best_<objective>``) and
+    every non-numeric value as they are, and every other number (other searched values included:
+    Tune reads those from the trial's config) packed into one JSON string, ``record_json``, that the
+    result tables unpack (:mod:`study.tables`).
 
     Tune keeps, for every numeric key of a trial's results, six statistics and the last 5 and 10
     values in its experiment state, which it rewrites after every result: with ~100 numeric keys

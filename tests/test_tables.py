@@ -154,3 +154,30 @@ def test_metrics_packed_for_tune_come_back_as_the_same_row(tmp_path):
     ra, rb = a.frames()[0], b.frames()[0]
     pd.testing.assert_frame_equal(ra, rb[list(ra.columns)])
     assert set(ra.columns) == set(rb.columns) and math.isnan(rb["report_feature_fnr"].item())
+
+
+def test_a_reader_that_races_a_rewrite_reads_again(tmp_path, monkeypatch):
+    """The driver rewrites the tables and replaces the journal while a reader is between reading the
+    Parquet files and the journal: the reader must not combine old tables with the new, emptied
+    journal (every row since the previous rewrite would vanish)."""
+    import study.tables as tables
+
+    ref_trials, ref_robust = reference(tmp_path)
+    folder = tmp_path / "study"
+    driver = ResultsLog(folder)
+    events(driver)
+    driver.commit()  # all in the journal, no Parquet file yet
+    original, calls = tables.read_parquet, []
+
+    def racing(path):
+        frame = original(path)
+        if not calls:
+            driver.write()  # between the reader's Parquet reads and its journal read
+        calls.append(path)
+        return frame
+
+    monkeypatch.setattr(tables, "read_parquet", racing)
+    trials, robust = load_tables(folder)
+    pd.testing.assert_frame_equal(trials, ref_trials, check_like=True)
+    pd.testing.assert_frame_equal(robust, ref_robust, check_like=True)
+    assert len(calls) > 2  # it read again
