@@ -382,15 +382,15 @@ def _protocol_tables(res: StudyResults) -> list[str]:
         rows = {"zero-filled input": held_out(res, "zero_filled", name)}
         for _, b in res.best.iterrows():
             rows[res.label(b["trial_id"])] = held_out(res, "trained", name).query("trial_id == @b.trial_id")
+        if name in rows["zero-filled input"].get("protocol", pd.Series(dtype=str)).values:
+            zf = rows["zero-filled input"]  # evaluated once per trial, the same each time: the first
+            rows["zero-filled input"] = zf[zf["trial_id"] == zf["trial_id"].iloc[0]]
         first = next((r for r in rows.values() if len(r)), None)
         if first is None:
             continue
-        if name in rows["zero-filled input"].get("protocol", pd.Series(dtype=str)).values:
-            zf = rows["zero-filled input"]
-            rows["zero-filled input"] = zf[zf["trial_id"] == zf["trial_id"].iloc[0]]
-        grid = [(a, r, e) for a, r, e in first[["attack", "rel", "budget_ref"]].itertuples(index=False)]
+        grid = list(dict.fromkeys(first[["attack", "rel", "budget_ref"]].itertuples(index=False, name=None)))
         headers = ["model"] + [
-            f"{a} @ {'rel ' + format(r, 'g') if pd.notna(r) else format(e, 'g')}" for a, r, e in grid
+            f"{a} @ {'rel ' + format(r, '.3g') if pd.notna(r) else format(e, 'g')}" for a, r, e in grid
         ]
         cells = []
         for label, mine in rows.items():

@@ -240,8 +240,11 @@ def test_protocol_table_shows_the_relative_grid_of_every_model(study, written):
     md = (folder / "summary.md").read_text() + (folder / "table1.md").read_text()
     assert "## Protocol `l2-kspace-curve` (held-out split)" in md
     section = md.split("## Protocol `l2-kspace-curve`")[1].split("\n## ")[0]
+    header = next(ln for ln in section.splitlines() if "@ rel" in ln)
+    assert header.count("@ rel") == len(grid)  # each budget once (the zero-filled input is evaluated per trial)
     lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "@ rel" not in ln and "---" not in ln]
     assert lines[0].startswith("| zero-filled input") and len(lines) == 3
+    assert all(ln.count(" | ") == len(grid) for ln in lines)
     first = trained.sort_values("rel").iloc[0]
     assert f"{first['nmse']:.4f}" in section
     assert png_shape(folder / "protocol_curves.png")[0] > 100
