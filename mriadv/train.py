@@ -22,7 +22,7 @@ from typing import Any
 
 from mriadv.atomic import atomic_write
 from mriadv.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from mriadv.config import PROFILES, ConfigError, Profile, TrainConfig, get_profile
+from mriadv.config import CHOICES, PROFILES, ConfigError, Profile, TrainConfig, get_profile
 from mriadv.runtime import default_profile
 from mriadv.units import crop_of, scale_epsilon
 
@@ -36,7 +36,7 @@ def parse_value(text: str, key: str = "") -> Any:
     (``adversary=none`` is the standard model, not a missing value).
     """
     words = {"true": True, "false": False, "null": None, "none": None}
-    if text.strip().lower() == "none" and key in ("adversary",):
+    if text.strip().lower() == "none" and "none" in CHOICES.get(key, ()):
         return "none"
     if text.strip().lower() in words:
         return words[text.strip().lower()]
