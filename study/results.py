@@ -15,7 +15,7 @@ from ray import tune
 from study.board import FAILURE, SUCCESS, write_session_end
 from study.procs import ProcessRecord
 from study.tables import ResultsLog, load_tables, read_parquet
-from study.tune_state import backup_state
+from study.tune_state import backup_state, saves_replace_files, state_signature
 
 __all__ = ["ResultsCallback", "ResultsLog", "load_tables", "read_parquet"]
 
@@ -38,8 +38,8 @@ class ResultsCallback(tune.Callback):
     The tables never run ahead of the state a resume starts from, so a trial interrupted after
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
     registered that checkpoint (a later event, ``on_checkpoint``), and results reach the journal at
-    the end of Tune's step, after Tune has saved its state for the step and this callback has copied
-    it. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
+    the end of the first Tune step in which Tune saved its state after them (:meth:`on_step_end`),
+    before this callback copies that state. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
     and at the end of the study."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
@@ -48,6 +48,7 @@ class ResultsCallback(tune.Callback):
         self._log: ResultsLog | None = None
         self._procs: ProcessRecord | None = None
         self._pending = False
+        self._saved: tuple | None = None  # the signature of Tune's state files at the last copy
         self._held: dict[str, list[dict[str, Any]]] = {}  # trial id -> results awaiting their checkpoint
         self._written = 0.0  # monotonic time of the last Parquet rewrite, and what it cost
         self._write_s = 0.0
@@ -66,6 +67,7 @@ class ResultsCallback(tune.Callback):
             "_log": None,
             "_procs": None,
             "_pending": False,
+            "_saved": None,
             "_held": {},
             "_written": 0.0,
             "_write_s": 0.0,
@@ -112,15 +114,21 @@ class ResultsCallback(tune.Callback):
             self._pending = True
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        """Tune has saved this step's state (into its staging folder): journal the step's events, copy
-        the state, and rewrite the Parquet tables when they are due."""
-        if not self._pending:
+        """When Tune has saved its state in this step (into its staging folder): journal the events
+        since its last save, copy the state, and rewrite the Parquet tables when they are due. Tune
+        saves when a trial appears, or a few seconds after a change (:mod:`study.tune_state`);
+        until then the events wait here, so that the tables never run ahead of Tune's saved state."""
+        if not self._pending or not trials:
             return
+        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        saved = state_signature(staging)
+        if saved is None or saved == self._saved:
+            return  # no save since the last one: a kill now loses these events and what they report
         # the journal first: a row that runs ahead of Tune's saved state is reported again after a
         # resume and replaces itself; a state copy ahead of the journal would lose the row
         self.log.commit()
-        if trials:
-            backup_state(Path(trials[0].storage.experiment_driver_staging_path), self.folder)
+        backup_state(staging, self.folder, link=saves_replace_files())
+        self._saved = saved
         self._pending = False
         now = time.monotonic()
         if now - self._written >= max(REWRITE_S, REWRITE_FACTOR * self._write_s):

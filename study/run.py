@@ -183,9 +183,9 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
     from study.console import StudyReporter
     from study.results import ResultsCallback
     from study.trainable import StudyContext, train_trial
-    from study.tune_state import save_state_only_on_change
+    from study.tune_state import install_state_saving
 
-    save_state_only_on_change()  # every step's save, but not when nothing changed (tune_state.py)
+    install_state_saving()  # a save after every change, each encoding only what changed (tune_state.py)
     space, base = plan.space, plan.base
     ctx = StudyContext(
         base=base,

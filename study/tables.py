@@ -8,10 +8,11 @@
 
 Both tables are keyed by ``(trial_id, epoch)``: after a resume, a re-reported epoch replaces its row
 instead of duplicating it. The driver (:class:`study.results.ResultsCallback`) appends every result
-and status change to the journal at the end of the Tune step that brought it (a few hundred bytes,
-whatever the study's size), and rewrites the two Parquet files whole (atomically: temporary file,
-then rename) only every few seconds and at the end of the study, then replaces the journal by one
-that holds only what no table can (the sampled values of trials that have not reported yet).
+and status change to the journal at the end of the first Tune step that saved Tune's state after it
+(a few hundred bytes per result, whatever the study's size), and rewrites the two Parquet files
+whole (atomically: temporary file, then rename) only every few seconds and at the end of the study,
+then replaces the journal by one that holds only what no table can (the sampled values of trials
+that have not reported yet).
 Rewriting the tables after every result cost the driver time that grew with the study
 (``benchmarks/driver_scale.py``).
 

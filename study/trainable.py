@@ -161,7 +161,7 @@ def tune_result(flat: dict[str, Any], objectives: tuple[str, ...]) -> dict[str, 
     result tables unpack (:mod:`study.tables`).
 
     Tune keeps, for every numeric key of a trial's results, six statistics and the last 5 and 10
-    values in its experiment state, which it rewrites after every result: with ~100 numeric keys
+    values in its experiment state, which it rewrites with each save: with ~100 numeric keys
     per epoch that state, and the driver's time to save it, grew ~20 kB per trial."""
     keep = set(TUNE_KEYS) | set(objectives) | {f"best_{m}" for m in objectives}
     out = {k: v for k, v in flat.items() if k in keep or not isinstance(v, (int, float)) or isinstance(v, bool)}

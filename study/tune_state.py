@@ -1,4 +1,5 @@
-"""A complete copy of Tune's experiment state, so that a hard-killed study always resumes.
+"""Tune's experiment state: saved cheaply enough for a study of hundreds of trials, and kept in a
+complete copy so that a hard-killed study always resumes.
 
 Tune keeps its experiment state in three files per driver session: ``experiment_state-<session>.json``
 (the trials and their checkpoints), ``search_gen_state-<session>.json`` and
@@ -8,12 +9,18 @@ neither write is atomic. A driver killed in the middle (SIGKILL, a lost machine)
 file, and Tune 2.60 then fails to restore: measured here as a ``JSONDecodeError`` followed by a
 fresh search without a space, in about one of ten kills while a trial reports.
 
-So the study keeps its own copy: after every Tune step in which something happened (the staging
-files are complete then: Tune writes them synchronously earlier in the same step),
-:func:`backup_state` copies them atomically into ``results/<name>/.tune_state/``; and before a
-resume :func:`repair_state` puts that copy back over the study folder's newest state, or moves a
-truncated file aside so that Tune takes the previous complete one. Files are checked by parsing,
-never by executing them (pickles are scanned with :mod:`pickletools`).
+So the study keeps its own copy: after every Tune step in which Tune saved
+(:class:`study.results.ResultsCallback`, which journals the results that save covers first),
+:func:`backup_state` copies the staging files atomically into ``results/<name>/.tune_state/``; and
+before a resume :func:`repair_state` puts that copy back over the study folder's newest state, or
+moves a truncated file aside so that Tune takes the previous complete one. Files are checked by
+parsing, never by executing them (pickles are scanned with :mod:`pickletools`).
+
+How often Tune saves, and what a save costs, is set by :func:`install_state_saving` (which
+``study/run.py`` calls): a save as soon as a trial appears, else at most every ``SAVE_EVERY_S``
+seconds while results come in (:func:`save_state_when_due`), each encoding only the trials that
+changed and replacing the file atomically (:func:`encode_state_incrementally`).
+``benchmarks/driver_scale.py`` measures the driver's cost per result with and without them.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import json
 import os
 import pickletools
 import shutil
+import time
+import weakref
 from pathlib import Path
 
 from study.layout import TUNE_STATE_DIR
@@ -30,6 +39,7 @@ from study.layout import TUNE_STATE_DIR
 EXPERIMENT_STATE = "experiment_state-*.json"  # the trials; the other two hold the search algorithm
 STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")
 CORRUPT_SUFFIX = ".corrupt"
+SAVE_EVERY_S = 5.0  # the longest a known trial's results wait for Tune's next state save
 
 
 def is_complete(path: Path) -> bool:
@@ -70,10 +80,28 @@ def ends_complete(path: Path) -> bool:
     return tail.endswith(b"}" if fnmatch.fnmatch(path.name, EXPERIMENT_STATE) else b".")
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
+def _copy_atomic(src: Path, dst: Path, link: bool = False) -> None:
+    """``dst`` becomes a copy of ``src`` at once; with ``link``, the same file (a hard link: no
+    bytes copied) where both folders are on one file system."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
+    tmp.unlink(missing_ok=True)
+    if link:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or no hard links there: copy
+            link = False
+    if not link:
+        shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def saves_replace_files() -> bool:
+    """Whether each Tune save replaces its three staging files by new ones, never rewriting one in
+    place: Tune's searcher saves do, and the experiment state does under
+    :func:`encode_state_incrementally`. A backup may then share the staging files (hard links)."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    return bool(getattr(TuneController.save_to_dir, "_incremental", False))
 
 
 def newest(folder: Path, pattern: str) -> Path | None:
@@ -81,18 +109,42 @@ def newest(folder: Path, pattern: str) -> Path | None:
     return max(folder.glob(pattern), default=None)
 
 
-def backup_state(staging: Path, study_dir: Path) -> bool:
+def newest_set(folder: Path) -> list[Path] | None:
+    """The newest file of each state kind in ``folder`` (as :func:`newest`, from one listing of the
+    folder), or None while one is missing."""
+    try:
+        names = [n for n in os.listdir(folder) if not n.startswith(".")]
+    except OSError:
+        return None
+    found = [max(fnmatch.filter(names, pattern), default=None) for pattern in STATE_PATTERNS]
+    return None if None in found else [folder / n for n in found]  # type: ignore[operator]
+
+
+def state_signature(staging: Path) -> tuple | None:
+    """Names, sizes, inodes and modification times of the newest state files in Tune's staging
+    folder (None while one is missing): it changes with every save Tune makes."""
+    files = newest_set(staging)
+    if files is None:
+        return None
+    try:
+        return tuple((f.name, st.st_size, st.st_ino, st.st_mtime_ns) for f in files for st in [f.stat()])
+    except OSError:
+        return None
+
+
+def backup_state(staging: Path, study_dir: Path, link: bool = False) -> bool:
     """Copy the newest complete state files of Tune's driver staging folder into the study's
     ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete).
-    Returns whether a copy was made."""
-    files = [newest(staging, pattern) for pattern in STATE_PATTERNS]
-    if any(f is None or not ends_complete(f) for f in files):
+    ``link``: hard-link them where possible (only for files that Tune replaces rather than rewrites,
+    see :func:`saves_replace_files`). Returns whether a copy was made."""
+    files = newest_set(staging)
+    if files is None or not all(ends_complete(f) for f in files):
         return False
     dest = study_dir / TUNE_STATE_DIR
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
-        _copy_atomic(f, dest / f.name)  # type: ignore[union-attr]
-    keep = {f.name for f in files}  # type: ignore[union-attr]
+        _copy_atomic(f, dest / f.name, link)
+    keep = {f.name for f in files}
     for old in dest.iterdir():
         if old.name not in keep and not old.name.startswith("."):
             old.unlink(missing_ok=True)
@@ -122,32 +174,121 @@ def repair_state(study_dir: Path) -> list[str]:
     return notes
 
 
-def save_state_only_on_change() -> None:
-    """Make Tune save its experiment state only in steps where a trial changed.
+def encode_experiment_state(
+    trial_data: dict[str, tuple[str, str]], runner_data: dict, stats: dict, cache: dict
+) -> list[bytes]:
+    """The bytes of Tune's ``experiment_state-*.json``, in pieces to write one after the other:
+    exactly ``json.dumps({"trial_data": [...], "runner_data": ..., "stats": ...},
+    cls=TuneFunctionEncoder)``, as Tune 2.60 writes it. Each trial's entry (its two JSON strings,
+    escaped once more as a JSON list) is encoded only when Tune has replaced one of those strings
+    since the last call; ``cache`` maps trial ids to ``(state, metadata, encoded)`` between calls.
 
-    With ``TUNE_GLOBAL_CHECKPOINT_S=0`` (which exact resume after SIGKILL needs: with Tune's default
-    period a killed study re-ran finished trials and lost new ones) Tune 2.60 saves its whole state at
-    the end of *every* step of its event loop, and a step ends after each event or after 0.1 s
-    without one: measured with 100 trivial trials, ~10 saves per reported result, each one
-    serialising every trial, the searcher and the callbacks. Tune marks a trial for its next save
-    whenever anything about it changes (added, started, a result, a checkpoint, stopped; the
-    searcher's state changes only with these), so a step with no marked trial would write the same
-    state again: skipped here. A forced save (the end of the study, Tune's own consistency syncs)
-    always happens. Where Tune's internals differ from 2.60's the patch leaves Tune's behaviour alone.
+    Tune re-encoded every trial at every save, through the pure-Python ``json.dump``: at 300 trials
+    that was most of its save, and grew with the study (``benchmarks/driver_scale.py``)."""
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    pieces = [b'{"trial_data": [']
+    for trial_id, (state, metadata) in trial_data.items():
+        hit = cache.get(trial_id)
+        if hit is None or hit[0] is not state or hit[1] is not metadata:
+            hit = (state, metadata, json.dumps([state, metadata]).encode("ascii"))
+            cache[trial_id] = hit
+        pieces += [hit[2], b", "]
+    if trial_data:
+        pieces.pop()
+    for gone in set(cache) - set(trial_data):
+        del cache[gone]
+    rest = json.dumps({"runner_data": runner_data, "stats": stats}, cls=TuneFunctionEncoder)
+    pieces.append(b"], " + rest[1:].encode("ascii"))
+    return pieces
+
+
+def install_state_saving(every_s: float = SAVE_EVERY_S) -> None:
+    """Tune's experiment-state saves as the study makes them (see the module docstring): a save when
+    a trial appeared, else at most every ``every_s`` seconds (:func:`save_state_when_due`), each
+    encoding only the trials that changed and replacing the file atomically
+    (:func:`encode_state_incrementally`). Idempotent."""
+    save_state_when_due(every_s)
+    encode_state_incrementally()
+
+
+def encode_state_incrementally() -> None:
+    """Make ``TuneController.save_to_dir`` encode only the trials that changed since its last save
+    (:func:`encode_experiment_state`) and replace ``experiment_state-*.json`` atomically (Tune
+    truncated and rewrote it in place). The file's bytes are Tune's; the searcher's and the
+    callbacks' states are saved by Tune's own code. Where Tune's internals differ from 2.60's the
+    patch leaves Tune's behaviour alone."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = TuneController.save_to_dir
+    if getattr(original, "_incremental", False):
+        return
+    caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> its trials' encodings
+
+    def save_to_dir(self) -> None:
+        needed = ("_get_trial_checkpoints", "_storage", "_search_alg", "_callbacks", "_session_str")
+        if not all(hasattr(self, name) for name in needed):
+            return original(self)
+        pieces = encode_experiment_state(
+            self._get_trial_checkpoints(),
+            self.__getstate__(),
+            {"start_time": self._start_time},
+            caches.setdefault(self, {}),
+        )
+        staging = Path(self._storage.experiment_driver_staging_path)
+        staging.mkdir(parents=True, exist_ok=True)
+        target = staging / self.experiment_state_file_name
+        tmp = staging.parent / f".{target.name}.tmp{os.getpid()}"  # Tune's syncer copies `staging` meanwhile
+        with open(tmp, "wb") as f:
+            f.writelines(pieces)
+        os.replace(tmp, target)
+        self._search_alg.save_to_dir(str(staging), session_str=self._session_str)
+        self._callbacks.save_to_dir(str(staging), session_str=self._session_str)
+
+    save_to_dir._incremental = True  # type: ignore[attr-defined]
+    save_to_dir.__doc__ = original.__doc__
+    TuneController.save_to_dir = save_to_dir
+
+
+def save_state_when_due(every_s: float = SAVE_EVERY_S) -> None:
+    """Make Tune save its experiment state in a step where a trial appeared that the last save did
+    not hold, or where some trial changed and ``every_s`` seconds have passed since the last save.
+    A forced save (the end of the study, an interrupt, Tune's own consistency syncs) always happens.
+
+    With ``TUNE_GLOBAL_CHECKPOINT_S=0`` Tune 2.60 saves its whole state at the end of *every* step
+    of its event loop (a step ends after each event, or after 0.1 s without one): ~10 saves per
+    result with 100 trivial trials, each serialising every trial, the searcher and the callbacks.
+    Tune's own period (``TUNE_GLOBAL_CHECKPOINT_S``, 10 s or more) is worse the other way: a study
+    killed within it re-ran finished trials as new ones and lost trials that had started. Here a new
+    trial is saved before it can report (so it is never run twice under two ids), and what a kill
+    can lose is at most ``every_s`` seconds of results of known trials: those trials resume from
+    their last saved checkpoint and run those epochs again, to the same values (the training
+    resumes exactly); the tables and Optuna take the repeated values in place of the first ones
+    (:mod:`study.tables`, :class:`study.search.StudySearch`). Where Tune's internals differ from
+    2.60's the patch leaves Tune's behaviour alone.
     """
     from ray.tune.execution.tune_controller import TuneController
 
-    original = TuneController.checkpoint
-    if getattr(original, "_only_on_change", False):
-        return
+    original = getattr(TuneController.checkpoint, "_tune_checkpoint", TuneController.checkpoint)
+    last: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> (time, saved trial ids)
 
     def checkpoint(self, force: bool = False, wait: bool = False):
         manager = getattr(self, "_checkpoint_manager", None)
         pending = getattr(self, "_trials_to_cache", None)
-        if not force and pending is not None and not pending and not getattr(manager, "_should_force_sync_up", True):
-            return None
-        return original(self, force=force, wait=wait)
+        trials = getattr(self, "_trials", None)
+        if manager is None or pending is None or trials is None:
+            return original(self, force=force, wait=wait)
+        if not force and not getattr(manager, "_should_force_sync_up", True):
+            if not pending:
+                return None  # nothing changed since the last save
+            at, saved = last.get(self, (float("-inf"), frozenset()))
+            appeared = any(t.trial_id not in saved for t in pending)
+            if not appeared and time.monotonic() - at < every_s:
+                return None  # the marked trials stay marked for the next save
+        out = original(self, force=force, wait=wait)
+        last[self] = (time.monotonic(), frozenset(t.trial_id for t in trials))
+        return out
 
-    checkpoint._only_on_change = True  # type: ignore[attr-defined]
+    checkpoint._tune_checkpoint = original  # type: ignore[attr-defined]
     checkpoint.__doc__ = original.__doc__
     TuneController.checkpoint = checkpoint

@@ -357,6 +357,14 @@ def test_sigkill_and_resume(tmp_path):
     after = resumed[resumed["epoch"] > epochs_done]
     assert (after["start_epoch"] >= epochs_done).all() and (after["start_epoch"] > 0).all()
     assert set(pd.read_parquet(table.parent / "robustness.parquet").groupby("trial_id")["epoch"].max()) == {6}
+    # Optuna's database went on from the restored searcher: each trial told once, nothing left running
+    import optuna
+
+    study = optuna.load_study(study_name="kill", storage=f"sqlite:///{table.parent / 'optuna.db'}")
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(t["trial_id"].unique())
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert {t.user_attrs["status"] for t in study.trials} == {"TERMINATED"}
+    assert sorted(t.params["epsilon"] for t in study.trials) == [0, 1000, 5000]
     time.sleep(1.0)
     assert processes_in_session(first.pid) == []
     assert processes_in_session(second.pid) == []

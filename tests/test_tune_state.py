@@ -56,6 +56,25 @@ def test_backup_copies_a_complete_set_only(tmp_path):
     )  # only the newest set is kept
 
 
+def test_backup_shares_replaced_files_and_keeps_them_whole(tmp_path):
+    """With ``link`` the backup is the staging files themselves (no bytes copied); the next save
+    replaces the staging files by new ones, and the backup keeps the old, complete set."""
+    import os
+
+    staging, study = tmp_path / "staging", tmp_path / "study"
+    write_state(staging, S1, 1)
+    assert backup_state(staging, study, link=True)
+    name = f"experiment_state-{S1}.json"
+    assert (study / ".tune_state" / name).stat().st_ino == (staging / name).stat().st_ino
+    before = (study / ".tune_state" / name).read_bytes()
+    new = staging / f".{name}.new"  # the next save, as Tune's searcher and study.tune_state write it
+    new.write_text(json.dumps({"trial_data": [2] * 50}))
+    os.replace(new, staging / name)
+    assert (study / ".tune_state" / name).read_bytes() == before
+    assert backup_state(staging, study, link=True)
+    assert json.loads((study / ".tune_state" / name).read_bytes()) == {"trial_data": [2] * 50}
+
+
 def test_repair_restores_the_copy_over_a_truncated_or_stale_file(tmp_path):
     write_state(tmp_path / ".tune_state", S1, 7)
     write_state(tmp_path, S1, 6)  # Tune's background copy lags one step
@@ -82,39 +101,56 @@ class FakeTrial(SimpleNamespace):
     pass
 
 
-def test_results_wait_for_their_checkpoint_and_the_step_end(tmp_path):
+def test_results_wait_for_their_checkpoint_and_tunes_next_save(tmp_path):
     """What a reader sees (the Parquet files with the journal replayed, study/tables.py) never runs
-    ahead of Tune's saved state; the end of the study leaves whole Parquet files and no journal."""
+    ahead of Tune's saved state: events reach it at the end of a step in which Tune saved (here:
+    rewrote its staging files); the end of the study leaves whole Parquet files and no journal."""
+    import os
+
     from study.results import ResultsCallback
     from study.tables import load_tables
 
     staging = tmp_path / "staging"
-    write_state(staging, S1, 1)
     trial = FakeTrial(
         trial_id="t1",
         config={"epsilon": 0.0},
         path=None,  # Tune's Trial.path: None before a folder
         storage=SimpleNamespace(experiment_driver_staging_path=str(staging)),
     )
+    saves = iter(range(1, 100))
+
+    def tune_saves():  # a new set of files, as Tune's save (and study.tune_state's, atomically) writes
+        write_state(staging, S1, next(saves))
+        for f in staging.iterdir():
+            os.utime(f, ns=(f.stat().st_mtime_ns + 10**9,) * 2)  # a save within the clock's resolution
+
     study = tmp_path / "study"
     cb = ResultsCallback(study, record_processes=False)
     table = study / "trials.parquet"
     result = {"epoch": 1, "val_nmse": 0.5, "should_checkpoint": True, "robustness_json": "[]"}
+    cb.on_step_end(0, [trial])  # nothing saved yet, nothing to journal
     cb.on_trial_start(0, [trial], trial)
     cb.on_trial_result(0, [trial], trial, result)
+    tune_saves()
     cb.on_step_end(0, [trial])
     assert load_tables(study)[0].empty  # Tune has not registered the epoch's checkpoint yet
     cb.on_checkpoint(1, [trial], trial, checkpoint=None)
     assert load_tables(study)[0].empty  # registered, but Tune saves its state only at the end of the step
     cb.on_step_end(1, [trial])
-    rows = load_tables(study)[0]
-    assert list(rows["epoch"]) == [1] and rows["val_nmse"].iloc[0] == 0.5
-    assert (study / ".tune_state" / f"experiment_state-{S1}.json").is_file()
-    cb.on_trial_result(2, [trial], trial, {**result, "epoch": 2})
-    cb.on_trial_complete(2, [trial], trial)  # a trial that ends releases what it reported
+    assert load_tables(study)[0].empty  # the step ended without a save (not due): the row waits
+    tune_saves()
     cb.on_step_end(2, [trial])
     rows = load_tables(study)[0]
+    assert list(rows["epoch"]) == [1] and rows["val_nmse"].iloc[0] == 0.5
+    copied = study / ".tune_state" / f"searcher-state-{S1}.pkl"
+    assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1]}  # the save that covers the row
+    cb.on_trial_result(3, [trial], trial, {**result, "epoch": 2})
+    cb.on_trial_complete(3, [trial], trial)  # a trial that ends releases what it reported
+    tune_saves()
+    cb.on_step_end(3, [trial])
+    rows = load_tables(study)[0]
     assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
+    assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1, 2]}
     cb.on_experiment_end([trial])
     rows = pd.read_parquet(table)
     assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
@@ -149,3 +185,35 @@ def test_runner_refuses_to_resume_without_any_complete_state(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "moved aside" in out.stdout and "cannot resume study 'eps_sweep'" in out.stderr
     assert (study / f"experiment_state-{S1}.json{CORRUPT_SUFFIX}").is_file()  # kept, not deleted
+
+
+def test_incremental_encoding_is_tunes_own_bytes():
+    """encode_experiment_state writes what Tune's json.dump(runner_state, cls=TuneFunctionEncoder)
+    writes, call after call, while trials change, appear and disappear (an independent encoding
+    of the whole state every time)."""
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    from study.tune_state import encode_experiment_state as pieces
+
+    def encode_experiment_state(*args):
+        return b"".join(pieces(*args))
+
+    def tunes(trial_data, runner_data, stats):
+        state = {"trial_data": list(trial_data.values()), "runner_data": runner_data, "stats": stats}
+        return json.dumps(state, cls=TuneFunctionEncoder).encode()
+
+    def metadata(i, epoch):
+        return json.dumps({"last_result": {"epoch": epoch, "note": 'quote " and \\ and\nnewline é'}}, indent=2)
+
+    runner = {"_iteration": 3, "_search_alg": len, "nested": {"x": [1.5, None, True]}}  # len: pickled by Tune's encoder
+    stats = {"start_time": 1764150000.25}
+    trials = {f"t{i}": (json.dumps({"trial_id": f"t{i}"}, indent=2), metadata(i, 1)) for i in range(4)}
+    cache: dict = {}
+    assert encode_experiment_state(trials, runner, stats, cache) == tunes(trials, runner, stats)
+    assert json.loads(encode_experiment_state(trials, runner, stats, cache))["trial_data"][2][1] == metadata(2, 1)
+    trials["t1"] = (trials["t1"][0], metadata(1, 2))  # a result: Tune replaces the trial's metadata string
+    trials["t9"] = (json.dumps({"trial_id": "t9"}), metadata(9, 0))
+    del trials["t3"]
+    assert encode_experiment_state(trials, runner, stats, cache) == tunes(trials, runner, stats)
+    assert set(cache) == set(trials)
+    assert encode_experiment_state({}, runner, stats, cache) == tunes({}, runner, stats)
