@@ -9,38 +9,29 @@ import shutil
 import pytest
 
 from mriadv.assess import assess, main
-from mriadv.config import ConfigError, TrainConfig
+from mriadv.config import ConfigError
 from mriadv.fit import fit
 
 
-def _fit(root, out, **kw):
-    cfg = TrainConfig.from_dict(
-        dict(
-            data=str(root),
-            crop_size=64,
-            unet_chans=4,
-            unet_pools=2,
-            gen_chans=4,
-            batch_size=2,
-            epsilon=20.0,
-            loss="mse",
-            attack_budgets=(20.0, 80.0),
-            pgd_steps=2,
-            train_eval_volumes=0,
-            max_epochs=2,
-            max_train_batches=3,
-            device="cpu",
-            threads=1,
-            **kw,
-        )
+def _fit(make, root, out, **kw):
+    cfg = make(
+        root,
+        loss="mse",
+        attack_budgets=(20.0, 80.0),
+        pgd_steps=2,
+        train_eval_volumes=0,
+        max_epochs=2,
+        max_train_batches=3,
+        threads=1,
+        **kw,
     )
     return fit(cfg, out_dir=out, log=None)
 
 
 @pytest.fixture(scope="module")
-def run(synthetic_root, tmp_path_factory):
+def run(tiny_config, synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return out, _fit(synthetic_root, out)
+    return out, _fit(tiny_config, synthetic_root, out)
 
 
 def _check_reproduces(out, result):
@@ -72,10 +63,10 @@ def test_best_checkpoint_reproduces_its_epochs_record(run):
     _check_reproduces(*run)
 
 
-def test_batch_norm_model_saved_is_the_model_evaluated(synthetic_root, tmp_path):
+def test_batch_norm_model_saved_is_the_model_evaluated(tiny_config, synthetic_root, tmp_path):
     """With batch norm, nothing after validation (the preview's PGD) may run the U-Net in train mode:
     that would overwrite its running statistics with perturbed validation slices before saving."""
-    _check_reproduces(tmp_path, _fit(synthetic_root, tmp_path, unet_norm="batch"))
+    _check_reproduces(tmp_path, _fit(tiny_config, synthetic_root, tmp_path, unet_norm="batch"))
 
 
 def test_budgets_in_the_seeds_units_and_a_stronger_attack(run):

@@ -178,27 +178,15 @@ def test_check_corrupt_files_each_named(synthetic_root, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # training data: never validate on the training volumes
 # ----------------------------------------------------------------------------------------------
-def test_training_refuses_a_flat_folder(synthetic_root, tmp_path):
-    from mriadv.config import ConfigError, TrainConfig
+def test_training_refuses_a_flat_folder(tiny_config, synthetic_root, tmp_path):
+    from mriadv.config import ConfigError
     from mriadv.data.loading import build_data
     from mriadv.fit import fit
     from mriadv.runtime import Runtime
 
     flat = tmp_path / "flat"
     shutil.copytree(synthetic_root / "singlecoil_train", flat)  # .h5 files, no split sub-folders
-    cfg = TrainConfig.from_dict(
-        dict(
-            data=str(flat),
-            crop_size=64,
-            unet_chans=4,
-            unet_pools=2,
-            gen_chans=4,
-            batch_size=2,
-            epsilon=20.0,
-            max_epochs=1,
-            device="cpu",
-        )
-    )
+    cfg = tiny_config(flat, max_epochs=1)
     for call in (lambda: build_data(cfg, Runtime.resolve("cpu", "fp32")), lambda: fit(cfg, tmp_path / "run", log=None)):
         with pytest.raises(ConfigError) as err:
             call()

@@ -184,31 +184,23 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
     assert searched.epsilon == pytest.approx(1000 * 64**2 / 320**2)
 
 
-def test_robust_every_with_a_robustness_objective(synthetic_root):
+def test_robust_every_with_a_robustness_objective(tiny_config, synthetic_root):
     """robust_every > 1: attacks also run at every new best epoch, so the value the searcher is told
     (the objective at the best epoch so far) exists in every result."""
     from mriadv.fit import fit
     from study.trainable import BestSoFar
 
-    cfg = TrainConfig.from_dict(
-        dict(
-            data=str(synthetic_root),
-            crop_size=64,
-            unet_chans=4,
-            unet_pools=2,
-            gen_chans=4,
-            batch_size=2,
-            epsilon=40.0,
-            attack_budgets=(40.0, 200.0),
-            attacks=("pgd",),
-            pgd_steps=2,
-            train_eval_volumes=0,
-            max_epochs=3,
-            max_train_batches=2,
-            robust_every=5,
-            device="cpu",
-            threads=1,
-        )
+    cfg = tiny_config(
+        synthetic_root,
+        epsilon=40.0,
+        attack_budgets=(40.0, 200.0),
+        attacks=("pgd",),
+        pgd_steps=2,
+        train_eval_volumes=0,
+        max_epochs=3,
+        max_train_batches=2,
+        robust_every=5,
+        threads=1,
     )
     best = BestSoFar(("val_nmse", "rob_pgd_e5000_nmse"))
     told = [best.update(r) for r in fit(cfg, log=None).history]
