@@ -39,7 +39,7 @@ class ResultsCallback(tune.Callback):
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
     registered that checkpoint (a later event, ``on_checkpoint``), and results reach the journal at
     the end of the first Tune step in which Tune saved its state after them (:meth:`on_step_end`),
-    before this callback copies that state. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
+    just before this callback copies that state. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
     and at the end of the study."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
@@ -115,28 +115,35 @@ class ResultsCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info) -> None:
         """When Tune has saved its state in this step (into its staging folder): journal the events
-        since its last save, copy the state, and rewrite the Parquet tables when they are due. Tune
-        saves when a trial appears, or a few seconds after a change (:mod:`study.tune_state`);
-        until then the events wait here, so that the tables never run ahead of Tune's saved state."""
-        if not self._pending or not trials:
-            return
+        that save covers (all until now: a step's events precede its save), copy the state, and
+        rewrite the Parquet tables when they are due. Tune saves when a trial appears or ends, or a
+        few seconds after a change (:mod:`study.tune_state`); until then the events wait here, so
+        that the tables never run ahead of Tune's saved state."""
+        if trials and self._backup(trials) and self._pending:
+            self._pending = False
+            now = time.monotonic()
+            if now - self._written >= max(REWRITE_S, REWRITE_FACTOR * self._write_s):
+                self._rewrite()
+
+    def _backup(self, trials) -> bool:
+        """If Tune saved since the last call: commit the journal, then copy Tune's state; whether it did.
+        The journal first: a row that runs ahead of Tune's saved state is reported again after a
+        resume and replaces itself; a state copy ahead of the journal would lose the row."""
         staging = Path(trials[0].storage.experiment_driver_staging_path)
         saved = state_signature(staging)
         if saved is None or saved == self._saved:
-            return  # no save since the last one: a kill now loses these events and what they report
-        # the journal first: a row that runs ahead of Tune's saved state is reported again after a
-        # resume and replaces itself; a state copy ahead of the journal would lose the row
+            return False  # no save since the last one: a kill now loses the events since, not more
         self.log.commit()
         backup_state(staging, self.folder, link=saves_replace_files())
         self._saved = saved
-        self._pending = False
-        now = time.monotonic()
-        if now - self._written >= max(REWRITE_S, REWRITE_FACTOR * self._write_s):
-            self._rewrite()
+        return True
 
     def on_experiment_end(self, trials, **info) -> None:
+        """After Tune's final save: every event into the tables, and that save copied."""
         for trial_id in list(self._held):
             self._add(trial_id, self._held.pop(trial_id))
+        if trials:
+            self._backup(trials)
         self._rewrite()  # a finished (or interrupted) study leaves whole Parquet files and no journal
         self._pending = False
 

@@ -183,9 +183,9 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
     from study.console import StudyReporter
     from study.results import ResultsCallback
     from study.trainable import StudyContext, train_trial
-    from study.tune_state import install_state_saving
+    from study.tune_state import CHECKPOINTS_KEPT, install_state_saving
 
-    install_state_saving()  # a save after every change, each encoding only what changed (tune_state.py)
+    install_state_saving()  # a save when one cannot wait, else every few seconds; see tune_state.py
     space, base = plan.space, plan.base
     ctx = StudyContext(
         base=base,
@@ -215,7 +215,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
             name=plan.name,
             storage_path=str(plan.results),
             callbacks=[ResultsCallback(plan.study_dir, record_processes=not plan.cluster)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             failure_config=tune.FailureConfig(max_failures=0),
             progress_reporter=reporter,
             verbose=2 if args.verbose else 1,

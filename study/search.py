@@ -87,8 +87,10 @@ class StudySearch(OptunaSearch):
         """Tune hands a trial's last result here, not to :meth:`on_trial_result`, when the trial
         stops on it (a scheduler's decision): it is recorded, with the final status, before Optuna
         is told (a finished Optuna trial takes no more attributes)."""
+        if trial_id in self._completed_trials:
+            return  # told already (Ray's own method would only warn)
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials:
+        if ot_trial is not None:
             ended = (result or {}).get("epoch_status")
             status = "ERROR" if error else ended if ended in ("early_stopped", "nan") else "TERMINATED"
             try:

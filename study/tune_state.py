@@ -9,17 +9,18 @@ neither write is atomic. A driver killed in the middle (SIGKILL, a lost machine)
 file, and Tune 2.60 then fails to restore: measured here as a ``JSONDecodeError`` followed by a
 fresh search without a space, in about one of ten kills while a trial reports.
 
-So the study keeps its own copy: after every Tune step in which Tune saved
-(:class:`study.results.ResultsCallback`, which journals the results that save covers first),
+So the study keeps its own copy: after every save Tune makes (:class:`study.results.ResultsCallback`
+at the end of the step, which first journals the results that save covers; and at the study's end),
 :func:`backup_state` copies the staging files atomically into ``results/<name>/.tune_state/``; and
 before a resume :func:`repair_state` puts that copy back over the study folder's newest state, or
 moves a truncated file aside so that Tune takes the previous complete one. Files are checked by
 parsing, never by executing them (pickles are scanned with :mod:`pickletools`).
 
 How often Tune saves, and what a save costs, is set by :func:`install_state_saving` (which
-``study/run.py`` calls): a save as soon as a trial appears, else at most every ``SAVE_EVERY_S``
-seconds while results come in (:func:`save_state_when_due`), each encoding only the trials that
-changed and replacing the file atomically (:func:`encode_state_incrementally`).
+``study/run.py`` calls): a save as soon as a trial appears or fails, or is one checkpoint short of
+those Tune keeps, else at most every ``SAVE_EVERY_S`` seconds while results come in
+(:func:`save_state_when_due`), each encoding only the trials that changed and replacing the file
+atomically (:func:`encode_state_incrementally`).
 ``benchmarks/driver_scale.py`` measures the driver's cost per result with and without them.
 """
 
@@ -39,7 +40,9 @@ from study.layout import TUNE_STATE_DIR
 EXPERIMENT_STATE = "experiment_state-*.json"  # the trials; the other two hold the search algorithm
 STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")
 CORRUPT_SUFFIX = ".corrupt"
-SAVE_EVERY_S = 5.0  # the longest a known trial's results wait for Tune's next state save
+SAVE_EVERY_S = 5.0  # the longest a running trial's results wait for Tune's next state save
+FAILED = "ERROR"  # Tune's status of a trial that failed (a finished one may wait: see save_state_when_due)
+CHECKPOINTS_KEPT = 3  # CheckpointConfig(num_to_keep): with 2, every checkpoint would need a save
 
 
 def is_complete(path: Path) -> bool:
@@ -88,20 +91,24 @@ def _copy_atomic(src: Path, dst: Path, link: bool = False) -> None:
     if link:
         try:
             os.link(src, tmp)
-        except OSError:  # another file system, or no hard links there: copy
+        except OSError:  # another file system, or no hard links there
             link = False
     if not link:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
 
-def saves_replace_files() -> bool:
-    """Whether each Tune save replaces its three staging files by new ones, never rewriting one in
-    place: Tune's searcher saves do, and the experiment state does under
-    :func:`encode_state_incrementally`. A backup may then share the staging files (hard links)."""
-    from ray.tune.execution.tune_controller import TuneController
+_saves_replace = False  # set by encode_state_incrementally's save_to_dir: see saves_replace_files
 
-    return bool(getattr(TuneController.save_to_dir, "_incremental", False))
+
+def saves_replace_files() -> bool:
+    """Whether Tune's last save replaced its three staging files by new ones rather than rewriting
+    one in place: Tune's searcher saves always do, the experiment state does when
+    :func:`encode_state_incrementally` wrote it. Only then may the backup share the staging files
+    (:func:`backup_state` with ``link``); :func:`repair_state` gives the backup files of their own
+    before anything can write into the staging folder again (Tune's download of its state on a
+    resume does)."""
+    return _saves_replace
 
 
 def newest(folder: Path, pattern: str) -> Path | None:
@@ -134,9 +141,9 @@ def state_signature(staging: Path) -> tuple | None:
 
 def backup_state(staging: Path, study_dir: Path, link: bool = False) -> bool:
     """Copy the newest complete state files of Tune's driver staging folder into the study's
-    ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete).
-    ``link``: hard-link them where possible (only for files that Tune replaces rather than rewrites,
-    see :func:`saves_replace_files`). Returns whether a copy was made."""
+    ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete);
+    ``link``: hard-link them where possible (see :func:`saves_replace_files`). Returns whether a
+    copy was made."""
     files = newest_set(staging)
     if files is None or not all(ends_complete(f) for f in files):
         return False
@@ -158,6 +165,9 @@ def repair_state(study_dir: Path) -> list[str]:
     per change, for the user."""
     notes = []
     backup = study_dir / TUNE_STATE_DIR
+    for f in backup.iterdir() if backup.is_dir() else ():
+        if f.is_file() and f.stat().st_nlink > 1:  # a hard link into Tune's staging folder: a copy of its own
+            _copy_atomic(f, f)
     for pattern in STATE_PATTERNS:
         while (current := newest(study_dir, pattern)) is not None:
             ours = backup / current.name
@@ -205,7 +215,7 @@ def encode_experiment_state(
 
 def install_state_saving(every_s: float = SAVE_EVERY_S) -> None:
     """Tune's experiment-state saves as the study makes them (see the module docstring): a save when
-    a trial appeared, else at most every ``every_s`` seconds (:func:`save_state_when_due`), each
+    one cannot wait, else at most every ``every_s`` seconds (:func:`save_state_when_due`), each
     encoding only the trials that changed and replacing the file atomically
     (:func:`encode_state_incrementally`). Idempotent."""
     save_state_when_due(every_s)
@@ -226,8 +236,10 @@ def encode_state_incrementally() -> None:
     caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # controller -> its trials' encodings
 
     def save_to_dir(self) -> None:
+        global _saves_replace
         needed = ("_get_trial_checkpoints", "_storage", "_search_alg", "_callbacks", "_session_str")
         if not all(hasattr(self, name) for name in needed):
+            _saves_replace = False
             return original(self)
         pieces = encode_experiment_state(
             self._get_trial_checkpoints(),
@@ -242,6 +254,7 @@ def encode_state_incrementally() -> None:
         with open(tmp, "wb") as f:
             f.writelines(pieces)
         os.replace(tmp, target)
+        _saves_replace = True
         self._search_alg.save_to_dir(str(staging), session_str=self._session_str)
         self._callbacks.save_to_dir(str(staging), session_str=self._session_str)
 
@@ -250,19 +263,35 @@ def encode_state_incrementally() -> None:
     TuneController.save_to_dir = save_to_dir
 
 
+def _cannot_wait(manager, pending, saved: frozenset) -> bool:  # noqa: ANN001 - Tune's internal types
+    """Whether a save is due now: a marked trial that the last save did not hold, or that failed
+    (ERROR), or a trial one checkpoint short of the number Tune keeps (``num_to_keep``: registering
+    one more deletes the oldest, which the last save may still name as its latest)."""
+    if any(t.trial_id not in saved or t.status == FAILED for t in pending):
+        return True
+    keep = getattr(manager, "_sync_every_n_trial_checkpoints", None)
+    counts = getattr(manager, "_trial_num_checkpoints_since_last_sync", {})
+    return bool(keep) and any(n >= keep - 1 for n in counts.values())
+
+
 def save_state_when_due(every_s: float = SAVE_EVERY_S) -> None:
     """Make Tune save its experiment state in a step where a trial appeared that the last save did
-    not hold, or where some trial changed and ``every_s`` seconds have passed since the last save.
-    A forced save (the end of the study, an interrupt, Tune's own consistency syncs) always happens.
+    not hold, a trial failed, or a trial is one checkpoint short of the ``num_to_keep`` that Tune
+    keeps (:func:`_cannot_wait`; the study keeps 3, so a trial that reports every few seconds is
+    saved every second checkpoint); otherwise where some trial changed and ``every_s`` seconds have
+    passed since the last save. A forced save (the end of the study, an interrupt, Tune's own
+    consistency syncs) always happens.
 
     With ``TUNE_GLOBAL_CHECKPOINT_S=0`` Tune 2.60 saves its whole state at the end of *every* step
     of its event loop (a step ends after each event, or after 0.1 s without one): ~10 saves per
     result with 100 trivial trials, each serialising every trial, the searcher and the callbacks.
     Tune's own period (``TUNE_GLOBAL_CHECKPOINT_S``, 10 s or more) is worse the other way: a study
     killed within it re-ran finished trials as new ones and lost trials that had started. Here a new
-    trial is saved before it can report (so it is never run twice under two ids), and what a kill
-    can lose is at most ``every_s`` seconds of results of known trials: those trials resume from
-    their last saved checkpoint and run those epochs again, to the same values (the training
+    trial is saved before it can report (so it is never run twice under two ids), a failed one at
+    once (a rerun could succeed where Optuna was told it failed), and what a kill can lose is the
+    last few seconds of results of the other trials (at most ``every_s``, and at most one
+    checkpoint each, finished trials included): those trials resume from their last saved
+    checkpoint, which still exists, and run those epochs again, to the same values (the training
     resumes exactly); the tables and Optuna take the repeated values in place of the first ones
     (:mod:`study.tables`, :class:`study.search.StudySearch`). Where Tune's internals differ from
     2.60's the patch leaves Tune's behaviour alone.
@@ -282,8 +311,7 @@ def save_state_when_due(every_s: float = SAVE_EVERY_S) -> None:
             if not pending:
                 return None  # nothing changed since the last save
             at, saved = last.get(self, (float("-inf"), frozenset()))
-            appeared = any(t.trial_id not in saved for t in pending)
-            if not appeared and time.monotonic() - at < every_s:
+            if not _cannot_wait(manager, pending, saved) and time.monotonic() - at < every_s:
                 return None  # the marked trials stay marked for the next save
         out = original(self, force=force, wait=wait)
         last[self] = (time.monotonic(), frozenset(t.trial_id for t in trials))

@@ -56,23 +56,28 @@ def test_backup_copies_a_complete_set_only(tmp_path):
     )  # only the newest set is kept
 
 
-def test_backup_shares_replaced_files_and_keeps_them_whole(tmp_path):
-    """With ``link`` the backup is the staging files themselves (no bytes copied); the next save
-    replaces the staging files by new ones, and the backup keeps the old, complete set."""
+def test_backup_shares_replaced_files_until_a_resume_gives_it_its_own(tmp_path):
+    """With ``link`` the backup is the staging files themselves (no bytes copied); a save replaces
+    the staging files by new ones, so the backup keeps the old complete set; before a resume the
+    backup gets files of its own, since Tune's download of its state writes into the staging files."""
     import os
 
     staging, study = tmp_path / "staging", tmp_path / "study"
     write_state(staging, S1, 1)
     assert backup_state(staging, study, link=True)
     name = f"experiment_state-{S1}.json"
-    assert (study / ".tune_state" / name).stat().st_ino == (staging / name).stat().st_ino
-    before = (study / ".tune_state" / name).read_bytes()
+    ours = study / ".tune_state" / name
+    assert ours.stat().st_ino == (staging / name).stat().st_ino
+    before = ours.read_bytes()
     new = staging / f".{name}.new"  # the next save, as Tune's searcher and study.tune_state write it
     new.write_text(json.dumps({"trial_data": [2] * 50}))
     os.replace(new, staging / name)
-    assert (study / ".tune_state" / name).read_bytes() == before
-    assert backup_state(staging, study, link=True)
-    assert json.loads((study / ".tune_state" / name).read_bytes()) == {"trial_data": [2] * 50}
+    assert ours.read_bytes() == before and is_complete(ours)
+    assert backup_state(staging, study, link=True) and json.loads(ours.read_bytes()) == {"trial_data": [2] * 50}
+    repair_state(study)
+    assert all(f.stat().st_nlink == 1 for f in (study / ".tune_state").iterdir())
+    (staging / name).write_text("{")  # a write in place into the staging file (Tune's download on a resume)
+    assert json.loads(ours.read_bytes()) == {"trial_data": [2] * 50}
 
 
 def test_repair_restores_the_copy_over_a_truncated_or_stale_file(tmp_path):
@@ -144,16 +149,29 @@ def test_results_wait_for_their_checkpoint_and_tunes_next_save(tmp_path):
     assert list(rows["epoch"]) == [1] and rows["val_nmse"].iloc[0] == 0.5
     copied = study / ".tune_state" / f"searcher-state-{S1}.pkl"
     assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1]}  # the save that covers the row
+    # a save in a step where the callback holds nothing new (the epoch's checkpoint is not registered
+    # yet) does not cover the row that the checkpoint's registration releases in a later step
     cb.on_trial_result(3, [trial], trial, {**result, "epoch": 2})
-    cb.on_trial_complete(3, [trial], trial)  # a trial that ends releases what it reported
     tune_saves()
     cb.on_step_end(3, [trial])
+    cb.on_checkpoint(4, [trial], trial, checkpoint=None)
+    cb.on_step_end(4, [trial])
+    assert list(load_tables(study)[0]["epoch"]) == [1]
+    assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1, 2]}  # the copy follows every save
+    tune_saves()
+    cb.on_step_end(5, [trial])
+    assert list(load_tables(study)[0]["epoch"]) == [1, 2]
+    cb.on_trial_result(6, [trial], trial, {**result, "epoch": 3})
+    cb.on_trial_complete(6, [trial], trial)  # a trial that ends releases what it reported
+    tune_saves()
+    cb.on_step_end(6, [trial])
     rows = load_tables(study)[0]
-    assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
-    assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1, 2]}
+    assert list(rows["epoch"]) == [1, 2, 3] and set(rows["status"]) == {"TERMINATED"}
+    tune_saves()  # Tune's final save, after the last step: copied at the end of the study
     cb.on_experiment_end([trial])
+    assert pickle.loads(copied.read_bytes()) == {"trials": [0, 1, 2, 3, 4, 5]}
     rows = pd.read_parquet(table)
-    assert list(rows["epoch"]) == [1, 2] and set(rows["status"]) == {"TERMINATED"}
+    assert list(rows["epoch"]) == [1, 2, 3] and set(rows["status"]) == {"TERMINATED"}
     assert (study / "tables.journal").stat().st_size == 0
 
 
@@ -217,3 +235,67 @@ def test_incremental_encoding_is_tunes_own_bytes():
     assert encode_experiment_state(trials, runner, stats, cache) == tunes(trials, runner, stats)
     assert set(cache) == set(trials)
     assert encode_experiment_state({}, runner, stats, cache) == tunes({}, runner, stats)
+
+
+def test_tune_saves_when_a_save_cannot_wait_else_every_few_seconds():
+    """study.tune_state.save_state_when_due on a stand-in for Tune's controller: which steps save."""
+    import time
+    from collections import Counter
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    from study.tune_state import save_state_when_due
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id, self.status = trial_id, "PENDING"
+
+    saves = []
+
+    class Controller:
+        def __init__(self):
+            self._trials, self._trials_to_cache = [], set()
+            self._checkpoint_manager = SimpleNamespace(
+                _should_force_sync_up=False,
+                _sync_every_n_trial_checkpoints=3,  # num_to_keep
+                _trial_num_checkpoints_since_last_sync=Counter(),
+                sync_up_experiment_state=self.sync_up,
+            )
+
+        def save_to_dir(self):
+            pass
+
+        def sync_up(self, save_fn, force, wait):  # Tune's manager with TUNE_GLOBAL_CHECKPOINT_S=0: saves
+            saves.append(sorted(t.trial_id for t in self._trials_to_cache))
+            self._trials_to_cache.clear()
+            self._checkpoint_manager._trial_num_checkpoints_since_last_sync.clear()
+
+        def step(self, *marked, force=False):
+            self._trials_to_cache.update(marked)
+            before = len(saves)
+            TuneController.checkpoint(self, force=force)
+            return len(saves) > before
+
+    original = TuneController.checkpoint
+    try:
+        save_state_when_due(every_s=0.5)
+        c, a, b = Controller(), Trial("a"), Trial("b")
+        c._trials.append(a)
+        assert c.step(a)  # a new trial: saved before it can report
+        assert not c.step()  # nothing changed
+        a.status = "RUNNING"
+        assert not c.step(a)  # started, first result: waits (a known trial)
+        c._checkpoint_manager._trial_num_checkpoints_since_last_sync[a] = 2
+        assert c.step(a)  # one checkpoint short of num_to_keep: Tune's next would delete the saved one
+        assert not c.step(a)
+        c._trials.append(b)
+        assert c.step(b) and saves[-1] == ["a", "b"]  # the waiting change goes with the next save
+        time.sleep(0.6)
+        assert c.step(a)  # every_s passed
+        a.status = "TERMINATED"
+        assert not c.step(a)  # a finished trial may wait: a rerun of its last epoch gives the same values
+        b.status = "ERROR"
+        assert c.step(b)  # a failed one may not: a rerun could succeed where Optuna was told it failed
+        assert c.step(force=True)  # Tune's forced saves (the study's end, an interrupt) always happen
+    finally:
+        TuneController.checkpoint = original
