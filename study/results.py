@@ -39,8 +39,8 @@ class ResultsCallback(tune.Callback):
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
     registered that checkpoint (a later event, ``on_checkpoint``), and results reach the journal at
     the end of the first Tune step in which Tune saved its state after them (:meth:`on_step_end`),
-    just before this callback copies that state. The Parquet files are rewritten from the journal's events every few seconds (``REWRITE_S``)
-    and at the end of the study."""
+    just before this callback copies that state. The Parquet files are rewritten from the journal's
+    events every few seconds (``REWRITE_S``) and at the end of the study."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
         self.folder = Path(folder)
@@ -116,7 +116,7 @@ class ResultsCallback(tune.Callback):
     def on_step_end(self, iteration, trials, **info) -> None:
         """When Tune has saved its state in this step (into its staging folder): journal the events
         that save covers (all until now: a step's events precede its save), copy the state, and
-        rewrite the Parquet tables when they are due. Tune saves when a trial appears or ends, or a
+        rewrite the Parquet tables when they are due. Tune saves when a trial appears or fails, or a
         few seconds after a change (:mod:`study.tune_state`); until then the events wait here, so
         that the tables never run ahead of Tune's saved state."""
         if trials and self._backup(trials) and self._pending:

@@ -123,8 +123,9 @@ class StudySearch(OptunaSearch):
         """Ray's ``OptunaSearch.save`` (this searcher's attributes, pickled), without what the
         Optuna database already holds: the storage's in-memory copy of every Optuna trial, and the
         Optuna trials of finished Ray trials (never used again: finished ids are in
-        ``_completed_trials``). Tune saves the searcher after every change; Ray's pickle grew with
-        every trial. The restored searcher reads the trials from the database on first use."""
+        ``_completed_trials``). Tune saves the searcher with each of its state saves; Ray's
+        pickle grew with every trial. The restored searcher reads the trials from the database on
+        first use."""
         state = self.__dict__.copy()
         state["_ot_trials"] = {k: t for k, t in self._ot_trials.items() if k not in self._completed_trials}
         with open(checkpoint_path, "wb") as f:

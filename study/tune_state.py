@@ -220,6 +220,33 @@ def install_state_saving(every_s: float = SAVE_EVERY_S) -> None:
     (:func:`encode_state_incrementally`). Idempotent."""
     save_state_when_due(every_s)
     encode_state_incrementally()
+    tolerate_deleted_checkpoints()
+
+
+def tolerate_deleted_checkpoints() -> None:
+    """Let Tune's checkpoint manager pass over a checkpoint that is gone when it deletes it.
+
+    With saves a few seconds apart, the saved state can list a trial's oldest kept checkpoint after
+    Tune has deleted it (registering one more checkpoint deletes the oldest). A trial resumed from
+    that state still resumes from its latest checkpoint, which exists (:func:`_cannot_wait`), but at
+    its next checkpoint Tune deletes the listed one again, and Ray 2.60's ``_delete_fs_path`` raises
+    ``FileNotFoundError`` for a missing path: Tune then logs the error and skips the rest of the
+    checkpoint's bookkeeping (its index, the trial's next save). A path that is gone is deleted
+    already; anything else still raises. Idempotent."""
+    from ray.train._internal import checkpoint_manager
+
+    original = checkpoint_manager._delete_fs_path
+    if getattr(original, "_tolerant", False):
+        return
+
+    def _delete_fs_path(fs, fs_path: str) -> None:  # noqa: ANN001 - pyarrow's FileSystem
+        try:
+            original(fs=fs, fs_path=fs_path)
+        except FileNotFoundError:
+            pass
+
+    _delete_fs_path._tolerant = True  # type: ignore[attr-defined]
+    checkpoint_manager._delete_fs_path = _delete_fs_path
 
 
 def encode_state_incrementally() -> None:
@@ -289,8 +316,9 @@ def save_state_when_due(every_s: float = SAVE_EVERY_S) -> None:
     killed within it re-ran finished trials as new ones and lost trials that had started. Here a new
     trial is saved before it can report (so it is never run twice under two ids), a failed one at
     once (a rerun could succeed where Optuna was told it failed), and what a kill can lose is the
-    last few seconds of results of the other trials (at most ``every_s``, and at most one
-    checkpoint each, finished trials included): those trials resume from their last saved
+    last few seconds of results of the other trials (at most ``every_s`` and one unsaved
+    checkpoint each, finished trials included; one more where the kill comes between a save and the
+    copy :class:`study.results.ResultsCallback` makes of it): those trials resume from their last saved
     checkpoint, which still exists, and run those epochs again, to the same values (the training
     resumes exactly); the tables and Optuna take the repeated values in place of the first ones
     (:mod:`study.tables`, :class:`study.search.StudySearch`). Where Tune's internals differ from

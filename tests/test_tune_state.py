@@ -299,3 +299,42 @@ def test_tune_saves_when_a_save_cannot_wait_else_every_few_seconds():
         assert c.step(force=True)  # Tune's forced saves (the study's end, an interrupt) always happen
     finally:
         TuneController.checkpoint = original
+
+
+def test_a_checkpoint_deleted_after_the_last_save_does_not_trip_the_resumed_trial(tmp_path):
+    """The saved state can list a checkpoint that Tune deleted after the save; a resumed trial's
+    next checkpoint makes Tune delete it again, which must pass (Ray 2.60 raised FileNotFoundError)."""
+    import shutil
+
+    import pytest
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal import checkpoint_manager
+    from ray.train._internal.session import _TrainingResult
+
+    from study.tune_state import tolerate_deleted_checkpoints
+
+    def checkpoint(i):
+        folder = tmp_path / f"checkpoint_{i:06d}"
+        folder.mkdir()
+        return _TrainingResult(Checkpoint.from_directory(str(folder)), {"epoch": i})
+
+    original = checkpoint_manager._delete_fs_path
+    try:
+        for tolerant in (False, True):
+            if tolerant:
+                tolerate_deleted_checkpoints()
+            shutil.rmtree(tmp_path)
+            tmp_path.mkdir()
+            manager = checkpoint_manager._CheckpointManager(CheckpointConfig(num_to_keep=3))
+            for i in range(3):  # what the last save listed
+                manager.register_checkpoint(checkpoint(i))
+            shutil.rmtree(tmp_path / "checkpoint_000000")  # deleted by a registration the save missed
+            if not tolerant:
+                with pytest.raises(FileNotFoundError):
+                    manager.register_checkpoint(checkpoint(3))
+                continue
+            manager.register_checkpoint(checkpoint(3))
+            assert [r.metrics["epoch"] for r in manager.best_checkpoint_results] == [1, 2, 3]
+            assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint_{i:06d}" for i in (1, 2, 3)]
+    finally:
+        checkpoint_manager._delete_fs_path = original
