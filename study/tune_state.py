@@ -217,7 +217,8 @@ def install_state_saving(every_s: float = SAVE_EVERY_S) -> None:
     """Tune's experiment-state saves as the study makes them (see the module docstring): a save when
     one cannot wait, else at most every ``every_s`` seconds (:func:`save_state_when_due`), each
     encoding only the trials that changed and replacing the file atomically
-    (:func:`encode_state_incrementally`). Idempotent."""
+    (:func:`encode_state_incrementally`); and a resumed trial that passes over a checkpoint deleted
+    after the last save (:func:`tolerate_deleted_checkpoints`). Idempotent."""
     save_state_when_due(every_s)
     encode_state_incrementally()
     tolerate_deleted_checkpoints()
@@ -317,12 +318,12 @@ def save_state_when_due(every_s: float = SAVE_EVERY_S) -> None:
     trial is saved before it can report (so it is never run twice under two ids), a failed one at
     once (a rerun could succeed where Optuna was told it failed), and what a kill can lose is the
     last few seconds of results of the other trials (at most ``every_s`` and one unsaved
-    checkpoint each, finished trials included; one more where the kill comes between a save and the
-    copy :class:`study.results.ResultsCallback` makes of it): those trials resume from their last saved
-    checkpoint, which still exists, and run those epochs again, to the same values (the training
-    resumes exactly); the tables and Optuna take the repeated values in place of the first ones
-    (:mod:`study.tables`, :class:`study.search.StudySearch`). Where Tune's internals differ from
-    2.60's the patch leaves Tune's behaviour alone.
+    checkpoint each, finished trials included; one more where the kill comes between a save and
+    the copy :class:`study.results.ResultsCallback` makes of it): those trials resume from their
+    last saved checkpoint, which still exists, and run those epochs again, to the same values (the
+    training resumes exactly); the tables and Optuna take the repeated values in place of the first
+    ones (:mod:`study.tables`, :class:`study.search.StudySearch`). Where Tune's internals differ
+    from 2.60's the patch leaves Tune's behaviour alone.
     """
     from ray.tune.execution.tune_controller import TuneController
 
