@@ -46,6 +46,7 @@ from mriadv.choices import PGD_OBJECTIVES
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
 from mriadv.units import scale_epsilon, to_reference
+from mriadv.verdict import versus_input
 
 if TYPE_CHECKING:
     from mriadv.instabilities import FeatureSearch, FeatureSpec
@@ -122,6 +123,8 @@ def assess(
     """
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split {split!r}: must be one of {SPLIT_CHOICES}")
+    import torch
+
     from mriadv.attacks import PGDAttack
     from mriadv.data.files import DataError
     from mriadv.data.loading import build_data
@@ -196,6 +199,8 @@ def assess(
     }[split]
     loader = data_.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+    zf = evaluate(torch.nn.Identity(), loader, trainer.loss_fn, runtime, clamp=cfg.clamp)  # the input itself
+    vs = versus_input(clean.volume_nmse, zf.volume_nmse, clean.volume_ssim, zf.volume_ssim)
     rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
     traces = [
         {
@@ -233,6 +238,7 @@ def assess(
         pgd_trace=traces,
         features=features_out,
         sampling=sampling_out,
+        versus_input=vs.as_dict(),
     )
 
 

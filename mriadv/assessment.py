@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.units import to_reference
+from mriadv.verdict import VersusInput
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +40,7 @@ class Assessment:
     pgd_trace: list[dict[str, Any]] = field(default_factory=list)
     features: dict[str, Any] | None = None  # mriadv.instabilities.FeatureResult.as_dict(), when asked for
     sampling: list[dict[str, Any]] | None = None  # mriadv.instabilities.SamplingRow dicts, when asked for
+    versus_input: dict[str, Any] | None = None  # mriadv.verdict.VersusInput: the model against its zero-filled input
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class Assessment:
             "pgd_trace": self.pgd_trace,
             "features": self.features,
             "sampling": self.sampling,
+            "versus_input": self.versus_input,
         }
 
 
@@ -88,6 +91,8 @@ def format_assessment(a: Assessment) -> list[str]:
 
         lines += format_features(a.features) if a.features is not None else []
         lines += format_sampling(a.sampling) if a.sampling is not None else []
+    if a.versus_input is not None:  # the last line, as a training run's: does the model beat its input?
+        lines.append(VersusInput(**a.versus_input).line())
     return lines
 
 

@@ -37,7 +37,7 @@ class EvalResult:
     :func:`mriadv.perturbations.relative_size`; 0 when clean, NaN for an attack that does not report it);
     ``*_se``: standard errors of the volume means (std over volumes / sqrt(volumes); NaN for one
     volume); ``volume_nmse``: NMSE of each volume, by file name (for paired comparisons of two models
-    on the same volumes)."""
+    on the same volumes); ``volume_ssim``: the same for SSIM."""
 
     nmse: float
     psnr: float
@@ -54,6 +54,7 @@ class EvalResult:
     ssim_se: float = float("nan")
     volume_nmse: dict[str, float] = field(default_factory=dict)
     delta_rel: float = 0.0
+    volume_ssim: dict[str, float] = field(default_factory=dict)  # SSIM of each volume, by file name
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -122,6 +123,7 @@ def evaluate(
         psnr_se=se["psnr"],
         ssim_se=se["ssim"],
         volume_nmse={f: v["nmse"] for f, v in sorted(volumes.per_volume().items())},
+        volume_ssim={f: v["ssim"] for f, v in sorted(volumes.per_volume().items())},
         loss=loss_sum / slices,
         seed_nmse=seed_sums["nmse"] / num_batches,
         seed_psnr=seed_sums["psnr"] / num_batches,

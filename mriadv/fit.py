@@ -36,6 +36,7 @@ from mriadv.protocols import get_protocol
 from mriadv.records import EpochRecord, FitResult, clean_row, robust_rows
 from mriadv.runtime import Runtime, seed_everything
 from mriadv.trainer import NonFiniteLoss, Trainer, eval_mode
+from mriadv.verdict import versus_input
 
 PREVIEW_NAME = "preview.npz"
 # fields that may differ between a checkpoint's config and the config resuming it
@@ -104,10 +105,9 @@ def fit(
     seed_everything(cfg.seed)
     data = build_data(cfg, runtime)
     trainer = Trainer(cfg, runtime, kspace_shape=data.kspace_shape())
-    steps_per_epoch = len(data.loader(data.train, shuffle=True))
-    if cfg.max_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
-    trainer.total_steps = steps_per_epoch * cfg.max_epochs
+    clock = data.clock(cfg)
+    trainer.total_steps = clock.total_steps  # the cosine schedule follows the updates
+    say(clock.describe())
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -168,9 +168,7 @@ def fit(
         sums: dict[str, float] = {}
         steps = slices = 0
         try:
-            for i, batch in enumerate(data.loader(data.train, shuffle=True, epoch=epoch)):
-                if cfg.max_train_batches is not None and i >= cfg.max_train_batches:
-                    break
+            for batch in data.train_loader(epoch, clock.steps_per_epoch):
                 for k, v in trainer.train_step(batch.to(runtime.device, non_blocking=True)).items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
@@ -276,6 +274,8 @@ def fit(
             write_preview(out / PREVIEW_NAME, trainer, data, runtime)
         save(record, epoch + 1)
         say(_progress_line(record))
+        if record.versus_input is not None:  # the run's held-out verdict, in words: never silently worse
+            say(record.versus_input.line(sum(r.steps for r in history)))
         if on_epoch is not None:
             on_epoch(record, ckpt_path)
         if stop:
@@ -289,7 +289,8 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     """The held-out evaluation of the networks the trainer holds (``fit`` passes the best epoch's):
     clean and every configured attack on every slice of the report split, and the same for the
     zero-filled input itself (an identity "reconstructor"), so that a report shows what the network
-    adds and what an attack takes away. Per-volume NMSE is kept for paired comparisons."""
+    adds and what an attack takes away. Per-volume NMSE and SSIM are kept for paired comparisons, and
+    ``vs_input`` compares the model with its input (:mod:`mriadv.verdict`)."""
     cfg = trainer.cfg
     dataset = data.report if data.report is not None else data.val
     loader = data.loader(dataset, shuffle=False)
@@ -326,6 +327,7 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
         "robustness": rows,
         "zero_filled": clean_row(zf),
         "zero_filled_robustness": zf_rows,
+        "vs_input": versus_input(clean.volume_nmse, zf.volume_nmse, clean.volume_ssim, zf.volume_ssim).as_dict(),
     }
     if cfg.instabilities:  # the seed's types 2 and 3, on the same held-out slices
         out["features"] = _features(trainer, dataset, runtime)

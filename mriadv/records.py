@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mriadv.units import instability_flat, robust_flat, to_reference
+from mriadv.verdict import VersusInput, flat as versus_flat, from_report
 
 if TYPE_CHECKING:
     from mriadv.config import TrainConfig
@@ -87,7 +88,13 @@ class EpochRecord:
             out.update(robust_flat("report_", rep["robustness"]))
             out.update(robust_flat("zf_report_", rep["zero_filled_robustness"]))
             out.update(instability_flat(rep))
+            out.update(versus_flat(self.versus_input))
         return out
+
+    @property
+    def versus_input(self) -> VersusInput | None:
+        """The held-out model against its zero-filled input (:mod:`mriadv.verdict`), on the last record."""
+        return from_report(self.report) if self.report is not None else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochRecord":
@@ -141,7 +148,7 @@ def robust_rows(rows: list[RobustRow], crop_size: int, volumes: bool = False) ->
 
 
 def clean_row(res: EvalResult) -> dict[str, Any]:
-    return {**res.as_dict(), "volume_nmse": json.dumps(res.volume_nmse)}
+    return {**res.as_dict(), "volume_nmse": json.dumps(res.volume_nmse), "volume_ssim": json.dumps(res.volume_ssim)}
 
 
 __all__ = ["STATUSES", "EpochRecord", "FitResult", "clean_row", "robust_rows"]

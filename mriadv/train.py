@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result.status}: {result.message}; best epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+    last = result.history[-1] if result.history else None
+    if last is not None and last.versus_input is not None:  # the last line: does the model beat its input?
+        print(last.versus_input.line(sum(r.steps for r in result.history)))
     return 3 if result.status == "nan" else 0
 
 

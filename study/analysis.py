@@ -115,3 +115,20 @@ def failed_trials(trials: pd.DataFrame) -> dict[str, str]:
     """``{trial id: its error message}`` for the trials whose status is ``ERROR``, ordered by id."""
     statuses, messages = trial_status(trials), trial_messages(trials)
     return {t: messages.get(t, "") for t in statuses[statuses == "ERROR"].index}
+
+
+def versus_input(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per trial with a held-out evaluation, its model against its zero-filled input
+    (:mod:`mriadv.verdict`): ``verdict`` ('beats', 'worse', 'unclear'), ``ratio`` (NMSE over the
+    input's) and ``ratio_se``, indexed by trial id; empty for tables written before the verdict."""
+    if trials.empty or "report_vs_input" not in trials:
+        return pd.DataFrame(columns=["verdict", "ratio", "ratio_se"])
+    rows = trials[trials["report_vs_input"].notna() & (trials["report_vs_input"] != "")]
+    last = rows.sort_values("epoch").groupby("trial_id").last()
+    return pd.DataFrame(
+        {
+            "verdict": last["report_vs_input"].astype(str),
+            "ratio": last["report_vs_input_ratio"].astype(float),
+            "ratio_se": last["report_vs_input_ratio_se"].astype(float),
+        }
+    )

@@ -103,7 +103,7 @@ class StudyReporter(ProgressReporter):
             + self._time_left(trials, elapsed, waiting)
             + " =="
         ]
-        header = ["trial", *self.params, "status", "epoch", *self.metrics]
+        header = ["trial", *self.params, "status", "epoch", *self.metrics, "vs input"]
         rows = [
             [
                 t.trial_id,
@@ -111,6 +111,7 @@ class StudyReporter(ProgressReporter):
                 _status(t),
                 f"{_epoch(t) or '-'}/{self._max_epochs(t)}",
                 *(_cell(t.last_result.get(m)) for m in self.metrics),
+                _versus(t.last_result or {}),
             ]
             for t in self._shown(trials)
         ]
@@ -161,6 +162,15 @@ def _status(trial: Any) -> str:
     if trial.status != "TERMINATED" or ended not in ("early_stopped", "nan", "running"):
         return trial.status
     return "stopped" if ended == "running" else ended
+
+
+def _versus(result: dict[str, Any]) -> str:
+    """The held-out verdict of a finished trial (:mod:`mriadv.verdict`): ``beats 0.45x``, ``WORSE
+    2.03x`` (its model is worse than its own zero-filled input), ``~input 0.98x``; '-' before it."""
+    verdict, ratio = result.get("report_vs_input"), result.get("report_vs_input_ratio")
+    if not isinstance(verdict, str) or not isinstance(ratio, (int, float)):
+        return "-"
+    return f"{ {'beats': 'beats', 'worse': 'WORSE', 'unclear': '~input'}.get(verdict, verdict) } {ratio:.2f}x"
 
 
 def _cell(value: Any) -> str:

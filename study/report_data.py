@@ -282,3 +282,20 @@ def held_out_cell(rows: pd.DataFrame, attack: str, budget: float, key: str) -> f
     """``key`` of the first of ``rows`` under ``attack`` at ``budget`` (320x320 units); NaN if none."""
     hit = rows[(rows["attack"] == attack) & (rows["budget_ref"] == budget)] if len(rows) else rows
     return float(hit.iloc[0][key]) if len(hit) and key in hit and pd.notna(hit.iloc[0][key]) else math.nan
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def markdown_cell(text: str) -> str:
+    """A message as one Markdown table cell: no pipes, no line breaks, at most 300 characters."""
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def plus_minus(value: Any, se: Any, spec: str) -> str:
+    """``value ± se`` (the standard error over volumes), or just the value where it has none."""
+    text = format_number(value, spec)
+    return f"{text} ± {format_number(se, spec)}" if format_number(se, spec) != "–" and text != "–" else text

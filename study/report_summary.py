@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.analysis import best_trials, finished_trials, trial_messages, trial_status
+import pandas as pd
+
+from mriadv.verdict import VERDICT_WORDS, study_warning
+from study.analysis import best_trials, finished_trials, trial_messages, trial_status, versus_input
 from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
 from study.report_data import (
     StudyResults,
@@ -75,6 +78,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
         "",
     ]
     report = held_out(res)
+    versus = versus_input(res.trials)
     top = max(res.budgets) if res.budgets else None
     by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
     picks = best_trials(by_id, res.objectives)
@@ -94,6 +98,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 _measured(mine, "clean", 0.0, "psnr", ".2f"),
                 _measured(mine, "clean", 0.0, "ssim", ".4f"),
                 _measured(mine, "pgd", top, "nmse", ".4f") if top else "–",
+                _versus_cell(versus, row["trial_id"]),
                 f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)",
             ]
         )
@@ -111,6 +116,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 _measured(zf, "clean", 0.0, "psnr", ".2f"),
                 _measured(zf, "clean", 0.0, "ssim", ".4f"),
                 _measured(zf, "pgd", top, "nmse", ".4f") if top else "–",
+                "1",
                 "–",
             ],
         )
@@ -126,12 +132,14 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 "PSNR",
                 "SSIM",
                 f"PGD@{top:g} NMSE" if top else "PGD NMSE",
+                "NMSE / input",
                 "checkpoint",
             ],
             rows,
         ),
         "",
     ]
+    out += _versus_notes(versus)
     keys = list(dict.fromkeys([*HPARAM_KEYS, *(c for c in res.columns.values() if c != "epsilon_ref")]))
     for trial_id in dict.fromkeys(row["trial_id"] for row in picks.values()):
         row = by_id[by_id["trial_id"] == trial_id].iloc[0]
@@ -231,3 +239,28 @@ def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
         "- TensorBoard, in the study folder: `tensorboard --logdir .`",
         "",
     ]
+
+
+def _versus_cell(versus: pd.DataFrame, trial_id: str) -> str:
+    """*0.45× ± 0.03*, and the verdict where the model does not beat its zero-filled input."""
+    if trial_id not in versus.index:
+        return "–"
+    v = versus.loc[trial_id]
+    cell = f"{format_number(v['ratio'], '.2f')}× ± {format_number(v['ratio_se'], '.2f')}"
+    return cell + {"worse": " **worse than its input**", "unclear": " (≈ input)"}.get(v["verdict"], "")
+
+
+def _versus_notes(versus: pd.DataFrame) -> list[str]:
+    """Every trial whose model does not beat its input, and the study's warning when none does."""
+    out = []
+    behind = [t for t, v in versus["verdict"].items() if v != "beats"]
+    if behind:
+        out += [
+            f"**{len(behind)} of {len(versus)} models do not beat their own zero-filled input** on the held-out "
+            "volumes (NMSE lower and SSIM higher, each by more than two paired SEs): "
+            + ", ".join(f"{t} ({VERDICT_WORDS[versus.loc[t, 'verdict']]})" for t in behind)
+            + ". Their robustness numbers describe models that add nothing to their input.",
+            "",
+        ]
+    warning = study_warning(list(versus["verdict"]))
+    return out + ([f"> {warning}", ""] if warning else [])

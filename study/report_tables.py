@@ -25,8 +25,14 @@ from study.report_data import (
     held_out,
     held_out_cell,
     held_out_split,
+    markdown_cell,
+    markdown_table,
+    plus_minus,
     zero_filled,
 )
+from study.report_held_out import instability_tables, protocol_tables
+
+__all__ = ["markdown_cell", "markdown_table", "plus_minus", "pgd_column", "table1", "table1_markdown", "write_table1"]
 
 # The seed's Table 1 (Huang & Liang), its own metric definitions, fastMRI single-coil knee, 320x320.
 SEED_TABLE1 = (
@@ -111,7 +117,15 @@ def table1(res: StudyResults) -> pd.DataFrame:
                 row[f"{METRIC_NAMES[m]} (seed def.)"] = float_of(b, f"{prefix}_seed_{m}")
             rows.append(row)
         mine = report[report["trial_id"] == b["trial_id"]] if len(report) else report
-        rows.append({**common, "split": "Report", **held_out_row(mine)})
+        versus = {}
+        if last is not None and b["trial_id"] in last.index:  # the held-out verdict is on the last epoch's row
+            end = last.loc[b["trial_id"]]
+            versus = {
+                "NMSE / input": float_of(end, "report_vs_input_ratio"),
+                "NMSE / input SE": float_of(end, "report_vs_input_ratio_se"),
+                "vs input": end.get("report_vs_input") if isinstance(end.get("report_vs_input"), str) else "",
+            }
+        rows.append({**common, "split": "Report", **held_out_row(mine), **versus})
     columns = (
         [
             "trial_id",
@@ -125,6 +139,9 @@ def table1(res: StudyResults) -> pd.DataFrame:
             "last_delta_sq_over_eps",
             "last_over_budget",
             "volumes",
+            "NMSE / input",
+            "NMSE / input SE",
+            "vs input",
         ]
         + [METRIC_NAMES[m] for m in METRICS]
         + [f"{METRIC_NAMES[m]} SE" for m in METRICS]
@@ -143,26 +160,18 @@ def write_table1(res: StudyResults, out: Path) -> pd.DataFrame:
     return table
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
-def markdown_cell(text: str) -> str:
-    """A message as one Markdown table cell: no pipes, no line breaks, at most 300 characters."""
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
-
-
 def _process(row: pd.Series) -> str:
     suffix = {"standard": "-S", "adversarial": "-A"}.get(row["model"], "")
     return {"Selection": "Validation"}.get(row["split"], row["split"]) + suffix
 
 
-def plus_minus(value: Any, se: Any, spec: str) -> str:
-    """``value ± se`` (the standard error over volumes), or just the value where it has none."""
-    text = format_number(value, spec)
-    return f"{text} ± {format_number(se, spec)}" if format_number(se, spec) != "–" and text != "–" else text
+def versus_cell(r: pd.Series) -> str:
+    """A Report row's *NMSE / input* cell: the ratio ± its paired SE, and the verdict where the model
+    does not beat its input (:mod:`mriadv.verdict`)."""
+    cell = plus_minus(r.get("NMSE / input"), r.get("NMSE / input SE"), ".2f")
+    cell = cell if cell == "–" else cell.replace(" ±", "× ±", 1) if "±" in cell else cell + "×"
+    verdict = r.get("vs input") or ""
+    return cell + {"worse": " **worse than its input**", "unclear": " (≈ input)"}.get(verdict, "")
 
 
 def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
@@ -185,6 +194,9 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         "adversarial training; *zero-filled*: the network's input itself, |F⁻¹P(y)|, what every model must beat. "
         "PGD columns: L2 PGD of budget ‖δ‖² = b (320×320 units), each cell *attacked value (attacked − clean)*. "
         "± is the standard error over volumes (of the paired per-volume differences for the degradation). "
+        "*NMSE / input*: the model's NMSE over its zero-filled input's on the same volumes (± paired SE), and "
+        "**worse than its input** where its NMSE is higher or its SSIM lower by more than two paired SEs "
+        "(*≈ input*: within them; such a model's robustness numbers say little). "
         "*‖δ‖²/ε*: the generator's mean training perturbation at the last epoch relative to the budget "
         "(*over*: the share of training images outside the ε-ball).",
         "",
@@ -196,6 +208,7 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
             "",
         ]
     headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "‖δ‖²/ε (over)", "NMSE", "PSNR", "SSIM"]
+    headers += ["NMSE / input"]
     for b in res.budgets:
         headers += [f"PGD@{b:g} NMSE", f"PGD@{b:g} PSNR", f"PGD@{b:g} SSIM"]
     rows = []
@@ -222,6 +235,7 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
             plus_minus(r["NMSE"], r["NMSE SE"], ".4f"),
             plus_minus(r["PSNR"], r["PSNR SE"], ".2f"),
             plus_minus(r["SSIM"], r["SSIM SE"], ".4f"),
+            "1" if zf else versus_cell(r),
         ]
         for b in res.budgets:
             for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
@@ -235,8 +249,8 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         rows.append(cells)
     out += [markdown_table(headers, rows), ""]
 
-    out += _protocol_tables(res)
-    out += _instability_tables(res)
+    out += protocol_tables(res)
+    out += instability_tables(res)
     out += [
         "## Selection and training volumes",
         "",
@@ -284,134 +298,3 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         "",
     ]
     return "\n".join(out)
-
-
-def _instability_tables(res: StudyResults) -> list[str]:
-    """The seed's instabilities of types 2 and 3 on the held-out split (the last epoch's row of each
-    trial holds its best epoch's evaluation): small-feature false-negative rates at a random and at
-    the worst of several positions, recovered contrast, and NMSE over accelerations with nested masks
-    (*: more samples did not lower NMSE by more than its paired standard error)."""
-    t = res.trials
-    if t.empty or "report_feature_random_fnr" not in t and "report_sampling_r4_nmse" not in t:
-        return []
-    last = t[t["epoch"] > 0].sort_values("epoch").groupby("trial_id").last()
-    rates = sorted(
-        {
-            float(c[len("report_sampling_r") : -len("_nmse")].replace("p", "."))
-            for c in t
-            if c.startswith("report_sampling_r")
-            and c.endswith("_nmse")
-            and not c.endswith("_se")
-            and "stagnant" not in c
-        },
-        reverse=True,
-    )
-
-    def line(label: str, row: pd.Series, prefix: str) -> list[str]:
-        cells = [label]
-        for kind in ("random", "worst"):
-            cells.append(
-                plus_minus(
-                    float_of(row, f"{prefix}feature_{kind}_fnr"), float_of(row, f"{prefix}feature_{kind}_fnr_se"), ".2f"
-                )
-            )
-        cells.append(
-            plus_minus(
-                float_of(row, f"{prefix}feature_random_contrast"),
-                float_of(row, f"{prefix}feature_random_contrast_se"),
-                ".2f",
-            )
-        )
-        previous = math.nan
-        for r in rates:
-            key = f"{prefix}sampling_r{format(r, 'g').replace('.', 'p')}_nmse"
-            value = float_of(row, key)
-            flag = " *" if prefix == "report_" and math.isfinite(previous) and not value < previous else ""
-            cells.append(format_number(value, ".4f") + flag)
-            previous = value
-        return cells
-
-    rows = []
-    first = next(
-        (
-            r
-            for _, r in last.iterrows()
-            if math.isfinite(float_of(r, "zf_report_feature_random_fnr"))
-            or math.isfinite(
-                float_of(r, f"zf_report_sampling_r{format(rates[0], 'g').replace('.', 'p')}_nmse") if rates else False
-            )
-        ),
-        None,
-    )
-    if first is not None:
-        rows.append(line("zero-filled input", first, "zf_report_"))
-    for _, b in res.best.iterrows():
-        if b["trial_id"] in last.index:
-            rows.append(line(res.label(b["trial_id"]), last.loc[b["trial_id"]], "report_"))
-    headers = [
-        "model",
-        "feature FNR (random position)",
-        "feature FNR (worst of 8)",
-        "recovered contrast",
-        *(f"NMSE at {r:g}×" for r in rates),
-    ]
-    return [
-        "## Instabilities of types 2 and 3 (held-out split)",
-        "",
-        "Type 2, small features (after FNAF, Cheng et al. 2020): a 10-pixel disc of +50 % local contrast is "
-        "inserted into the *data* (k-space of the target), measured through the volume's own mask, and "
-        "reconstructed; it counts as lost when the relative error inside it exceeds 0.5 (our threshold). "
-        "FNR: share of slices whose feature is lost, at the first random tissue position and at the worst of 8. "
-        "Type 3, more samples: NMSE with nested per-volume masks from 8× to 2× (centre fraction as trained); "
-        "* marks a step to more samples that did not lower NMSE (flagged by more than its standard error "
-        "in `trials.parquet`: `report_sampling_stagnant`).",
-        "",
-        markdown_table(headers, rows),
-        "",
-    ]
-
-
-def _protocol_tables(res: StudyResults) -> list[str]:
-    """One table per named protocol of the held-out evaluation (``report_protocol``): each trial and
-    the zero-filled input under each of its attacks and budgets, *NMSE (ΔNMSE ± SE)*."""
-    rob = res.robust
-    if rob.empty or "protocol" not in rob:
-        return []
-    out = []
-    for name in sorted(set(rob["protocol"].dropna()) - {""}):
-        rows = {"zero-filled input": held_out(res, "zero_filled", name)}
-        for _, b in res.best.iterrows():
-            rows[res.label(b["trial_id"])] = held_out(res, "trained", name).query("trial_id == @b.trial_id")
-        if name in rows["zero-filled input"].get("protocol", pd.Series(dtype=str)).values:
-            zf = rows["zero-filled input"]  # evaluated once per trial, the same each time: the first
-            rows["zero-filled input"] = zf[zf["trial_id"] == zf["trial_id"].iloc[0]]
-        first = next((r for r in rows.values() if len(r)), None)
-        if first is None:
-            continue
-        grid = list(dict.fromkeys(first[["attack", "rel", "budget_ref"]].itertuples(index=False, name=None)))
-        headers = ["model"] + [
-            f"{a} @ {'rel ' + format(r, '.3g') if pd.notna(r) else format(e, 'g')}" for a, r, e in grid
-        ]
-        cells = []
-        for label, mine in rows.items():
-            line = [label]
-            for a, r, e in grid:
-                hit = mine[(mine["attack"] == a) & ((mine["rel"] == r) if pd.notna(r) else (mine["budget_ref"] == e))]
-                line.append(
-                    "–"
-                    if hit.empty
-                    else f"{format_number(hit.iloc[0]['nmse'], '.4f')} "
-                    f"({format_number(hit.iloc[0]['d_nmse'], '+.4f')} "
-                    f"± {format_number(hit.iloc[0]['d_nmse_se'], '.4f')})"
-                )
-            cells.append(line)
-        out += [
-            f"## Protocol `{name}` (held-out split)",
-            "",
-            "NMSE under each attack of the protocol (`python -m mriadv.assess --list-protocols` gives its source "
-            "and settings); *rel*: ‖δ‖/‖y‖ of the sampled k-space (‖δ‖/‖x̃‖ for image attacks).",
-            "",
-            markdown_table(headers, cells),
-            "",
-        ]
-    return out

@@ -30,7 +30,7 @@ from study.cluster import ClusterError, cluster_problem, start_ray, trial_slots
 from study.layout import OPTUNA_FILE, trial_dirname
 from study.plan import Plan, Refused, check_options, plan_study, study_space
 from study.procs import ProcessRecord
-from study.run_summary import here, summarize, trial_statuses
+from study.run_summary import closing_warning, here, summarize, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
 
 
@@ -275,6 +275,9 @@ def summarise(plan: Plan, report: bool) -> None:
     statuses = trial_statuses(plan.study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
         print("the study was interrupted; run the same command again to resume it")
+    warning = closing_warning(plan.study_dir)
+    if warning:  # the last line: models that add nothing to their input make robustness numbers moot
+        print(warning)
 
 
 def list_spaces() -> int:

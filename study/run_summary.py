@@ -11,7 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from study.analysis import best_epochs, best_trials, failed_trials, finished_trials, pareto_front, trial_status
+from mriadv.verdict import VERDICT_WORDS, study_warning
+from study.analysis import (
+    best_epochs,
+    best_trials,
+    failed_trials,
+    finished_trials,
+    pareto_front,
+    trial_status,
+    versus_input,
+)
 from study.layout import OPTUNA_FILE, ROBUSTNESS_FILE, TRIALS_FILE, best_checkpoint
 from study.spaces import EPSILON_KEYS, StudySpace
 from study.tables import load_tables
@@ -28,6 +37,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     lines.append("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     best = best_epochs(trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
+    versus = versus_input(trials)
     for metric, row in best_trials(best, objectives).items():
         params = ", ".join(
             f"{p.name}={_fmt(row.get('epsilon_ref' if p.name in EPSILON_KEYS else p.name))}" for p in space.params
@@ -37,6 +47,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
             f"{metric} {row[metric]:.5g}; val nmse {row['val_nmse']:.5f} psnr {row['val_psnr']:.2f} "
             f"ssim {row['val_ssim']:.4f}; checkpoint "
             f"{here(best_checkpoint(study_dir, row['trial_id'])) or 'missing (no best.pt)'}"
+            + _versus(versus, row["trial_id"])
         )
     cols = [m for m, _ in objectives]
     if len(objectives) > 1 and all(c in best for c in cols):
@@ -46,10 +57,32 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
             lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(best.loc[front, "trial_id"]))
     for trial_id, message in failed_trials(trials).items():
         lines.append(f"trial {trial_id} failed: {message}")
+    worse = [t for t, v in versus["verdict"].items() if v != "beats"]
+    if worse:
+        lines.append(
+            f"{len(worse)} of {len(versus)} models do not beat their zero-filled input on the held-out volumes: "
+            + ", ".join(
+                f"{t} ({VERDICT_WORDS[versus.loc[t, 'verdict']]}, {versus.loc[t, 'ratio']:.2f}x)" for t in worse
+            )
+        )
     lines.append(f"tables: {here(study_dir / TRIALS_FILE)}, {here(study_dir / ROBUSTNESS_FILE)}")
     lines.append(f"TensorBoard: tensorboard --logdir {here(study_dir)}")
     lines.append(f"Optuna: optuna-dashboard sqlite:///{here(study_dir / OPTUNA_FILE)}")
     return lines
+
+
+def closing_warning(study_dir: Path) -> str | None:
+    """The line a study ends with when none of its models beats its own zero-filled input."""
+    trials, _ = load_tables(study_dir)
+    return study_warning(list(versus_input(trials)["verdict"]))
+
+
+def _versus(versus, trial_id: str) -> str:
+    """``; held-out NMSE 0.45x its input's: beats its input`` for a trial with a held-out verdict."""
+    if trial_id not in versus.index:
+        return ""
+    v = versus.loc[trial_id]
+    return f"; held-out NMSE {v['ratio']:.2f}x ± {v['ratio_se']:.2f} its input's: {VERDICT_WORDS[v['verdict']]}"
 
 
 def here(path: Path | None) -> str:

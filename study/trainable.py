@@ -149,6 +149,7 @@ TUNE_KEYS = (
     "epoch_time_s",
     "start_epoch",
     "node_id",
+    "report_vs_input_ratio",  # the console's "vs input" column, with report_vs_input (a string, kept anyway)
     *HPARAM_KEYS,
 )
 

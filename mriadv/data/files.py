@@ -253,6 +253,34 @@ def split_for_report(index: list[VolumeInfo], fraction: float) -> tuple[list[Vol
     return selection, report
 
 
+def name_subsample(volumes: Sequence[VolumeInfo], keep: int) -> list[VolumeInfo]:
+    """``keep`` of ``volumes`` chosen by file name only (the smallest CRC-32 of the name), returned in
+    name order: the same volumes whatever the run's seed, so every seed of a study is judged on the
+    same validation volumes."""
+    chosen = sorted(volumes, key=lambda v: (zlib.crc32(v.name.encode()), v.name))[: max(0, keep)]
+    return sorted(chosen, key=lambda v: v.name)
+
+
+def validation_parts(
+    index: Sequence[VolumeInfo], report_fraction: float, fraction: float = 1.0, max_volumes: int | None = None
+) -> tuple[list[VolumeInfo], list[VolumeInfo]]:
+    """``(selection, report)`` of a validation folder: first split by file name
+    (:func:`split_for_report`, on every volume of the folder), then each part sub-sampled by name
+    (:func:`name_subsample`) to ``fraction`` of its volumes (at least one), the two together capped
+    at ``max_volumes`` in proportion. Neither step depends on the run's seed, so the held-out volumes
+    of a folder are the same for every seed and every sub-sampling that keeps them."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"volume fraction must be in (0, 1], got {fraction}")
+    selection, report = split_for_report(list(index), report_fraction)
+    keep = [max(1, round(len(part) * fraction)) if part else 0 for part in (selection, report)]
+    if max_volumes is not None and sum(keep) > max_volumes:
+        if report and max_volumes < 2:
+            raise ValueError(f"max_volumes {max_volumes}: a selection and a report part need at least 2 volumes")
+        rep = min(keep[1], max(1, math.floor(max_volumes * keep[1] / sum(keep)))) if report else 0
+        keep = [max_volumes - rep, rep]
+    return name_subsample(selection, keep[0]), name_subsample(report, keep[1])
+
+
 def seeded_slices(volumes: Sequence[VolumeInfo], per_volume: int, seed: int = 0) -> list[tuple[VolumeInfo, int]]:
     """A fixed subset of slices covering every volume: ``per_volume`` distinct slices of each, drawn
     with a generator seeded by ``(seed, CRC of the file name)`` and kept in slice order (all slices of

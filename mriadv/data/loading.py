@@ -19,9 +19,10 @@ from mriadv.data.files import (
     SliceDataset,
     resolve_split_dir,
     seeded_slices,
-    split_for_report,
+    validation_parts,
 )
 from mriadv.data.masks import make_mask_func
+from mriadv.data.stream import EPOCH_SEED_STRIDE, EpochBatches, StreamDataset, TrainingClock
 from mriadv.data.synthetic import SyntheticSpec, ensure
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.protocols import get_protocol
@@ -29,11 +30,6 @@ from mriadv.runtime import Runtime
 
 if TYPE_CHECKING:
     from mriadv.config import Profile
-
-# The shuffled order of epoch e is drawn with seed * EPOCH_SEED_STRIDE + e: a prime stride larger than
-# any epoch count, so no two (seed, epoch) pairs of a study share an order (seed + e would: seed 0 in
-# epoch 1 would replay seed 1 in epoch 0).
-EPOCH_SEED_STRIDE = 100003
 
 
 @dataclass
@@ -69,6 +65,31 @@ class Data:
             dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen, **common
         )
 
+    def train_loader(self, epoch: int, steps: int | None) -> torch.utils.data.DataLoader:
+        """Epoch ``epoch``'s training batches: ``steps`` batches of the stream of passes over the
+        training set (:mod:`mriadv.data.stream`; cycled or sampled), or one pass when ``steps`` is None
+        (then batch for batch ``loader(train, shuffle=True, epoch=epoch)``)."""
+        shapes = self.train.kspace_shapes() if self.bucketed else None
+        sampler = EpochBatches(len(self.train), self.batch_size, self.seed, epoch, steps, shapes)
+        return torch.utils.data.DataLoader(
+            StreamDataset(self.train),
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+        )
+
+    def clock(self, cfg: TrainConfig) -> TrainingClock:
+        """The run's updates on this training set: ``cfg.steps_per_epoch`` (or one pass), capped by
+        ``cfg.max_train_batches``, times ``cfg.max_epochs``."""
+        pass_steps = len(self.train_loader(0, None))
+        steps = cfg.steps_per_epoch if cfg.steps_per_epoch is not None else pass_steps
+        if cfg.max_train_batches is not None:
+            steps = min(steps, cfg.max_train_batches)
+        return TrainingClock(
+            len(self.train), len(self.train.volumes), self.batch_size, pass_steps, steps, cfg.max_epochs
+        )
+
     def kspace_shape(self) -> tuple[int, int] | None:
         report = self.report.volumes if self.report is not None else []
         shapes = {v.kspace_shape for v in self.train.volumes + self.val.volumes + report}
@@ -102,20 +123,20 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     train = SliceDataset(
         root, "train", train_tf, volume_fraction=cfg.train_fraction, max_volumes=cfg.max_train_volumes, **common
     )
-    val = SliceDataset(
-        root, "val", fixed_tf, volume_fraction=cfg.val_fraction, max_volumes=cfg.max_val_volumes, **common
-    )
+    val = SliceDataset(root, "val", fixed_tf, **common)  # every validation volume; parts by name below
     report, report_split = None, "selection"
     if (root / SPLITS["test"]).is_dir():  # a test split with targets is the report split
         test = SliceDataset(root, "test", fixed_tf, **common)
         if all(v.target_shape is not None for v in test.volumes):
             report, report_split = test, "test"
-    if report is None and cfg.report_fraction > 0:
-        try:
-            selection, held_out = split_for_report(val.volumes, cfg.report_fraction)
-        except ValueError as exc:
-            raise ConfigError(f"config key 'report_fraction' = {cfg.report_fraction}: {val.folder}: {exc}") from None
-        val, report, report_split = val.restricted(selection, fixed_tf), val.restricted(held_out, fixed_tf), "report"
+    held = cfg.report_fraction if report is None else 0.0
+    try:  # split first, by file name only, then sub-sample: the held-out volumes do not depend on the seed
+        selection, held_out = validation_parts(val.volumes, held, cfg.val_fraction, cfg.max_val_volumes)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'report_fraction' = {cfg.report_fraction}: {val.folder}: {exc}") from None
+    val = val.restricted(selection, fixed_tf)
+    if held_out:
+        report, report_split = val.restricted(held_out, fixed_tf), "report"
     robust_val = val.with_slices(seeded_slices(val.volumes, cfg.robust_slices_per_volume, cfg.seed))
     train_eval = train.restricted(train.volumes[: cfg.train_eval_volumes], fixed_tf) if cfg.train_eval_volumes else None
     workers = cfg.num_workers
