@@ -279,6 +279,28 @@ def test_summary_names_the_best_trial_and_its_checkpoint(study, written):
         assert f"]({name})" in text
 
 
+@slow
+def test_every_report_surface_marks_a_model_that_does_not_beat_its_input(study, written):
+    """trials.parquet carries each trial's held-out verdict; Table 1 and summary.md mark the models that
+    do not beat their zero-filled input, and warn when none does (the smoke models train 2 x 3 steps)."""
+    folder, _, _ = written
+    trials = pd.read_parquet(study / "trials.parquet")
+    last = trials.sort_values("epoch").groupby("trial_id").last()
+    assert {"report_vs_input", "report_vs_input_ratio", "report_vs_input_ratio_se", "report_beats_input"} <= set(trials)
+    for trial_id, row in last.iterrows():  # the ratio is the held-out clean NMSE over the input's, per trial
+        assert row["report_vs_input_ratio"] == pytest.approx(row["report_nmse"] / row["zf_report_nmse"], rel=1e-9)
+        assert row["report_beats_input"] == float(row["report_vs_input"] == "beats")
+    table = pd.read_csv(folder / "table1.csv", keep_default_na=False, na_values=[""])
+    rep = table[(table["split"] == "Report") & (table["model"] != "zero-filled input")]
+    assert sorted(rep["vs input"]) == sorted(last["report_vs_input"])
+    md, summary = (folder / "table1.md").read_text(), (folder / "summary.md").read_text()
+    behind = int((last["report_vs_input"] != "beats").sum())
+    worse = int((last["report_vs_input"] == "worse").sum())
+    assert sum("**worse than its input**" in ln for ln in md.splitlines() if ln.startswith("| ")) == worse
+    assert (f"{behind} of 2 models do not beat their own zero-filled input" in summary) == (behind > 0)
+    assert ("WARNING: no model of this study beats" in summary) == (behind == 2)
+
+
 def test_not_a_study_folder_exits_2(tmp_path):
     missing = run_report(tmp_path / "nope")
     assert missing.returncode == 2 and "no such folder" in missing.stderr

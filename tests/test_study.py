@@ -222,6 +222,16 @@ def test_smoke_study_console(smoke_study):
         assert noise not in console, noise
     assert re.search(r"== study eps_sweep: 6 trials \(6 TERMINATED\) \| \d+:\d\d:\d\d elapsed, done ==", console)
     assert re.search(r"[0-9a-f]{8} +10000 +TERMINATED +2/2 ", console)
+    # each finished trial's held-out verdict against its zero-filled input, and the closing warning
+    trials = pd.read_parquet(folder / "trials.parquet")
+    verdicts = trials.sort_values("epoch").groupby("trial_id").last()["report_vs_input"]
+    table = console[console.rindex("== study eps_sweep") :]
+    assert "vs input" in table.splitlines()[1]
+    for trial_id, verdict in verdicts.items():
+        line = next(ln for ln in table.splitlines() if ln.startswith(trial_id))
+        assert re.search({"beats": r"beats \d", "worse": r"WORSE \d", "unclear": r"~input \d"}[verdict], line), line
+    warned = out.stdout.strip().splitlines()[-1].startswith("WARNING: no model of this study beats")
+    assert warned == all(v != "beats" for v in verdicts)
 
 
 def test_runner_imports_ray_only_when_it_starts_it():
