@@ -157,6 +157,12 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     )
 
 
+def training_clock(cfg: TrainConfig) -> TrainingClock:
+    """The updates ``cfg`` makes on its data folder (:meth:`Data.clock`), without a device: for the
+    line a study prints before its trials start."""
+    return build_data(cfg, Runtime.resolve("cpu", "fp32", None)).clock(cfg)
+
+
 def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
     """A fixed batch for previews: the middle slice of the first ``count`` volumes that share the
     first volume's k-space shape (real fastMRI widths differ: 368, 372, ..., and batches that carry
@@ -188,4 +194,12 @@ def validate_data(folder: str | Path, crop_size: int, cache_dir: str | Path | No
     return "; ".join(errors) if errors else None
 
 
-__all__ = ["EPOCH_SEED_STRIDE", "Data", "build_data", "preview_batch", "synthetic_data", "validate_data"]
+__all__ = [
+    "EPOCH_SEED_STRIDE",
+    "Data",
+    "build_data",
+    "preview_batch",
+    "synthetic_data",
+    "training_clock",
+    "validate_data",
+]
