@@ -25,6 +25,7 @@ from mriadv.perturbations import (
     RANDOM_STARTS,
     apply_perturbation,
     broadcast_per_sample,
+    budget_per_slice,
     perturbation_shape,
     project_l2,
     random_start,
@@ -94,8 +95,10 @@ class PGDAttack:
     the ball. ``domain='kspace'`` attacks the measurements instead (restricted to acquired columns
     when ``sampled_only``).
 
-    The radius ``r``: ``sqrt(budget)`` (absolute), or with ``rel`` given (then ``budget`` is NaN)
-    ``rel * ||y||`` (k-space) / ``rel * ||x~||`` (image) per slice (:func:`relative_radius`).
+    The radius ``r``: ``sqrt(budget)`` (absolute, image), ``sqrt(budget / (h w)) * ||y||`` per slice
+    (absolute, k-space: the same relative energy at every crop, :func:`budget_per_slice`), or with
+    ``rel`` given (then ``budget`` is NaN) ``rel * ||y||`` (k-space) / ``rel * ||x~||`` (image) per slice
+    (:func:`relative_radius`).
 
     Options, all off by default so that the default is the seed's deterministic attack (zero start,
     last iterate, error to the target) and every trial of a study faces the same procedure:
@@ -152,14 +155,16 @@ class PGDAttack:
 
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
         shape = perturbation_shape(batch, self.domain)
-        if self.rel is None:
-            budget: float | torch.Tensor = self.budget
-            radius: float | torch.Tensor = self.budget**0.5
-            step: float | torch.Tensor = self.step_scale * radius / self.steps
+        if self.rel is None:  # image: the number; k-space: (B,), the same relative energy at every crop
+            budget: float | torch.Tensor = budget_per_slice(batch, self.budget, self.domain)
+            radius: float | torch.Tensor = budget**0.5
         else:
             radius = relative_radius(batch, self.rel, self.domain)
             budget = radius.pow(2)
-            step = broadcast_per_sample(self.step_scale * radius / self.steps, len(shape))
+        if isinstance(radius, torch.Tensor):
+            step: float | torch.Tensor = broadcast_per_sample(self.step_scale * radius / self.steps, len(shape))
+        else:
+            step = self.step_scale * radius / self.steps
         dtype = torch.complex64 if self.domain == "kspace" else torch.float32
         tracing = self.trace_first and self.trace is None
         # the objective's value is needed only to choose among iterates or restarts, or for the trace
@@ -230,7 +235,8 @@ def _keep_larger(
 
 @dataclass
 class NoiseAttack:
-    """Gaussian noise rescaled to exactly ``||delta||^2 = budget`` per image (a random direction);
+    """Gaussian noise rescaled to exactly ``||delta||^2 = budget`` per image (a random direction; in
+    k-space ``(budget / (h w)) ||y||^2`` per slice, :func:`budget_per_slice`);
     seeded per slice (:func:`slice_noise`), so every trial, epoch and batch composition gives a slice
     the same noise.
 
@@ -259,7 +265,10 @@ class NoiseAttack:
                 ]
             )
             noise = restrict(noise.to(device), batch, self.domain, self.sampled_only)
-        target = self.budget if self.rel is None else relative_radius(batch, self.rel, self.domain).pow(2)
+        if self.rel is None:
+            target = budget_per_slice(batch, self.budget, self.domain)
+        else:
+            target = relative_radius(batch, self.rel, self.domain).pow(2)
         if isinstance(target, torch.Tensor):
             target = target.to(noise.device)
         delta = (noise * broadcast_per_sample((target / squared_norm(noise)).sqrt(), noise.ndim)).to(device)
@@ -273,8 +282,9 @@ class NoiseAttack:
 
 @dataclass
 class GeneratorAttack:
-    """The trial's own generator G_phi (in eval mode), its output rescaled to exactly the budget, so
-    the direction it learned is compared with PGD and noise at equal norm.
+    """The trial's own generator G_phi (in eval mode), its output rescaled to exactly the budget (in
+    k-space: ``(budget / (h w)) ||y||^2`` per slice, :func:`budget_per_slice`), so the direction it
+    learned is compared with PGD and noise at equal norm.
 
     ``perturb`` maps a batch to the raw generator perturbation in ``domain`` (built by the trainer,
     which knows how its generator is conditioned)."""
@@ -289,7 +299,10 @@ class GeneratorAttack:
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
         with torch.no_grad():
             delta = self.perturb(batch).float() if self.domain == "image" else self.perturb(batch)
-            budget = self.budget if self.rel is None else relative_radius(batch, self.rel, self.domain).pow(2)
+            if self.rel is None:
+                budget = budget_per_slice(batch, self.budget, self.domain)
+            else:
+                budget = relative_radius(batch, self.rel, self.domain).pow(2)
             delta = delta * broadcast_per_sample((budget / squared_norm(delta).clamp_min(1e-30)).sqrt(), delta.ndim)
         return AttackOutput(
             apply_perturbation(batch, delta, self.domain, self.clamp),

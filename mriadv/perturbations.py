@@ -9,10 +9,14 @@ A perturbation lives in one of two domains (:data:`mriadv.choices.DOMAINS`):
   FFT (Algorithm 2); optionally restricted to the acquired columns.
 
 Its size is the squared L2 norm per image, in normalised units; in k-space this equals the energy of
-the full-FOV image perturbation (the transforms are orthonormal). A budget is either absolute (``budget``
-= the largest ``||delta||^2``) or relative (``rel``: ``||delta|| <= rel * ||ref||`` per slice, with ``ref``
-the sampled k-space ``y`` or the input image ``x~``, see :func:`relative_radius`), so that numbers
-transfer across crops and data sets (Genzel, Macdonald & Maerz, TPAMI 2022, use relative noise levels).
+the full-FOV image perturbation (the transforms are orthonormal). A budget is either absolute or
+relative. An absolute budget ``epsilon`` (at the run's crop ``h x w``, :mod:`mriadv.units`) bounds an
+image perturbation by ``||delta||^2 <= epsilon`` and a k-space one by the same relative energy of the
+slice's sampled k-space ``y``: ``||delta||^2 <= (epsilon / (h w)) ||y||^2`` per slice, i.e.
+``||delta|| / ||y|| <= sqrt(epsilon / (h w))`` (the config's ``epsilon_rms``), the same on every crop
+and data set (:func:`budget_per_slice`). A relative budget (``rel``: ``||delta|| <= rel * ||ref||`` per
+slice, with ``ref`` the sampled k-space ``y`` or the input image ``x~``, see :func:`relative_radius`)
+gives the radius directly (Genzel, Macdonald & Maerz, TPAMI 2022, use relative noise levels).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from mriadv.choices import DOMAINS
 from mriadv.data.masks import volume_seed
 from mriadv.data.transforms import Batch, image_from_normalized_kspace
+from mriadv.units import relative_energy
 
 RANDOM_STARTS = ("uniform", "gaussian")
 
@@ -53,12 +58,14 @@ def project_l2(delta: torch.Tensor, budget: float | torch.Tensor, scope: str = "
     return delta * broadcast_per_sample(scale, delta.ndim).to(delta.dtype)
 
 
-def hinge(delta: torch.Tensor, epsilon: float, scope: str = "image") -> torch.Tensor:
+def hinge(delta: torch.Tensor, epsilon: float | torch.Tensor, scope: str = "image") -> torch.Tensor:
     """The seed's penalty ``max(0, ||delta||^2 - epsilon)``: mean over the batch (``scope='image'``),
-    or ``max(0, ||batch||^2 - B epsilon)`` (``'batch'``, the seed's code). Returns a scalar."""
+    or ``max(0, ||batch||^2 - B epsilon)`` (``'batch'``, the seed's code). ``epsilon``: one number, or
+    one per sample ``(B,)`` (then ``'batch'`` compares with their sum). Returns a scalar."""
     sq = squared_norm(delta)
     if scope == "batch":
-        return torch.relu(sq.sum() - epsilon * delta.shape[0])
+        total = epsilon.sum() if isinstance(epsilon, torch.Tensor) else epsilon * delta.shape[0]
+        return torch.relu(sq.sum() - total)
     return torch.relu(sq - epsilon).mean()
 
 
@@ -118,6 +125,22 @@ def relative_radius(batch: Batch, rel: float, domain: str) -> torch.Tensor:
     if not (isinstance(rel, (int, float)) and math.isfinite(rel) and rel >= 0):
         raise ValueError(f"relative budget {rel!r}: must be a finite number >= 0")
     return rel * reference_norm(batch, domain)
+
+
+def budget_per_slice(batch: Batch, budget: float, domain: str) -> float | torch.Tensor:
+    """The largest ``||delta||^2`` an absolute budget ``budget`` (at the batch's crop ``(h, w)``) allows.
+
+    ``'image'``: ``budget`` itself, the number (so the image path computes exactly what it did).
+    ``'kspace'``: ``(budget / (h w)) * ||y||^2`` per slice ``(B,)``, on the k-space's device, with ``y``
+    the sampled k-space (:func:`reference_norm`): the relative energy ``||delta||^2 / ||y||^2 = budget
+    / (h w)`` (:func:`mriadv.units.relative_energy`), which neither the crop nor the normalisation
+    changes for a budget scaled from 320x320 by :func:`mriadv.units.scale_epsilon`.
+    """
+    if domain == "image":
+        return budget
+    if domain == "kspace":
+        return relative_energy(budget, batch.crop) * reference_norm(batch, domain).pow(2)
+    raise ValueError(f"unknown perturbation domain {domain!r}; expected one of {DOMAINS}")
 
 
 def relative_size(delta: torch.Tensor, batch: Batch, domain: str) -> torch.Tensor:
@@ -195,6 +218,7 @@ __all__ = [
     "RANDOM_STARTS",
     "apply_perturbation",
     "broadcast_per_sample",
+    "budget_per_slice",
     "hinge",
     "perturbation_shape",
     "project_l2",

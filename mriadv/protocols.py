@@ -34,8 +34,10 @@ class Protocol:
     ``attacks``: names from :data:`PROTOCOL_ATTACKS` (``noise_kspace``: Gaussian noise on the acquired
     k-space columns; ``generator``: the model's own generator, skipped for a model without one).
     ``budgets_ref``: absolute budgets ``||delta||^2`` at 320x320, scaled to the model's crop at equal
-    per-pixel RMS; ``rel_budgets``: relative budgets ``||delta|| / ||ref||`` per slice, against the
-    sampled k-space for k-space attacks and the input image for image attacks
+    per-pixel RMS (for a k-space attack the relative energy ``||delta||^2 / ||y||^2 = budget_ref /
+    320^2`` per slice, the same at every crop, :func:`mriadv.perturbations.budget_per_slice`);
+    ``rel_budgets``: relative budgets ``||delta|| / ||ref||`` per slice, against the sampled k-space
+    for k-space attacks and the input image for image attacks
     (:func:`mriadv.perturbations.relative_radius`). The PGD fields are those of
     :class:`mriadv.attacks.PGDAttack` (``random_start``: ``None``, ``'uniform'`` or ``'gaussian'``).
     ``source``: what the protocol follows, with the facts taken from it; ``differences``: where it
@@ -77,7 +79,8 @@ class Protocol:
         return any(a in KSPACE_ATTACKS for a in self.attacks)
 
     def budgets_at(self, crop_size: int) -> tuple[float, ...]:
-        """The absolute budgets at ``crop_size`` (:func:`mriadv.units.scale_epsilon`)."""
+        """The absolute budgets at ``crop_size`` (:func:`mriadv.units.scale_epsilon`); the attacks turn
+        them into per-slice k-space budgets themselves (:func:`mriadv.perturbations.budget_per_slice`)."""
         return tuple(scale_epsilon(b, crop_size) for b in self.budgets_ref)
 
     def build(

@@ -7,6 +7,23 @@ is a larger per-pixel perturbation on a smaller crop, so a budget moves between 
 per-pixel RMS ``sqrt(epsilon / (H W))``: :func:`scale_epsilon` (320x320 -> crop) and
 :func:`to_reference` (crop -> 320x320) are the one conversion, each way. Metric names carry the
 320x320 budget (``rob_pgd_e5000_nmse``), so one study space gives the same names on every profile.
+
+What a budget ``epsilon`` at crop ``c`` bounds depends on the perturbation's domain:
+
+* image: ``||delta||^2 <= epsilon`` on the z-scored ``c x c`` input (``||x~||^2 ~ c^2``), a relative
+  size ``||delta|| / ||x~|| ~ sqrt(epsilon / c^2)``;
+* k-space: the same *relative* energy of the slice's sampled k-space ``y`` (the normalised masked
+  k-space): ``||delta||^2 <= (epsilon / c^2) ||y||^2`` per slice, i.e. ``||delta|| / ||y|| <=
+  sqrt(epsilon / c^2)``. A k-space perturbation spreads over the whole k-space grid (fastMRI:
+  640 x 368), which does not shrink with the crop, and ``y`` is normalised by the *cropped* image's
+  std, so an absolute ``||delta||^2`` would mean a different raw energy at every crop; the ratio
+  ``||delta||^2 / ||y||^2`` does not depend on the normalisation, and ``epsilon / c^2 =
+  epsilon_ref / 320^2`` (:func:`relative_energy`), so one budget gives the same relative k-space
+  energy on every crop and data set (Krainovic, Soltanolkotabi & Heckel, NeurIPS 2023, also give
+  k-space budgets relative to ``||y||``).
+
+:func:`epsilon_rms` ``= sqrt(epsilon / c^2)`` is therefore the per-pixel RMS of an image budget and,
+for a k-space run, the relative size ``||delta|| / ||y||`` of its perturbation.
 """
 
 from __future__ import annotations
@@ -28,9 +45,20 @@ def to_reference(budget: float, crop_size: int, reference: int = REFERENCE_CROP)
     return round(budget * reference * reference / (crop_size * crop_size), 6)
 
 
+def relative_energy(epsilon: float, crop: int | tuple[int, int]) -> float:
+    """``epsilon / (h w)``: the energy of a budget ``epsilon`` at crop ``crop`` (a side, or ``(h, w)``)
+    relative to a z-scored image of that crop, the same at every crop for a budget moved by
+    :func:`scale_epsilon` (``epsilon_ref / 320^2``). A k-space perturbation at budget ``epsilon`` has
+    ``||delta||^2 <= relative_energy(epsilon, crop) * ||y||^2`` per slice (see the module docstring)."""
+    h, w = (crop, crop) if isinstance(crop, int) else crop
+    return epsilon / (h * w)
+
+
 def epsilon_rms(epsilon: float, crop_size: int) -> float:
-    """Per-pixel RMS of a perturbation with squared norm ``epsilon`` on a ``crop_size``^2 image."""
-    return math.sqrt(epsilon / (crop_size * crop_size))
+    """``sqrt(epsilon / crop_size^2)``: the per-pixel RMS of an image perturbation with squared norm
+    ``epsilon`` on a ``crop_size``^2 image, and the relative size ``||delta|| / ||y||`` of a k-space
+    perturbation at budget ``epsilon`` (:func:`relative_energy`)."""
+    return math.sqrt(relative_energy(epsilon, crop_size))
 
 
 def crop_of(values: Mapping[str, Any]) -> int:
@@ -114,6 +142,7 @@ __all__ = [
     "crop_of",
     "epsilon_rms",
     "instability_flat",
+    "relative_energy",
     "robust_flat",
     "robust_key",
     "scale_epsilon",
