@@ -31,7 +31,7 @@ from mriadv.data.transforms import Batch
 from mriadv.losses import make_loss
 from mriadv.models import ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex, kspace_features
 from mriadv.models.utils import frozen
-from mriadv.perturbations import apply_perturbation, hinge, project_l2, restrict, squared_norm
+from mriadv.perturbations import apply_perturbation, budget_per_slice, hinge, project_l2, restrict, squared_norm
 from mriadv.runtime import Runtime
 
 GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
@@ -52,7 +52,9 @@ class NonFiniteLoss(RuntimeError):
 # models
 # ---------------------------------------------------------------------------------------------
 def build_reconstructor(cfg: TrainConfig) -> UNet:
-    return UNet(1, 1, cfg.unet_chans, cfg.unet_pools, cfg.unet_activation, cfg.unet_pooling, cfg.unet_norm)
+    return UNet(
+        1, 1, cfg.unet_chans, cfg.unet_pools, cfg.unet_activation, cfg.unet_pooling, cfg.unet_norm, cfg.residual
+    )
 
 
 def build_generator(cfg: TrainConfig, kspace_shape: tuple[int, int] | None = None) -> nn.Module | None:
@@ -168,8 +170,8 @@ class Trainer:
                     delta = delta * batch.mask[:, None, :].to(delta.real.dtype)  # type: ignore[index]
         if cfg.gen_scale == "budget":
             delta = delta * self.output_scale(batch, delta)
-        if cfg.project:
-            delta = project_l2(delta, cfg.epsilon, cfg.epsilon_scope)
+        if cfg.project:  # k-space: per slice, (epsilon / (h w)) ||y||^2 (budget_per_slice)
+            delta = project_l2(delta, budget_per_slice(batch, cfg.epsilon, cfg.perturbation), cfg.epsilon_scope)
         return delta
 
     def output_scale(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
@@ -178,7 +180,8 @@ class Trainer:
         ``a = sqrt(GEN_HEADROOM * epsilon / n)`` with ``n`` the real components it may fill (image:
         ``h * w``; k-space: ``2 * H * acquired columns`` of each slice, or ``2 * H * W``). A DCGAN's
         tanh starts near RMS 0.5, so ``||G(z)||^2`` starts near ``0.25 * 2 = 0.5`` epsilon: inside the
-        budget, whatever the crop, instead of tens of times above it (the seed fixes no scale)."""
+        budget, whatever the crop, instead of tens of times above it (the seed fixes no scale). In k-space
+        ``epsilon`` is each slice's budget ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`)."""
         b = delta.shape[0]
         if delta.is_complex():
             cols = (
@@ -189,7 +192,8 @@ class Trainer:
             n = 2.0 * delta.shape[-2] * cols.to(delta.device)
         else:
             n = torch.full((b,), float(delta[0].numel()), device=delta.device)
-        scale = torch.sqrt(GEN_HEADROOM * self.cfg.epsilon / n.clamp_min(1.0))
+        budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)  # a number, or (B,) in k-space
+        scale = torch.sqrt(GEN_HEADROOM * budget / n.clamp_min(1.0))
         return scale.view(-1, *([1] * (delta.ndim - 1))).to(delta.real.dtype)
 
     def perturbed_input(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,7 @@ class Trainer:
         with frozen(self.recon):
             delta = self.perturbation(batch, z)
             adv = self._loss(self.perturbed_input(batch, delta), batch.target)
-            penalty = hinge(delta, cfg.epsilon, cfg.epsilon_scope)
+            penalty = hinge(delta, budget_per_slice(batch, cfg.epsilon, cfg.perturbation), cfg.epsilon_scope)
             objective = cfg.lambda1 * adv - cfg.lambda2 * penalty
             self.opt_gen.zero_grad(set_to_none=True)
             (-objective).backward()  # ascent
@@ -235,9 +239,9 @@ class Trainer:
         return {"recon_loss": total.detach(), "clean_loss": clean.detach(), "pert_loss": pert.detach()}
 
     def attack_perturbation(self, batch: Batch) -> torch.Tensor:
-        """delta for ``adversary='pgd'``: ``adv_steps`` of L2 PGD at the training budget against the
-        current reconstructor (in eval mode, so batch-norm statistics see only the update's batch),
-        in the perturbation's domain (Madry et al. 2018)."""
+        """delta for ``adversary='pgd'``: ``adv_steps`` of L2 PGD at the training budget (in k-space per
+        slice, :func:`budget_per_slice`) against the current reconstructor (in eval mode, so batch-norm
+        statistics see only the update's batch), in the perturbation's domain (Madry et al. 2018)."""
         cfg = self.cfg
         pgd = PGDAttack(
             cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
@@ -248,7 +252,8 @@ class Trainer:
     def noise_perturbation(self, batch: Batch) -> torch.Tensor:
         """delta for ``adversary='noise'`` (jittering): Gaussian noise from the trainer's own seeded
         generator, per image on the sphere ``||delta||^2 = epsilon`` (``noise_mode='norm'``) or
-        i.i.d. with ``sigma^2 = epsilon / n`` over the ``n`` real components it fills (``'sigma'``)."""
+        i.i.d. with ``sigma^2 = epsilon / n`` over the ``n`` real components it fills (``'sigma'``); in
+        k-space ``epsilon`` is each slice's ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`)."""
         cfg = self.cfg
         if cfg.perturbation == "image":
             delta = torch.randn(batch.image.shape, generator=self.noise_rng).to(batch.image.device)
@@ -260,7 +265,8 @@ class Trainer:
             delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
         view = (-1, *([1] * (delta.ndim - 1)))
         if cfg.noise_mode == "norm":
-            return delta * (cfg.epsilon / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
+            budget = budget_per_slice(batch, cfg.epsilon, cfg.perturbation)
+            return delta * (budget / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
         return delta * (self.output_scale(batch, delta) / GEN_HEADROOM**0.5)  # sqrt(eps / n) per real component
 
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -276,7 +282,8 @@ class Trainer:
             stats = self.reconstructor_step(batch, delta.detach())
             sq = squared_norm(delta.detach())
             stats["delta_sq"] = sq.mean()
-            stats["over_budget"] = (sq > self.cfg.epsilon * (1 + 1e-4)).float().mean()
+            budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)  # a number, or (B,)
+            stats["over_budget"] = (sq > budget * (1 + 1e-4)).float().mean()
         elif self.generator is None:
             stats = self.reconstructor_step(batch, None)
         else:
@@ -288,7 +295,10 @@ class Trainer:
             stats |= self.reconstructor_step(batch, delta)
             sq = squared_norm(delta)
             stats["delta_sq"] = sq.mean()
-            stats["over_budget"] = (sq > self.cfg.epsilon).float().mean()  # share of images outside the ball
+            # share of images outside the ball; a per-slice k-space budget is met only up to rounding
+            budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)
+            tol = 1.0 if self.cfg.perturbation == "image" else 1 + 1e-4
+            stats["over_budget"] = (sq > budget * tol).float().mean()
         keys = list(stats)
         values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()
         out = dict(zip(keys, values))

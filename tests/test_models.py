@@ -90,3 +90,50 @@ def test_frozen_blocks_parameter_gradients_and_restores_each_flag():
             raise RuntimeError("inside")
     assert [p.requires_grad for p in net.parameters()] == flags  # restored, also after an exception
     assert x.grad is not None and all(p.grad is None for p in net.parameters())
+
+
+def _zero_last_conv(net: UNet) -> None:
+    last = net.head[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (37, 53)])
+def test_residual_unet_returns_its_input_when_the_correction_is_zero(size):
+    torch.manual_seed(0)
+    net = UNet(chans=4, num_pools=2, residual=True)
+    _zero_last_conv(net)
+    x = torch.randn(2, 1, *size)
+    assert torch.equal(net(x), x)
+    plain = UNet(chans=4, num_pools=2)
+    _zero_last_conv(plain)
+    assert torch.equal(plain(x), torch.zeros_like(x))  # residual=False: unchanged, no input added
+
+
+def test_residual_unet_has_the_plain_state_dict_and_adds_the_input():
+    torch.manual_seed(0)
+    plain = UNet(chans=4, num_pools=2)
+    residual = UNet(chans=4, num_pools=2, residual=True)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in residual.state_dict().items()}
+    residual.load_state_dict(plain.state_dict())  # strict: the same keys
+    x = torch.randn(2, 1, 24, 24)
+    torch.testing.assert_close(residual(x), x + plain(x))
+    with pytest.raises(ValueError, match="residual"):
+        UNet(2, 1, chans=4, num_pools=1, residual=True)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_build_reconstructor_follows_cfg_residual_and_round_trips(residual, tmp_path):
+    from mriadv.config import TrainConfig, get_profile
+    from mriadv.trainer import build_reconstructor
+
+    cfg = get_profile("smoke").config(residual=residual)
+    net = build_reconstructor(cfg)
+    assert net.residual is residual
+    torch.save({"config": cfg.to_dict(), "state": net.state_dict()}, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    again = build_reconstructor(TrainConfig.from_dict(saved["config"]))
+    again.load_state_dict(saved["state"])
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert again.residual is residual and torch.equal(net.eval()(x), again.eval()(x))

@@ -37,7 +37,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -147,14 +147,20 @@ class SyntheticVolume:
     patient_id: str
 
 
-def synthesize_volume(spec: SyntheticSpec, split: int, index: int) -> SyntheticVolume:
-    """Draw volume ``index`` of split ``split`` (0 train, 1 val); deterministic for its arguments."""
+def synthesize_volume(
+    spec: SyntheticSpec, split: int, index: int, anatomy: Callable[..., np.ndarray] = knee_magnitude
+) -> SyntheticVolume:
+    """Draw volume ``index`` of split ``split`` (0 train, 1 val); deterministic for its arguments.
+
+    ``anatomy(rng, crop, (H, W), slices, fat_suppressed)`` draws the noise-free magnitude ``(S, H, W)``
+    in ~0..1 (default: the knee of :func:`~mriadv.data.phantom.knee_magnitude`; another phantom gives
+    another anatomy under the same scanner effects, e.g. ``benchmarks/recipe_check.py``'s head)."""
     geom = geometry(spec.size)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, split, index]))
     acquisition = ACQUISITIONS[index % 2]
     fat_suppressed = acquisition == "CORPDFS_FBK"
     grid = (geom.height, geom.width)
-    magnitude = knee_magnitude(rng, geom.crop, grid, spec.slices, fat_suppressed)  # (S, H, W)
+    magnitude = anatomy(rng, geom.crop, grid, spec.slices, fat_suppressed)  # (S, H, W)
 
     # Scanner effects in pixel coordinates (they do not move with the anatomy).
     px = 2.0 / geom.crop

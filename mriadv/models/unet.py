@@ -7,6 +7,10 @@ instead of a 2x2 kernel), concatenation with the skip connection and a block; at
 convolutions down to one channel. The seed's report uses 64 channels,
 5 pool levels, PReLU, average pooling and instance norm (its published code used batch norm and
 transposed-convolution upsampling; ``norm='batch'`` offers the former).
+
+With ``residual=True`` the network predicts a correction to its own input, ``x + f(x)`` (the same
+layers and state-dict keys; only the forward adds the input back), so it starts from the zero-filled
+image instead of from near zero and its first updates refine rather than rebuild it.
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ class UNet(nn.Module):
         activation: ``'prelu'`` (seed), ``'relu'`` or ``'leakyrelu'``.
         pooling: ``'avg'`` (seed) or ``'max'``.
         norm: ``'instance'`` (seed's report) or ``'batch'`` (seed's code).
+        residual: return ``x + f(x)``, a correction added to the input (needs ``in_chans == out_chans``);
+            the parameters are those of the plain network, so a state dict loads into either.
     """
 
     def __init__(
@@ -155,10 +161,14 @@ class UNet(nn.Module):
         activation: str = "prelu",
         pooling: str = "avg",
         norm: str = "instance",
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if chans < 1 or num_pools < 0:
             raise ValueError(f"chans must be >= 1 and num_pools >= 0, got chans={chans}, num_pools={num_pools}")
+        if residual and in_chans != out_chans:
+            raise ValueError(f"residual needs in_chans == out_chans, got {in_chans} and {out_chans}")
+        self.residual = residual
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.num_pools = num_pools
@@ -178,9 +188,13 @@ class UNet(nn.Module):
             nn.Conv2d(widths[0], half, 1), make_activation(activation), nn.Conv2d(half, out_chans, 1)
         )
 
+    def extra_repr(self) -> str:
+        return "residual=True" if self.residual else ""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"UNet expects (B, C, H, W), got shape {tuple(x.shape)}")
+        inputs = x
         H, W = x.shape[-2:]
         m = 2**self.num_pools
         pad_h, pad_w = (-H) % m, (-W) % m
@@ -200,4 +214,4 @@ class UNet(nn.Module):
         x = self.head(x)
         if pad_h or pad_w:
             x = x[..., pad_h // 2 : pad_h // 2 + H, pad_w // 2 : pad_w // 2 + W]
-        return x
+        return inputs + x if self.residual else x
