@@ -136,7 +136,10 @@ def assess(
     try:
         payload = load_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - not a checkpoint, a truncated file, a foreign pickle
-        raise ConfigError(f"{path}: cannot load ({str(exc).splitlines()[0]})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]  # an empty file raises an EOFError without a message
+        raise ConfigError(
+            f"{path}: not a readable mriadv checkpoint ({type(exc).__name__}: {first or 'empty'})"
+        ) from exc
     if budgets is not None and budgets_ref is not None:
         raise ConfigError("give attack budgets at the crop or at 320x320 (budgets_ref), not both")
     if budgets_ref is not None:

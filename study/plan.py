@@ -79,6 +79,9 @@ def plan_study(args: argparse.Namespace) -> Plan:
     A new study's folder and ``study.json`` are written here; a resumed study's settings are read."""
     space = study_space(args)
     results = args.results.resolve()
+    for folder in (results, *results.parents):  # a file where a folder must be: one line, not a traceback
+        if folder.exists() and not folder.is_dir():
+            raise Refused(f"--results {args.results}: {folder} is a file, not a folder")
     name = args.name or space.name
     study_dir = results / name
     resuming = (study_dir / TUNER_FILE).is_file() and (study_dir / STATE_FILE).is_file()

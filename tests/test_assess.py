@@ -91,8 +91,11 @@ def test_bad_input_is_named(run, tmp_path, capsys):
     with pytest.raises(ConfigError, match="holds no best.pt or checkpoint.pt"):
         assess(tmp_path)
     (tmp_path / "x.pt").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="x.pt: cannot load"):
+    with pytest.raises(ConfigError, match="x.pt: not a readable mriadv checkpoint"):
         assess(tmp_path / "x.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")  # an EOFError without a message once ended in an IndexError
+    assert main([str(tmp_path / "empty.pt")]) == 2
+    assert "empty.pt: not a readable mriadv checkpoint (EOFError: empty)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not both"):
         assess(out, budgets=[1.0], budgets_ref=[1.0])
     with pytest.raises(ConfigError, match="pgd_steps"):

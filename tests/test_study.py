@@ -242,6 +242,14 @@ def test_runner_imports_ray_only_when_it_starts_it():
     assert out.stdout.strip() == "False"
 
 
+def test_results_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for results in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        out = run_study("--space", "eps_sweep", "--profile", "smoke", "--results", results, cwd=tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip() == f"error: --results {results}: {tmp_path / 'afile'} is a file, not a folder"
+
+
 def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
     t0 = time.monotonic()
     out = run_study(
