@@ -297,7 +297,8 @@ class Trainer:
             stats["delta_sq"] = sq.mean()
             # share of images outside the ball; a per-slice k-space budget is met only up to rounding
             budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)
-            tol = 1.0 if self.cfg.perturbation == "image" else 1 + 1e-4
+            projected = self.cfg.project or self.cfg.perturbation != "image"  # on the sphere up to rounding
+            tol = 1 + 1e-4 if projected else 1.0
             stats["over_budget"] = (sq > budget * tol).float().mean()
         keys = list(stats)
         values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()

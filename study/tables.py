@@ -218,8 +218,12 @@ class ResultsLog:
         if not self._events:
             return
         text = "".join(json.dumps(e, allow_nan=True, default=str) + "\n" for e in self._events)
-        with open(self.journal, "a") as f:
-            f.write(text)
+        with open(self.journal, "a+b") as f:
+            if f.tell() > 0:  # a line torn by a kill: start on a fresh line, or this event is glued to it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode())
             f.flush()
         self._events.clear()
 

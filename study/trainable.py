@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from mriadv.atomic import atomic_write
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import TrainConfig
 from mriadv.fit import PREVIEW_NAME, fit
@@ -109,12 +110,14 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             best.replay([EpochRecord.from_dict(r) for r in state["history"]])
 
         def on_epoch(record: EpochRecord, ckpt: Path | None) -> None:
-            if record.is_best and (work / BEST_NAME).is_file():
-                shutil.copy2(work / BEST_NAME, trial_dir / BEST_CHECKPOINT)
+            if record.is_best and (work / BEST_NAME).is_file():  # whole or not at all: a kill mid-copy
+                with atomic_write(trial_dir / BEST_CHECKPOINT) as tmp:  # left a truncated best.pt
+                    shutil.copy2(work / BEST_NAME, tmp)
             best_values = best.update(record)
             board.log_epoch(record, {m: best_values[f"best_{m}"] for m in best.metrics}, work / PREVIEW_NAME)
             if (work / PREVIEW_NAME).is_file():
-                shutil.copy2(work / PREVIEW_NAME, trial_dir / PREVIEW_NAME)
+                with atomic_write(trial_dir / PREVIEW_NAME) as tmp:
+                    shutil.copy2(work / PREVIEW_NAME, tmp)
             metrics = tune_result(
                 {**hp, **record.flat(), **best_values, "start_epoch": start_epoch, "node_id": node_id},
                 ctx.objective_metrics,

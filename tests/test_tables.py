@@ -119,6 +119,25 @@ def test_a_journal_that_outlived_its_rewrite_and_a_cut_last_line(tmp_path):
     assert ResultsLog(folder).replayed == journal.count("\n")
 
 
+def test_an_event_appended_after_a_torn_line_is_kept(tmp_path):
+    """A driver killed mid-append leaves a torn last line; the next driver's events start on a line of
+    their own, so the torn line is skipped and nothing after it is lost."""
+    folder = tmp_path / "study"
+    log = ResultsLog(folder)
+    log.set_params("a", {"epsilon": 0.0})
+    log.add_result("a", result(1, 0.5))
+    log.commit()
+    with open(folder / JOURNAL_FILE, "a") as f:
+        f.write('{"kind": "row", "trial_id": "a", "ep')  # the kill
+    resumed = ResultsLog(folder)
+    resumed.add_result("a", result(2, 0.4))
+    resumed.commit()
+    lines = (folder / JOURNAL_FILE).read_text().splitlines()
+    assert lines[-2] == '{"kind": "row", "trial_id": "a", "ep' and json.loads(lines[-1])["kind"] == "row"
+    trials, _ = load_tables(folder)
+    assert list(trials.sort_values("epoch")["val_nmse"]) == [0.5, 0.4]
+
+
 def test_empty_folder_reads_as_empty_tables(tmp_path):
     trials, robust = load_tables(tmp_path)
     assert trials.empty and robust.empty

@@ -490,3 +490,22 @@ def test_instabilities_are_recorded_each_epoch_and_held_out(synthetic_root):
     assert flat["zf_report_sampling_r2_nmse"] < flat["zf_report_sampling_r8_nmse"]
     off = fit(TrainConfig.from_dict({"instabilities": False}, base=cfg), log=None).history[-1]
     assert np.isnan(off.feature_fnr) and "report_feature_random_fnr" not in off.flat()
+
+
+@pytest.mark.parametrize("domain", ["image", "kspace"])
+def test_a_projected_generator_is_never_counted_over_its_budget(synthetic_root, domain):
+    """project=true puts G(z) on the epsilon-ball's sphere when it starts outside it: rounding there
+    is not 'outside the ball' (over_budget read about 0.5 before a tolerance was used)."""
+    cfg = smoke_cfg(
+        synthetic_root,
+        project=True,
+        gen_scale="unit",  # a raw tanh output, far outside the ball: every image is projected
+        perturbation=domain,
+        batch_size=4,
+        max_epochs=2,
+        attacks=("noise",),
+        train_eval_volumes=0,
+        instabilities=False,
+    )
+    history = fit(cfg, log=None).history  # 24 projected images: rounding put about a quarter above
+    assert all(r.over_budget == 0.0 and r.delta_sq > 0 for r in history)
