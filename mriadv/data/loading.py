@@ -74,6 +74,8 @@ class Data:
         return torch.utils.data.DataLoader(
             StreamDataset(self.train),
             batch_sampler=sampler,
+            # the workers' base seed from a generator of the run's own, not from torch's global one
+            generator=torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate,
