@@ -137,7 +137,16 @@ def test_status_table_shows_progress_and_time_left():
     reporter.setup()
     assert reporter.should_report([]) is False  # the first step: nothing ran before this driver
     trials = [
-        trial("aaaa0001", 0, "TERMINATED", epoch=3, val_nmse=0.5, epoch_status="early_stopped"),
+        trial(
+            "aaaa0001",
+            0,
+            "TERMINATED",
+            epoch=3,
+            val_nmse=0.5,
+            epoch_status="early_stopped",
+            report_vs_input="worse",
+            report_vs_input_ratio=2.034,
+        ),
         trial("aaaa0002", 1000, "RUNNING", epoch=2, val_nmse=float("nan")),
         trial("aaaa0003", 5000, "PENDING"),
     ]
@@ -147,7 +156,7 @@ def test_status_table_shows_progress_and_time_left():
         "== study eps_sweep: 4 trials (1 early_stopped, 1 RUNNING, 1 PENDING, 1 not started) | "
         "0:00:50 elapsed, at most ~0:01:40 left =="
     )
-    assert lines[1].split() == ["trial", "epsilon", "status", "epoch", "val_nmse"]
-    assert lines[2].split() == ["aaaa0001", "0", "early_stopped", "3/4", "0.5"]
-    assert lines[3].split() == ["aaaa0002", "1000", "RUNNING", "2/4", "-"]
-    assert lines[4].split() == ["aaaa0003", "5000", "PENDING", "-/4", "-"]
+    assert lines[1].split() == ["trial", "epsilon", "status", "epoch", "val_nmse", "vs", "input"]
+    assert lines[2].split() == ["aaaa0001", "0", "early_stopped", "3/4", "0.5", "WORSE", "2.03x"]
+    assert lines[3].split() == ["aaaa0002", "1000", "RUNNING", "2/4", "-", "-"]
+    assert lines[4].split() == ["aaaa0003", "5000", "PENDING", "-/4", "-", "-"]
