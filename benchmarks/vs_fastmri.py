@@ -61,6 +61,11 @@ Usage::
     python benchmarks/vs_fastmri.py                     # demo profile: 6 epochs x 120 steps
     python benchmarks/vs_fastmri.py --steps 120 --threads 0     # torch's default threads (a quiet machine)
     python benchmarks/vs_fastmri.py --profile smoke     # seconds: a check that it runs
+    python benchmarks/vs_fastmri.py --data FOLDER --set residual=true   # the project's model, changed
+
+Steps: by default the profile's updates on the folder as ``fit`` counts them (``steps_per_epoch`` x
+``max_epochs``; demo: 720 whatever the folder's size), both models fed ``fit``'s own training batches
+(``Data.train_loader``: a smaller training set cycled, a larger one sampled).
 
 The last line is ``ratios: nmse <mriadv / fastMRI> step_time <mriadv / fastMRI>``.
 """
@@ -85,7 +90,7 @@ from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
-from mriadv.train import DEFAULT_RESULTS  # noqa: E402
+from mriadv.train import DEFAULT_RESULTS, parse_value  # noqa: E402
 from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
@@ -220,28 +225,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (default: 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field of the project's model (e.g. residual=true); fastMRI's recipe is fixed",
+    )
     args = parser.parse_args(argv)
     Unet, Metrics, METRIC_FUNCS, UnetDataTransform = import_fastmri()
 
     profile = get_profile(args.profile)
     folder = args.data if args.data is not None else synthetic_data(profile, args.results)
     # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
+    sets: dict[str, object] = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        sets[key.strip()] = parse_value(value, key.strip())
     cfg = profile.config(
-        epsilon=0.0,
-        data=str(folder),
-        device=args.device,
-        threads=args.threads or None,
-        seed=args.seed,
-        report_fraction=0.0,
-        train_eval_volumes=0,
+        **{
+            "epsilon": 0.0,
+            "data": str(folder),
+            "device": args.device,
+            "threads": args.threads or None,
+            "seed": args.seed,
+            "report_fraction": 0.0,
+            "train_eval_volumes": 0,
+            **sets,
+        }
     )
     rt = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     seed_everything(cfg.seed)
     data = build_data(cfg, rt)
-    steps_per_epoch = len(data.loader(data.train, shuffle=True))
-    if cfg.max_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
-    steps = args.steps if args.steps is not None else steps_per_epoch * cfg.max_epochs
+    clock = data.clock(cfg)  # the profile's updates on this folder, as fit() makes them (demo: 6 x 120)
+    steps_per_epoch = clock.steps_per_epoch
+    steps = args.steps if args.steps is not None else clock.total_steps
     if steps < 1 or args.warmup < 0 or args.warmup >= steps:
         parser.error("--steps must be >= 1 and 0 <= --warmup < steps")
 
@@ -276,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         f"mriadv:  UNet {cfg.unet_chans}/{cfg.unet_pools} ({count(ours.recon) / 1e6:.3f} M params, "
         f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {args.profile}: "
         f"{cfg.loss.upper()}, AdamW lr {cfg.lr_recon:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} schedule"
+        + (", residual (x + f(x))" if cfg.residual else "")
     )
     d_input, d_target, clipped = transform_parity(data, cfg, UnetDataTransform)
     print(
@@ -306,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start, usage = time.perf_counter(), cpu_seconds()
     step, epoch = 0, 0
     while step < steps:
-        for i, batch in enumerate(data.loader(data.train, shuffle=True, epoch=epoch)):
-            if step >= steps or i >= steps_per_epoch:
+        for batch in data.train_loader(epoch, steps_per_epoch):  # fit()'s batches: cycled or sampled
+            if step >= steps:
                 break
             batch = batch.to(rt.device)
             order = ("mriadv", "fastMRI") if step % 2 == 0 else ("fastMRI", "mriadv")

@@ -124,16 +124,20 @@ def test_residual_unet_has_the_plain_state_dict_and_adds_the_input():
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_build_reconstructor_follows_cfg_residual_and_round_trips(residual, tmp_path):
+    from mriadv.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from mriadv.config import TrainConfig, get_profile
     from mriadv.trainer import build_reconstructor
 
     cfg = get_profile("smoke").config(residual=residual)
     net = build_reconstructor(cfg)
     assert net.residual is residual
-    torch.save({"config": cfg.to_dict(), "state": net.state_dict()}, tmp_path / "m.pt")
-    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, make_checkpoint(cfg.to_dict(), 1, "completed", {"recon": net.state_dict()}, None))
+    saved = load_checkpoint(path)
     again = build_reconstructor(TrainConfig.from_dict(saved["config"]))
-    again.load_state_dict(saved["state"])
+    again.load_state_dict(saved["networks"]["recon"])
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert again.residual is residual and torch.equal(net.eval()(x), again.eval()(x))
+    old = {k: v for k, v in cfg.to_dict().items() if k != "residual"}  # a checkpoint from before the field
+    assert build_reconstructor(TrainConfig.from_dict(old)).residual is False
