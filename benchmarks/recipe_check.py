@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,8 +45,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mriadv.data.phantom import knee_magnitude, slice_positions  # noqa: E402
-from mriadv.data.synthetic import SyntheticSpec, ensure, split_file_names, synthesize_volume, write_volume  # noqa: E402
-from mriadv.train import DEFAULT_RESULTS, parse_value  # noqa: E402
+from mriadv.data.synthetic import SyntheticSpec, ensure, generate  # noqa: E402
+from mriadv.config import ConfigError  # noqa: E402
+from mriadv.train import DEFAULT_RESULTS, parse_sets  # noqa: E402
 
 TARGET_RATIO, TARGET_MINUTES = 0.7, 3.0
 FOLDER_VERSION = 1  # bump when head_magnitude or blurred change what they draw
@@ -173,20 +171,7 @@ def make_folder(name: str, results: Path) -> Path:
         if not marker.is_file() or json.loads(marker.read_text()) != manifest:
             raise SystemExit(f"{out} holds something else than {manifest}; delete it")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        for split_index, (split, names) in enumerate(split_file_names(spec).items()):
-            (tmp / split).mkdir()
-            for index, file_name in enumerate(names):
-                write_volume(tmp / split / file_name, synthesize_volume(spec, split_index, index, draw))
-        (tmp / marker.name).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return generate(out, spec, draw, (marker.name, json.dumps(manifest, indent=2, sort_keys=True) + "\n"))
 
 
 def run_one(folder: Path, sets: dict[str, Any], threads: int, seed: int, results: Path) -> dict[str, Any]:
@@ -240,12 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--make-only", action="store_true", help="write the folders and stop")
     args = parser.parse_args(argv)
-    sets: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        sets[key.strip()] = parse_value(value, key.strip())
+    try:
+        sets = parse_sets(args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
     if args.residual:
         sets["residual"] = True
     folders = {name: make_folder(name, args.results) for name in args.folders}

@@ -90,7 +90,8 @@ from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
-from mriadv.train import DEFAULT_RESULTS, parse_value  # noqa: E402
+from mriadv.config import ConfigError  # noqa: E402
+from mriadv.train import DEFAULT_RESULTS, parse_sets  # noqa: E402
 from mriadv.trainer import Trainer  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
@@ -238,12 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = get_profile(args.profile)
     folder = args.data if args.data is not None else synthetic_data(profile, args.results)
     # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
-    sets: dict[str, object] = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        sets[key.strip()] = parse_value(value, key.strip())
+    try:
+        sets = parse_sets(args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
     cfg = profile.config(
         **{
             "epsilon": 0.0,

@@ -61,14 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Profile]:
-    profile = get_profile(args.profile or default_profile())
-    overrides: dict[str, Any] = dict(profile.overrides)
-    for item in args.set:
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as config values (:func:`parse_value`); a malformed one raises
+    :class:`ConfigError` naming it."""
+    out: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value, key.strip())
+        out[key.strip()] = parse_value(value, key.strip())
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Profile]:
+    profile = get_profile(args.profile or default_profile())
+    overrides: dict[str, Any] = {**profile.overrides, **parse_sets(args.set)}
     if args.epsilon is not None and args.epsilon_ref is not None:
         raise ConfigError("give --epsilon or --epsilon-ref, not both")
     if args.epsilon is not None:

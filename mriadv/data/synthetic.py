@@ -268,8 +268,16 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+def generate(
+    out_dir: str | os.PathLike,
+    spec: SyntheticSpec = SyntheticSpec(),
+    anatomy: Callable[..., np.ndarray] = knee_magnitude,
+    marker: tuple[str, str] | None = None,
+) -> Path:
     """Write the dataset of ``spec`` to ``out_dir`` and return its path.
+
+    ``anatomy``: the phantom (:func:`synthesize_volume`); ``marker``: ``(file name, text)`` of one more
+    file written into the folder with the rest (a caller's own description of what it holds).
 
     The files are written into a temporary sibling folder that is renamed to ``out_dir`` at the end,
     so an interrupted run leaves no partial dataset. Raises ``FileExistsError`` if ``out_dir``
@@ -284,8 +292,10 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec()) 
         for split_index, (split, names) in enumerate(split_file_names(spec).items()):
             (tmp / split).mkdir()
             for index, name in enumerate(names):
-                write_volume(tmp / split / name, synthesize_volume(spec, split_index, index))
+                write_volume(tmp / split / name, synthesize_volume(spec, split_index, index, anatomy))
         (tmp / MANIFEST).write_text(json.dumps(_manifest(spec), indent=2, sort_keys=True) + "\n")
+        if marker is not None:
+            (tmp / marker[0]).write_text(marker[1])
         tmp.chmod(0o755)
         try:
             os.rename(tmp, out)  # atomic; replaces an empty folder, fails on a non-empty one
