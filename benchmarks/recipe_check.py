@@ -26,6 +26,8 @@ Usage::
     python benchmarks/recipe_check.py                                 # every folder, 1 thread
     python benchmarks/recipe_check.py --folders small128 --residual   # the residual U-Net
     python benchmarks/recipe_check.py --set lr_recon=3e-3 --set steps_per_epoch=120
+    python benchmarks/recipe_check.py --json plain.json                 # then, paired on the same volumes:
+    python benchmarks/recipe_check.py --residual --paired-with plain.json
 
 One line per folder, then a table; ``--json FILE`` writes the rows.
 """
@@ -214,6 +216,26 @@ def run_one(folder: Path, sets: dict[str, Any], threads: int, seed: int, results
     return row
 
 
+def paired(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[str]:
+    """Per folder, these rows' held-out NMSE against ``base``'s (an earlier ``--json``) on the same volumes:
+    the mean per-volume difference with its paired standard error, and relative to the base's NMSE."""
+    lines, by_folder = [], {r["folder"]: r for r in base}
+    for r in rows:
+        b = by_folder.get(r["folder"])
+        keys = sorted(set(r.get("volume_nmse", {})) & set((b or {}).get("volume_nmse", {})))
+        if not keys:
+            continue
+        d = [r["volume_nmse"][k] - b["volume_nmse"][k] for k in keys]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+        lines.append(
+            f"{r['folder']:9s} {len(keys)} volumes: NMSE {r['model_nmse']:.4f} vs {b['model_nmse']:.4f} "
+            f"({b['variant']}): difference {mean:+.5f} ± {se:.5f} "
+            f"({mean / b['model_nmse']:+.1%} ± {se / b['model_nmse']:.1%})"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=list(FOLDERS), help="default: all")
@@ -224,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where the folders are kept")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--make-only", action="store_true", help="write the folders and stop")
+    parser.add_argument(
+        "--paired-with", type=Path, default=None, help="an earlier --json: per-volume NMSE differences, paired SE"
+    )
     args = parser.parse_args(argv)
     try:
         sets = parse_sets(args.set)
@@ -257,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['model_ssim']:7.4f}±{r['model_ssim_se']:.4f} {r['zf_ssim']:7.4f}±{r['zf_ssim_se']:.4f} "
             f"{r['minutes']:5.2f} {r['train_minutes']:5.2f}  {'met' if r['met'] else 'NOT met'} ({r['verdict']})"
         )
+    if args.paired_with is not None:
+        print(f"\npaired with {args.paired_with} (same folders, same held-out volumes):")
+        print("\n".join(paired(rows, json.loads(args.paired_with.read_text()))))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
