@@ -46,7 +46,7 @@ from mriadv.choices import PGD_OBJECTIVES
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
 from mriadv.units import scale_epsilon, to_reference
-from mriadv.verdict import versus_input
+from mriadv.verdict import compare
 
 if TYPE_CHECKING:
     from mriadv.instabilities import FeatureSearch, FeatureSpec
@@ -203,7 +203,7 @@ def assess(
     loader = data_.loader(dataset, shuffle=False)
     clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     zf = evaluate(torch.nn.Identity(), loader, trainer.loss_fn, runtime, clamp=cfg.clamp)  # the input itself
-    vs = versus_input(clean.volume_nmse, zf.volume_nmse, clean.volume_ssim, zf.volume_ssim)
+    vs = compare(clean, zf)
     rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
     traces = [
         {

@@ -36,7 +36,7 @@ from mriadv.protocols import get_protocol
 from mriadv.records import EpochRecord, FitResult, clean_row, robust_rows
 from mriadv.runtime import Runtime, seed_everything
 from mriadv.trainer import NonFiniteLoss, Trainer, eval_mode
-from mriadv.verdict import versus_input
+from mriadv.verdict import compare
 
 PREVIEW_NAME = "preview.npz"
 # fields that may differ between a checkpoint's config and the config resuming it
@@ -327,7 +327,7 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
         "robustness": rows,
         "zero_filled": clean_row(zf),
         "zero_filled_robustness": zf_rows,
-        "vs_input": versus_input(clean.volume_nmse, zf.volume_nmse, clean.volume_ssim, zf.volume_ssim).as_dict(),
+        "vs_input": compare(clean, zf).as_dict(),
     }
     if cfg.instabilities:  # the seed's types 2 and 3, on the same held-out slices
         out["features"] = _features(trainer, dataset, runtime)

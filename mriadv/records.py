@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mriadv.units import instability_flat, robust_flat, to_reference
-from mriadv.verdict import VersusInput, flat as versus_flat, from_report
+from mriadv.verdict import VersusInput, flat as versus_flat
 
 if TYPE_CHECKING:
     from mriadv.config import TrainConfig
@@ -94,7 +94,8 @@ class EpochRecord:
     @property
     def versus_input(self) -> VersusInput | None:
         """The held-out model against its zero-filled input (:mod:`mriadv.verdict`), on the last record."""
-        return from_report(self.report) if self.report is not None else None
+        stored = (self.report or {}).get("vs_input")  # None for a report written before the verdict
+        return VersusInput(**stored) if stored else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochRecord":

@@ -14,7 +14,6 @@ more than that; otherwise the difference is within noise.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -122,21 +121,10 @@ def versus_input(
     )
 
 
-def from_report(report: Mapping[str, Any]) -> VersusInput | None:
-    """The comparison of a run's held-out evaluation (``EpochRecord.report``: its ``clean`` and
-    ``zero_filled`` rows with per-volume ``volume_nmse`` / ``volume_ssim``, JSON strings or dicts), or
-    None for a report written before per-volume SSIM was kept."""
-
-    def per_volume(row: Mapping[str, Any], key: str) -> dict[str, float]:
-        value = row.get(key) or {}
-        return json.loads(value) if isinstance(value, str) else dict(value)
-
-    clean, zf = report.get("clean") or {}, report.get("zero_filled") or {}
-    parts = [per_volume(clean, "volume_nmse"), per_volume(zf, "volume_nmse")]
-    parts += [per_volume(clean, "volume_ssim"), per_volume(zf, "volume_ssim")]
-    if not all(parts):
-        return None
-    return versus_input(*parts)
+def compare(model: Any, zero_filled: Any) -> VersusInput:
+    """:func:`versus_input` of two evaluations of the same volumes (objects with ``volume_nmse`` and
+    ``volume_ssim``, such as :class:`mriadv.evaluate.EvalResult`): the model and its zero-filled input."""
+    return versus_input(model.volume_nmse, zero_filled.volume_nmse, model.volume_ssim, zero_filled.volume_ssim)
 
 
 def flat(comparison: VersusInput | None, prefix: str = "report_") -> dict[str, Any]:
@@ -174,7 +162,7 @@ __all__ = [
     "VERDICT_WORDS",
     "VersusInput",
     "flat",
-    "from_report",
+    "compare",
     "study_warning",
     "versus_input",
 ]

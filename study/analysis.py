@@ -117,7 +117,7 @@ def failed_trials(trials: pd.DataFrame) -> dict[str, str]:
     return {t: messages.get(t, "") for t in statuses[statuses == "ERROR"].index}
 
 
-def versus_input(trials: pd.DataFrame) -> pd.DataFrame:
+def input_verdicts(trials: pd.DataFrame) -> pd.DataFrame:
     """Per trial with a held-out evaluation, its model against its zero-filled input
     (:mod:`mriadv.verdict`): ``verdict`` ('beats', 'worse', 'unclear'), ``ratio`` (NMSE over the
     input's) and ``ratio_se``, indexed by trial id; empty for tables written before the verdict."""

@@ -299,3 +299,13 @@ def plus_minus(value: Any, se: Any, spec: str) -> str:
     """``value ± se`` (the standard error over volumes), or just the value where it has none."""
     text = format_number(value, spec)
     return f"{text} ± {format_number(se, spec)}" if format_number(se, spec) != "–" and text != "–" else text
+
+
+def versus_cell(ratio: Any, se: Any, verdict: Any) -> str:
+    """An *NMSE / input* cell (Table 1, ``summary.md``): the ratio ± its paired SE, and the verdict
+    where the model does not beat its zero-filled input (:mod:`mriadv.verdict`); '–' without one."""
+    cell = plus_minus(ratio, se, ".2f")
+    if cell == "–":
+        return cell
+    cell = cell.replace(" ±", "× ±", 1) if "±" in cell else cell + "×"
+    return cell + {"worse": " **worse than its input**", "unclear": " (≈ input)"}.get(verdict or "", "")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mriadv.verdict import VERDICT_WORDS, study_warning
-from study.analysis import best_trials, finished_trials, trial_messages, trial_status, versus_input
+from study.analysis import best_trials, finished_trials, input_verdicts, trial_messages, trial_status
 from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
 from study.report_data import (
     StudyResults,
@@ -20,6 +20,7 @@ from study.report_data import (
     held_out_cell,
     held_out_split,
     is_present,
+    versus_cell,
     zero_filled,
 )
 from study.report_plots import ParetoPoints
@@ -78,7 +79,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
         "",
     ]
     report = held_out(res)
-    versus = versus_input(res.trials)
+    versus = input_verdicts(res.trials)
     top = max(res.budgets) if res.budgets else None
     by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
     picks = best_trials(by_id, res.objectives)
@@ -98,7 +99,9 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 _measured(mine, "clean", 0.0, "psnr", ".2f"),
                 _measured(mine, "clean", 0.0, "ssim", ".4f"),
                 _measured(mine, "pgd", top, "nmse", ".4f") if top else "–",
-                _versus_cell(versus, row["trial_id"]),
+                versus_cell(*versus.loc[row["trial_id"], ["ratio", "ratio_se", "verdict"]])
+                if row["trial_id"] in versus.index
+                else "–",
                 f"`{res.shown(ckpt)}`" if ckpt else "missing (no best.pt)",
             ]
         )
@@ -239,15 +242,6 @@ def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
         "- TensorBoard, in the study folder: `tensorboard --logdir .`",
         "",
     ]
-
-
-def _versus_cell(versus: pd.DataFrame, trial_id: str) -> str:
-    """*0.45× ± 0.03*, and the verdict where the model does not beat its zero-filled input."""
-    if trial_id not in versus.index:
-        return "–"
-    v = versus.loc[trial_id]
-    cell = f"{format_number(v['ratio'], '.2f')}× ± {format_number(v['ratio_se'], '.2f')}"
-    return cell + {"worse": " **worse than its input**", "unclear": " (≈ input)"}.get(v["verdict"], "")
 
 
 def _versus_notes(versus: pd.DataFrame) -> list[str]:

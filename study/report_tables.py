@@ -28,6 +28,7 @@ from study.report_data import (
     markdown_cell,
     markdown_table,
     plus_minus,
+    versus_cell,
     zero_filled,
 )
 from study.report_held_out import instability_tables, protocol_tables
@@ -165,15 +166,6 @@ def _process(row: pd.Series) -> str:
     return {"Selection": "Validation"}.get(row["split"], row["split"]) + suffix
 
 
-def versus_cell(r: pd.Series) -> str:
-    """A Report row's *NMSE / input* cell: the ratio ± its paired SE, and the verdict where the model
-    does not beat its input (:mod:`mriadv.verdict`)."""
-    cell = plus_minus(r.get("NMSE / input"), r.get("NMSE / input SE"), ".2f")
-    cell = cell if cell == "–" else cell.replace(" ±", "× ±", 1) if "±" in cell else cell + "×"
-    verdict = r.get("vs input") or ""
-    return cell + {"worse": " **worse than its input**", "unclear": " (≈ input)"}.get(verdict, "")
-
-
 def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
     out = [f"# Table 1 — {res.folder.name}", ""]
     if table.empty:
@@ -235,7 +227,7 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
             plus_minus(r["NMSE"], r["NMSE SE"], ".4f"),
             plus_minus(r["PSNR"], r["PSNR SE"], ".2f"),
             plus_minus(r["SSIM"], r["SSIM SE"], ".4f"),
-            "1" if zf else versus_cell(r),
+            "1" if zf else versus_cell(r.get("NMSE / input"), r.get("NMSE / input SE"), r.get("vs input")),
         ]
         for b in res.budgets:
             for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):

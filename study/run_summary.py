@@ -19,7 +19,7 @@ from study.analysis import (
     finished_trials,
     pareto_front,
     trial_status,
-    versus_input,
+    input_verdicts,
 )
 from study.layout import OPTUNA_FILE, ROBUSTNESS_FILE, TRIALS_FILE, best_checkpoint
 from study.spaces import EPSILON_KEYS, StudySpace
@@ -37,7 +37,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
     lines.append("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     best = best_epochs(trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
-    versus = versus_input(trials)
+    versus = input_verdicts(trials)
     for metric, row in best_trials(best, objectives).items():
         params = ", ".join(
             f"{p.name}={_fmt(row.get('epsilon_ref' if p.name in EPSILON_KEYS else p.name))}" for p in space.params
@@ -74,7 +74,7 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
 def closing_warning(study_dir: Path) -> str | None:
     """The line a study ends with when none of its models beats its own zero-filled input."""
     trials, _ = load_tables(study_dir)
-    return study_warning(list(versus_input(trials)["verdict"]))
+    return study_warning(list(input_verdicts(trials)["verdict"]))
 
 
 def _versus(versus, trial_id: str) -> str:
