@@ -108,6 +108,7 @@ def fit(
     clock = data.clock(cfg)
     trainer.total_steps = clock.total_steps  # the cosine schedule follows the updates
     say(clock.describe())
+    say(data.split_description())
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +324,7 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
         zf_rows += [{**r, "protocol": name} for r in robust_rows(found, cfg.crop_size, True)]
     out = {
         "split": data.report_split,
+        "split_holds": data.split_description(),
         "clean": clean_row(clean),
         "robustness": rows,
         "zero_filled": clean_row(zf),

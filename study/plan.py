@@ -17,7 +17,7 @@ from typing import Any
 
 from mriadv.config import ConfigError, TrainConfig, get_profile
 from mriadv.units import budgets_at_crop, to_reference
-from mriadv.data.loading import synthetic_data, training_clock, validate_data
+from mriadv.data.loading import data_lines, synthetic_data, validate_data
 from mriadv.runtime import default_profile
 from study.cluster import ClusterError, is_local, locate_cluster
 from study.layout import STATE_FILE, TUNER_FILE
@@ -185,7 +185,7 @@ def _new_base(
         base = base_config(space, profile_name, data, args, threads, results / ".cache")
     except ConfigError as exc:
         raise Refused(f"{space.path}: {exc}") from None
-    print(training_clock(TrainConfig.from_dict(budgets_at_crop(base))).describe())  # the updates, as they are
+    print("\n".join(data_lines(TrainConfig.from_dict(budgets_at_crop(base)))))  # the updates, the split
     study_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "space": space.name,

@@ -201,16 +201,73 @@ def _infos(names, slices=10):
     return [VolumeInfo(n, slices, (64, 40), (32, 32), (0, 40), "CORPD_FBK", 1.0, 0, 0) for n in names]
 
 
-def test_report_split_alternates_by_file_name_and_is_disjoint():
-    from mriadv.data.files import split_for_report
+def _acq_infos(names, acquisitions):
+    from mriadv.data.files import VolumeInfo
+
+    return [VolumeInfo(n, 10, (64, 40), (32, 32), (0, 40), a, 1.0, 0, 0) for n, a in zip(names, acquisitions)]
+
+
+def test_report_split_is_disjoint_and_depends_on_names_only():
+    from mriadv.data.split import split_for_report
 
     vols = _infos(["d.h5", "a.h5", "c.h5", "b.h5", "e.h5"])
     sel, rep = split_for_report(vols, 0.5)
-    assert [v.name for v in sel] == ["a.h5", "c.h5", "e.h5"] and [v.name for v in rep] == ["b.h5", "d.h5"]
+    assert len(sel) == 3 and len(rep) == 2 and not {v.name for v in sel} & {v.name for v in rep}
+    assert [v.name for v in sel] == sorted(v.name for v in sel) and [v.name for v in rep] == sorted(v.name for v in rep)
+    again = split_for_report(list(reversed(vols)), 0.5)  # the order files are listed in does not matter
+    assert [[v.name for v in part] for part in again] == [[v.name for v in sel], [v.name for v in rep]]
     sel, rep = split_for_report(vols, 0.0)
     assert len(sel) == 5 and rep == []
     with pytest.raises(ValueError, match="cannot be split"):
         split_for_report(vols[:1], 0.5)
+
+
+def test_report_split_holds_every_acquisition_in_each_part_when_names_alternate():
+    """The synthetic writer's old pattern (and many real folders): acquisitions alternating in name
+    order. A split by alternate names put every proton-density volume in one part; the stratified split
+    puts floor or ceil of half of each acquisition in each part."""
+    from mriadv.data.split import describe_volumes, split_for_report, validation_parts
+
+    for n in (4, 6, 8, 20, 21):
+        names = [f"file{i:04d}.h5" for i in range(n)]
+        vols = _acq_infos(names, ["CORPD_FBK" if i % 2 == 0 else "CORPDFS_FBK" for i in range(n)])
+        sel, rep = split_for_report(vols, 0.5)
+        for acq in ("CORPD_FBK", "CORPDFS_FBK"):
+            total = sum(v.acquisition == acq for v in vols)
+            held = sum(v.acquisition == acq for v in rep)
+            assert held in (total // 2, (total + 1) // 2), (n, acq, held, total)
+            assert sum(v.acquisition == acq for v in sel) == total - held
+        # never every second name
+        assert [v.name for v in rep] != names[1::2]
+        # a sub-sampled part keeps both acquisitions while it has room for two volumes
+        if n % 2 == 0:
+            sub_sel, sub_rep = validation_parts(vols, 0.5, max_volumes=4)
+            assert [len(sub_sel), len(sub_rep)] == [2, 2]
+            both = {"CORPD_FBK", "CORPDFS_FBK"}
+            assert {v.acquisition for v in sub_sel} == {v.acquisition for v in sub_rep} == both
+    assert describe_volumes(rep) == "10 volumes (5 CORPDFS_FBK, 5 CORPD_FBK)"
+    assert describe_volumes(_infos(["x.h5"], slices=2)[:0]) == "0 volumes"
+
+
+def test_the_smoke_profiles_held_out_volumes_hold_both_acquisitions(tmp_path, tiny_config):
+    """The smoke profile's synthetic folder (4 validation volumes): its held-out part was two
+    fat-suppressed volumes; now one of each, and the synthetic writer's acquisitions are balanced
+    but not in lockstep with the volume index."""
+    from mriadv.config import get_profile
+    from mriadv.data.loading import build_data, synthetic_data
+    from mriadv.data.synthetic import SyntheticSpec, acquisition_order
+    from mriadv.runtime import Runtime
+
+    root = synthetic_data(get_profile("smoke"), tmp_path)
+    data = build_data(tiny_config(root), Runtime.resolve("cpu", "fp32", None))
+    assert sorted(v.acquisition for v in data.report.volumes) == ["CORPDFS_FBK", "CORPD_FBK"]
+    assert sorted(v.acquisition for v in data.val.volumes) == ["CORPDFS_FBK", "CORPD_FBK"]
+    assert "held-out (report) 2 volumes (1 CORPDFS_FBK, 1 CORPD_FBK)" in data.split_description()
+    spec = SyntheticSpec(**get_profile("demo").synthetic)
+    for split, count in ((0, spec.volumes), (1, spec.val_volumes)):
+        order = acquisition_order(spec, split)
+        assert sorted(order).count("CORPD_FBK") == (count + 1) // 2
+        assert order != ["CORPD_FBK" if i % 2 == 0 else "CORPDFS_FBK" for i in range(count)]
 
 
 def test_seeded_slices_cover_every_volume_and_are_fixed():

@@ -509,3 +509,25 @@ def test_a_projected_generator_is_never_counted_over_its_budget(synthetic_root, 
     )
     history = fit(cfg, log=None).history  # 24 projected images: rounding put about a quarter above
     assert all(r.over_budget == 0.0 and r.delta_sq > 0 for r in history)
+
+
+def test_what_a_run_evaluates_does_not_change_what_it_trains(synthetic_root, tiny_config, tmp_path):
+    """The same standard config trains the same model whatever it evaluates: the per-epoch attacks
+    (k-space ones make the evaluation batches carry k-space), their budgets and the held-out protocol
+    (``l2-kspace-curve`` made the training batches bucketed by k-space shape, a different order)."""
+    base = dict(epsilon=0.0, adversary="none", max_epochs=2, max_train_batches=3, instabilities=False, seed=3)
+    variants = {
+        "plain": {"attacks": ["pgd"]},
+        "kspace_attacks": {"attacks": ["pgd", "pgd_kspace"], "attack_budgets": [7.0]},
+        "protocol": {"attacks": ["noise"], "report_protocol": "l2-kspace-curve"},
+    }
+    weights, losses = {}, {}
+    for name, extra in variants.items():
+        res = fit(tiny_config(synthetic_root, **base, **extra), out_dir=tmp_path / name, log=None)
+        losses[name] = [r.train_loss for r in res.history]
+        state = torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+        weights[name] = state["networks"]["recon"]
+    for name in variants:
+        assert losses[name] == losses["plain"], name
+        assert weights[name].keys() == weights["plain"].keys()
+        assert all(torch.equal(weights[name][k], weights["plain"][k]) for k in weights["plain"]), name

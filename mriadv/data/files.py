@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -229,56 +228,6 @@ def subsample_volumes(
         return list(index)
     keep = np.random.default_rng(seed).permutation(len(index))[:n]
     return [index[i] for i in sorted(keep)]
-
-
-def split_for_report(index: list[VolumeInfo], fraction: float) -> tuple[list[VolumeInfo], list[VolumeInfo]]:
-    """``(selection, report)``: the validation volumes split deterministically by file name.
-
-    In name order, volume ``i`` goes to the report part when ``floor((i + 1) f) > floor(i f)``, so
-    with ``f = 0.5`` the 2nd, 4th, ... volumes are reported and the 1st, 3rd, ... select (early
-    stopping, best checkpoints, the search). ``f = 0``: everything selects and nothing is held out.
-    Raises ``ValueError`` when either part would be empty."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"report fraction must be in [0, 1), got {fraction}")
-    ordered = sorted(index, key=lambda v: v.name)
-    if fraction == 0:
-        return ordered, []
-    report = [v for i, v in enumerate(ordered) if math.floor((i + 1) * fraction) > math.floor(i * fraction)]
-    selection = [v for v in ordered if v not in report]
-    if not report or not selection:
-        raise ValueError(
-            f"{len(ordered)} validation volume(s) cannot be split into a selection and a report part "
-            f"with report fraction {fraction}: give more volumes, or report_fraction=0"
-        )
-    return selection, report
-
-
-def name_subsample(volumes: Sequence[VolumeInfo], keep: int) -> list[VolumeInfo]:
-    """``keep`` of ``volumes`` chosen by file name only (the smallest CRC-32 of the name), returned in
-    name order: the same volumes whatever the run's seed, so every seed of a study is judged on the
-    same validation volumes."""
-    chosen = sorted(volumes, key=lambda v: (zlib.crc32(v.name.encode()), v.name))[: max(0, keep)]
-    return sorted(chosen, key=lambda v: v.name)
-
-
-def validation_parts(
-    index: Sequence[VolumeInfo], report_fraction: float, fraction: float = 1.0, max_volumes: int | None = None
-) -> tuple[list[VolumeInfo], list[VolumeInfo]]:
-    """``(selection, report)`` of a validation folder: first split by file name
-    (:func:`split_for_report`, on every volume of the folder), then each part sub-sampled by name
-    (:func:`name_subsample`) to ``fraction`` of its volumes (at least one), the two together capped
-    at ``max_volumes`` in proportion. Neither step depends on the run's seed, so the held-out volumes
-    of a folder are the same for every seed and every sub-sampling that keeps them."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"volume fraction must be in (0, 1], got {fraction}")
-    selection, report = split_for_report(list(index), report_fraction)
-    keep = [max(1, round(len(part) * fraction)) if part else 0 for part in (selection, report)]
-    if max_volumes is not None and sum(keep) > max_volumes:
-        if report and max_volumes < 2:
-            raise ValueError(f"max_volumes {max_volumes}: a selection and a report part need at least 2 volumes")
-        rep = min(keep[1], max(1, math.floor(max_volumes * keep[1] / sum(keep)))) if report else 0
-        keep = [max_volumes - rep, rep]
-    return name_subsample(selection, keep[0]), name_subsample(report, keep[1])
 
 
 def seeded_slices(volumes: Sequence[VolumeInfo], per_volume: int, seed: int = 0) -> list[tuple[VolumeInfo, int]]:

@@ -19,11 +19,11 @@ from mriadv.data.files import (
     SliceDataset,
     resolve_split_dir,
     seeded_slices,
-    validation_parts,
 )
 from mriadv.data.masks import make_mask_func
+from mriadv.data.split import describe_volumes, validation_parts
 from mriadv.data.stream import EPOCH_SEED_STRIDE, EpochBatches, StreamDataset, TrainingClock
-from mriadv.data.synthetic import SyntheticSpec, ensure
+from mriadv.data.synthetic import GENERATOR_VERSION, SyntheticSpec, ensure
 from mriadv.data.transforms import Batch, UnetTransform, collate
 from mriadv.protocols import get_protocol
 from mriadv.runtime import Runtime
@@ -47,11 +47,12 @@ class Data:
     batch_size: int
     num_workers: int
     pin_memory: bool
-    bucketed: bool
+    bucketed: bool  # evaluation batches carry k-space: batch by k-space shape
     seed: int
     report: SliceDataset | None = None
     report_split: str = "selection"
     robust_val: SliceDataset | None = None
+    train_bucketed: bool = False  # training batches carry k-space (k-space training)
 
     def loader(self, dataset: SliceDataset, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
         dataset.set_epoch(epoch)
@@ -69,7 +70,7 @@ class Data:
         """Epoch ``epoch``'s training batches: ``steps`` batches of the stream of passes over the
         training set (:mod:`mriadv.data.stream`; cycled or sampled), or one pass when ``steps`` is None
         (then batch for batch ``loader(train, shuffle=True, epoch=epoch)``)."""
-        shapes = self.train.kspace_shapes() if self.bucketed else None
+        shapes = self.train.kspace_shapes() if self.train_bucketed else None
         sampler = EpochBatches(len(self.train), self.batch_size, self.seed, epoch, steps, shapes)
         return torch.utils.data.DataLoader(
             StreamDataset(self.train),
@@ -91,6 +92,12 @@ class Data:
         return TrainingClock(
             len(self.train), len(self.train.volumes), self.batch_size, pass_steps, steps, cfg.max_epochs
         )
+
+    def split_description(self) -> str:
+        """What the validation parts hold, e.g. ``selection 3 volumes (2 CORPD_FBK, 1 CORPDFS_FBK);
+        held-out (report) 3 volumes (...)``."""
+        held = describe_volumes(self.report.volumes) if self.report is not None else "none"
+        return f"selection {describe_volumes(self.val.volumes)}; held-out ({self.report_split}) {held}"
 
     def kspace_shape(self) -> tuple[int, int] | None:
         report = self.report.volumes if self.report is not None else []
@@ -114,12 +121,16 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
             "so training would validate on its training volumes; training needs both sub-folders"
         )
     mask_func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
+    # what training needs decides the training batches (their order too: batches that carry k-space
+    # are bucketed by shape); what the run evaluates only decides the evaluation batches, so the same
+    # training config trains the same model whatever it evaluates
+    train_k = cfg.perturbation == "kspace"
     keep_k = (
-        cfg.perturbation == "kspace"
+        train_k
         or "pgd_kspace" in cfg.attacks
         or (cfg.report_protocol is not None and get_protocol(cfg.report_protocol).needs_kspace)
     )
-    train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
+    train_tf = UnetTransform(mask_func, cfg.crop_size, train=True, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=train_k)
     fixed_tf = UnetTransform(mask_func, cfg.crop_size, train=False, seed=cfg.seed, clamp=cfg.clamp, keep_kspace=keep_k)
     common = dict(target_key=cfg.target_key, crop_size=cfg.crop_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
     train = SliceDataset(
@@ -153,16 +164,19 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
         runtime.is_cuda,
         keep_k,
         cfg.seed,
+        train_bucketed=train_k,
         report=report,
         report_split=report_split,
         robust_val=robust_val,
     )
 
 
-def training_clock(cfg: TrainConfig) -> TrainingClock:
-    """The updates ``cfg`` makes on its data folder (:meth:`Data.clock`), without a device: for the
-    line a study prints before its trials start."""
-    return build_data(cfg, Runtime.resolve("cpu", "fp32", None)).clock(cfg)
+def data_lines(cfg: TrainConfig) -> list[str]:
+    """What ``cfg`` trains on and reports on, without a device: the updates it makes on its data
+    folder (:meth:`Data.clock`) and what the validation parts hold (:meth:`Data.split_description`),
+    for the lines a study prints before its trials start."""
+    data = build_data(cfg, Runtime.resolve("cpu", "fp32", None))
+    return [data.clock(cfg).describe(), data.split_description()]
 
 
 def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
@@ -181,7 +195,9 @@ def preview_batch(dataset: SliceDataset, count: int = 2) -> Batch:
 def synthetic_data(profile: Profile, results_dir: Path, seed: int = 0) -> Path:
     """The profile's synthetic dataset under ``results_dir/.data``, generated on first use."""
     spec = SyntheticSpec(**profile.synthetic, seed=seed)
-    name = f"synthetic_{spec.size}px_{spec.volumes}+{spec.val_volumes}x{spec.slices}_seed{spec.seed}"
+    name = (
+        f"synthetic_v{GENERATOR_VERSION}_{spec.size}px_{spec.volumes}+{spec.val_volumes}x{spec.slices}_seed{spec.seed}"
+    )
     return ensure(results_dir / ".data" / name, spec)
 
 
@@ -202,6 +218,6 @@ __all__ = [
     "build_data",
     "preview_batch",
     "synthetic_data",
-    "training_clock",
+    "data_lines",
     "validate_data",
 ]

@@ -52,7 +52,9 @@ MANIFEST = "synthetic.json"
 FORMAT = "mriadv-synthetic-fastmri-singlecoil"
 # Bump when the generated content changes, so ensure() refuses a stale cached dataset.
 # 2: k-space and esc use torch's FFT (mriadv.fft) instead of numpy's; values differ in the last bits.
-GENERATOR_VERSION = 2
+# 3: acquisitions in a seeded balanced order per split, no longer alternating with the volume index
+#    (which lined up with any split by alternate names).
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,16 @@ class SyntheticVolume:
     patient_id: str
 
 
+def acquisition_order(spec: SyntheticSpec, split: int) -> list[str]:
+    """The acquisitions of split ``split``'s volumes, by index: half proton density, half fat
+    suppressed (the extra one proton density), in an order drawn from ``SeedSequence([seed, split])``
+    and so unrelated to file names, as in a real folder."""
+    count = spec.volumes if split == 0 else spec.val_volumes
+    balanced = [ACQUISITIONS[i % 2] for i in range(count)]
+    order = np.random.default_rng(np.random.SeedSequence([spec.seed, split, 2**31])).permutation(count)
+    return [balanced[i] for i in order]
+
+
 def synthesize_volume(
     spec: SyntheticSpec, split: int, index: int, anatomy: Callable[..., np.ndarray] = knee_magnitude
 ) -> SyntheticVolume:
@@ -157,7 +169,7 @@ def synthesize_volume(
     another anatomy under the same scanner effects, e.g. ``benchmarks/recipe_check.py``'s head)."""
     geom = geometry(spec.size)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, split, index]))
-    acquisition = ACQUISITIONS[index % 2]
+    acquisition = acquisition_order(spec, split)[index]
     fat_suppressed = acquisition == "CORPDFS_FBK"
     grid = (geom.height, geom.width)
     magnitude = anatomy(rng, geom.crop, grid, spec.slices, fat_suppressed)  # (S, H, W)
