@@ -42,6 +42,7 @@ from study.analysis import failed_trials, identical_trials, trial_messages, tria
 from study.layout import REPORT_DIR
 from study.report_data import NotAStudyFolder, StudyResults, held_out, load_results
 from study.report_plots import pareto_points, plot_curves, plot_pareto, plot_protocol_curves, plot_robustness
+from study.report_seeds import write_configuration_tables
 from study.report_summary import summary_markdown
 from study.report_tables import markdown_cell, write_table1
 
@@ -49,6 +50,8 @@ REPORT_FILES = (
     "summary.md",
     "table1.md",
     "table1.csv",
+    "configurations.csv",
+    "versus_reference.csv",
     "figure6.png",
     "features.png",
     "robustness.png",
@@ -76,6 +79,7 @@ def write_report(study_dir: Path) -> Path:
             return None
 
     table = attempt("table1", lambda: write_table1(res, out))
+    over_seeds = attempt("configurations.csv", lambda: write_configuration_tables(res, out)) or []
     points = None
     if not res.best.empty:
         res.notes.extend(attempt("figure6.png", lambda: _figure6(res, out / "figure6.png")) or [])
@@ -91,7 +95,7 @@ def write_report(study_dir: Path) -> Path:
     else:
         res.notes.append("no figures: no trial has a finished epoch")
     written = [name for name in REPORT_FILES if (out / name).is_file()]
-    (out / "summary.md").write_text(summary_markdown(res, written, points))
+    (out / "summary.md").write_text(summary_markdown(res, written, points, over_seeds))
     for note in res.notes:
         print(f"note: {note}")
     return out

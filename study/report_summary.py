@@ -29,9 +29,18 @@ from study.report_tables import markdown_cell, markdown_table, plus_minus
 STATUS_ORDER = ("TERMINATED", "early_stopped", "nan", "ERROR", "RUNNING")
 
 
-def summary_markdown(res: StudyResults, written: list[str], points: ParetoPoints | None) -> str:
+def summary_markdown(
+    res: StudyResults, written: list[str], points: ParetoPoints | None, over_seeds: list[str] | None = None
+) -> str:
+    """``over_seeds``: the configurations' section (:mod:`study.report_seeds`), after the best trials."""
     return "\n".join(
-        [*_summary_head(res), *_summary_best(res, points), *_summary_trials(res), *_summary_files(res, written)]
+        [
+            *_summary_head(res),
+            *_summary_best(res, points),
+            *(over_seeds or []),
+            *_summary_trials(res),
+            *_summary_files(res, written),
+        ]
     )
 
 

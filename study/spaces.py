@@ -10,6 +10,7 @@ A space file::
       lambda1: {uniform: [0.5, 3]}
     fixed: {loss: dssim}             # TrainConfig overrides for every trial
     num_samples: 8                   # sampled spaces only (a grid runs each point once)
+    seeds: 3                         # grid and points spaces: each configuration with training seeds 0, 1, 2
     objectives: [{metric: val_nmse, mode: min}, {metric: rob_pgd_e5000_nmse, mode: min}]
     attack_budgets: [1000, 5000]     # robustness evaluation budgets, same for every trial
     scheduler: none | asha | {type: asha, grace_period: 1, reduction_factor: 2}
@@ -39,7 +40,17 @@ from mriadv.units import ROBUST_METRICS, budgets_at_crop, robust_key
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = {"description", "parameters", "points", "fixed", "num_samples", "objectives", "attack_budgets", "scheduler"}
+TOP_KEYS = {
+    "description",
+    "parameters",
+    "points",
+    "fixed",
+    "num_samples",
+    "seeds",
+    "objectives",
+    "attack_budgets",
+    "scheduler",
+}
 # keys that a space may not set: they belong to the run, not to the study
 RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
 EPSILON_KEYS = ("epsilon",)
@@ -104,6 +115,7 @@ class StudySpace:
     scheduler: dict[str, Any]
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     points: tuple[dict[str, Any], ...] = ()  # a list of explicit trials (then params are their keys)
+    seeds: int = 1  # training seeds per configuration (replicates: the last parameter, ``seed``)
 
     @property
     def is_grid(self) -> bool:
@@ -129,6 +141,7 @@ class StudySpace:
 
     def summary_line(self) -> str:
         kind = "grid" if self.is_grid else ("points" if self.points else f"{self.num_samples} samples")
+        kind += f", each configuration with {self.seeds} training seeds" if self.seeds > 1 else ""
         params = ", ".join(p.name for p in self.params)
         return f"{self.name:<14} {self.trial_count():>3} trials ({kind}; {params}): {self.description}"
 
@@ -259,7 +272,7 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
     grid = all(p.kind == "grid" for p in params)
     num_samples = len(points) if points else raw.get("num_samples")
     if grid and num_samples is not None:
-        raise fail("num_samples", "a grid space runs each grid point once; add 'seed: {grid: [...]}' for repeats")
+        raise fail("num_samples", "a grid space runs each grid point once; add 'seeds: N' for repeats")
     if num_samples is None:
         num_samples = 1 if grid else 8
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -304,6 +317,13 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         if key in sched and (not isinstance(sched[key], (int, float)) or sched[key] < 1):
             raise fail(f"scheduler.{key}", "must be a number >= 1")
 
+    seeds = raw.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise fail("seeds", f"must be a positive integer (training seeds per configuration), got {seeds!r}")
+    if seeds > 1:
+        params, points = _with_seeds(params, points, seeds, grid, fixed, fail)
+        num_samples = len(points) if points else num_samples
+
     return StudySpace(
         name=space_name,
         path=path,
@@ -316,7 +336,31 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         scheduler=sched,
         raw=raw,
         points=points,
+        seeds=seeds,
     )
+
+
+def _with_seeds(
+    params: list[Param], points: tuple[dict[str, Any], ...], seeds: int, grid: bool, fixed: dict[str, Any], fail
+) -> tuple[list[Param], tuple[dict[str, Any], ...]]:
+    """Replicates: every configuration of a grid or a list of points once per training seed
+    ``0 .. seeds - 1`` (``seed``, the last parameter: model initialisation, data order and masks).
+    A sampled space cannot repeat what its searcher draws: refused."""
+    if "seed" in fixed or any(p.name == "seed" for p in params) and not points:
+        raise fail("seeds", "the space sets 'seed' itself; give either 'seeds: N' or a seed parameter")
+    if points and "seed" in points[0]:
+        raise fail("seeds", "the points set 'seed' themselves; give either 'seeds: N' or seeds in the points")
+    if not grid and not points:
+        raise fail(
+            "seeds",
+            "replicates need the configurations listed (a grid or points); a sampled space's searcher "
+            "draws each configuration once",
+        )
+    values = tuple(range(seeds))
+    if points:
+        points = tuple({**p, "seed": s} for p in points for s in values)
+        return [*params, Param("seed", "choice", values=values)], points
+    return [*params, Param("seed", "grid", values=values)], points
 
 
 def _points_as_choices(points: Any, fail, check_value, config_fields: set[str]) -> dict[str, Any]:

@@ -237,3 +237,31 @@ def test_a_list_of_points_is_one_trial_each(tmp_path):
         with pytest.raises(SpaceError) as err:
             load_space(write(tmp_path, text))
         assert key in str(err.value) and why in str(err.value), str(err.value)
+
+
+def test_seeds_repeat_every_configuration_of_a_grid_or_a_list_of_points(tmp_path):
+    grid = load_space(write(tmp_path, "parameters:\n  epsilon: {grid: [0, 1000]}\nseeds: 3\n"))
+    assert grid.is_grid and grid.seeds == 3 and grid.trial_count() == 6
+    assert grid.grid_points() == [{"epsilon": e, "seed": s} for e in (0, 1000) for s in (0, 1, 2)]
+    assert "each configuration with 3 training seeds" in grid.summary_line()
+    points = load_space(
+        write(tmp_path, "points:\n  - {adversary: none, epsilon: 0}\n  - {adversary: pgd, epsilon: 5}\nseeds: 2\n")
+    )
+    assert points.trial_count() == 4 and points.num_samples == 4
+    assert points.grid_points()[:2] == [
+        {"adversary": "none", "epsilon": 0, "seed": 0},
+        {"adversary": "none", "epsilon": 0, "seed": 1},
+    ]
+    assert next(p for p in points.params if p.name == "seed").values == (0, 1)
+    assert load_space(write(tmp_path, "parameters:\n  epsilon: {grid: [0]}\n")).seeds == 1
+    for text, why in [
+        ("parameters:\n  lambda1: {uniform: [1, 2]}\nseeds: 2\n", "sampled space"),
+        ("parameters:\n  epsilon: {grid: [0]}\n  seed: {grid: [0, 1]}\nseeds: 2\n", "seed parameter"),
+        ("parameters:\n  epsilon: {grid: [0]}\nfixed: {seed: 4}\nseeds: 2\n", "seed parameter"),
+        ("points:\n  - {epsilon: 0, seed: 1}\nseeds: 2\n", "seeds in the points"),
+        ("parameters:\n  epsilon: {grid: [0]}\nseeds: 0\n", "positive integer"),
+        ("parameters:\n  epsilon: {grid: [0]}\nseeds: two\n", "positive integer"),
+    ]:
+        with pytest.raises(SpaceError) as err:
+            load_space(write(tmp_path, text))
+        assert "seeds" in str(err.value) and why in str(err.value), str(err.value)

@@ -1,0 +1,97 @@
+"""Replicates: a space with ``seeds: 2`` trains each configuration twice, and the report's
+configuration tables are recomputed here from the Parquet rows with SciPy's t quantile."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from study import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("seeds")
+    space = work / "twice.yaml"
+    space.write_text(
+        "description: standard vs adversarial, two seeds each\nparameters:\n  epsilon: {grid: [0, 5000]}\n"
+        "seeds: 2\nobjectives:\n  - {metric: val_nmse, mode: min}\n  - {metric: rob_pgd_e5000_nmse, mode: min}\n"
+        "attack_budgets: [1000, 5000]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(REPO / "study" / "run.py"), "--space", str(space), "--profile", "smoke"]
+        + ["--results", str(work / "results"), "--no-report"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "each configuration with 2 training seeds" in out.stdout
+    folder = work / "results" / "twice"
+    assert report.main([str(folder)]) == 0
+    return folder
+
+
+def _table(robust: pd.DataFrame, trials: list[str], model: str, attack: str, budget: float) -> np.ndarray:
+    rows = robust[(robust["split"] == "report") & (robust["model"] == model) & (robust["attack"] == attack)]
+    rows = rows[rows["budget_ref"] == budget]
+    per = [json.loads(rows[rows["trial_id"] == t].iloc[0]["volume_nmse"]) for t in trials]
+    return np.array([[p[v] for v in sorted(per[0])] for p in per])
+
+
+def _expected(d: np.ndarray) -> tuple[float, float, float]:
+    """mean, half-width, df of the seed-and-volume interval, written out independently."""
+    s, v = d.shape
+    a, b = d.mean(axis=1).var(ddof=1) / s, d.mean(axis=0).var(ddof=1) / v
+    df = (a + b) ** 2 / (a**2 / (s - 1) + b**2 / (v - 1))
+    return d.mean(), stats.t.ppf(0.975, df) * math.sqrt(a + b), df
+
+
+def test_each_configuration_runs_once_per_seed_and_the_tables_are_the_parquet_rows(study):
+    trials = pd.read_parquet(study / "trials.parquet").groupby("trial_id").last()
+    robust = pd.read_parquet(study / "robustness.parquet")
+    seeds = {eps: sorted(trials.loc[trials["epsilon_ref"] == eps, "seed"]) for eps in (0.0, 5000.0)}
+    assert seeds == {0.0: [0, 1], 5000.0: [0, 1]}
+    by = {(e, s): t for t, e, s in zip(trials.index, trials["epsilon_ref"], trials["seed"])}
+    std, adv = [by[(0.0, s)] for s in (0, 1)], [by[(5000.0, s)] for s in (0, 1)]
+
+    table = pd.read_csv(study / "report" / "configurations.csv")
+    assert list(table["configuration"]) == ["ε=0", "ε=5000"] and list(table["seeds"]) == [2, 2]
+    for label, ids in (("ε=0", std), ("ε=5000", adv)):
+        row = table[table["configuration"] == label].iloc[0]
+        clean = _table(robust, ids, "trained", "clean", 0.0)
+        mean, half, _ = _expected(clean)
+        assert row["NMSE"] == pytest.approx(mean, rel=1e-9) and row["NMSE ±"] == pytest.approx(half, rel=1e-6)
+        pgd = _table(robust, ids, "trained", "pgd", 5000.0) - clean
+        mean, half, _ = _expected(pgd)
+        assert row["PGD@5000 dNMSE"] == pytest.approx(mean, rel=1e-9)
+        assert row["PGD@5000 dNMSE ±"] == pytest.approx(half, rel=1e-6)
+        psnr = trials.loc[ids, "report_psnr"].to_numpy()  # per run: an interval over the two seeds
+        assert row["PSNR"] == pytest.approx(psnr.mean()) and row["PSNR ±"] == pytest.approx(
+            stats.t.ppf(0.975, 1) * psnr.std(ddof=1) / math.sqrt(2), rel=1e-6
+        )
+
+    versus = pd.read_csv(study / "report" / "versus_reference.csv")
+    assert list(versus["configuration"]) == ["ε=5000"]
+    paired = (_table(robust, adv, "trained", "pgd", 5000.0) - _table(robust, adv, "trained", "clean", 0.0)) - (
+        _table(robust, std, "trained", "pgd", 5000.0) - _table(robust, std, "trained", "clean", 0.0)
+    )
+    mean, half, df = _expected(paired)
+    row = versus.iloc[0]
+    assert row["Δ PGD dNMSE"] == pytest.approx(mean, rel=1e-6, abs=1e-12)
+    assert row["Δ PGD dNMSE ±"] == pytest.approx(half, rel=1e-6) and row["Δ PGD dNMSE df"] == pytest.approx(df)
+
+    summary = (study / "report" / "summary.md").read_text()
+    assert "## Configurations over their seeds" in summary and "over 2 training seeds" in summary
+    assert "## Against ε=0 (held-out split, paired by seed and volume)" in summary
