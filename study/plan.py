@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mriadv.config import ConfigError, TrainConfig, get_profile
-from mriadv.units import budgets_at_crop, to_reference
 from mriadv.data.loading import data_lines, synthetic_data, validate_data
 from mriadv.runtime import default_profile
+from mriadv.units import budgets_at_crop, to_reference
 from study.cluster import ClusterError, is_local, locate_cluster
 from study.layout import STATE_FILE, TUNER_FILE
 from study.run_summary import trial_statuses
-from study.spaces import SpaceError, StudySpace, load_space
+from study.spaces import SpaceError, StudySpace, load_space, parse_space_yaml, space_from_dict
 from study.tune_state import EXPERIMENT_STATE, newest, repair_state
 
 
@@ -65,13 +67,25 @@ def check_options(args: argparse.Namespace) -> str | None:
 
 
 def study_space(args: argparse.Namespace) -> StudySpace:
-    """The space named by ``--space``."""
+    """The space named by ``--space``, with ``--seeds`` training seeds per configuration when given."""
     if not args.space:
         raise Refused("give --space NAME (see --list-spaces)")
     try:
-        return load_space(args.space)
+        space = load_space(args.space)
+        if getattr(args, "seeds", None) is not None:
+            raw = parse_space_yaml(space.path.read_text(), space.path)
+            space = space_from_dict({**raw, "seeds": args.seeds}, space.name, space.path)
     except SpaceError as exc:
-        raise Refused(str(exc)) from None
+        raise Refused(str(exc).replace(": seeds:", ": seeds (--seeds):", 1)) from None
+    return space
+
+
+def space_text(space: StudySpace) -> str:
+    """The space's YAML as the study runs it (its file, with ``seeds`` as ``--seeds`` set it)."""
+    text = space.path.read_text()
+    if space.seeds == parse_space_yaml(text, space.path).get("seeds", 1):
+        return text
+    return yaml.safe_dump({**parse_space_yaml(text, space.path), "seeds": space.seeds}, sort_keys=False)
 
 
 def plan_study(args: argparse.Namespace) -> Plan:
@@ -145,6 +159,11 @@ def _resumed_base(args: argparse.Namespace, study_dir: Path, name: str) -> dict[
             ("--profile", args.profile, profile_name),
             ("--data", args.data and str(args.data.resolve()), base["data"]),
             ("--max-epochs", args.max_epochs, base["max_epochs"]),
+            (
+                "--seeds",
+                getattr(args, "seeds", None),
+                parse_space_yaml(state["space_yaml"], STATE_FILE).get("seeds", 1),
+            ),
         )
         if given is not None and given != saved
     ]
@@ -156,12 +175,20 @@ def _resumed_base(args: argparse.Namespace, study_dir: Path, name: str) -> dict[
     )
     if ignored:
         print(f"note: {', '.join(ignored)} ignored: a resumed study keeps the settings it started with")
-    if Path(state["space_path"]).is_file() and Path(state["space_path"]).read_text() != state["space_yaml"]:
+    if Path(state["space_path"]).is_file() and _without_seeds(Path(state["space_path"]).read_text()) != _without_seeds(
+        state["space_yaml"]
+    ):
         print(f"note: {state['space_path']} changed since the study started; Tune resumes the original space")
     problem = validate_data(base["data"], int(base.get("crop_size", TrainConfig.crop_size)), base.get("cache_dir"))
     if problem:
         raise Refused(f"data folder {base['data']}: {problem}")
     return base
+
+
+def _without_seeds(text: str) -> Any:
+    """A space's YAML as data without ``seeds`` (which ``--seeds`` may have set at the start)."""
+    raw = parse_space_yaml(text, STATE_FILE)
+    return {k: v for k, v in raw.items() if k != "seeds"} if isinstance(raw, dict) else raw
 
 
 def _new_base(
@@ -190,7 +217,7 @@ def _new_base(
     state = {
         "space": space.name,
         "space_path": str(space.path),
-        "space_yaml": space.path.read_text(),
+        "space_yaml": space_text(space),
         "profile": profile_name,
         "base": base,
         "budget_units": "320",

@@ -1,7 +1,7 @@
 """Run a hyperparameter study of robust MRI reconstruction on Ray Tune.
 
     python study/run.py --space eps_sweep [--profile smoke|demo|paper] [--data DIR] [--name NAME]
-                        [--results DIR] [--num-samples N] [--max-epochs N] [--max-concurrent N]
+                        [--results DIR] [--num-samples N] [--max-epochs N] [--seeds N] [--max-concurrent N]
                         [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--resume]
     python study/run.py --list-spaces
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("smoke", "demo", "paper"), help="default: paper with CUDA, else demo")
     p.add_argument("--num-samples", type=int, help="trials of a sampled space (default: the space's)")
     p.add_argument("--max-epochs", type=int, help="override the profile's max_epochs")
+    p.add_argument("--seeds", type=int, help="training seeds per configuration (replicates; default: the space's)")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 with GPUs)")
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: 1 without GPUs, else CPUs/GPUs)")

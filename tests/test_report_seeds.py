@@ -95,3 +95,32 @@ def test_each_configuration_runs_once_per_seed_and_the_tables_are_the_parquet_ro
     summary = (study / "report" / "summary.md").read_text()
     assert "## Configurations over their seeds" in summary and "over 2 training seeds" in summary
     assert "## Against ε=0 (held-out split, paired by seed and volume)" in summary
+
+
+def test_seeds_on_the_command_line_are_checked_like_the_spaces_own(tmp_path):
+    for args, why in (
+        (["--space", "eps_sweep", "--seeds", "0"], "seeds (--seeds): must be a positive integer"),
+        (["--space", "full", "--seeds", "2"], "seeds (--seeds): replicates need the configurations listed"),
+    ):
+        out = subprocess.run(
+            [sys.executable, str(REPO / "study" / "run.py"), *args, "--profile", "smoke", "--results", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and why in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_study_started_with_seeds_keeps_them_in_its_saved_space(tmp_path):
+    import argparse
+
+    from study.plan import space_text, study_space
+    from study.spaces import parse_space_yaml
+
+    space = study_space(argparse.Namespace(space="eps_sweep", seeds=3))
+    assert space.seeds == 3 and space.trial_count() == 18
+    saved = parse_space_yaml(space_text(space), "study.json")
+    assert saved["seeds"] == 3 and saved["parameters"] == parse_space_yaml(space.path.read_text(), "x")["parameters"]
+    plain = study_space(argparse.Namespace(space="eps_sweep", seeds=None))
+    assert space_text(plain) == plain.path.read_text()
