@@ -254,6 +254,16 @@ def float_of(row: pd.Series | dict, key: str) -> float:
         return math.nan
 
 
+def reference_budget(res: StudyResults) -> float | None:
+    """The PGD budget (320² units) the study's objectives name (``rob_pgd_e5000_nmse`` -> 5000), else
+    the largest attack budget; None without one."""
+    for metric, _ in res.objectives:
+        hit = re.fullmatch(r"rob_pgd_e([0-9.e+]+)_\w+", metric)
+        if hit and float(hit.group(1)) in res.budgets:
+            return float(hit.group(1))
+    return max(res.budgets) if res.budgets else None
+
+
 def held_out(res: StudyResults, model: str = "trained", protocol: str = "") -> pd.DataFrame:
     """The rows of ``robustness.parquet`` from each trial's final held-out evaluation of its best
     epoch (``split`` report or test): ``attack`` 'clean' (budget 0) and every attack and budget, for

@@ -28,6 +28,7 @@ from study.report_data import (
     held_out,
     held_out_split,
     param_symbol,
+    reference_budget,
     zero_filled,
 )
 from study.report_tables import pgd_column
@@ -153,19 +154,42 @@ class ParetoPoints:
     front: np.ndarray  # (n,) bool
     y_metric: str
     y_label: str
+    errors: np.ndarray | None = None  # (n, 2): standard errors over volumes of x and y
+    near: np.ndarray | None = None  # (n,) bool: off the front, but not dominated by more than 2 SEs
+
+    def near_front(self) -> list[str]:
+        """Finished trials off the front that no trial beats by more than two (unpaired) standard
+        errors in both coordinates: their place off the front is within noise."""
+        return [t for t, n in zip(self.trial_ids, self.near if self.near is not None else []) if n]
+
+
+def within_noise(values: np.ndarray, errors: np.ndarray, finished: np.ndarray, front: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: finished points off the front (both coordinates minimised) that no finished point
+    beats by more than two standard errors of the difference, ``2·sqrt(se_i² + se_j²)``, in both
+    coordinates at once (NaN errors count as zero)."""
+    se = np.nan_to_num(errors)
+    out = np.zeros(len(values), dtype=bool)
+    for i in np.flatnonzero(finished & ~front):
+        margin = 2.0 * np.sqrt(se[i] ** 2 + se**2)  # (n, 2)
+        clearly = finished & np.all(values + margin < values[i], axis=1)
+        out[i] = not clearly.any()
+    return out
 
 
 def pareto_points(res: StudyResults, table: pd.DataFrame) -> ParetoPoints:
-    """Clean NMSE against NMSE under PGD at the largest budget, both on the held-out split where the
-    trials have it (the objectives the search used are selection-split numbers: not reported)."""
-    if not res.budgets:
+    """Clean NMSE against NMSE under PGD at the budget the objectives name (else the largest), both on
+    the held-out split where the trials have it (the objectives the search used are selection-split
+    numbers: not reported), with their standard errors over volumes."""
+    top = reference_budget(res)
+    if top is None:
         raise ValueError("no attacked metric to compare with (no attack budgets)")
-    top = max(res.budgets)
     rep = table[(table["split"] == "Report") & (table["trial_id"] != "")].set_index("trial_id")
     best = res.best.copy()
     x_metric, y_metric = "report NMSE", pgd_column(top, "nmse")
-    best[x_metric] = best["trial_id"].map(rep["NMSE"]) if len(rep) else math.nan
-    best[y_metric] = best["trial_id"].map(rep[y_metric]) if len(rep) else math.nan
+    for column, source in ((x_metric, "NMSE"), (y_metric, y_metric)):
+        for suffix in ("", " SE"):
+            found = source + suffix in rep
+            best[column + suffix] = best["trial_id"].map(rep[source + suffix]) if len(rep) and found else math.nan
     split = held_out_split(res) or "report"
     y_label = f"{split}-split NMSE under PGD, ‖δ‖² = {top:g} (320²)"
     if not best[[x_metric, y_metric]].notna().all(axis=1).any():
@@ -173,7 +197,9 @@ def pareto_points(res: StudyResults, table: pd.DataFrame) -> ParetoPoints:
     finished = best["trial_id"].isin(finished_trials(res.trials)).to_numpy()
     values = best[[x_metric, y_metric]].to_numpy(float)
     front = pareto_front(best, finished, [(x_metric, "min"), (y_metric, "min")])
-    return ParetoPoints(list(best["trial_id"]), values, finished, front, y_metric, y_label)
+    errors = best[[x_metric + " SE", y_metric + " SE"]].to_numpy(float)
+    near = within_noise(values, errors, finished, front)
+    return ParetoPoints(list(best["trial_id"]), values, finished, front, y_metric, y_label, errors, near)
 
 
 def metric_label(metric: str) -> str:
@@ -224,6 +250,18 @@ def plot_pareto(res: StudyResults, path: Path, points: ParetoPoints) -> None:
                 label=f"{kind or 'trial'} (stopped by the scheduler, or running)",
                 zorder=2,
             )
+    if points.errors is not None and np.isfinite(points.errors).any():
+        ax.errorbar(
+            values[:, 0],
+            values[:, 1],
+            xerr=np.nan_to_num(points.errors[:, 0]),
+            yerr=np.nan_to_num(points.errors[:, 1]),
+            fmt="none",
+            ecolor="0.6",
+            lw=0.8,
+            zorder=1,
+            label="± SE over volumes",
+        )
     if front.any():
         order = np.argsort(values[front, 0])
         ax.plot(values[front, 0][order], values[front, 1][order], "-", color="tab:red", lw=1, zorder=1)

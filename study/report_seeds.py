@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +24,22 @@ import pandas as pd
 
 from mriadv.intervals import LEVEL, Interval, interval
 from study.analysis import finished_trials
-from study.report_data import StudyResults, float_of, format_value, held_out, markdown_table, param_symbol
+from study.report_data import (
+    StudyResults,
+    float_of,
+    format_value,
+    held_out,
+    markdown_table,
+    param_symbol,
+    reference_budget,
+)
 
 __all__ = [
     "configuration_tables",
     "configurations",
     "configurations_markdown",
-    "reference_budget",
     "write_configuration_tables",
 ]
-
-
-def reference_budget(res: StudyResults) -> float | None:
-    """The PGD budget (320² units) the study's objectives name (``rob_pgd_e5000_nmse`` -> 5000), else
-    the largest attack budget; None without one."""
-    for metric, _ in res.objectives:
-        hit = re.fullmatch(r"rob_pgd_e([0-9.e+]+)_\w+", metric)
-        if hit and float(hit.group(1)) in res.budgets:
-            return float(hit.group(1))
-    return max(res.budgets) if res.budgets else None
 
 
 def configurations(res: StudyResults) -> dict[str, dict[int, str]]:

@@ -161,9 +161,16 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     out += [""] + ([f"No trial has a value for {', '.join(missing)}.", ""] if missing else [])
     if points is not None:
         front = [t for t, on in zip(points.trial_ids, points.front) if on]
+        near = points.near_front()
         out += [
             f"Pareto front of held-out clean NMSE vs {points.y_metric} (finished trials only): "
-            + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none"),
+            + (", ".join(f"{t} ({res.label(t)})" for t in front) or "none")
+            + (
+                "; off it, but beaten by no trial by more than two standard errors in both coordinates (membership "
+                "within noise): " + ", ".join(f"{t} ({res.label(t)})" for t in near)
+                if near
+                else ""
+            ),
             "",
         ]
     return out

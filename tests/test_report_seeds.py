@@ -124,3 +124,29 @@ def test_a_study_started_with_seeds_keeps_them_in_its_saved_space(tmp_path):
     assert saved["seeds"] == 3 and saved["parameters"] == parse_space_yaml(space.path.read_text(), "x")["parameters"]
     plain = study_space(argparse.Namespace(space="eps_sweep", seeds=None))
     assert space_text(plain) == plain.path.read_text()
+
+
+def test_pareto_membership_within_noise_is_two_standard_errors_in_both_coordinates():
+    from study.report_plots import within_noise
+
+    values = np.array([[1.0, 1.0], [1.05, 1.05], [2.0, 2.0], [0.5, 3.0]])
+    errors = np.full((4, 2), 0.02)
+    finished = np.ones(4, dtype=bool)
+    front = np.array([True, False, False, True])
+    # (1.05, 1.05) is beaten by (1, 1) by 0.05 < 2 * sqrt(2) * 0.02 = 0.057 in each: within noise;
+    # (2, 2) is beaten by 1.0 in both: clearly off the front; front members are never marked
+    assert within_noise(values, errors, finished, front).tolist() == [False, True, False, False]
+    assert within_noise(values, errors / 4, finished, front).tolist() == [False, False, False, False]
+
+
+def test_the_pareto_figure_uses_the_budget_the_objectives_name(study):
+    from study.report_data import load_results, reference_budget
+    from study.report_plots import pareto_points
+    from study.report_tables import table1
+
+    res = load_results(study)
+    assert res.budgets == [1000.0, 5000.0] and reference_budget(res) == 5000.0
+    points = pareto_points(res, table1(res))
+    assert points.y_metric == "PGD@5000 NMSE" and points.errors is not None and np.isfinite(points.errors).all()
+    res.objectives = [("val_nmse", "min"), ("rob_pgd_e1000_nmse", "min")]
+    assert reference_budget(res) == 1000.0 and pareto_points(res, table1(res)).y_metric == "PGD@1000 NMSE"
