@@ -178,9 +178,7 @@ def _connect_failure(address: str, text: str, error: Exception | None, timeout_s
 def cluster_problem(request: dict[str, float], address: str) -> str | None:
     """None if some live node of the connected cluster can run one trial's ``request``
     (``{"cpu": c, "gpu": g}``), else one line naming the option (trials would stay PENDING forever)."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     for key, option in (("GPU", "--gpus-per-trial"), ("CPU", "--cpus-per-trial")):
         need = float(request[key.lower()])
         if need <= 0:
@@ -196,20 +194,11 @@ def cluster_problem(request: dict[str, float], address: str) -> str | None:
     return None
 
 
-def trial_slots(request: dict[str, float]) -> int:
-    """How many trials of ``request`` (``{"cpu": c, "gpu": g}``) the live nodes of the connected
-    cluster can run at once (each trial on one node)."""
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected cluster, as Ray names them (``CPU``, ``GPU``, ...)."""
     import ray
 
-    slots = 0
-    for node in (n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")):
-        fits = [
-            int(float(node.get(key, 0)) / float(request[key.lower()]) + 1e-9)
-            for key in ("CPU", "GPU")
-            if float(request[key.lower()]) > 0
-        ]
-        slots += min(fits) if fits else 0
-    return slots
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,6 +1,10 @@
 """Planning a study before Ray starts: the options checked, the space loaded, the resources per
 trial, and the base config of a new study (written to ``study.json``) or of the one being resumed.
 
+The resource rule (:func:`trial_resources`, :func:`concurrent_trials`) is a pure function of the
+nodes' resources: the local machine's for a local study, here; the live nodes' once a study given
+``--address`` has joined its cluster (:func:`settle_resources`, called by ``study/run.py``).
+
 Everything here can refuse to run (:class:`Refused`, reported by ``study/run.py`` as one ``error:``
 line with exit status 2) and does so before any Ray process exists. No Ray at import.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,12 +47,13 @@ class Plan:
     study_dir: Path  # results / name
     resuming: bool
     cluster: bool  # joining a Ray cluster (--address) rather than starting a Ray instance of its own
-    res: dict[str, float]  # per trial: {"cpu": ..., "gpu": ...}
+    res: dict[str, float]  # per trial: {"cpu": ..., "gpu": ...}; a cluster's once it is joined (settle_resources)
     cpus: int  # CPUs and GPUs here
     gpus: int
     base: dict[str, Any]  # the config every trial starts from (budgets in 320x320 units)
     num_samples: int
     max_epochs: int
+    located: str = ""  # the cluster's host:port
 
 
 def check_options(args: argparse.Namespace) -> str | None:
@@ -63,6 +69,9 @@ def check_options(args: argparse.Namespace) -> str | None:
     for option, value, low in bounds:
         if value is not None and value < low:
             return f"{option} must be >= {low}, got {value:g}"
+    gpu = args.gpus_per_trial
+    if gpu is not None and gpu > 1 and gpu != int(gpu):
+        return f"--gpus-per-trial {gpu:g}: a trial takes a fraction of one GPU or whole GPUs (Ray's rule)"
     return None
 
 
@@ -107,15 +116,19 @@ def plan_study(args: argparse.Namespace) -> Plan:
             raise Refused(str(exc)) from None
     if args.resume and not resuming:
         raise Refused(f"--resume: there is no study to resume in {study_dir} (run without --resume to start it)")
-    try:
-        res, threads, cpus, gpus = resources(args, cluster)
-    except ConfigError as exc:
-        raise Refused(str(exc)) from None
+    here = local_node()
+    cpus, gpus = int(here["CPU"]), int(here["GPU"])
+    res: dict[str, float] = {}
+    if not cluster:  # a cluster's resources are known once it is joined
+        res = trial_resources([here], args.gpus_per_trial, args.cpus_per_trial)
+        problem = local_problem(res, cpus, gpus)
+        if problem:
+            raise Refused(problem)
 
     if resuming:
         base = _resumed_base(args, study_dir, name)
     else:
-        base = _new_base(args, space, results, study_dir, threads if not res["gpu"] else None)
+        base = _new_base(args, space, results, study_dir)
     if args.num_samples is not None and (space.is_grid or space.points) and args.num_samples != space.trial_count():
         print(
             f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
@@ -126,11 +139,11 @@ def plan_study(args: argparse.Namespace) -> Plan:
     if space.is_grid or space.points:
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
-    print(
-        f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial; {cpus} CPUs, {gpus} GPUs here"
-        + (f"; cluster at {located}" if cluster else "")
-    )
-    return Plan(space, name, results, study_dir, resuming, cluster, res, cpus, gpus, base, num_samples, max_epochs)
+    plan = Plan(space, name, results, study_dir, resuming, cluster, res, cpus, gpus, base, num_samples, max_epochs)
+    plan.located = located
+    if not cluster:
+        settle_resources(plan, args, [here])
+    return plan
 
 
 def _resumed_base(args: argparse.Namespace, study_dir: Path, name: str) -> dict[str, Any]:
@@ -191,9 +204,7 @@ def _without_seeds(text: str) -> Any:
     return {k: v for k, v in raw.items() if k != "seeds"} if isinstance(raw, dict) else raw
 
 
-def _new_base(
-    args: argparse.Namespace, space: StudySpace, results: Path, study_dir: Path, threads: int | None
-) -> dict[str, Any]:
+def _new_base(args: argparse.Namespace, space: StudySpace, results: Path, study_dir: Path) -> dict[str, Any]:
     """The base config of a new study, on the given or the profile's synthetic data; writes the
     study folder and its ``study.json``."""
     profile_name = args.profile or default_profile()
@@ -209,7 +220,7 @@ def _new_base(
         data = synthetic_data(profile, results)
         print(f"data: synthetic fastMRI-format set {data}")
     try:
-        base = base_config(space, profile_name, data, args, threads, results / ".cache")
+        base = base_config(space, profile_name, data, args, results / ".cache")
     except ConfigError as exc:
         raise Refused(f"{space.path}: {exc}") from None
     print("\n".join(data_lines(TrainConfig.from_dict(budgets_at_crop(base)))))  # the updates, the split
@@ -228,9 +239,10 @@ def _new_base(
 
 
 def base_config(
-    space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, threads: int | None, cache_dir: Path
+    space: StudySpace, profile_name: str, data: Path, args: argparse.Namespace, cache_dir: Path
 ) -> dict[str, Any]:
-    """The config every trial starts from: profile, the space's fixed values, budgets, the run.
+    """The config every trial starts from: profile, the space's fixed values, budgets, the run
+    (not ``threads``: each trial takes its own from its allocation, :func:`study.trainable.trial_allocation`).
 
     Budgets (``epsilon``, ``attack_budgets``) stay in the space's 320x320 units here; each trial
     scales them to its own crop (:func:`mriadv.config.budgets_at_crop`), which a space may fix or
@@ -244,33 +256,80 @@ def base_config(
     base.update(attack_budgets=tuple(space.attack_budgets), data=str(data), cache_dir=str(cache_dir))
     if args.max_epochs is not None:
         base["max_epochs"] = args.max_epochs
-    if threads is not None:
-        base["threads"] = threads
     TrainConfig.from_dict(budgets_at_crop(base))
     for point in space.grid_points():  # a grid's combinations or a list of points
         TrainConfig.from_dict(budgets_at_crop({**base, **point}))
     return base
 
 
-def resources(args: argparse.Namespace, cluster: bool) -> tuple[dict[str, float], int | None, int, int]:
-    """(per-trial resources, threads per trial, local CPUs, local GPUs)."""
+def local_node() -> dict[str, float]:
+    """This machine's resources as Ray names them: the CPUs this process may run on, the CUDA devices."""
     import torch
 
-    cpus = len(os.sched_getaffinity(0))
-    gpus = 0 if cluster else torch.cuda.device_count()
-    gpu = (
-        args.gpus_per_trial
-        if args.gpus_per_trial is not None
-        else (1.0 if gpus or cluster and torch.cuda.is_available() else 0.0)
-    )
-    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
-        raise ConfigError(f"--gpus-per-trial {gpu:g}: a trial takes a fraction of one GPU or whole GPUs (Ray's rule)")
-    if not cluster and gpu > gpus:  # Ray would keep such trials PENDING forever
-        raise ConfigError(
-            f"--gpus-per-trial {gpu:g}: {'no GPU is' if not gpus else f'only {gpus} GPUs are'} visible "
-            "here (torch.cuda); use --gpus-per-trial 0, or --address a Ray cluster with GPUs"
+    return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+
+
+def trial_resources(
+    nodes: list[dict[str, float]], gpus_per_trial: float | None = None, cpus_per_trial: int | None = None
+) -> dict[str, float]:
+    """What one trial asks Ray for, ``{"cpu": c, "gpu": g}``, on nodes with the given resources (as
+    Ray names them: ``[{"CPU": 64.0, "GPU": 8.0}, {"CPU": 4.0}]``).
+
+    GPUs: ``gpus_per_trial``, by default 1 where some node has a GPU, else 0. CPUs: ``cpus_per_trial``,
+    by default 1 for a trial without GPU and, for one with ``g`` GPUs, ``floor(g * CPU/GPU)`` (at least
+    1) at the smallest CPU-to-GPU ratio among the nodes that have GPUs: CPUs follow the GPU share, so
+    GPU-sharing trials pack (0.25 GPU on a node of 1 GPU and 16 CPUs: 4 CPUs, four trials), and every
+    GPU of every GPU node can take its share. Nodes without GPUs do not count for a GPU trial."""
+    ratios = [n.get("CPU", 0.0) / n["GPU"] for n in nodes if n.get("GPU", 0.0) > 0]
+    gpu = float(gpus_per_trial) if gpus_per_trial is not None else (1.0 if ratios else 0.0)
+    cpu = 1
+    if gpu > 0 and ratios:
+        cpu = max(1, math.floor(gpu * min(ratios) + 1e-9))
+    if cpus_per_trial is not None:
+        cpu = cpus_per_trial
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def concurrent_trials(nodes: list[dict[str, float]], res: dict[str, float]) -> int:
+    """How many trials of ``res`` (``{"cpu": c, "gpu": g}``) the nodes can run at once, each trial on
+    one node: per node the fewest of floor(CPU / c) and floor(GPU / g), summed."""
+    total = 0
+    for node in nodes:
+        fits = [
+            math.floor(float(node.get(key, 0.0)) / float(res[key.lower()]) + 1e-9)
+            for key in ("CPU", "GPU")
+            if float(res[key.lower()]) > 0
+        ]
+        total += min(fits) if fits else 0
+    return total
+
+
+def local_problem(res: dict[str, float], cpus: int, gpus: int) -> str | None:
+    """None if this machine can run one trial of ``res``, else one line naming the option (Ray would
+    keep such trials PENDING forever)."""
+    if res["gpu"] > gpus:
+        where = "no GPU is" if not gpus else f"only {gpus} GPUs are"
+        return (
+            f"--gpus-per-trial {res['gpu']:g}: {where} visible here (torch.cuda); use --gpus-per-trial 0, "
+            "or --address a Ray cluster with GPUs"
         )
-    cpu = args.cpus_per_trial if args.cpus_per_trial is not None else (max(1, cpus // max(1, gpus)) if gpu else 1)
-    if cpu < 1 or (not cluster and cpu > cpus):
-        raise ConfigError(f"--cpus-per-trial {cpu} is not between 1 and the {cpus} CPUs here")
-    return {"cpu": cpu, "gpu": gpu}, cpu, cpus, gpus
+    if res["cpu"] > cpus:
+        return f"--cpus-per-trial {res['cpu']} is not between 1 and the {cpus} CPUs here"
+    return None
+
+
+def settle_resources(plan: Plan, args: argparse.Namespace, nodes: list[dict[str, float]]) -> int:
+    """Decide ``plan.res`` from ``nodes`` (this machine's, or the live nodes of the joined cluster),
+    print the study's resources line, and return how many trials can run at once (at most
+    ``--max-concurrent`` and the number of trials)."""
+    plan.res = res = trial_resources(nodes, args.gpus_per_trial, args.cpus_per_trial)
+    fit = concurrent_trials(nodes, res)
+    cap = min(args.max_concurrent or plan.num_samples, plan.num_samples)
+    cpus, gpus = (sum(float(n.get(k, 0.0)) for n in nodes) for k in ("CPU", "GPU"))
+    where = f"on {len(nodes)} nodes of the cluster at {plan.located}" if plan.cluster else "here"
+    print(
+        f"resources: {res['cpu']} CPU, {res['gpu']:g} GPU per trial, {fit} at once"
+        + (f" ({cap} with --max-concurrent {args.max_concurrent})" if args.max_concurrent and cap < fit else "")
+        + f"; {cpus:g} CPUs, {gpus:g} GPUs {where}"
+    )
+    return min(fit, cap)

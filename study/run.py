@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from study.cluster import ClusterError, cluster_problem, start_ray, trial_slots
+from study.cluster import ClusterError, alive_nodes, cluster_problem, start_ray
 from study.layout import OPTUNA_FILE, trial_dirname
-from study.plan import Plan, Refused, check_options, plan_study, study_space
+from study.plan import Plan, Refused, check_options, plan_study, settle_resources, study_space
 from study.procs import ProcessRecord
 from study.run_summary import closing_warning, here, summarize, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
@@ -46,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="override the profile's max_epochs")
     p.add_argument("--seeds", type=int, help="training seeds per configuration (replicates; default: the space's)")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 with GPUs)")
-    p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: 1 without GPUs, else CPUs/GPUs)")
+    p.add_argument(
+        "--gpus-per-trial", type=float, help="GPUs per trial (fractions share a GPU; default 1 where nodes have GPUs)"
+    )
+    p.add_argument(
+        "--cpus-per-trial",
+        type=int,
+        help="CPUs per trial (default: 1 without GPUs, else the trial's GPU share times the GPU nodes' CPUs per GPU)",
+    )
     p.add_argument(
         "--address",
         help="join a running Ray cluster ('auto' or HEAD:PORT); results must be on shared "
@@ -241,12 +247,13 @@ def launch(plan: Plan, args: argparse.Namespace) -> int:
         start_ray(args.address, plan.cpus, plan.gpus)
     except ClusterError as exc:
         raise Refused(str(exc)) from None
-    problem = cluster_problem(plan.res, args.address) if plan.cluster and not args.wait_for_resources else None
-    if problem:
-        ray.shutdown()  # disconnects this driver; the cluster keeps running
-        raise Refused(problem)
-    if plan.cluster:  # with a searcher, Tune creates a trial only when none is pending: let it fill every node at once
-        slots = min(trial_slots(plan.res), args.max_concurrent or plan.num_samples)
+    if plan.cluster:  # the resources per trial follow the cluster's nodes, not this machine's
+        slots = settle_resources(plan, args, alive_nodes())
+        problem = None if args.wait_for_resources else cluster_problem(plan.res, args.address)
+        if problem:
+            ray.shutdown()  # disconnects this driver; the cluster keeps running
+            raise Refused(problem)
+        # with a searcher, Tune creates a trial only when none is pending: let it fill every node at once
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, slots)))
     try:
         if not plan.cluster:

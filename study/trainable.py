@@ -14,11 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from mriadv.atomic import atomic_write
@@ -83,14 +84,34 @@ def hparams_of(cfg: TrainConfig, sampled: dict[str, Any], epsilon_keys: tuple[st
     return out
 
 
+def trial_allocation() -> dict[str, Any]:
+    """What Tune gave the running trial, ``{"cpu": c, "gpu": g, "cuda_visible_devices": ..., "threads": n}``,
+    with torch's intra-op threads set to its CPUs (at least 1), on CPU and CUDA alike: the trial's own
+    share, not the node's every core (trials share a node) nor a count decided on the driver's machine.
+    A trial given a GPU by Ray on a node without CUDA still runs, on CPU (``device='auto'``)."""
+    req = tune.get_context().get_trial_resources().required_resources
+    cpu, gpu = float(req.get("CPU", 0.0)), float(req.get("GPU", 0.0))
+    threads = max(1, int(cpu))
+    torch.set_num_threads(threads)
+    return {"cpu": cpu, "gpu": gpu, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": threads}
+
+
 def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """Tune function trainable: one :func:`fit`, reporting every epoch with a checkpoint."""
     sampled = dict(config)
-    cfg = trial_config(ctx, sampled)
+    given = trial_allocation()
+    cfg = replace(trial_config(ctx, sampled), threads=given["threads"])  # a study.json before this kept threads=1
     hp = hparams_of(cfg, sampled, ctx.epsilon_keys)
     trial_dir = Path(ctx.study_dir) / Path(tune.get_context().get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
     label = trial_label(tune.get_context().get_trial_id(), sampled)
+    devices = given["cuda_visible_devices"]
+    print(
+        f"{label} {given['cpu']:g} CPU, {given['gpu']:g} GPU"
+        + (f" (CUDA_VISIBLE_DEVICES={devices})" if devices is not None else "")
+        + f", {given['threads']} torch threads",
+        flush=True,
+    )
     if not ctx.verbose:  # "Checkpoint successfully created at: ..." after every epoch
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     searched = ["epsilon_ref" if k in ctx.epsilon_keys else k for k in sampled]

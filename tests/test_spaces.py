@@ -160,7 +160,7 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
         )
     )
     args = argparse.Namespace(max_epochs=None)
-    base = base_config(space, "demo", tmp_path, args, None, tmp_path / ".cache")  # demo's own crop: 96
+    base = base_config(space, "demo", tmp_path, args, tmp_path / ".cache")  # demo's own crop: 96
     ctx = StudyContext(
         base=base,
         epsilon_keys=("epsilon",),
