@@ -36,6 +36,7 @@ from study.report_data import (
 
 __all__ = [
     "configuration_tables",
+    "findings",
     "configurations",
     "configurations_markdown",
     "write_configuration_tables",
@@ -260,3 +261,33 @@ def write_configuration_tables(res: StudyResults, out: Path) -> list[str]:
     if not versus.empty:
         versus.to_csv(out / "versus_reference.csv", index=False)
     return configurations_markdown(table, versus, reference, budget)
+
+
+def findings(res: StudyResults) -> list[str]:
+    """The lines a study ends with, what a user would paste into a message: the best configuration on
+    held-out NMSE beside the zero-filled input's and the reference's, and the configuration that cuts
+    the PGD degradation most against the reference, with the intervals of :func:`configuration_tables`."""
+    table, versus, reference, budget = configuration_tables(res)
+    if table.empty or not table["NMSE"].notna().any():
+        return []
+    zf = held_out(res, "zero_filled")
+    zf_nmse = float(zf.loc[zf["attack"] == "clean", "nmse"].mean()) if len(zf) else math.nan
+    best = table.loc[table["NMSE"].idxmin()]
+    seeds = int(best["seeds"])
+    line = (
+        f"found: best held-out NMSE {best['configuration']}: {_cell(best, 'NMSE', '.4f')} "
+        f"({seeds} seed{'s' if seeds > 1 else ''}, 95 % interval); zero-filled input {zf_nmse:.4f}"
+    )
+    if reference is not None and reference != best["configuration"]:
+        ref = table.loc[table["configuration"] == reference].iloc[0]
+        line += f"; {reference} {_cell(ref, 'NMSE', '.4f')}"
+    out = [line]
+    if not versus.empty and versus["Δ PGD dNMSE"].notna().any():
+        top = versus.loc[versus["Δ PGD dNMSE"].idxmin()]
+        out.append(
+            f"found: against {reference} under PGD@{budget:g}, {top['configuration']} changes the degradation by "
+            f"{_cell(top, 'Δ PGD dNMSE', '+.4f')} ({_cell(top, 'Δ PGD dNMSE %', '+.1f')} %, "
+            f"{_verdict(top, 'Δ PGD dNMSE', 'a gain', 'a loss')}) at a clean NMSE change of {_cell(top, 'ΔNMSE', '+.4f')} "
+            f"({_verdict(top, 'ΔNMSE', 'better', 'worse')})"
+        )
+    return out

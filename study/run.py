@@ -279,6 +279,11 @@ def summarise(plan: Plan, report: bool) -> None:
         except ImportError as exc:  # a package the report draws with (matplotlib, Pillow) is missing
             print(f"note: report not written: {type(exc).__name__}: {exc}")
         else:
+            from study.report_data import load_results
+            from study.report_seeds import findings
+
+            for line in findings(load_results(plan.study_dir)):
+                print(line)
             print(f"report: {here(folder)}")
     statuses = trial_statuses(plan.study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):

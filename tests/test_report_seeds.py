@@ -150,3 +150,19 @@ def test_the_pareto_figure_uses_the_budget_the_objectives_name(study):
     assert points.y_metric == "PGD@5000 NMSE" and points.errors is not None and np.isfinite(points.errors).all()
     res.objectives = [("val_nmse", "min"), ("rob_pgd_e1000_nmse", "min")]
     assert reference_budget(res) == 1000.0 and pareto_points(res, table1(res)).y_metric == "PGD@1000 NMSE"
+
+
+def test_a_study_ends_with_what_it_found(study):
+    from study.report_data import load_results
+    from study.report_seeds import findings
+
+    table = pd.read_csv(study / "report" / "configurations.csv").set_index("configuration")
+    versus = pd.read_csv(study / "report" / "versus_reference.csv").iloc[0]
+    robust = pd.read_parquet(study / "robustness.parquet")
+    zf = robust[(robust["split"] == "report") & (robust["model"] == "zero_filled") & (robust["attack"] == "clean")]
+    best = table["NMSE"].idxmin()
+    lines = findings(load_results(study))
+    assert len(lines) == 2
+    assert lines[0].startswith(f"found: best held-out NMSE {best}: {table.loc[best, 'NMSE']:.4f} ± ")
+    assert f"zero-filled input {zf['nmse'].mean():.4f}" in lines[0]
+    assert f"against ε=0 under PGD@5000, ε=5000 changes the degradation by {versus['Δ PGD dNMSE']:+.4f} ± " in lines[1]
