@@ -1,0 +1,108 @@
+"""An unrolled reconstructor: K cascades of a learned denoiser, each followed by single-coil data
+consistency with the measurements (MoDL's step, Aggarwal, Mani & Jacob 2019; Schlemper et al.'s soft
+data consistency with ``v = 1/λ``).
+
+With the orthonormal centred FFT ``F`` (:mod:`mriadv.fft`), the sampled-column mask ``M`` and the
+measurements ``y = M ⊙ y_full``, the data-consistency step of cascade ``k`` is the closed form of
+``argmin_x ‖M(Fx) − y‖² + λ_k ‖x − z‖²``:
+
+    x ← Fᴴ[(M ⊙ y + λ_k · F z) / (M + λ_k)],
+
+i.e. on a sampled column the k-space becomes ``(y + λ F z) / (1 + λ)`` and on an unsampled one ``F z``
+(written per case, so ``λ = 0``, hard data consistency, needs no division by zero). As ``λ → 0`` the
+sampled columns of the output equal the measurements exactly, so a perturbation ``δ`` of the
+measurements moves the output by at least ``‖M δ‖`` (the structural floor of hard data consistency).
+``λ_k = softplus(ρ_k) ≥ 0`` is learnt per cascade.
+
+The network works on the complex image of the whole k-space grid ``(H, W)`` as two real channels and
+crops to the target at the end; its output is normalised as the U-Net's input (the magnitude minus
+``mean / std``, k-space already divided by ``std`` in :class:`mriadv.data.transforms.UnetTransform`), so
+it is scored, attacked and saved exactly as the U-Net is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mriadv.data.transforms import NORM_EPS, center_crop
+from mriadv.fft import fft2c, ifft2c
+from mriadv.models.unet import UNet
+
+
+def data_consistency(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``Fᴴ[(M ⊙ y + λ F z) / (M + λ)]``.
+
+    Args:
+        z: complex ``(B, H, W)`` image, the denoiser's output.
+        y: complex ``(B, H, W)`` measured k-space (zero where not sampled).
+        mask: ``(B, W)`` bool or 0/1, the sampled columns.
+        lam: scalar tensor ``λ ≥ 0``.
+    Returns: complex ``(B, H, W)``.
+    """
+    k = fft2c(z)
+    sampled = mask.to(torch.bool)[:, None, :]
+    return ifft2c(torch.where(sampled, (y + lam * k) / (1.0 + lam), k))
+
+
+class UnrolledNet(nn.Module):
+    """K cascades of ``x ← DC(x + D_k(x))`` from the zero-filled image ``x_0 = Fᴴ y``.
+
+    Args:
+        cascades: K.
+        chans, num_pools: of each cascade's denoiser, a residual-free U-Net on ``(re, im)``
+            (:class:`~mriadv.models.unet.UNet` with 2 input and output channels).
+        share: one denoiser for every cascade (``unroll_share``) or one each.
+        crop: side of the square output (the target's crop).
+        lam_init: initial ``λ`` of every cascade.
+        activation, pooling, norm: the denoiser's, as the U-Net's.
+    """
+
+    def __init__(
+        self,
+        cascades: int = 4,
+        chans: int = 8,
+        num_pools: int = 2,
+        share: bool = False,
+        crop: int = 320,
+        lam_init: float = 0.05,
+        activation: str = "prelu",
+        pooling: str = "avg",
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        if cascades < 1:
+            raise ValueError(f"cascades must be >= 1, got {cascades}")
+        self.cascades, self.crop, self.share = cascades, crop, share
+
+        def denoiser() -> UNet:
+            return UNet(2, 2, chans, num_pools, activation=activation, pooling=pooling, norm=norm)
+
+        self.denoisers = nn.ModuleList([denoiser()] if share else [denoiser() for _ in range(cascades)])
+        rho = math.log(math.expm1(lam_init)) if lam_init > 0 else -20.0  # softplus^-1
+        self.rho = nn.Parameter(torch.full((cascades,), float(rho)))
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """``(K,)`` the data-consistency weights ``λ_k = softplus(ρ_k)``."""
+        return F.softplus(self.rho)
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``kspace``: complex ``(B, H, W)`` measured k-space divided by ``std``; ``mask``: ``(B, W)``;
+        ``mean``, ``std``: ``(B,)`` of the zero-filled magnitude. Returns ``(B, 1, crop, crop)``, normalised
+        as the U-Net's input and output."""
+        x = ifft2c(kspace)
+        lambdas = self.lambdas
+        for k in range(self.cascades):
+            net = self.denoisers[0 if self.share else k]
+            two = torch.view_as_real(x).permute(0, 3, 1, 2)  # (B, 2, H, W)
+            z = x + torch.view_as_complex(net(two).permute(0, 2, 3, 1).float().contiguous())
+            x = data_consistency(z, kspace, mask, lambdas[k])
+        image = center_crop(x, (self.crop, self.crop)).abs()
+        return (image - (mean / (std + NORM_EPS))[:, None, None]).unsqueeze(1)
+
+
+__all__ = ["UnrolledNet", "data_consistency"]
