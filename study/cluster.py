@@ -6,18 +6,24 @@ joins that cluster and fails within :data:`CONNECT_TIMEOUT_S` seconds, with one 
 address and the likely cause, when nothing answers there, something that is not a Ray head answers,
 or the head refuses the driver's authentication token (token authentication is on by default in
 Ray 2.60). Once connected it refuses a per-trial request that no node can satisfy, rather than
-leaving every trial PENDING. Ray is imported inside the functions only: the runner sets Ray's
+leaving every trial PENDING, and a cluster whose nodes do not all see the study folder and the data
+folder at the driver's paths (:func:`storage_problem`): without shared storage a trial failed only
+after its first epoch. Ray is imported inside the functions only: the runner sets Ray's
 environment variables before anything imports it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
+STORAGE_TIMEOUT_S = 30.0  # the storage check's tasks, one per node (a worker starts on each)
+DATA_SPLITS = ("singlecoil_train", "singlecoil_val")
 CONNECT_TIMEOUT_S = 10.0  # ray.init joining a cluster (after the TCP probe): handshake, token, registration
 PROBE_TIMEOUT_S = 5.0  # the TCP connect to the head's port
 TOKEN_HELP = (
@@ -192,6 +198,111 @@ def cluster_problem(request: dict[str, float], address: str) -> str | None:
                 "forever; ask for less, or pass --wait-for-resources if the cluster scales up"
             )
     return None
+
+
+def storage_problem(study_dir: Path, data_dir: Path, timeout_s: float = STORAGE_TIMEOUT_S) -> str | None:
+    """None if every live node of the connected cluster sees ``study_dir`` and ``data_dir`` as this
+    driver does, else one line naming the first node that does not (its IP and node id) and the path.
+
+    Both directions are checked: the driver writes a marker of random content into ``study_dir``;
+    one task pinned to each live node reads it there, compares the names and sizes of the files in
+    ``data_dir``'s split folders with the driver's, and writes a reply beside the marker, which the
+    driver then reads. The markers are removed afterwards. A node that does not answer within
+    ``timeout_s`` seconds is named too. Nodes that join later are not checked."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    marker = study_dir / f".storage_check_{token}"
+    advice = (
+        "--results and --data must be on storage mounted at the same path on every node of the cluster "
+        "(docs/clusters.md)"
+    )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(node_sees)  # its worker exits after it
+    marker.write_text(token)
+    try:
+        expected = data_listing(str(data_dir))
+        refs = [
+            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker), token, str(data_dir), expected, n["NodeID"]
+            )
+            for n in nodes
+        ]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        for node, ref in zip(nodes, refs, strict=True):
+            name = f"node {node.get('NodeManagerAddress', '?')} (id {node['NodeID'][:12]})"
+            if ref not in ready:
+                return (
+                    f"{name} did not answer the shared-storage check within {timeout_s:g} s (a check of "
+                    f"{study_dir} and {data_dir}: can it start a Ray worker?); {advice}"
+                )
+            try:
+                problem = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the node's failure, in one line
+                return f"{name}: the shared-storage check of {study_dir} failed there: {_first_line(exc)}; {advice}"
+            if problem is None and _read(Path(f"{marker}_{node['NodeID']}")) != node["NodeID"]:
+                problem = f"wrote into the study folder {study_dir}, but this driver does not see what it wrote"
+            if problem is not None:
+                return f"{name} {problem}; {advice}"
+        return None
+    finally:
+        for f in study_dir.glob(f"{marker.name}*"):
+            f.unlink(missing_ok=True)
+
+
+def node_sees(marker: str, token: str, data: str, expected: dict[str, list | None], node_id: str) -> str | None:
+    """The task of :func:`storage_problem` on node ``node_id``: None if the driver's ``marker`` holds
+    ``token`` here and the data folder lists as ``expected``, after writing the reply
+    ``<marker>_<node_id>``; else what this node sees wrong, naming the path. Standard library only."""
+    study = os.path.dirname(marker)
+    seen = _read(Path(marker))
+    if seen is None:
+        why = "the folder is missing" if not os.path.isdir(study) else "the marker the driver wrote there is missing"
+        return f"does not see the study folder {study} ({why} on that node)"
+    if seen != token:
+        return f"sees another folder at the study folder's path {study} (the driver's marker differs there)"
+    listing = data_listing(data)
+    for split in DATA_SPLITS:
+        there, here = listing[split], expected[split]
+        if there == here:
+            continue
+        if there is None:
+            return f"does not see the data folder {data} ({os.path.join(data, split)} is missing on that node)"
+        names = {n for n, _ in there} ^ {n for n, _ in here}
+        if names:
+            return (
+                f"sees another data folder at {data} ({split}/ lists {len(there)} files there, {len(here)} here; "
+                f"{min(names)} is in one only)"
+            )
+        name, size, ours = next((n, s, t) for (n, s), (_, t) in zip(there, here, strict=True) if s != t)
+        return f"sees another data folder at {data} ({split}/{name}: {size} bytes there, {ours} here)"
+    try:
+        Path(f"{marker}_{node_id}").write_text(node_id)
+    except OSError as exc:
+        return f"cannot write into the study folder {study} ({exc.strerror})"
+    return None
+
+
+def data_listing(data: str) -> dict[str, list | None]:
+    """Per split folder of ``data``: its files as sorted ``[name, size]`` pairs, or None where it is missing."""
+    out: dict[str, list | None] = {}
+    for split in DATA_SPLITS:
+        try:
+            with os.scandir(os.path.join(data, split)) as entries:
+                out[split] = sorted([e.name, e.stat().st_size] for e in entries if e.is_file())
+        except OSError:
+            out[split] = None
+    return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -12,6 +12,7 @@ names instead of copying them.
         tables.journal             JOURNAL_FILE: results since the tables were last rewritten (study/tables.py)
         optuna.db                  OPTUNA_FILE: the searcher's Optuna storage
         tuner.pkl                  TUNER_FILE: Tune's state; with study.json, the study resumes
+        driver.lock                LOCK_FILE: flock'ed by the live driver, its PID and host (study/lock.py)
         .ray_processes             PIDFILE: the driver's Ray processes (study/procs.py), JSON; not
                                    named *.json, which Tune copies to its staging folder on a resume
                                    and back over the live file at every step
@@ -36,6 +37,7 @@ JOURNAL_FILE = "tables.journal"  # not *.json: Tune copies those back and forth 
 OPTUNA_FILE = "optuna.db"
 TUNER_FILE = "tuner.pkl"
 PIDFILE = ".ray_processes"
+LOCK_FILE = "driver.lock"  # one driver per study (study/lock.py)
 TUNE_STATE_DIR = ".tune_state"
 BEST_CHECKPOINT = BEST_NAME
 REPORT_DIR = "report"

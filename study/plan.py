@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -28,6 +28,7 @@ from mriadv.runtime import default_profile
 from mriadv.units import budgets_at_crop, to_reference
 from study.cluster import ClusterError, is_local, locate_cluster
 from study.layout import STATE_FILE, TUNER_FILE
+from study.lock import StudyBusy, lock_study
 from study.run_summary import trial_statuses
 from study.spaces import SpaceError, StudySpace, load_space, parse_space_yaml, space_from_dict
 from study.tune_state import EXPERIMENT_STATE, newest, repair_state
@@ -54,6 +55,7 @@ class Plan:
     num_samples: int
     max_epochs: int
     located: str = ""  # the cluster's host:port
+    lock: IO[str] | None = None  # the study's lock file (study/lock.py), open while this driver runs the study
 
 
 def check_options(args: argparse.Namespace) -> str | None:
@@ -99,7 +101,9 @@ def space_text(space: StudySpace) -> str:
 
 def plan_study(args: argparse.Namespace) -> Plan:
     """Check everything that can be checked without Ray, print what will run, and return the plan.
-    A new study's folder and ``study.json`` are written here; a resumed study's settings are read."""
+    The study's lock is taken first (:mod:`study.lock`; a second driver of a live study is refused
+    here, before the folder is read), and ``plan.lock`` keeps it. A new study's folder and
+    ``study.json`` are written here; a resumed study's settings are read."""
     space = study_space(args)
     results = args.results.resolve()
     for folder in (results, *results.parents):  # a file where a folder must be: one line, not a traceback
@@ -117,14 +121,40 @@ def plan_study(args: argparse.Namespace) -> Plan:
     if args.resume and not resuming:
         raise Refused(f"--resume: there is no study to resume in {study_dir} (run without --resume to start it)")
     here = local_node()
-    cpus, gpus = int(here["CPU"]), int(here["GPU"])
     res: dict[str, float] = {}
     if not cluster:  # a cluster's resources are known once it is joined
         res = trial_resources([here], args.gpus_per_trial, args.cpus_per_trial)
-        problem = local_problem(res, cpus, gpus)
+        problem = local_problem(res, int(here["CPU"]), int(here["GPU"]))
         if problem:
             raise Refused(problem)
+    try:  # before anything in the folder is read, repaired or written: one driver per study
+        lock = lock_study(study_dir)
+    except StudyBusy as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"--results {args.results}: cannot lock the study folder {study_dir}: {exc.strerror}") from None
+    try:
+        plan = _plan_locked(args, space, results, name, cluster, here, res)
+    except BaseException:
+        lock.close()
+        raise
+    plan.located, plan.lock = located, lock
+    return plan
 
+
+def _plan_locked(
+    args: argparse.Namespace,
+    space: StudySpace,
+    results: Path,
+    name: str,
+    cluster: bool,
+    here: dict[str, float],
+    res: dict[str, float],
+) -> Plan:
+    """The rest of :func:`plan_study`, once this driver holds the study's lock."""
+    study_dir = results / name
+    resuming = (study_dir / TUNER_FILE).is_file() and (study_dir / STATE_FILE).is_file()  # again, under the lock
+    cpus, gpus = int(here["CPU"]), int(here["GPU"])
     if resuming:
         base = _resumed_base(args, study_dir, name)
     else:
@@ -140,7 +170,6 @@ def plan_study(args: argparse.Namespace) -> Plan:
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
     plan = Plan(space, name, results, study_dir, resuming, cluster, res, cpus, gpus, base, num_samples, max_epochs)
-    plan.located = located
     if not cluster:
         settle_resources(plan, args, [here])
     return plan

@@ -10,7 +10,8 @@ otherwise; multi-objective where the space names several objectives), stopped ea
 trainer's patience and, for sampled spaces, by ASHA. Everything lands in ``results/<name>/``:
 Tune's trial folders (checkpoints every epoch, TensorBoard events), ``trials.parquet``,
 ``robustness.parquet``, ``optuna.db`` and the report. Re-running the same command on an interrupted
-study resumes it. Exit status: 0 done, 1 some trials failed, 2 bad input.
+study resumes it; while its driver is alive, another is refused (:mod:`study.lock`). Exit status: 0 done, 1 some
+trials failed, 2 bad input, another live driver, or a cluster node without the shared folders.
 
 :func:`main` plans the study without Ray (:mod:`study.plan`: options, space, resources, the base
 config in ``study.json``), launches it on Ray Tune (:func:`launch`) and summarises it
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from study.cluster import ClusterError, alive_nodes, cluster_problem, start_ray
+from study.cluster import ClusterError, alive_nodes, cluster_problem, start_ray, storage_problem
 from study.layout import OPTUNA_FILE, trial_dirname
 from study.plan import Plan, Refused, check_options, plan_study, settle_resources, study_space
 from study.procs import ProcessRecord
@@ -250,6 +251,9 @@ def launch(plan: Plan, args: argparse.Namespace) -> int:
     if plan.cluster:  # the resources per trial follow the cluster's nodes, not this machine's
         slots = settle_resources(plan, args, alive_nodes())
         problem = None if args.wait_for_resources else cluster_problem(plan.res, args.address)
+        # every live node must see the study and data folders at this driver's paths (no shared storage: a
+        # trial failed only after its first epoch); within STORAGE_TIMEOUT_S seconds
+        problem = problem or storage_problem(plan.study_dir, Path(plan.base["data"]))
         if problem:
             ray.shutdown()  # disconnects this driver; the cluster keeps running
             raise Refused(problem)
@@ -325,10 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dashboard:
             return serve_dashboard(args)
         plan = plan_study(args)
-        exit_code = launch(plan, args)
     except Refused as exc:
         return fail(str(exc))
-    summarise(plan, report=not args.no_report)
+    with plan.lock:  # the study's lock (study/lock.py), held until its summary and report are written
+        try:
+            exit_code = launch(plan, args)
+        except Refused as exc:
+            return fail(str(exc))
+        summarise(plan, report=not args.no_report)
     return exit_code
 
 
