@@ -8,6 +8,7 @@ groups of the ``ray start --block`` processes it started: never ``ray stop``, ne
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -34,6 +35,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Ray turns the SIGTERM that ends a finished trial's worker into SystemExit(1); on a loaded machine it
+# can land inside a weakref callback during garbage collection, and Python prints it as ignored.
+# That worker had reported its last result: the noise is dropped, any other traceback still fails.
+_SHUTDOWN_NOISE = re.compile(
+    r"[^\n]*(?:Exception ignored in|Traceback \(most recent call last\))[^\n]*\n"
+    r"(?:[^\n]*\n){0,24}?[^\n]*_weakrefset\.py[^\n]*\n(?:[^\n]*\n){0,8}?[^\n]*SystemExit: 1[^\n]*(?:\n|$)"
+)
+
+
+def shutdown_noise(text: str) -> str:
+    """``text`` without the shutdown noise of a finished trial's worker (see above)."""
+    return _SHUTDOWN_NOISE.sub("", text)
 
 
 def driver_env(**extra: str) -> dict[str, str]:
@@ -291,7 +306,8 @@ def test_a_study_on_a_two_node_cluster(tmp_path):
         assert trials["node_id"].nunique() == 2, trials.groupby("trial_id")["node_id"].first()
         for epoch in (1, 2):  # one line per trial event: none doubled, none folded by Ray's dedup
             assert text.count(f"epoch {epoch}: loss") == 6, text[-4000:]
-        assert "across cluster" not in text and "Traceback" not in text and "SystemExit" not in text
+        quiet = shutdown_noise(text)
+        assert "across cluster" not in quiet and "Traceback" not in quiet and "SystemExit" not in quiet, quiet[-4000:]
 
         # the cluster is still up, and none of the study's trial processes outlive it
         assert all(n.poll() is None for n in nodes)
