@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU readiness in one command, on one NVIDIA GPU (sized for an H100 or H200: under 8 minutes):
 #
-#   (a) the paper profile's standard and adversarial step times and their ratio
-#       (bf16 autocast, channels_last: benchmarks/step_cost.py --profile paper);
+#   (a) the paper profile's standard and adversarial step times and their ratio (bf16 autocast,
+#       channels_last), and both steps again in NCHW: channels_last on against off, in the same rounds
+#       (benchmarks/step_cost.py --profile paper --channels-last both);
 #   (b) slices/s of a seed-size adversarial epoch fed by the loader workers, and the peak GPU memory
 #       of one paper trial (benchmarks/gpu_epoch.py);
 #   (c) a 4-trial demo study packed on the GPU with --gpus-per-trial 0.25 against the same 4 trials
@@ -60,8 +61,8 @@ part() {
     return "$rc"
 }
 
-part "(a) paper step cost, bf16 + channels_last" 90 "$OUT/a_step_cost.log" \
-    "$PY" benchmarks/step_cost.py --profile paper --precision bf16 --steps 20 --warmup 5
+part "(a) paper step cost, bf16, channels_last on and off" 150 "$OUT/a_step_cost.log" \
+    "$PY" benchmarks/step_cost.py --profile paper --precision bf16 --channels-last both --steps 20 --warmup 5
 
 part "(b) seed-size adversarial epoch, loader workers" 120 "$OUT/b_epoch.log" \
     "$PY" benchmarks/gpu_epoch.py --profile paper --batches 60 --warmup 5
@@ -107,8 +108,9 @@ serial_s=$((SECONDS - t0))
 echo
 echo "================ summary ($((SECONDS - start)) s; logs in $OUT)"
 head -n 1 "$OUT/a_step_cost.log" 2> /dev/null
-grep -E "^(standard step|adversarial step) " "$OUT/a_step_cost.log" 2> /dev/null | awk '{print "(a) " $1 " " $2 ": " $3 " ms"}'
+grep -E "^(standard step|adversarial step)  " "$OUT/a_step_cost.log" 2> /dev/null | awk '{print "(a) " $1 " " $2 ": " $3 " ms"}'
 grep -E "^ratio:" "$OUT/a_step_cost.log" 2> /dev/null | sed 's/^/(a) adversarial \/ standard /'
+grep -E "^channels_last on / off:" "$OUT/a_step_cost.log" 2> /dev/null | sed 's/^/(a) /'
 grep -E "slices/s|^peak GPU memory" "$OUT/b_epoch.log" 2> /dev/null | sed 's/^/(b) /'
 if [ "$packed_rc" -eq 0 ] && [ "$serial_rc" -eq 0 ]; then
     echo "(c) 4 demo trials x 2 epochs: packed ${packed_s} s, one at a time ${serial_s} s, ratio packed/serial" \

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=40, help="timed training steps (default: 40)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (default: 4)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="loader workers (default: the config's: min(8, CPUs) on CUDA)"
+        "--workers", type=int, default=None, help="loader workers (default: the config's, build_data's rule)"
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     args = parser.parse_args(argv)

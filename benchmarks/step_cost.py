@@ -11,7 +11,11 @@ run under the same conditions (medians over the rounds):
 * ``generator_forward``: ``Trainer.perturbation(batch, z)`` under ``no_grad``;
 * every other defence's ``train_step`` (``--adversaries``): PGD training (k steps: k input-gradient
   passes plus the 2B update, floor ~k + 2.2 standard steps), jittering (~2, the 2B update), and the
-  conditioned generator G(x, z) (target <= 3.5).
+  conditioned generator G(x, z) (target <= 3.5);
+* ``--channels-last both`` (the default for ``--profile paper``): the standard and adversarial steps
+  once more in the other memory format, channels_last against NCHW in the same rounds. channels_last is
+  the CUDA default (:class:`mriadv.runtime.Runtime`), but every InstanceNorm returns NCHW, so each
+  following convolution may pay layout copies: this row is the measurement that decides it.
 
 Counting one f forward on B as a unit: a full backward is ~2 units and an input-only backward ~1, so
 standard training is ~3 units, the generator step ~2 (forward + input-only backward through the
@@ -31,6 +35,7 @@ Usage::
     python benchmarks/step_cost.py                  # demo profile, CPU here, CUDA when present
     python benchmarks/step_cost.py --profile paper --steps 50
     python benchmarks/step_cost.py --threads 2 --breakdown
+    python benchmarks/step_cost.py --channels-last both   # NCHW and channels_last, on CPU too
 
 The last line is ``ratio: <adversarial / standard>``.
 """
@@ -42,6 +47,8 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -170,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         help="other defences to time beside the seed's generator (default: all)",
     )
     parser.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial PGD training (default 3)")
+    parser.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off", "both"),
+        default=None,
+        help="memory format: auto (the runtime's: channels_last on CUDA only), on, off, or both (the standard and "
+        "adversarial steps also in the other format; default for --profile paper, else auto)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -178,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg_adv = profile.config(device=args.device, precision=args.precision, threads=args.threads)
     cfg_std = profile.config(device=args.device, precision=args.precision, threads=args.threads, epsilon=0.0)
     rt = Runtime.resolve(cfg_adv.device, cfg_adv.precision, cfg_adv.threads)
+    layouts = args.channels_last or ("both" if args.profile == "paper" else "auto")
+    if layouts in ("on", "off"):
+        rt = replace(rt, channels_last=layouts == "on")
     seed_everything(0)
     standard, adversarial = Trainer(cfg_std, rt), Trainer(cfg_adv, rt)
     batch = random_batch(cfg_adv, rt.device)
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         f"profile {args.profile}: batch {cfg_adv.batch_size}, crop {cfg_adv.crop_size}, U-Net "
         f"{cfg_adv.unet_chans}/{cfg_adv.unet_pools} ({n_recon / 1e6:.2f} M params), generator "
         f"{cfg_adv.gen_chans} ({n_gen / 1e6:.2f} M params), loss {cfg_adv.loss}, epsilon {cfg_adv.epsilon:g}; "
-        f"device {where}, precision {rt.dtype or 'fp32'}"
+        f"device {where}, precision {rt.dtype or 'fp32'}, {layout_name(rt)}"
     )
 
     # The isolated steps get the inputs that train_step would give them (z, and delta = G(z) detached).
@@ -211,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         "reconstructor_step (adversarial)": lambda: adversarial.reconstructor_step(batch, delta),
         "generator forward (no_grad)": gen_forward,
     }
+    other_layout: dict[str, str] = {}  # the steps in the other memory format (--channels-last both)
+    if layouts == "both":
+        rt_other = replace(rt, channels_last=not rt.uses_channels_last)
+        seed_everything(0)
+        pair = Trainer(cfg_std, rt_other), Trainer(cfg_adv, rt_other)
+        for step, trainer in zip(("standard step", "adversarial step"), pair):
+            name = f"{step} [{layout_name(rt_other)}]"
+            ops[name] = partial(trainer.train_step, batch)
+            other_layout[step] = name
     others: dict[str, str] = {}  # op name -> adversary kind (issue 10: every defence's step cost)
     for kind in args.adversaries:
         trainer = Trainer(
@@ -261,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             f"units: f forward (B) {fwd:.2f} ms = {fwd / unit:.2f} of standard/3; measured floor "
             f"(f fwd+input bwd on B + f fwd+full bwd on 2B) / (f fwd+full bwd on B) = {floor:.3f}"
         )
+    if other_layout:
+        cells = []
+        for step, other in other_layout.items():
+            t_on, t_off = (ms[step], ms[other]) if rt.uses_channels_last else (ms[other], ms[step])
+            cells.append(f"{step.split()[0]} {t_on:.2f} / {t_off:.2f} ms ({t_on / t_off:.3f}x)")
+        print(f"channels_last on / off: {'; '.join(cells)}")
     for name, kind in others.items():
         r = ms[name] / ms["standard step"]
         target = {"conditional": 3.5, "pgd": args.adv_steps + 2.2}.get(kind)
@@ -272,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"ratio: {ratio:.3f}")
     return 0
+
+
+def layout_name(rt: Runtime) -> str:
+    return "channels_last" if rt.uses_channels_last else "NCHW"
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def fastmri_metrics(
                 if m is None:
                     pred = batch.image
                 else:
-                    with runtime.autocast():
+                    with runtime.evaluating():  # fp32, as mriadv's own evaluation
                         pred = m(runtime.image(batch.image)).float()
                 outs[name] = denormalize(pred, mean, std)
             for i, (fname, s) in enumerate(zip(batch.fnames, batch.slice_nums.tolist())):

@@ -78,7 +78,6 @@ def assess(
     pgd_step_scale: float | None = None,
     max_volumes: int | None = None,
     device: str = "auto",
-    precision: str = "auto",
     split: str = "report",
     *,
     protocol: str | None = None,
@@ -102,8 +101,9 @@ def assess(
         attacks: names from :data:`mriadv.config.ATTACKS` (default: the training's).
         pgd_steps, pgd_step_scale: PGD strength (default: the training's).
         max_volumes: evaluate a seeded subset of this many validation volumes.
-        device: ``'auto'``, ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
-        precision: ``'auto'`` (bf16 autocast on CUDA, fp32 on CPU), ``'fp32'`` or ``'bf16'``.
+        device: ``'auto'``, ``'cpu'``, ``'cuda'`` or ``'cuda:N'``. Evaluation is fp32 with TF32 off on
+            every device (:meth:`mriadv.runtime.Runtime.evaluating`), so a GPU and a CPU give the same
+            figures up to fp32 rounding, whatever precision the model trained in.
         split: which validation slices (see :data:`SPLIT_CHOICES`): ``'report'`` the held-out split
             the study reports on (reproduces the last record's ``report``); ``'selection'`` the
             selection split (reproduces an epoch's ``val_*``); ``'robust'`` its per-epoch attack
@@ -154,7 +154,7 @@ def assess(
     }
     overrides = {
         "device": device,
-        "precision": precision,
+        "precision": "fp32",  # assess only evaluates, and evaluation is fp32 whatever the training's
         "threads": None,
         "train_eval_volumes": 0,
         **({"report_fraction": 0.0} if split == "all" else {}),
@@ -180,7 +180,7 @@ def assess(
     data_cfg = cfg
     if proto is not None and proto.needs_kspace and "pgd_kspace" not in cfg.attacks:
         data_cfg = replace(cfg, attacks=(*cfg.attacks, "pgd_kspace"))  # only so that batches carry k-space
-    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
+    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads, cfg.deterministic)
     try:
         data_ = build_data(data_cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
     except DataError as exc:
@@ -304,10 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="report: the held-out split the study reports on (default); selection: the volumes "
         "early stopping chose by; robust: the per-epoch attack subset; all: every volume",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
-    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (evaluation is fp32 on every device)")
     p.add_argument("--out", type=Path, help="also write the assessment as JSON here")
     inst = p.add_argument_group(
         "instabilities (the seed's types 2 and 3, mriadv.instabilities; defaults: its FeatureSpec and FeatureSearch)"
@@ -380,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
             args.pgd_step_scale,
             args.max_volumes,
             args.device,
-            args.precision,
             args.split,
             protocol=args.protocol,
             rel_budgets=args.rel_budgets,

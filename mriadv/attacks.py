@@ -5,6 +5,10 @@ Every attack is an :class:`Attack`: called with the model and a batch, it return
 :class:`AttackOutput` (the perturbed network input and the perturbation's squared norms), so that
 one :func:`mriadv.evaluate.evaluate` serves clean validation and every attack alike. The perturbation
 domains, budgets and seeded draws they share are :mod:`mriadv.perturbations`.
+
+Attacks run the model in the caller's precision and set none of their own: fp32 in evaluation
+(:meth:`mriadv.runtime.Runtime.evaluating`), the training autocast when PGD makes a training
+perturbation (:meth:`mriadv.trainer.Trainer.attack_perturbation`).
 """
 
 from __future__ import annotations
@@ -149,8 +153,7 @@ class PGDAttack:
         self, model: nn.Module, batch: Batch, runtime: Runtime, delta: torch.Tensor, reference: torch.Tensor
     ) -> torch.Tensor:
         """The per-slice objective ``(B,)``: ``||f(x(delta)) - reference||^2`` (float32)."""
-        with runtime.autocast():
-            out = model(runtime.image(apply_perturbation(batch, delta, self.domain, self.clamp)))
+        out = model(runtime.image(apply_perturbation(batch, delta, self.domain, self.clamp)))
         return (out.float() - reference).pow(2).flatten(1).sum(1)
 
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
@@ -174,7 +177,7 @@ class PGDAttack:
         best_obj: torch.Tensor | None = None
         with frozen(model):  # gradients w.r.t. the input only
             if self.objective == "deviation":
-                with torch.no_grad(), runtime.autocast():
+                with torch.no_grad():
                     reference = model(runtime.image(batch.image)).float()
             else:
                 reference = batch.target

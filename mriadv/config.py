@@ -131,7 +131,7 @@ class TrainConfig:
     max_train_volumes: int | None = None
     max_val_volumes: int | None = None
     train_eval_volumes: int = 8  # training volumes evaluated each epoch with fixed masks (Table 1)
-    report_fraction: float = 0.5  # validation volumes held out for reporting (alternate by name); 0: none
+    report_fraction: float = 0.5  # validation volumes held out for reporting (mriadv.data.split); 0: none
     num_workers: int | None = None  # data loader workers; None: auto (0 on CPU)
     cache_dir: str | None = None  # where the volume index is cached
     # --- robustness evaluation -------------------------------------------------------------
@@ -148,6 +148,9 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (CUDA if present) | 'cpu' | 'cuda' | 'cuda:N'
     precision: str = "auto"  # 'auto' (bf16 on CUDA, fp32 on CPU) | 'fp32' | 'bf16'
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    # deterministic kernels (cuDNN deterministic, no benchmarking, torch.use_deterministic_algorithms): a
+    # GPU run that repeats and resumes exactly, slower; CPU runs are deterministic either way (runtime.py)
+    deterministic: bool = False
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -263,6 +266,7 @@ class TrainConfig:
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
+        need(isinstance(self.deterministic, bool), "deterministic", "must be true or false")
         for b in self.attack_budgets:
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
                 raise ConfigError(f"config key 'attack_budgets': {b!r} is not a finite number > 0")

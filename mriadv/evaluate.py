@@ -6,6 +6,10 @@ PSNR and SSIM with the volume maximum as data range, averaged over volumes), the
 normalised images, the seed's own per-batch metric definitions (for comparison with its Table 1),
 and the mean squared norm of the perturbation. :func:`robustness` evaluates a list of attacks and
 states each one's degradation relative to clean.
+
+Every evaluation runs in fp32 with TF32 off (:meth:`mriadv.runtime.Runtime.evaluating`), whatever
+precision the run trains in: the effects it measures (a small attack's degradation, a small
+feature's error) can be far below bf16's resolution (8 mantissa bits, ~0.4 % relative).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def evaluate(
     attack: Attack | None = None,
     clamp: float | None = TrainConfig.clamp,
 ) -> EvalResult:
-    """Evaluate ``model`` (put in eval mode, restored afterwards) on every batch of ``batches``.
+    """Evaluate ``model`` (put in eval mode, restored afterwards) on every batch of ``batches``, in fp32
+    (:meth:`Runtime.evaluating`; the attacks too).
 
     ``clamp``: the seed's metrics are computed against the target clamped like its data transform
     did (fastMRI's ``UnetDataTransform``: 6); the fastMRI metrics use the exact target."""
@@ -81,35 +86,34 @@ def evaluate(
     seed_sums = dict.fromkeys(METRICS, 0.0)
     num_batches = 0
     try:
-        for batch in batches:
-            batch = batch.to(runtime.device, non_blocking=True)
-            if attack is None:
-                inputs = batch.image
-                delta_sq = torch.zeros(len(batch))
-            else:
-                out = attack(model, batch, runtime)
-                inputs, delta_sq = out.inputs, out.delta_sq
-                if out.relative is not None:
-                    rel_sum += float(out.relative.sum())
-                    rel_slices += len(batch)
-            with runtime.autocast():
-                pred = model(runtime.image(inputs))
-            pred = pred.float()
-            loss_sum += float(loss_fn(pred, batch.target)) * len(batch)
-            delta_sum += float(delta_sq.sum())
-            slices += len(batch)
-            std, mean = batch.std.view(-1, 1, 1, 1), batch.mean.view(-1, 1, 1, 1)
-            volumes.update(
-                batch.fnames,
-                batch.slice_nums,
-                denormalize(batch.target, mean, std),
-                denormalize(pred, mean, std),
-                batch.max_value,
-            )
-            seed_target = batch.target.clamp(-clamp, clamp) if clamp is not None else batch.target
-            for k, v in seed_batch_metrics(seed_target, pred).items():
-                seed_sums[k] += v
-            num_batches += 1
+        with runtime.evaluating():
+            for batch in batches:
+                batch = batch.to(runtime.device, non_blocking=True)
+                if attack is None:
+                    inputs = batch.image
+                    delta_sq = torch.zeros(len(batch))
+                else:
+                    out = attack(model, batch, runtime)
+                    inputs, delta_sq = out.inputs, out.delta_sq
+                    if out.relative is not None:
+                        rel_sum += float(out.relative.sum())
+                        rel_slices += len(batch)
+                pred = model(runtime.image(inputs)).float()
+                loss_sum += float(loss_fn(pred, batch.target)) * len(batch)
+                delta_sum += float(delta_sq.sum())
+                slices += len(batch)
+                std, mean = batch.std.view(-1, 1, 1, 1), batch.mean.view(-1, 1, 1, 1)
+                volumes.update(
+                    batch.fnames,
+                    batch.slice_nums,
+                    denormalize(batch.target, mean, std),
+                    denormalize(pred, mean, std),
+                    batch.max_value,
+                )
+                seed_target = batch.target.clamp(-clamp, clamp) if clamp is not None else batch.target
+                for k, v in seed_batch_metrics(seed_target, pred).items():
+                    seed_sums[k] += v
+                num_batches += 1
     finally:
         model.train(was_training)
     if num_batches == 0:
@@ -234,7 +238,7 @@ def preview(
     model.eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with runtime.autocast():
+        with runtime.evaluating():
             return model(runtime.image(x)).float()
 
     try:

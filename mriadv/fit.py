@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = {
     "precision",
     "num_workers",
     "threads",
+    "deterministic",
     "cache_dir",
     "data",
     "robust_every",
@@ -100,7 +101,7 @@ def fit(
         log: progress lines (None: silent).
     """
     cfg = cfg.validate()
-    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
+    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads, cfg.deterministic)
     say = log or (lambda _msg: None)
     seed_everything(cfg.seed)
     data = build_data(cfg, runtime)
@@ -367,7 +368,7 @@ def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) ->
     cfg = trainer.cfg
     batch = preview_batch(data.val).to(runtime.device)
     perturbed = {}
-    with eval_mode(trainer.recon, trainer.generator):
+    with eval_mode(trainer.recon, trainer.generator), runtime.evaluating():
         if cfg.attack_budgets:
             pgd = PGDAttack(max(cfg.attack_budgets), cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp)
             perturbed["pgd"] = pgd(trainer.recon, batch, runtime).inputs

@@ -149,13 +149,15 @@ class Trainer:
         z = torch.randn(batch_size, self.cfg.latent_dim, generator=self.latent_rng) * self.cfg.latent_scale
         return z.to(self.runtime.device)
 
-    def perturbation(self, batch: Batch, z: torch.Tensor | None) -> torch.Tensor:
+    def perturbation(self, batch: Batch, z: torch.Tensor | None, training: bool = True) -> torch.Tensor:
         """``G(z)`` (image: ``(B, 1, h, w)``) or ``G(y)`` / ``G(z)`` (k-space: complex ``(B, H, W)``), fp32,
-        restricted to acquired columns and projected onto the epsilon ball when configured."""
+        restricted to acquired columns and projected onto the epsilon ball when configured. The generator
+        runs under the training autocast when ``training``, else in the caller's precision (fp32 in
+        evaluation)."""
         assert self.generator is not None
         cfg = self.cfg
         conditional = cfg.adversary_kind == "conditional"
-        with self.runtime.autocast():
+        with self.runtime.autocast() if training else contextlib.nullcontext():
             if cfg.perturbation == "image":
                 delta = (
                     self.generator(self.runtime.image(batch.image), z) if conditional else self.generator(z)
@@ -241,12 +243,13 @@ class Trainer:
     def attack_perturbation(self, batch: Batch) -> torch.Tensor:
         """delta for ``adversary='pgd'``: ``adv_steps`` of L2 PGD at the training budget (in k-space per
         slice, :func:`budget_per_slice`) against the current reconstructor (in eval mode, so batch-norm
-        statistics see only the update's batch), in the perturbation's domain (Madry et al. 2018)."""
+        statistics see only the update's batch), in the perturbation's domain (Madry et al. 2018); part
+        of the training step, so under the training autocast."""
         cfg = self.cfg
         pgd = PGDAttack(
             cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
         )
-        with eval_mode(self.recon):
+        with eval_mode(self.recon), self.runtime.autocast():
             return pgd(self.recon, batch, self.runtime).delta
 
     def noise_perturbation(self, batch: Batch) -> torch.Tensor:
@@ -312,7 +315,8 @@ class Trainer:
 
     # -- robustness evaluation ----------------------------------------------------------------
     def generator_perturb(self, batch: Batch) -> torch.Tensor:
-        """The generator's raw perturbation for a batch, in eval mode (for :class:`GeneratorAttack`)."""
+        """The generator's raw perturbation for a batch, in eval mode and the caller's precision (for
+        :class:`GeneratorAttack` and the preview: fp32 inside :meth:`Runtime.evaluating`)."""
         assert self.generator is not None
         was = self.generator.training
         self.generator.eval()
@@ -324,7 +328,7 @@ class Trainer:
                     self.runtime.device
                 )
             with torch.no_grad():
-                return self.perturbation(batch, z)
+                return self.perturbation(batch, z, training=False)
         finally:
             self.generator.train(was)
 

@@ -111,7 +111,8 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
         attack = PGDAttack(
             budget, cfg.pgd_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
         )
-        x = attack(model, batch, runtime).inputs
+        with runtime.evaluating():  # fp32 with TF32 off, as every evaluation
+            x = attack(model, batch, runtime).inputs
         return {k: v[0] for k, v in preview(model, batch, runtime, {"pgd": x}).items()}
 
     best = res.best

@@ -236,6 +236,7 @@ def test_smoke_fit_lowers_training_loss(synthetic_root, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
+    """Bit for bit on CPU, where this runs; on a GPU only with deterministic=true (README: determinism)."""
     cfg = smoke_cfg(synthetic_root, max_epochs=2, max_train_batches=3)
     full = fit(cfg, out_dir=tmp_path / "full", log=None)
     first = fit(TrainConfig.from_dict({"max_epochs": 1}, base=cfg), out_dir=tmp_path / "part", log=None)

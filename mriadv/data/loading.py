@@ -5,7 +5,7 @@ folder is usable before anything trains on it."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,18 +53,37 @@ class Data:
     report_split: str = "selection"
     robust_val: SliceDataset | None = None
     train_bucketed: bool = False  # training batches carry k-space (k-space training)
+    # fixed-order loaders with workers by (id(dataset), epoch), each held with its dataset so the id is not reused
+    _fixed_loaders: dict[tuple[int, int], tuple[SliceDataset, torch.utils.data.DataLoader]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def loader(self, dataset: SliceDataset, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+        """The batches of ``dataset`` in epoch ``epoch``'s order (``shuffle``) or in a fixed one.
+
+        With loader workers, a fixed-order loader (evaluation: validation, each attack, the report) is
+        made once per dataset and epoch and keeps its workers between passes (``persistent_workers``):
+        an epoch iterates the same split once per attack, and forking the workers for every pass cost
+        more than the pass itself on the small evaluation splits. Without workers, a new loader per call."""
         dataset.set_epoch(epoch)
+        keep = not shuffle and self.num_workers > 0
+        if keep and (id(dataset), epoch) in self._fixed_loaders:
+            return self._fixed_loaders[id(dataset), epoch][1]
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate)
+        if keep:
+            common["persistent_workers"] = True
         if self.bucketed:
             sampler = ShapeBucketSampler(dataset.kspace_shapes(), self.batch_size, shuffle, self.seed)
             sampler.set_epoch(epoch)
-            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
-        gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen, **common
-        )
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+        else:
+            gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen, **common
+            )
+        if keep:
+            self._fixed_loaders[id(dataset), epoch] = (dataset, loader)
+        return loader
 
     def train_loader(self, epoch: int, steps: int | None) -> torch.utils.data.DataLoader:
         """Epoch ``epoch``'s training batches: ``steps`` batches of the stream of passes over the
@@ -153,8 +172,9 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     robust_val = val.with_slices(seeded_slices(val.volumes, cfg.robust_slices_per_volume, cfg.seed))
     train_eval = train.restricted(train.volumes[: cfg.train_eval_volumes], fixed_tf) if cfg.train_eval_volumes else None
     workers = cfg.num_workers
-    if workers is None:
-        workers = min(8, len(os.sched_getaffinity(0))) if runtime.is_cuda else 0
+    if workers is None:  # on CUDA one per CPU of the run's share, at most 8: packed trials fork their share only
+        share = cfg.threads if cfg.threads is not None else torch.get_num_threads()  # a trial: its Ray CPUs
+        workers = min(8, len(os.sched_getaffinity(0)), share) if runtime.is_cuda else 0
     return Data(
         train,
         val,

@@ -130,7 +130,7 @@ def feature_recovery(
             if case is None:
                 skipped += 1
                 continue
-            with runtime.autocast():
+            with runtime.evaluating():  # fp32: a small feature's error is below bf16's resolution
                 preds = model(runtime.image(case.inputs.to(runtime.device))).float()
             for prefix, out in (("", case_metrics(case, preds)), ("zero_filled_", case_metrics(case, case.inputs))):
                 worst = int(torch.argmax(out["error"]))
@@ -174,7 +174,7 @@ def feature_example(
     was_training = model.training
     model.eval()
     try:
-        with runtime.autocast():
+        with runtime.evaluating():
             preds = model(runtime.image(case.inputs.to(runtime.device))).float().cpu()
     finally:
         model.train(was_training)

@@ -95,8 +95,13 @@ def sampling_sweep(
     for func in funcs:
         tf = replace(base, mask_func=func, train=False, keep_kspace=False)
         ds = dataset.restricted(dataset.volumes, tf).with_slices(dataset.slices)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+        loader = torch.utils.data.DataLoader(  # iterated twice (model, zero-filled): its workers forked once
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate,
+            persistent_workers=num_workers > 0,
         )
         res = evaluate(model, loader, loss_fn, runtime, clamp=base.clamp)
         row = SamplingRow(

@@ -93,15 +93,38 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     multiple of ``2**num_pools``) is computed as what it is: a depthwise transposed convolution,
     stride 2, with the fixed 4x4 kernel ``outer((1, 3, 3, 1) / 4)``, after replicating the edge
     pixels (PyTorch's edge clamping). Same weights, same result up to rounding (a few ulp), and
-    forward + backward ~2x faster than PyTorch's CPU bilinear kernels at the demo's sizes. Elsewhere
-    (CUDA, other dtypes, other sizes) it is ``F.interpolate`` itself.
+    forward + backward ~2x faster than PyTorch's CPU bilinear kernels at the demo's sizes. On CUDA
+    the same form is taken under ``torch.use_deterministic_algorithms`` (``deterministic=True``):
+    CUDA's bilinear backward adds with atomics, in no fixed order, and has no deterministic variant,
+    while a transposed convolution and replicate padding do. Elsewhere (CUDA, other dtypes, other
+    sizes) it is ``F.interpolate`` itself.
     """
     h, w = x.shape[-2:]
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or tuple(size) != (2 * h, 2 * w):
+    exact = tuple(size) == (2 * h, 2 * w)
+    conv = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if not exact or not (conv or (x.is_floating_point() and torch.are_deterministic_algorithms_enabled())):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    k = torch.tensor(_BILINEAR_2X, dtype=x.dtype)
+    k = torch.tensor(_BILINEAR_2X, dtype=x.dtype, device=x.device)
     kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 4, 4).contiguous()
     return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, stride=2, padding=3, groups=x.shape[1])
+
+
+def reflected(n: int, before: int, after: int, device: torch.device | None = None) -> torch.Tensor:
+    """The source index of each position of a side of length ``n`` reflect-padded by ``before`` and
+    ``after`` (each < n), as ``F.pad(mode='reflect')`` picks them: ``(before + n + after,)`` int64."""
+    i = torch.arange(-before, n + after, device=device).abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.pad(x, pad, mode='reflect')`` for ``x`` ``(B, C, H, W)``, ``pad`` ``(left, right, top,
+    bottom)``. On CUDA under ``torch.use_deterministic_algorithms`` it is two ``index_select`` s
+    instead, whose backward is deterministic there (CUDA's reflection-pad backward adds with atomics)."""
+    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.pad(x, pad, mode="reflect")
+    left, right, top, bottom = pad
+    h, w = x.shape[-2:]
+    return x.index_select(-2, reflected(h, top, bottom, x.device)).index_select(-1, reflected(w, left, right, x.device))
 
 
 class ConvBlock(nn.Sequential):
@@ -199,8 +222,8 @@ class UNet(nn.Module):
         m = 2**self.num_pools
         pad_h, pad_w = (-H) % m, (-W) % m
         if pad_h or pad_w:
-            mode = "reflect" if pad_h < H and pad_w < W else "replicate"
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode=mode)
+            pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            x = reflect_pad(x, pad) if pad_h < H and pad_w < W else F.pad(x, pad, mode="replicate")
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:
