@@ -12,6 +12,11 @@ run under the same conditions (medians over the rounds):
 * every other defence's ``train_step`` (``--adversaries``): PGD training (k steps: k input-gradient
   passes plus the 2B update, floor ~k + 2.2 standard steps), jittering (~2, the 2B update), and the
   conditioned generator G(x, z) (target <= 3.5);
+* ``--arch unrolled``: the unrolled network (:mod:`mriadv.models.unrolled`, the config's cascades and
+  denoiser pools, its width chosen for the parameter count nearest the U-Net's) beside the U-Net: its
+  standard step and its k-space PGD training step (``--adv-steps``), and the U-Net's k-space PGD step;
+  the batch then carries random measurements on the whole k-space grid of the crop (fastMRI knee
+  proportions, :func:`mriadv.data.synthetic.geometry`) under the profile's mask;
 * ``--channels-last both`` (the default for ``--profile paper``): the standard and adversarial steps
   once more in the other memory format, channels_last against NCHW in the same rounds. channels_last is
   the CUDA default (:class:`mriadv.runtime.Runtime`), but every InstanceNorm returns NCHW, so each
@@ -36,6 +41,7 @@ Usage::
     python benchmarks/step_cost.py --profile paper --steps 50
     python benchmarks/step_cost.py --threads 2 --breakdown
     python benchmarks/step_cost.py --channels-last both   # NCHW and channels_last, on CPU too
+    python benchmarks/step_cost.py --arch unrolled         # the unrolled network beside the U-Net
 
 The last line is ``ratio: <adversarial / standard>``.
 """
@@ -57,21 +63,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
+from mriadv.data.masks import make_mask_func  # noqa: E402
+from mriadv.data.synthetic import geometry  # noqa: E402
 from mriadv.data.transforms import Batch  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.models.utils import frozen  # noqa: E402
-from mriadv.trainer import Trainer  # noqa: E402
+from mriadv.trainer import Trainer, build_reconstructor  # noqa: E402
 from _machine import cpu_seconds, others_share  # noqa: E402
 
 TARGET_RATIO = 2.9  # the issue's target; the floor is ~2.67 plus the generator's own cost
 
 
-def random_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> Batch:
-    """A batch of the config's batch size and crop: normalised image and a target near it."""
+def random_batch(cfg: TrainConfig, device: torch.device, seed: int = 0, kspace: bool = False) -> Batch:
+    """A batch of the config's batch size and crop: normalised image and a target near it; ``kspace``:
+    also random measurements ``(B, 2c, W)`` on the k-space grid of crop ``c`` (fastMRI knee proportions)
+    under the config's mask."""
     g = torch.Generator().manual_seed(seed)
     b, c = cfg.batch_size, cfg.crop_size
     target = torch.randn(b, 1, c, c, generator=g)
     image = target + 0.3 * torch.randn(b, 1, c, c, generator=g)
+    k = mask = None
+    if kspace:
+        geom = geometry(c)
+        func = make_mask_func(cfg.mask_type, cfg.center_fraction, cfg.acceleration)
+        mask = torch.stack([torch.from_numpy(func(geom.width, seed + i)) for i in range(b)])
+        k = torch.randn(b, geom.height, geom.width, generator=g, dtype=torch.complex64) * mask[:, None, :]
     return Batch(
         image=image,
         target=target,
@@ -80,6 +96,8 @@ def random_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> Batch
         max_value=torch.full((b,), 6.0),
         fnames=[f"random{i:03d}.h5" for i in range(b)],
         slice_nums=torch.arange(b),
+        kspace=k,
+        mask=mask,
     ).to(device)
 
 
@@ -184,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         help="memory format: auto (the runtime's: channels_last on CUDA only), on, off, or both (the standard and "
         "adversarial steps also in the other format; default for --profile paper, else auto)",
     )
+    parser.add_argument(
+        "--arch",
+        choices=("unet", "unrolled"),
+        default="unet",
+        help="unrolled: also time the unrolled network at about the U-Net's parameter count (default: unet only)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -197,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         rt = replace(rt, channels_last=layouts == "on")
     seed_everything(0)
     standard, adversarial = Trainer(cfg_std, rt), Trainer(cfg_adv, rt)
-    batch = random_batch(cfg_adv, rt.device)
+    batch = random_batch(cfg_adv, rt.device, kspace=args.arch == "unrolled")
     n_recon = sum(p.numel() for p in adversarial.recon.parameters())
     n_gen = sum(p.numel() for p in adversarial.generator.parameters())
     where = f"{rt.device}" + (
@@ -252,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{kind} step" + (f" (k={args.adv_steps})" if kind == "pgd" else "")
         ops[name] = (lambda tr: lambda: tr.train_step(batch))(trainer)
         others[name] = kind
+    arch_ops: dict[str, str] = {}
+    if args.arch == "unrolled":
+        arch_ops, n_unrolled, line = unrolled_ops(ops, profile.config, args, rt, batch, n_recon)
+        print(line)
     if args.breakdown:
         ops |= unit_ops(adversarial, batch)
     t0 = time.perf_counter()
@@ -298,12 +326,61 @@ def main(argv: list[str] | None = None) -> int:
         target = {"conditional": 3.5, "pgd": args.adv_steps + 2.2}.get(kind)
         verdict = f" (target <= {target:g}: {'met' if r <= target else 'NOT met'})" if target else ""
         print(f"step ratio {kind}: {r:.3f}{verdict}")
+    if arch_ops:
+        std, pgd_u, pgd_unrolled = (ms[arch_ops[k]] for k in ("standard", "pgd unet", "pgd unrolled"))
+        print(
+            f"unrolled vs U-Net ({n_unrolled / 1e6:.3f} vs {n_recon / 1e6:.3f} M params): standard step "
+            f"{std:.2f} vs {ms['standard step']:.2f} ms ({std / ms['standard step']:.2f}x); k-space PGD step "
+            f"(k={args.adv_steps}) {pgd_unrolled:.2f} vs {pgd_u:.2f} ms ({pgd_unrolled / pgd_u:.2f}x)"
+        )
     print(
         f"target: ratio <= {TARGET_RATIO} (floor ~2.67 + the generator's cost): "
         f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}"
     )
     print(f"ratio: {ratio:.3f}")
     return 0
+
+
+def unrolled_ops(
+    ops: dict[str, Callable[[], object]],
+    config: Callable[..., TrainConfig],
+    args: argparse.Namespace,
+    rt: Runtime,
+    batch: Batch,
+    n_unet: int,
+) -> tuple[dict[str, str], int, str]:
+    """Add the unrolled network's standard and k-space PGD training steps and the U-Net's k-space PGD
+    step to ``ops``; the unrolled width is the one whose parameter count is nearest ``n_unet``. Returns
+    the op names by role, the unrolled network's parameter count and a line describing it."""
+    run = dict(device=args.device, precision=args.precision, threads=args.threads, adv_steps=args.adv_steps)
+    base = config(**run, arch="unrolled", perturbation="kspace", attacks=("pgd_kspace",))
+
+    def count(chans: int) -> int:
+        return sum(p.numel() for p in build_reconstructor(replace(base, unroll_chans=chans)).parameters())
+
+    chans = 1  # the count grows with the width: the first one at or above the U-Net's, or the one before
+    while count(chans) < n_unet:
+        chans += 1
+    chans = chans - 1 if chans > 1 and n_unet - count(chans - 1) < count(chans) - n_unet else chans
+    unrolled = replace(base, unroll_chans=chans)
+    trainers = {
+        "standard": Trainer(replace(unrolled, epsilon=0.0), rt),
+        "pgd unrolled": Trainer(replace(unrolled, adversary="pgd"), rt),
+        "pgd unet": Trainer(config(**run, perturbation="kspace", adversary="pgd"), rt),
+    }
+    names = {
+        "standard": "unrolled standard step",
+        "pgd unrolled": f"unrolled pgd_kspace step (k={args.adv_steps})",
+        "pgd unet": f"U-Net pgd_kspace step (k={args.adv_steps})",
+    }
+    for role, trainer in trainers.items():
+        ops[names[role]] = partial(trainer.train_step, batch)
+    line = (
+        f"unrolled: {unrolled.unroll_cascades} cascades of a {chans}/{unrolled.unroll_pools} U-Net denoiser "
+        f"({'shared' if unrolled.unroll_share else 'one each'}, {count(chans) / 1e6:.3f} M params) on the "
+        f"{tuple(batch.kspace.shape[-2:])} k-space grid"  # type: ignore[union-attr]
+    )
+    return names, count(chans), line
 
 
 def layout_name(rt: Runtime) -> str:

@@ -88,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
+from mriadv.perturbations import reconstruct  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
 from mriadv.config import ConfigError  # noqa: E402
@@ -187,7 +188,7 @@ def fastmri_metrics(
                     pred = batch.image
                 else:
                     with runtime.evaluating():  # fp32, as mriadv's own evaluation
-                        pred = m(runtime.image(batch.image)).float()
+                        pred = reconstruct(m, runtime, batch).float()
                 outs[name] = denormalize(pred, mean, std)
             for i, (fname, s) in enumerate(zip(batch.fnames, batch.slice_nums.tolist())):
                 vol = per_volume.setdefault(fname, {k: [] for k in outs} | {"slice": []})

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
-from mriadv.config import ConfigError, TrainConfig
+from mriadv.config import ConfigError, TrainConfig, refuse_image_attacks
 from mriadv.units import to_reference
 from mriadv.verdict import VersusInput
 
@@ -209,4 +209,6 @@ def resolve_protocol(
     if grid_given:
         changes |= {"budgets_ref": (), "rel_budgets": rels}
     proto = replace(base, **changes)  # validates: ConfigError naming the bad option
+    if cfg.arch == "unrolled":  # it reconstructs from the measurements: no image-domain attack reaches it
+        refuse_image_attacks(proto.attacks, cfg.perturbation, f"protocol {proto.name!r}")
     return proto, (budgets if grid_given else None)

@@ -2,7 +2,7 @@
 relative budget.
 
 Every attack is an :class:`Attack`: called with the model and a batch, it returns an
-:class:`AttackOutput` (the perturbed network input and the perturbation's squared norms), so that
+:class:`AttackOutput` (the perturbed batch and the perturbation's squared norms), so that
 one :func:`mriadv.evaluate.evaluate` serves clean validation and every attack alike. The perturbation
 domains, budgets and seeded draws they share are :mod:`mriadv.perturbations`.
 
@@ -27,12 +27,13 @@ from mriadv.models.utils import frozen
 from mriadv.perturbations import (
     DOMAINS,
     RANDOM_STARTS,
-    apply_perturbation,
     broadcast_per_sample,
     budget_per_slice,
     perturbation_shape,
+    perturbed_batch,
     project_l2,
     random_start,
+    reconstruct,
     relative_radius,
     relative_size,
     restrict,
@@ -72,15 +73,21 @@ def check_pgd_options(steps: int, step_scale: float, random_start: str | None, r
 
 @dataclass
 class AttackOutput:
-    """``inputs``: perturbed network input ``(B, 1, h, w)``; ``delta_sq``: ``(B,)`` squared norms;
+    """``batch``: the perturbed batch (:func:`perturbed_batch`: its network input, and its measurements
+    for a k-space attack), what :func:`reconstruct` takes; ``delta_sq``: ``(B,)`` squared norms;
     ``delta``: the perturbation itself, in the attack's domain; ``relative``: ``(B,)`` its size
     ``||delta|| / ||ref||`` relative to the sampled k-space (k-space attacks) or the input image (image
     attacks), see :func:`relative_size` (None where an attack does not compute it)."""
 
-    inputs: torch.Tensor
+    batch: Batch
     delta_sq: torch.Tensor
     delta: torch.Tensor
     relative: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The perturbed zero-filled network input ``(B, 1, h, w)``."""
+        return self.batch.image
 
 
 class Attack(Protocol):
@@ -153,7 +160,7 @@ class PGDAttack:
         self, model: nn.Module, batch: Batch, runtime: Runtime, delta: torch.Tensor, reference: torch.Tensor
     ) -> torch.Tensor:
         """The per-slice objective ``(B,)``: ``||f(x(delta)) - reference||^2`` (float32)."""
-        out = model(runtime.image(apply_perturbation(batch, delta, self.domain, self.clamp)))
+        out = reconstruct(model, runtime, perturbed_batch(batch, delta, self.domain, self.clamp))
         return (out.float() - reference).pow(2).flatten(1).sum(1)
 
     def __call__(self, model: nn.Module, batch: Batch, runtime: Runtime) -> AttackOutput:
@@ -178,7 +185,7 @@ class PGDAttack:
         with frozen(model):  # gradients w.r.t. the input only
             if self.objective == "deviation":
                 with torch.no_grad():
-                    reference = model(runtime.image(batch.image)).float()
+                    reference = reconstruct(model, runtime, batch).float()
             else:
                 reference = batch.target
             for restart in range(self.restarts):
@@ -219,7 +226,7 @@ class PGDAttack:
             self.trace = [[float(v) for v in torch.stack(vals).tolist()] for vals in traces]
         delta = best  # type: ignore[assignment]
         return AttackOutput(
-            apply_perturbation(batch, delta, self.domain, self.clamp),
+            perturbed_batch(batch, delta, self.domain, self.clamp),
             squared_norm(delta),
             delta,
             relative_size(delta, batch, self.domain),
@@ -276,7 +283,7 @@ class NoiseAttack:
             target = target.to(noise.device)
         delta = (noise * broadcast_per_sample((target / squared_norm(noise)).sqrt(), noise.ndim)).to(device)
         return AttackOutput(
-            apply_perturbation(batch, delta, self.domain, self.clamp),
+            perturbed_batch(batch, delta, self.domain, self.clamp),
             squared_norm(delta),
             delta,
             relative_size(delta, batch, self.domain),
@@ -308,7 +315,7 @@ class GeneratorAttack:
                 budget = relative_radius(batch, self.rel, self.domain).pow(2)
             delta = delta * broadcast_per_sample((budget / squared_norm(delta).clamp_min(1e-30)).sqrt(), delta.ndim)
         return AttackOutput(
-            apply_perturbation(batch, delta, self.domain, self.clamp),
+            perturbed_batch(batch, delta, self.domain, self.clamp),
             squared_norm(delta),
             delta,
             relative_size(delta, batch, self.domain),

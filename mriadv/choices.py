@@ -8,6 +8,10 @@ refused). The comment above each tuple names the config key and the code that co
 
 from __future__ import annotations
 
+# arch: mriadv.trainer.build_reconstructor: the U-Net on the zero-filled image, or the unrolled network
+# that takes the measurements (mriadv.models.unrolled.UnrolledNet)
+ARCHS = ("unet", "unrolled")
+
 # unet_activation, unet_pooling, unet_norm: mriadv.models.unet.UNet
 ACTIVATIONS = ("prelu", "relu", "leakyrelu")
 POOLINGS = ("avg", "max")
@@ -45,12 +49,16 @@ PGD_OBJECTIVES = ("target", "deviation")
 # report_protocol: the names of mriadv.protocols.PROTOCOLS (which imports torch and the attacks; it
 # checks at import that its presets are exactly these)
 PROTOCOL_NAMES = ("seed", "l2-kspace-100", "l2-kspace-curve", "l2-kspace-restarts", "deviation-kspace")
+# those of them with an image-domain attack, which arch='unrolled' refuses (mriadv.protocols checks the list)
+IMAGE_PROTOCOLS = ("seed",)
 
 __all__ = [
     "ACTIVATIONS",
+    "ARCHS",
     "DOMAINS",
     "EPSILON_SCOPES",
     "GEN_SCALES",
+    "IMAGE_PROTOCOLS",
     "KSPACE_CONDITIONINGS",
     "LOSSES",
     "LR_SCHEDULES",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # budgets_at_crop and to_reference: re-exported for study/run.py, which imports them from here
 from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
@@ -29,6 +29,7 @@ ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional")
 
 # the named options and their allowed values (each tuple written once, in mriadv.choices)
 CHOICES: dict[str, tuple[str, ...]] = {
+    "arch": allowed.ARCHS,
     "loss": allowed.LOSSES,
     "epsilon_scope": allowed.EPSILON_SCOPES,
     "perturbation": allowed.DOMAINS,
@@ -48,6 +49,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the key."""
+
+
+# arch='unrolled' reconstructs from the measurements: an attack on the zero-filled image has no input to
+# perturb, and what to use instead
+UNROLLED = "arch=unrolled reconstructs from the measurements"
+KSPACE_INSTEAD = {
+    "pgd": "use 'pgd_kspace'",
+    "noise": "drop it (Gaussian noise on the measurements: protocol 'l2-kspace-restarts', noise_kspace)",
+    "generator": "train with perturbation='kspace', or drop it",
+}
+
+
+def refuse_image_attacks(attacks: Sequence[str], perturbation: str, where: str) -> None:
+    """For ``arch='unrolled'``: :class:`ConfigError` (``where``: the key or protocol) at the first of
+    ``attacks`` that perturbs the image (``'pgd'``, ``'noise'``; ``'generator'`` when ``perturbation`` is)."""
+    for a in attacks:
+        if a in ("pgd", "noise") or (a == "generator" and perturbation == "image"):
+            raise ConfigError(f"{where}: {UNROLLED}: attack {a!r} perturbs the image; {KSPACE_INSTEAD[a]}")
 
 
 def _as_tuple(key: str, value: Any, numbers: bool) -> tuple[Any, ...]:
@@ -110,6 +129,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     max_train_batches: int | None = None  # cap per epoch (smoke runs)
     # --- models ----------------------------------------------------------------------------
+    arch: str = "unet"  # 'unet' on the zero-filled image | 'unrolled': cascades with data consistency (unroll_*)
     unet_chans: int = 64
     unet_pools: int = 5
     unet_activation: str = "prelu"
@@ -118,6 +138,12 @@ class TrainConfig:
     residual: bool = False  # the U-Net predicts a correction to its input: x~ + f(x~) (starts at the zero-filled image)
     gen_chans: int = 64
     cond_chans: int = 32  # first-level width of the conditional generator's U-Net (half the reconstructor's)
+    # arch='unrolled' (mriadv.models.unrolled): K cascades of a U-Net denoiser on the complex image (its
+    # activation, pooling and norm: unet_*), each followed by data consistency with a learnt lambda >= 0
+    unroll_cascades: int = 4
+    unroll_chans: int = 8
+    unroll_pools: int = 2
+    unroll_share: bool = False  # one denoiser for every cascade
     # --- data ------------------------------------------------------------------------------
     data: str | None = None  # root with singlecoil_train/ and singlecoil_val/
     crop_size: int = REFERENCE_CROP  # the seed's 320x320 crops
@@ -221,10 +247,14 @@ class TrainConfig:
             "pgd_steps",
             "robust_every",
             "adv_steps",
+            "unroll_cascades",
+            "unroll_chans",
         ):
             value = getattr(self, key)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
-        need(isinstance(self.unet_pools, int) and self.unet_pools >= 0, "unet_pools", "must be an integer >= 0")
+        for key in ("unet_pools", "unroll_pools"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, "must be an integer >= 0")
         need(
             isinstance(self.train_eval_volumes, int) and self.train_eval_volumes >= 0,
             "train_eval_volumes",
@@ -266,13 +296,21 @@ class TrainConfig:
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
-        need(isinstance(self.deterministic, bool), "deterministic", "must be true or false")
+        for key in ("deterministic", "unroll_share"):
+            need(isinstance(getattr(self, key), bool), key, "must be true or false")
         for b in self.attack_budgets:
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
                 raise ConfigError(f"config key 'attack_budgets': {b!r} is not a finite number > 0")
         for a in self.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"config key 'attacks': {a!r} is not one of {ATTACKS}")
+        if self.arch == "unrolled":  # no image-domain perturbation can reach it
+            kspace = not self.adversarial or self.perturbation == "kspace"
+            need(kspace, "perturbation", f"{UNROLLED}: its training perturbation must be in k-space ('kspace')")
+            refuse_image_attacks(self.attacks, self.perturbation, "config key 'attacks'")
+            image_protocol = self.report_protocol in allowed.IMAGE_PROTOCOLS
+            need(not image_protocol, "report_protocol", f"{UNROLLED}: it attacks the image; use a k-space one")
+            need(not self.residual, "residual", "is the U-Net's; arch=unrolled's cascades are residual already")
         need(
             isinstance(self.device, str)
             and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
@@ -366,10 +404,12 @@ __all__ = [
     "CHOICES",
     "ATTACKS",
     "ConfigError",
+    "KSPACE_INSTEAD",
     "PROFILES",
     "Profile",
     "TrainConfig",
     "budgets_at_crop",
     "get_profile",
+    "refuse_image_attacks",
     "to_reference",
 ]

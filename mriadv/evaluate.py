@@ -26,6 +26,7 @@ from mriadv.attacks import Attack
 from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch, denormalize
 from mriadv.metrics import VolumeMetrics, seed_batch_metrics
+from mriadv.perturbations import reconstruct
 from mriadv.runtime import Runtime
 
 METRICS = ("nmse", "psnr", "ssim")
@@ -90,15 +91,15 @@ def evaluate(
             for batch in batches:
                 batch = batch.to(runtime.device, non_blocking=True)
                 if attack is None:
-                    inputs = batch.image
+                    attacked = batch
                     delta_sq = torch.zeros(len(batch))
                 else:
                     out = attack(model, batch, runtime)
-                    inputs, delta_sq = out.inputs, out.delta_sq
+                    attacked, delta_sq = out.batch, out.delta_sq
                     if out.relative is not None:
                         rel_sum += float(out.relative.sum())
                         rel_slices += len(batch)
-                pred = model(runtime.image(inputs)).float()
+                pred = reconstruct(model, runtime, attacked).float()
                 loss_sum += float(loss_fn(pred, batch.target)) * len(batch)
                 delta_sum += float(delta_sq.sum())
                 slices += len(batch)
@@ -228,24 +229,26 @@ def _finite_diff(a: float, b: float) -> float:
 
 @torch.no_grad()
 def preview(
-    model: nn.Module, batch: Batch, runtime: Runtime, perturbed: dict[str, torch.Tensor] | None = None
+    model: nn.Module, batch: Batch, runtime: Runtime, perturbed: dict[str, Batch] | None = None
 ) -> dict[str, np.ndarray]:
     """Images of a few slices for logs and figures, in normalised units, each ``(B, h, w)`` float32:
-    ``input``, ``target``, ``recon``, and for each named perturbed input ``x`` in ``perturbed``
-    (e.g. ``{"pgd": ..., "generator": ...}``): ``<name>_delta`` (``x - input``), ``<name>_input``
-    and ``<name>_recon``."""
+    ``input``, ``target``, ``recon``, and for each named perturbed batch ``p`` in ``perturbed``
+    (e.g. ``{"pgd": AttackOutput.batch, ...}``): ``<name>_delta`` (its network input ``x`` minus the
+    clean one; for a k-space perturbation, the change it makes to the zero-filled image),
+    ``<name>_input`` (``x``) and ``<name>_recon``."""
     was_training = model.training
     model.eval()
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(b: Batch) -> torch.Tensor:
         with runtime.evaluating():
-            return model(runtime.image(x)).float()
+            return reconstruct(model, runtime, b).float()
 
     try:
         batch = batch.to(runtime.device)
-        out = {"input": batch.image, "target": batch.target, "recon": run(batch.image)}
-        for name, x in (perturbed or {}).items():
-            out |= {f"{name}_delta": x - batch.image, f"{name}_input": x, f"{name}_recon": run(x)}
+        out = {"input": batch.image, "target": batch.target, "recon": run(batch)}
+        for name, p in (perturbed or {}).items():
+            x = p.image
+            out |= {f"{name}_delta": x - batch.image, f"{name}_input": x, f"{name}_recon": run(p)}
     finally:
         model.train(was_training)
     return {k: v[:, 0].float().cpu().numpy() for k, v in out.items()}

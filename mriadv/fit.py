@@ -354,26 +354,25 @@ def _features(trainer: Trainer, dataset: SliceDataset, runtime: Runtime) -> dict
         result = feature_recovery(trainer.recon, dataset, runtime, FeatureSpec(), FeatureSearch())
     except NoTissue:
         return None
-    out = result.as_dict()
-    for key in ("random", "worst", "zero_filled_random", "zero_filled_worst"):
-        out[key].pop("volume_fnr", None)
-    return out
+    return result.as_dict()  # with each part's FNR per volume (volume_fnr), for paired comparisons
 
 
 def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) -> None:
     """``preview.npz``: clean input/target/reconstruction of two validation slices, and the same under
-    PGD at the largest attack budget and under the trained generator (see :func:`evaluate.preview`).
-    Both networks run in eval mode: a training-mode forward would update batch-norm statistics with
-    validation slices and the saved model would differ from the evaluated one."""
+    PGD at the largest attack budget (in k-space for ``arch='unrolled'``) and under the trained generator
+    (see :func:`evaluate.preview`). Both networks run in eval mode: a training-mode forward would update
+    batch-norm statistics with validation slices and the saved model would differ from the evaluated one."""
     cfg = trainer.cfg
     batch = preview_batch(data.val).to(runtime.device)
     perturbed = {}
     with eval_mode(trainer.recon, trainer.generator), runtime.evaluating():
         if cfg.attack_budgets:
-            pgd = PGDAttack(max(cfg.attack_budgets), cfg.pgd_steps, cfg.pgd_step_scale, "image", clamp=cfg.clamp)
-            perturbed["pgd"] = pgd(trainer.recon, batch, runtime).inputs
+            domain = "kspace" if cfg.arch == "unrolled" else "image"
+            budget, sampled = max(cfg.attack_budgets), cfg.kspace_sampled_only
+            pgd = PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, domain, sampled, cfg.clamp)
+            perturbed["pgd"] = pgd(trainer.recon, batch, runtime).batch
         if trainer.generator is not None:
-            perturbed["generator"] = trainer.perturbed_input(batch, trainer.generator_perturb(batch))
+            perturbed["generator"] = trainer.perturbed_batch(batch, trainer.generator_perturb(batch))
         arrays = preview(trainer.recon, batch, runtime, perturbed)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
         np.savez_compressed(f, **{k: v.astype(np.float16) for k, v in arrays.items()})

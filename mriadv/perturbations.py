@@ -1,6 +1,7 @@
 """Perturbations of the reconstructor's input: applying them, bounding them, measuring them, and
-drawing them at random, one seeded generator per slice. Pure functions of tensors and batches; the
-attacks that search for a perturbation are :mod:`mriadv.attacks`.
+drawing them at random, one seeded generator per slice. Pure functions of tensors and batches, and
+:func:`reconstruct`, the one call that runs a reconstructor on a (perturbed) batch; the attacks that
+search for a perturbation are :mod:`mriadv.attacks`.
 
 A perturbation lives in one of two domains (:data:`mriadv.choices.DOMAINS`):
 
@@ -22,12 +23,15 @@ gives the radius directly (Genzel, Macdonald & Maerz, TPAMI 2022, use relative n
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
+from torch import nn
 
 from mriadv.choices import DOMAINS
 from mriadv.data.masks import volume_seed
 from mriadv.data.transforms import Batch, image_from_normalized_kspace
+from mriadv.runtime import Runtime
 from mriadv.units import relative_energy
 
 RANDOM_STARTS = ("uniform", "gaussian")
@@ -91,6 +95,39 @@ def apply_perturbation(batch: Batch, delta: torch.Tensor | None, domain: str, cl
             raise ValueError("a k-space perturbation needs batches that carry k-space (keep_kspace=True)")
         return image_from_normalized_kspace(batch.kspace + delta, batch.mean, batch.std, batch.crop, clamp)
     raise ValueError(f"unknown perturbation domain {domain!r}; expected one of {DOMAINS}")
+
+
+def perturbed_batch(batch: Batch, delta: torch.Tensor | None, domain: str, clamp: float | None) -> Batch:
+    """``batch`` perturbed by ``delta`` in ``domain``: ``image`` the network input of
+    :func:`apply_perturbation`; ``kspace`` the perturbed measurements ``y + delta`` (k-space), or None for
+    an image perturbation, which has no measurements: a reconstructor that takes them then refuses the
+    batch (:func:`reconstruct`) instead of silently reading the clean ones. ``delta=None``: ``batch``."""
+    if delta is None:
+        return batch
+    image = apply_perturbation(batch, delta, domain, clamp)  # raises for k-space without batch.kspace
+    kspace = batch.kspace + delta if domain == "kspace" else None  # type: ignore[operator]
+    return replace(batch, image=image, kspace=kspace)
+
+
+def takes_measurements(model: nn.Module) -> bool:
+    """Whether ``model`` reconstructs from the measurements, ``model(kspace, mask, mean, std)``
+    (:class:`mriadv.models.unrolled.UnrolledNet`), rather than from the zero-filled image."""
+    return bool(getattr(model, "takes_measurements", False))
+
+
+def reconstruct(model: nn.Module, runtime: Runtime, batch: Batch) -> torch.Tensor:
+    """The reconstruction ``(B, 1, h, w)`` of a (perturbed) batch, in the model's output dtype: every
+    forward pass of a reconstructor goes through here. A model that takes the measurements gets
+    ``batch.kspace``, ``mask``, ``mean``, ``std``; any other the zero-filled input ``batch.image`` in the
+    run's memory format. Raises ``ValueError`` for a measurement model and a batch without k-space."""
+    if takes_measurements(model):
+        if batch.kspace is None or batch.mask is None:
+            raise ValueError(
+                "this reconstructor takes the measurements, and the batch carries none (an image-domain "
+                "perturbation, or data loaded without k-space)"
+            )
+        return model(batch.kspace, batch.mask, batch.mean, batch.std)
+    return model(runtime.image(batch.image))
 
 
 def perturbation_shape(batch: Batch, domain: str) -> tuple[int, ...]:
@@ -221,8 +258,10 @@ __all__ = [
     "budget_per_slice",
     "hinge",
     "perturbation_shape",
+    "perturbed_batch",
     "project_l2",
     "random_start",
+    "reconstruct",
     "reference_norm",
     "relative_radius",
     "relative_size",
@@ -230,4 +269,5 @@ __all__ = [
     "slice_generator",
     "slice_noise",
     "squared_norm",
+    "takes_measurements",
 ]

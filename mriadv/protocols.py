@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack, check_pgd_options
-from mriadv.choices import PROTOCOL_NAMES
+from mriadv.choices import IMAGE_PROTOCOLS, PROTOCOL_NAMES
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.units import scale_epsilon
 from mriadv.data.transforms import Batch
@@ -227,6 +227,9 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 if tuple(PROTOCOLS) != PROTOCOL_NAMES:  # the config validates names against mriadv.choices (torch-free)
     raise RuntimeError(f"mriadv.choices.PROTOCOL_NAMES {PROTOCOL_NAMES} != the presets {tuple(PROTOCOLS)}")
+_IMAGE = tuple(n for n, p in PROTOCOLS.items() if {"pgd", "noise"} & set(p.attacks))
+if _IMAGE != IMAGE_PROTOCOLS:  # the config refuses these for arch='unrolled' (torch-free)
+    raise RuntimeError(f"mriadv.choices.IMAGE_PROTOCOLS {IMAGE_PROTOCOLS} != the image-domain presets {_IMAGE}")
 
 
 def get_protocol(name: str) -> Protocol:

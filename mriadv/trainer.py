@@ -26,12 +26,14 @@ import torch
 from torch import nn
 
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack
-from mriadv.config import ConfigError, TrainConfig
-from mriadv.data.transforms import Batch
+from mriadv.config import CHOICES, ConfigError, TrainConfig
+from mriadv.data.transforms import Batch, concat
 from mriadv.losses import make_loss
 from mriadv.models import ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex, kspace_features
+from mriadv.models.unrolled import UnrolledNet
 from mriadv.models.utils import frozen
-from mriadv.perturbations import apply_perturbation, budget_per_slice, hinge, project_l2, restrict, squared_norm
+from mriadv.perturbations import budget_per_slice, hinge, project_l2, restrict, squared_norm
+from mriadv.perturbations import perturbed_batch, reconstruct  # the reconstructor's (perturbed) input
 from mriadv.runtime import Runtime
 
 GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
@@ -51,7 +53,14 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-def build_reconstructor(cfg: TrainConfig) -> UNet:
+def build_reconstructor(cfg: TrainConfig) -> nn.Module:
+    """The U-Net on the zero-filled image, or (``arch='unrolled'``) the unrolled network on the measurements."""
+    if cfg.arch == "unrolled":
+        size = dict(cascades=cfg.unroll_cascades, chans=cfg.unroll_chans, num_pools=cfg.unroll_pools)
+        layers = dict(activation=cfg.unet_activation, pooling=cfg.unet_pooling, norm=cfg.unet_norm)
+        return UnrolledNet(**size, share=cfg.unroll_share, crop=cfg.crop_size, **layers)
+    if cfg.arch != "unet":
+        raise ValueError(f"unknown arch {cfg.arch!r}; expected one of {CHOICES['arch']}")
     return UNet(
         1, 1, cfg.unet_chans, cfg.unet_pools, cfg.unet_activation, cfg.unet_pooling, cfg.unet_norm, cfg.residual
     )
@@ -198,12 +207,12 @@ class Trainer:
         scale = torch.sqrt(GEN_HEADROOM * budget / n.clamp_min(1.0))
         return scale.view(-1, *([1] * (delta.ndim - 1))).to(delta.real.dtype)
 
-    def perturbed_input(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
-        return apply_perturbation(batch, delta, self.cfg.perturbation, self.cfg.clamp)
+    def perturbed_batch(self, batch: Batch, delta: torch.Tensor) -> Batch:
+        return perturbed_batch(batch, delta, self.cfg.perturbation, self.cfg.clamp)
 
-    def _loss(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, inputs: Batch, target: torch.Tensor) -> torch.Tensor:
         with self.runtime.autocast():
-            out = self.recon(self.runtime.image(inputs))
+            out = reconstruct(self.recon, self.runtime, inputs)
         return self.loss_fn(out.float(), target)
 
     # -- the named steps ----------------------------------------------------------------------
@@ -213,7 +222,7 @@ class Trainer:
         cfg = self.cfg
         with frozen(self.recon):
             delta = self.perturbation(batch, z)
-            adv = self._loss(self.perturbed_input(batch, delta), batch.target)
+            adv = self._loss(self.perturbed_batch(batch, delta), batch.target)
             penalty = hinge(delta, budget_per_slice(batch, cfg.epsilon, cfg.perturbation), cfg.epsilon_scope)
             objective = cfg.lambda1 * adv - cfg.lambda2 * penalty
             self.opt_gen.zero_grad(set_to_none=True)
@@ -225,13 +234,13 @@ class Trainer:
         """One descent step of theta on ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)`` (delta fixed);
         with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
         if delta is None:
-            total = clean = self._loss(batch.image, batch.target)
+            total = clean = self._loss(batch, batch.target)
             pert = torch.zeros(())
         else:
             n = len(batch)
-            inputs = torch.cat([batch.image, self.perturbed_input(batch, delta.detach())])  # (2B, 1, h, w)
+            both = concat(batch, self.perturbed_batch(batch, delta.detach()))  # 2B: clean, then perturbed
             with self.runtime.autocast():
-                out = self.recon(self.runtime.image(inputs)).float()
+                out = reconstruct(self.recon, self.runtime, both).float()
             clean = self.loss_fn(out[:n], batch.target)
             pert = self.loss_fn(out[n:], batch.target)
             total = clean + self.cfg.lambda1 * pert

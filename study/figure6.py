@@ -91,6 +91,7 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
             cfg.clamp,
             cfg.target_key,
             cfg.perturbation,
+            cfg.arch,
             tuple(cfg.attacks),
         )
         if key not in batches:
@@ -108,11 +109,10 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
 
     def attacked(model, cfg, budget, batch) -> dict[str, np.ndarray]:
         """preview() of the model on the clean and the PGD-perturbed slice: (h, w) arrays."""
-        attack = PGDAttack(
-            budget, cfg.pgd_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
-        )
+        domain = "kspace" if cfg.arch == "unrolled" else cfg.perturbation  # it takes the measurements
+        attack = PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, domain, cfg.kspace_sampled_only, cfg.clamp)
         with runtime.evaluating():  # fp32 with TF32 off, as every evaluation
-            x = attack(model, batch, runtime).inputs
+            x = attack(model, batch, runtime).batch
         return {k: v[0] for k, v in preview(model, batch, runtime, {"pgd": x}).items()}
 
     best = res.best

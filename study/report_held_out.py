@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pandas as pd
 
 from study.report_data import StudyResults, float_of, format_number, held_out, markdown_table, plus_minus
@@ -31,7 +33,9 @@ def instability_tables(res: StudyResults) -> list[str]:
         reverse=True,
     )
 
-    def line(label: str, row: pd.Series, prefix: str) -> list[str]:
+    flags = _stagnant_flags(res)
+
+    def line(label: str, row: pd.Series, prefix: str, trial: str | None = None) -> list[str]:
         cells = [label]
         for kind in ("random", "worst"):
             cells.append(
@@ -46,13 +50,10 @@ def instability_tables(res: StudyResults) -> list[str]:
                 ".2f",
             )
         )
-        previous = math.nan
         for r in rates:
             key = f"{prefix}sampling_r{format(r, 'g').replace('.', 'p')}_nmse"
-            value = float_of(row, key)
-            flag = " *" if prefix == "report_" and math.isfinite(previous) and not value < previous else ""
-            cells.append(format_number(value, ".4f") + flag)
-            previous = value
+            flag = " *" if flags.get((trial, "trained" if prefix == "report_" else "zero_filled", r)) else ""
+            cells.append(format_number(float_of(row, key), ".4f") + flag)
         return cells
 
     rows = []
@@ -68,10 +69,10 @@ def instability_tables(res: StudyResults) -> list[str]:
         None,
     )
     if first is not None:
-        rows.append(line("zero-filled input", first, "zf_report_"))
+        rows.append(line("zero-filled input", first, "zf_report_", str(first.name)))
     for _, b in res.best.iterrows():
         if b["trial_id"] in last.index:
-            rows.append(line(res.label(b["trial_id"]), last.loc[b["trial_id"]], "report_"))
+            rows.append(line(res.label(b["trial_id"]), last.loc[b["trial_id"]], "report_", b["trial_id"]))
     headers = [
         "model",
         "feature FNR (random position)",
@@ -87,12 +88,71 @@ def instability_tables(res: StudyResults) -> list[str]:
         "reconstructed; it counts as lost when the relative error inside it exceeds 0.5 (our threshold). "
         "FNR: share of slices whose feature is lost, at the first random tissue position and at the worst of 8. "
         "Type 3, more samples: NMSE with nested per-volume masks from 8× to 2× (centre fraction as trained); "
-        "* marks a step to more samples that did not lower NMSE (flagged by more than its standard error "
-        "in `trials.parquet`: `report_sampling_stagnant`).",
+        "* marks a step to more samples that did not lower NMSE by more than its paired standard error over "
+        "volumes (each step's difference and SE: `d_nmse`, `d_nmse_se` of the `sampling` rows of "
+        "`robustness.parquet`).",
         "",
         markdown_table(headers, rows),
         "",
+        *_fnr_notes(res),
     ]
+
+
+def _stagnant_flags(res: StudyResults) -> dict[tuple[str, str, float], bool]:
+    """``(trial id, model, acceleration) -> stagnant``: the step to this acceleration from the next
+    fewer samples did not lower NMSE by more than its paired SE (stored per held-out sampling row)."""
+    rob = res.robust
+    if rob.empty or "stagnant" not in rob or "acceleration" not in rob:
+        return {}
+    rows = rob[(rob["attack"] == "sampling") & rob["split"].isin(("report", "test"))]
+    return {
+        (str(r.trial_id), str(r.model), float(r.acceleration)): bool(r.stagnant)
+        for r in rows.itertuples()
+        if pd.notna(r.stagnant)
+    }
+
+
+def _fnr_notes(res: StudyResults) -> list[str]:
+    """Feature FNRs against the reference (ε = 0) model, paired by volume (``volume_fnr``): the mean
+    difference ± its paired SE; and a note where the worst-position FNR is the same for every model."""
+    rob = res.robust
+    if rob.empty or "volume_fnr" not in rob:
+        return []
+    rows = rob[rob["attack"].isin(("feature_random", "feature_worst")) & (rob["model"] == "trained")]
+    rows = rows[rows["split"].isin(("report", "test")) & rows["volume_fnr"].fillna("").ne("")]
+    eps = res.best.set_index("trial_id")["epsilon_ref"] if "epsilon_ref" in res.best else pd.Series(dtype=float)
+    standard = [t for t in res.best["trial_id"] if eps.get(t) == 0]
+    out = []
+    worst = rows[rows["attack"] == "feature_worst"]["fnr"]
+    if len(worst) > 1 and worst.nunique() == 1:
+        out.append(
+            f"- The worst-of-8 FNR is {float(worst.iloc[0]):.2f} for every model: at this contrast and size the "
+            "search finds a lost feature in every slice, so this column cannot rank the models."
+        )
+    if len(standard) != 1:
+        return out + ([""] if out else [])
+    ref = {k: json.loads(v) for k, v in rows[rows["trial_id"] == standard[0]][["attack", "volume_fnr"]].values}
+    lines = []
+    for _, b in res.best.iterrows():
+        if b["trial_id"] == standard[0]:
+            continue
+        mine = {k: json.loads(v) for k, v in rows[rows["trial_id"] == b["trial_id"]][["attack", "volume_fnr"]].values}
+        cells = []
+        for kind in ("feature_random", "feature_worst"):
+            if kind in mine and kind in ref:
+                common = sorted(set(mine[kind]) & set(ref[kind]))
+                d = np.array([mine[kind][v] - ref[kind][v] for v in common])
+                se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+                cells.append(f"{kind.removeprefix('feature_')} {plus_minus(d.mean(), se, '+.2f')}")
+        if cells:
+            lines.append(f"- {res.label(b['trial_id'])}: " + "; ".join(cells))
+    if lines:
+        out += [
+            f"Feature FNR minus the standard model's ({res.label(standard[0])}), paired by volume (± SE):",
+            "",
+            *lines,
+        ]
+    return out + ([""] if out else [])
 
 
 def protocol_tables(res: StudyResults) -> list[str]:

@@ -255,6 +255,7 @@ def instability_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
             ("zero_filled_worst", "zero_filled"),
         ):
             stats = {k: v for k, v in feats[key].items() if k != "volume_fnr"}
+            stats["volume_fnr"] = json.dumps(feats[key].get("volume_fnr", {}))  # per volume: paired comparisons
             rows.append({**common, "attack": f"feature_{key.removeprefix('zero_filled_')}", "model": model, **stats})
     for row in rep.get("sampling") or []:
         for model, prefix in (("trained", ""), ("zero_filled", "zf_")):
@@ -266,6 +267,8 @@ def instability_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
                     "acceleration": row["acceleration"],
                     "center_fraction": row["center_fraction"],
                     **{m: row[f"{prefix}{m}"] for m in ("nmse", "psnr", "ssim", "nmse_se")},
+                    # the step from the next fewer samples and its paired SE (the ``stagnant`` flag's basis)
+                    **{m: row.get(f"{prefix}{m}", float("nan")) for m in ("d_nmse", "d_nmse_se")},
                     "stagnant": bool(row[f"{prefix}stagnant"]),
                 }
             )

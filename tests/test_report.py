@@ -465,3 +465,38 @@ def test_runner_summary_names_files_relative_to_the_current_folder(tmp_path, mon
     assert f"checkpoint {folder / names['aaaa1111'] / 'best.pt'}" in "\n".join(
         run_summary.summarize(folder, load_space(str(space_file)))
     )
+
+
+@slow
+def test_type_3_marks_and_paired_fnr_are_the_stored_per_volume_numbers(study, written):
+    """Table 1's * marks a step to more samples whose NMSE did not fall by more than its paired SE, as
+    stored per step (d_nmse, d_nmse_se) in robustness.parquet; feature FNRs against the standard model
+    are paired by volume from the stored per-volume rates."""
+    folder, _, _ = written
+    robust = pd.read_parquet(study / "robustness.parquet")
+    sampling = robust[(robust["attack"] == "sampling") & (robust["split"] == "report")]
+    assert {"d_nmse", "d_nmse_se", "stagnant"} <= set(sampling.columns)
+    for _, mine in sampling[sampling["model"] == "trained"].groupby("trial_id"):
+        mine = mine.sort_values("acceleration", ascending=False)
+        nmse = mine["nmse"].to_numpy()
+        assert np.isnan(mine["d_nmse"].iloc[0])
+        assert mine["d_nmse"].iloc[1:].to_numpy() == pytest.approx(np.diff(nmse), rel=1e-6, abs=1e-9)
+        d, se = mine["d_nmse"].iloc[1:], mine["d_nmse_se"].iloc[1:]
+        assert list(mine["stagnant"].iloc[1:]) == [not (x < -s) for x, s in zip(d, se)]
+    text = (folder / "table1.md").read_text()
+    section = text.split("## Instabilities of types 2 and 3")[1].split("\n## ")[0]
+    trials = best_rows(pd.read_parquet(study / "trials.parquet"))
+    table_rows = [ln for ln in section.splitlines() if ln.startswith("| ε=")]
+    assert len(table_rows) == 2
+    for line, (trial_id, row) in zip(table_rows, trials.sort_values("epsilon_ref").iterrows()):
+        mine = sampling[(sampling["trial_id"] == trial_id) & (sampling["model"] == "trained")]
+        marks = [c.strip().endswith("*") for c in line.strip("|").split("|")[4:]]
+        assert marks == list(mine.sort_values("acceleration", ascending=False)["stagnant"]), line
+    feats = robust[
+        (robust["attack"] == "feature_random") & (robust["split"] == "report") & (robust["model"] == "trained")
+    ]
+    per = {r.trial_id: json.loads(r.volume_fnr) for r in feats.itertuples()}
+    std_id, adv_id = trials.sort_values("epsilon_ref").index
+    d = np.array([per[adv_id][v] - per[std_id][v] for v in sorted(per[std_id])])
+    assert "paired by volume" in section
+    assert f"random {d.mean():+.2f}" in section

@@ -143,7 +143,7 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     # what training needs decides the training batches (their order too: batches that carry k-space
     # are bucketed by shape); what the run evaluates only decides the evaluation batches, so the same
     # training config trains the same model whatever it evaluates
-    train_k = cfg.perturbation == "kspace"
+    train_k = cfg.perturbation == "kspace" or cfg.arch == "unrolled"  # the unrolled network takes the measurements
     keep_k = (
         train_k
         or "pgd_kspace" in cfg.attacks

@@ -140,6 +140,19 @@ def collate(samples: Sequence[Sample]) -> Batch:
     )
 
 
+def concat(*batches: Batch) -> Batch:
+    """The batches one after another along the batch dimension (e.g. clean and perturbed, ``2B``); k-space
+    and mask only when every batch carries them."""
+    out = {}
+    for f in fields(Batch):
+        values = [getattr(b, f.name) for b in batches]
+        if f.name in ("kspace", "mask") and any(b.kspace is None or b.mask is None for b in batches):
+            out[f.name] = None
+        else:
+            out[f.name] = sum(values, []) if f.name == "fnames" else torch.cat(values)
+    return Batch(**out)
+
+
 class RawSlice(NamedTuple):
     """What the dataset reads from a file for one slice (NumPy, raw units)."""
 

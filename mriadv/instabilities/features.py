@@ -52,6 +52,7 @@ import torch
 from mriadv.data.masks import volume_seed
 from mriadv.data.transforms import (
     NORM_EPS,
+    Batch,
     RawSlice,
     UnetTransform,
     apply_mask,
@@ -263,7 +264,9 @@ class FeatureCase(NamedTuple):
     ``inputs``, ``targets``: ``(R + 1, 1, h, w)``, the clean slice first, then one per position;
     ``features``: ``(R, h, w)``, the inserted feature in normalised units (``a / (std + eps)`` on the
     footprint); ``masks``: boolean ``(R, h, w)``; ``anchors``: ``(R, 2)`` (row, column) in the crop;
-    ``mean``, ``std``: the clean input's, 0-d."""
+    ``mean``, ``std``: the clean input's, 0-d; ``kspace``: complex ``(R + 1, H, W)``, the measurements of
+    each input (masked, divided by ``std + eps``, as :class:`~mriadv.data.transforms.Sample`'s) and
+    ``mask`` ``(W,)`` their columns, for a reconstructor that takes the measurements (:meth:`batch`)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -274,6 +277,24 @@ class FeatureCase(NamedTuple):
     std: torch.Tensor
     fname: str
     slice_num: int
+    kspace: torch.Tensor
+    mask: torch.Tensor
+
+    def batch(self) -> Batch:
+        """The ``R + 1`` inputs as one :class:`~mriadv.data.transforms.Batch` (for
+        :func:`mriadv.perturbations.reconstruct`); ``max_value`` is NaN: not a batch to score."""
+        n = len(self.inputs)
+        return Batch(
+            image=self.inputs,
+            target=self.targets,
+            mean=self.mean.expand(n),
+            std=self.std.expand(n),
+            max_value=torch.full((n,), float("nan")),
+            fnames=[self.fname] * n,
+            slice_nums=torch.full((n,), self.slice_num, dtype=torch.long),
+            kspace=self.kspace,
+            mask=self.mask.expand(n, -1),
+        )
 
 
 def feature_case(
@@ -303,6 +324,7 @@ def feature_case(
     ins = insert_feature(kspace, target, masks, spec.contrast)
     mean, std = sample.mean, sample.std
     inputs = measured_input(ins.kspace, sample.mask, crop, mean, std, transform.clamp)  # (R, h, w)
+    measured = (apply_mask(ins.kspace, sample.mask) / (std + NORM_EPS)).to(torch.complex64)  # as sample.kspace
     targets = normalize(ins.target, mean, std)
     return FeatureCase(
         inputs=torch.cat([sample.image[None], inputs[:, None]]).float(),
@@ -314,6 +336,8 @@ def feature_case(
         std=std,
         fname=raw.fname,
         slice_num=raw.slice_num,
+        kspace=torch.cat([sample.kspace[None], measured]),  # type: ignore[index]
+        mask=sample.mask,
     )
 
 

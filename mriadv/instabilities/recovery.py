@@ -16,6 +16,7 @@ from torch import nn
 from mriadv.data.files import SliceDataset
 from mriadv.data.transforms import UnetTransform
 from mriadv.instabilities.features import FeatureSearch, FeatureSpec, case_metrics, feature_case
+from mriadv.perturbations import reconstruct
 from mriadv.runtime import Runtime
 
 
@@ -109,8 +110,9 @@ def feature_recovery(
 ) -> FeatureResult:
     """Small-feature recovery (type 2) of ``model`` on every slice of ``dataset``.
 
-    ``model`` maps normalised inputs ``(B, 1, h, w)`` to reconstructions of the same shape (it is put
-    in eval mode, restored afterwards); ``dataset`` is a :class:`SliceDataset` whose transform is a
+    ``model`` maps normalised inputs ``(B, 1, h, w)`` (or, one that takes the measurements, their k-space)
+    to reconstructions ``(B, 1, h, w)`` (:func:`mriadv.perturbations.reconstruct`; it is put in eval mode,
+    restored afterwards); ``dataset`` is a :class:`SliceDataset` whose transform is a
     validation :class:`UnetTransform` (``train=False``): its raw slices are read and the feature
     inserted into their k-space (see the module docstring). Each slice costs one forward pass of
     ``search.restarts + 1`` images. Restrict ``dataset`` (``with_slices``) to measure fewer slices.
@@ -131,7 +133,7 @@ def feature_recovery(
                 skipped += 1
                 continue
             with runtime.evaluating():  # fp32: a small feature's error is below bf16's resolution
-                preds = model(runtime.image(case.inputs.to(runtime.device))).float()
+                preds = reconstruct(model, runtime, case.batch().to(runtime.device)).float()
             for prefix, out in (("", case_metrics(case, preds)), ("zero_filled_", case_metrics(case, case.inputs))):
                 worst = int(torch.argmax(out["error"]))
                 per_slice[prefix + "random"].setdefault(case.fname, []).append(_pick(out, 0, search.threshold))
@@ -175,7 +177,7 @@ def feature_example(
     model.eval()
     try:
         with runtime.evaluating():
-            preds = model(runtime.image(case.inputs.to(runtime.device))).float().cpu()
+            preds = reconstruct(model, runtime, case.batch().to(runtime.device)).float().cpu()
     finally:
         model.train(was_training)
     k = int(torch.argmax(case_metrics(case, preds)["error"]))

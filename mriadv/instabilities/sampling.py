@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mriadv.data.files import SliceDataset
+from mriadv.data.files import ShapeBucketSampler, SliceDataset
 from mriadv.data.masks import NestedMaskFunc
 from mriadv.data.transforms import UnetTransform, collate
 from mriadv.evaluate import evaluate, paired_se
+from mriadv.perturbations import takes_measurements
 from mriadv.runtime import Runtime
 
 SWEEP_ACCELERATIONS = (8.0, 6.0, 4.0, 3.0, 2.0)
@@ -32,7 +33,8 @@ class SamplingRow:
     ``*_se`` standard errors) and the zero-filled input's (``zf_*``). ``effective_acceleration``:
     acquired columns / sampled acquired columns, mean over volumes (zero-padded columns are never
     sampled, so it can exceed the nominal one slightly). ``d_nmse``: NMSE minus the previous row's
-    (fewer samples; NaN for the first), ``d_nmse_se`` its paired standard error over volumes;
+    (fewer samples; NaN for the first), ``d_nmse_se`` its paired standard error over volumes (``zf_d_nmse``,
+    ``zf_d_nmse_se``: the zero-filled input's);
     ``stagnant``: more samples did not lower NMSE by more than ``d_nmse_se`` (without a standard
     error, one volume: did not lower it at all); ``zf_stagnant`` the same for the zero-filled input.
     ``volume_nmse``: the model's NMSE per volume."""
@@ -53,6 +55,8 @@ class SamplingRow:
     d_nmse: float = float("nan")
     d_nmse_se: float = float("nan")
     stagnant: bool = False
+    zf_d_nmse: float = float("nan")
+    zf_d_nmse_se: float = float("nan")
     zf_stagnant: bool = False
     volume_nmse: dict[str, float] = field(default_factory=dict)
 
@@ -93,12 +97,16 @@ def sampling_sweep(
     rows: list[SamplingRow] = []
     zf_prev: dict[str, float] | None = None
     for func in funcs:
-        tf = replace(base, mask_func=func, train=False, keep_kspace=False)
+        measured = takes_measurements(model)  # then batches carry k-space, one shape per batch
+        tf = replace(base, mask_func=func, train=False, keep_kspace=measured)
         ds = dataset.restricted(dataset.volumes, tf).with_slices(dataset.slices)
+        if measured:
+            batching: dict[str, Any] = {"batch_sampler": ShapeBucketSampler(ds.kspace_shapes(), batch_size, False)}
+        else:
+            batching = {"batch_size": batch_size, "shuffle": False}
         loader = torch.utils.data.DataLoader(  # iterated twice (model, zero-filled): its workers forked once
             ds,
-            batch_size=batch_size,
-            shuffle=False,
+            **batching,
             num_workers=num_workers,
             collate_fn=collate,
             persistent_workers=num_workers > 0,
@@ -120,7 +128,8 @@ def sampling_sweep(
             zf = evaluate(nn.Identity(), loader, loss_fn, runtime, clamp=base.clamp)
             row.zf_nmse, row.zf_psnr, row.zf_ssim, row.zf_nmse_se = zf.nmse, zf.psnr, zf.ssim, zf.nmse_se
             if zf_prev is not None:
-                row.zf_stagnant = _stagnant(zf.nmse - rows[-1].zf_nmse, paired_se(zf.volume_nmse, zf_prev))
+                row.zf_d_nmse, row.zf_d_nmse_se = zf.nmse - rows[-1].zf_nmse, paired_se(zf.volume_nmse, zf_prev)
+                row.zf_stagnant = _stagnant(row.zf_d_nmse, row.zf_d_nmse_se)
             zf_prev = zf.volume_nmse
         if rows:
             row.d_nmse = res.nmse - rows[-1].nmse

@@ -1,4 +1,4 @@
-"""Networks: the U-Net reconstructor and the perturbation generators."""
+"""Networks: the reconstructors (the U-Net, the unrolled network) and the perturbation generators."""
 
 from mriadv.models.generators import (
     ConditionalGenerator,
@@ -8,5 +8,14 @@ from mriadv.models.generators import (
     kspace_features,
 )
 from mriadv.models.unet import UNet
+from mriadv.models.unrolled import UnrolledNet
 
-__all__ = ["UNet", "ConditionalGenerator", "ImageGenerator", "MeasurementGenerator", "as_complex", "kspace_features"]
+__all__ = [
+    "UNet",
+    "UnrolledNet",
+    "ConditionalGenerator",
+    "ImageGenerator",
+    "MeasurementGenerator",
+    "as_complex",
+    "kspace_features",
+]

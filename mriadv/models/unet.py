@@ -175,6 +175,8 @@ class UNet(nn.Module):
             the parameters are those of the plain network, so a state dict loads into either.
     """
 
+    takes_measurements = False  # called on the zero-filled image (mriadv.perturbations.reconstruct)
+
     def __init__(
         self,
         in_chans: int = 1,

@@ -59,7 +59,12 @@ class UnrolledNet(nn.Module):
         crop: side of the square output (the target's crop).
         lam_init: initial ``λ`` of every cascade.
         activation, pooling, norm: the denoiser's, as the U-Net's.
+
+    ``takes_measurements``: it is called as ``model(kspace, mask, mean, std)``, not on the zero-filled
+    image (:func:`mriadv.perturbations.reconstruct`).
     """
+
+    takes_measurements = True
 
     def __init__(
         self,
@@ -90,10 +95,13 @@ class UnrolledNet(nn.Module):
         """``(K,)`` the data-consistency weights ``λ_k = softplus(ρ_k)``."""
         return F.softplus(self.rho)
 
-    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, kspace: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, full: bool = False
+    ) -> torch.Tensor:
         """``kspace``: complex ``(B, H, W)`` measured k-space divided by ``std``; ``mask``: ``(B, W)``;
         ``mean``, ``std``: ``(B,)`` of the zero-filled magnitude. Returns ``(B, 1, crop, crop)``, normalised
-        as the U-Net's input and output."""
+        as the U-Net's input and output; ``full``: the last cascade's complex ``(B, H, W)`` image of the
+        whole grid instead (before cropping, magnitude and normalisation)."""
         x = ifft2c(kspace)
         lambdas = self.lambdas
         for k in range(self.cascades):
@@ -101,6 +109,8 @@ class UnrolledNet(nn.Module):
             two = torch.view_as_real(x).permute(0, 3, 1, 2)  # (B, 2, H, W)
             z = x + torch.view_as_complex(net(two).permute(0, 2, 3, 1).float().contiguous())
             x = data_consistency(z, kspace, mask, lambdas[k])
+        if full:
+            return x
         image = center_crop(x, (self.crop, self.crop)).abs()
         return (image - (mean / (std + NORM_EPS))[:, None, None]).unsqueeze(1)
 
