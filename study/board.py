@@ -163,7 +163,7 @@ class TrialBoard:
             self.scalar(f"best/{metric}", value, step)
         if record.report is not None:
             for key, value in record.flat().items():
-                tag = _report_scalar_tag(key)
+                tag = report_scalar_tag(key)
                 if tag is not None:
                     self.scalar(tag, value, step)
         if preview_file is not None and preview_file.is_file():
@@ -178,7 +178,7 @@ class TrialBoard:
         self.writer.close()
 
 
-def _report_scalar_tag(key: str) -> str | None:
+def report_scalar_tag(key: str) -> str | None:
     """The tag of a flat report-split key (``report_nmse``, ``zf_report_rob_pgd_e5000_ssim``), or
     None for the keys that are not written (standard errors, other changes, bookkeeping)."""
     for prefix, group in (("zf_report_", "report_zero_filled/"), ("report_", "report/")):

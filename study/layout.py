@@ -21,6 +21,9 @@ names instead of copying them.
                                    run of the trial (study/board.py); earlier studies: train_trial_<id>_<n>_...
             best.pt                BEST_CHECKPOINT: the networks of the trial's best epoch
         report/                    REPORT_DIR: written by study/report.py
+        mlflow.db                  MLFLOW_FILE: the MLflow runs of --track mlflow, by default (study/tracking.py)
+        mlartifacts/               MLFLOW_ARTIFACTS: that experiment's artifact folder (not created: no run logs artifacts)
+        wandb/                     WANDB_DIR: the W&B run files of --track wandb (offline-run-* with WANDB_MODE=offline)
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ LOCK_FILE = "driver.lock"  # one driver per study (study/lock.py)
 TUNE_STATE_DIR = ".tune_state"
 BEST_CHECKPOINT = BEST_NAME
 REPORT_DIR = "report"
+MLFLOW_FILE = "mlflow.db"  # --track mlflow's default store (study/tracking.py)
+MLFLOW_ARTIFACTS = "mlartifacts"
+WANDB_DIR = "wandb"  # --track wandb's files
 
 # hyperparameters reported with every result (besides the searched ones) and shown in
 # TensorBoard's HParams dashboard and the report's summary

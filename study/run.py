@@ -3,6 +3,7 @@
     python study/run.py --space eps_sweep [--profile smoke|demo|paper] [--data DIR] [--name NAME]
                         [--results DIR] [--num-samples N] [--max-epochs N] [--seeds N] [--max-concurrent N]
                         [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--resume]
+                        [--track mlflow[=URI]] [--track wandb]
     python study/run.py --list-spaces
 
 Trials are :func:`mriadv.fit.fit` runs, searched by Optuna (grid sampler for grid spaces, TPE
@@ -33,6 +34,7 @@ from study.plan import Plan, Refused, check_options, plan_study, settle_resource
 from study.procs import ProcessRecord
 from study.run_summary import closing_warning, here, summarize, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
+from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --address: start even if no node can run a trial yet (an autoscaling cluster)",
     )
     p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
+    p.add_argument(
+        "--track",
+        action="append",
+        metavar="mlflow[=URI]|wandb",
+        help="also log every trial to MLflow (default URI: sqlite:///<study>/mlflow.db) or W&B (mode from "
+        'WANDB_MODE); repeat for both; needs pip install -e ".[track]"',
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument(
         "--verbose", action="store_true", help="Ray's own detail too: every result, checkpoint lines, log messages"
@@ -183,13 +192,15 @@ def scheduler(space: StudySpace, max_epochs: int):
     )
 
 
-def make_tuner(plan: Plan, args: argparse.Namespace):
+def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
     """The study's Tuner: restored from its folder when resuming (with the same resource-wrapped
-    trainable, or pending trials would lose their GPU request), else new."""
+    trainable, or pending trials would lose their GPU request, and the callbacks it started with),
+    else new, with the callbacks of ``trackers``."""
     from ray import tune
 
     from study.console import StudyReporter
     from study.results import ResultsCallback
+    from study.trackers import tracking_callbacks
     from study.trainable import StudyContext, train_trial
     from study.tune_state import CHECKPOINTS_KEPT, install_state_saving
 
@@ -222,7 +233,10 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(plan.results),
-            callbacks=[ResultsCallback(plan.study_dir, record_processes=not plan.cluster)],
+            callbacks=[
+                ResultsCallback(plan.study_dir, record_processes=not plan.cluster),
+                *tracking_callbacks(trackers, plan.name, str(plan.study_dir), ctx),
+            ],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             failure_config=tune.FailureConfig(max_failures=0),
             progress_reporter=reporter,
@@ -234,7 +248,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------------
 # main: plan, launch, summarise
 # ---------------------------------------------------------------------------------------------
-def launch(plan: Plan, args: argparse.Namespace) -> int:
+def launch(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]) -> int:
     """Start Ray (or join the cluster), run the study to its end or an interrupt, and stop Ray and
     every process it left; 1 if a trial errored, else 0."""
     import ray
@@ -262,7 +276,7 @@ def launch(plan: Plan, args: argparse.Namespace) -> int:
     try:
         if not plan.cluster:
             procs.update()
-        grid = make_tuner(plan, args).fit()
+        grid = make_tuner(plan, args, trackers).fit()
         return 1 if any(r.error is not None for r in grid) else 0
     finally:
         ray.shutdown()
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     set_ray_environment()
     args = build_parser().parse_args(argv)
     quiet_driver(args.verbose)
-    problem = check_options(args)
+    problem = check_options(args) or tracking_problem(args.track)  # before the study folder or Ray
     if problem:
         return fail(problem)
     if args.list_spaces:
@@ -333,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     with plan.lock:  # the study's lock (study/lock.py), held until its summary and report are written
         try:
-            exit_code = launch(plan, args)
+            trackers = settle_tracking(parse_track(args.track), plan.study_dir, plan.name, plan.resuming)
+            exit_code = launch(plan, args, trackers)
         except Refused as exc:
             return fail(str(exc))
         summarise(plan, report=not args.no_report)
