@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from mriadv.attacks import PGDAttack
-from mriadv.config import TrainConfig
+from mriadv.config import TrainConfig, to_reference
 from mriadv.data.transforms import denormalize
 from mriadv.evaluate import preview
 from mriadv.metrics import nmse
@@ -162,7 +162,11 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
             panels = [
                 _Panel("", a["target"]),
                 _Panel(f"NMSE {n_clean:.4f}", a["recon"]),
-                _Panel(f"vs adv. model, ‖δ‖²≤{cfg.epsilon:.3g}", a["pgd_delta"], "delta"),
+                _Panel(
+                    f"vs adv. model, ‖δ‖²≤{to_reference(cfg.epsilon, cfg.crop_size):.3g} (320²)",
+                    a["pgd_delta"],
+                    "delta",
+                ),
                 _Panel("", a["pgd_input"]),
                 _Panel(f"NMSE {n_adv:.4f}", a["pgd_recon"]),
             ]
@@ -208,7 +212,9 @@ def figure6(res: StudyResults, path: Path) -> list[str]:
                 panels = [
                     _Panel("", s["target"]),
                     _Panel(f"no adversarially\ntrained (ε > 0) trial\n\n(std. model, clean:\nNMSE {n_clean:.4f})"),
-                    _Panel(f"vs std. model, ‖δ‖²≤{budget:.3g}", s["pgd_delta"], "delta"),
+                    _Panel(
+                        f"vs std. model, ‖δ‖²≤{to_reference(budget, cfg.crop_size):.3g} (320²)", s["pgd_delta"], "delta"
+                    ),
                     _Panel("", s["pgd_input"]),
                     _Panel(""),
                     _Panel(f"NMSE {n_std:.4f}", s["pgd_recon"]),
