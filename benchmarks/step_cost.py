@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "--adversaries",
         nargs="*",
         default=["pgd", "noise", "conditional"],
-        choices=["pgd", "noise", "conditional"],
-        help="other defences to time beside the seed's generator (default: all)",
+        choices=["pgd", "noise", "conditional", "trades"],
+        help="other defences to time beside the seed's generator (default: all but trades)",
     )
     parser.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial PGD training (default 3)")
     parser.add_argument(
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             rt,
         )
-        name = f"{kind} step" + (f" (k={args.adv_steps})" if kind == "pgd" else "")
+        name = f"{kind} step" + (f" (k={args.adv_steps})" if kind in ("pgd", "trades") else "")
         ops[name] = (lambda tr: lambda: tr.train_step(batch))(trainer)
         others[name] = kind
     arch_ops: dict[str, str] = {}

@@ -5,20 +5,40 @@ every epoch (the last epoch's networks and everything needed to resume) and ``be
 best epoch (that epoch's networks; the resume-only fields empty). So a reader takes the networks of
 either file from ``payload["networks"]``.
 
+Which config may resume a checkpoint (:func:`check_resume_config`), and the reconstructor weights a
+fine-tuning run starts from (:func:`init_weights`, ``TrainConfig.init_from``), are read here too.
+
 Only the standard library is imported at module level (torch when a file is written or read), so
 the study's layout and report share the file names without loading torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Sequence, TypedDict
 
 from mriadv.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from mriadv.config import TrainConfig
 
 CHECKPOINT_FORMAT = 2  # 2: the U-Net's up path halves channels before concatenating (models/unet.py)
 CHECKPOINT_NAME = "checkpoint.pt"  # every epoch: resumable
 BEST_NAME = "best.pt"  # the networks of the best selection epoch
+# fields that may differ between a checkpoint's config and the config resuming it
+RESUMABLE_CHANGES = {
+    "max_epochs",
+    "patience",
+    "device",
+    "precision",
+    "num_workers",
+    "threads",
+    "deterministic",
+    "cache_dir",
+    "data",
+    "robust_every",
+}
 
 
 class Checkpoint(TypedDict):
@@ -94,6 +114,58 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
     return payload
 
 
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse (:class:`~mriadv.config_checks.ConfigError`) to resume with a config that differs from the
+    checkpoint's in anything but :data:`RESUMABLE_CHANGES`; a field the checkpoint predates counts as
+    its default. ``init_from`` must match too, though a resumed run does not read it (its weights are
+    the checkpoint's): a run's config names what it started from."""
+    from mriadv.config_checks import ConfigError
+
+    now = cfg.to_dict()
+    saved = {**_defaults(), **saved}
+    diffs = sorted(k for k in now if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(now[k]))
+    if diffs:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diffs)
+        raise ConfigError(f"cannot resume: the checkpoint was trained with a different config ({details})")
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _defaults() -> dict[str, Any]:
+    """Every TrainConfig field's default (what a checkpoint saved before the field existed was run with)."""
+    from mriadv.config import TrainConfig
+
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+def init_weights(init_from: str | Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any], int]:
+    """For fine-tuning (``TrainConfig.init_from``): the reconstructor's weights in ``init_from`` (a
+    ``best.pt`` or ``checkpoint.pt``, or a run or trial folder: its ``best.pt``, else its
+    ``checkpoint.pt``), the file they came from and the epoch they were saved after.
+
+    Raises :class:`~mriadv.config_checks.ConfigError`, one line naming the key and the file, when the
+    file is missing or not a checkpoint, or when the reconstructor it holds differs from the one
+    ``config`` (a ``TrainConfig.to_dict()``) builds (:func:`~mriadv.config_checks.model_differences`;
+    a field the checkpoint predates counts as its default)."""
+    from mriadv.config_checks import ConfigError, model_differences
+
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / BEST_NAME if (path / BEST_NAME).is_file() else path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(f"config key 'init_from': {path} does not exist")
+    try:
+        payload = load_checkpoint(path)
+    except Exception as exc:  # torch.load's errors vary with what the file holds
+        raise ConfigError(f"config key 'init_from': {path} is not an mriadv checkpoint ({exc})") from None
+    diffs = model_differences({**_defaults(), **payload["config"]}, config)
+    if diffs:
+        raise ConfigError(f"config key 'init_from': {path} holds another reconstructor ({', '.join(diffs)})")
+    return path, payload["networks"]["recon"], int(payload["epoch"])
+
+
 # config fields added while checkpoints stayed format 2, and the value an older checkpoint's model
 # was built with (the conditional generator's U-Net was gen_chans wide before cond_chans existed)
 FIELDS_ADDED = {"cond_chans": lambda config: config.get("gen_chans")}
@@ -124,7 +196,10 @@ __all__ = [
     "BEST_NAME",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
+    "RESUMABLE_CHANGES",
     "Checkpoint",
+    "check_resume_config",
+    "init_weights",
     "load_checkpoint",
     "make_checkpoint",
     "save_checkpoint",

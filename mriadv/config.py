@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 # budgets_at_crop and to_reference: re-exported for study/run.py, which imports them from here
 from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
+from mriadv.config_checks import KSPACE_INSTEAD, UNROLLED, ConfigError, as_tuple, refuse_image_attacks
 from mriadv.units import REFERENCE_CROP, budgets_at_crop, epsilon_rms, scale_epsilon, to_reference
 
 ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
 # What produces the training perturbation delta (epsilon > 0): the seed's generator game G(z) (or G(y)
 # in k-space), k-step PGD at the budget (Madry et al. 2018), Gaussian noise at the budget
-# ("jittering", Krainovic et al. 2023), a generator that sees its input G(x, z) / G(y, z), or none.
-ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional")
+# ("jittering", Krainovic et al. 2023), a generator that sees its input G(x, z) / G(y, z), TRADES (Zhang
+# et al. 2019: PGD on the deviation f(x~ + delta) - f(x~), mriadv.adversaries), or none.
+ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional", "trades")
 
 # the named options and their allowed values (each tuple written once, in mriadv.choices)
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -47,48 +49,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used; the message names the key."""
-
-
-# arch='unrolled' reconstructs from the measurements: an attack on the zero-filled image has no input to
-# perturb, and what to use instead
-UNROLLED = "arch=unrolled reconstructs from the measurements"
-KSPACE_INSTEAD = {
-    "pgd": "use 'pgd_kspace'",
-    "noise": "drop it (Gaussian noise on the measurements: protocol 'l2-kspace-restarts', noise_kspace)",
-    "generator": "train with perturbation='kspace', or drop it",
-}
-
-
-def refuse_image_attacks(attacks: Sequence[str], perturbation: str, where: str) -> None:
-    """For ``arch='unrolled'``: :class:`ConfigError` (``where``: the key or protocol) at the first of
-    ``attacks`` that perturbs the image (``'pgd'``, ``'noise'``; ``'generator'`` when ``perturbation`` is)."""
-    for a in attacks:
-        if a in ("pgd", "noise") or (a == "generator" and perturbation == "image"):
-            raise ConfigError(f"{where}: {UNROLLED}: attack {a!r} perturbs the image; {KSPACE_INSTEAD[a]}")
-
-
-def _as_tuple(key: str, value: Any, numbers: bool) -> tuple[Any, ...]:
-    """A tuple field's value from a list or tuple, a single value, or a comma-separated string
-    (``'pgd,noise'``, ``'1000,5000'``, as ``--set`` and YAML give them); ``numbers``: string items are
-    parsed as floats. Raises :class:`ConfigError` naming the key and the item that is not a number."""
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [item.strip() for item in value.split(",")] if value.strip() else []
-    else:
-        items = [value]
-    if numbers:
-        for i, item in enumerate(items):
-            if isinstance(item, str):
-                try:
-                    items[i] = float(item)
-                except ValueError:
-                    raise ConfigError(f"config key {key!r}: {item!r} is not a number") from None
-    return tuple(items)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run of the seed's Algorithm 1 (image) or Algorithm 2 (k-space).
@@ -104,9 +64,9 @@ class TrainConfig:
     dssim_data_range: float | None = None  # None: from the target; 1.0: the seed's code's constants
     epsilon: float = 1e3  # squared-L2 budget per image; 0 = standard training (no adversary)
     adversary: str = "generator"  # what makes delta in training: see ADVERSARIES
-    adv_steps: int = 3  # adversary='pgd': L2 PGD steps per training batch (Madry et al.)
+    adv_steps: int = 3  # adversary='pgd' or 'trades': L2 PGD steps per training batch (Madry et al.)
     noise_mode: str = "norm"  # adversary='noise': 'norm' (||delta||^2 = eps) | 'sigma' (iid, E||delta||^2 = eps)
-    lambda1: float = 1.0  # weight of the perturbed reconstruction term
+    lambda1: float = 1.0  # weight of the perturbed term; adversary='trades': TRADES's beta on the deviation
     lambda2: float = 1.0  # weight of the hinge penalty max(0, ||G(z)||^2 - epsilon)
     epsilon_scope: str = "image"  # 'image' (report) | 'batch' (seed code: ||batch||^2 vs B * epsilon)
     project: bool = False  # hard projection of G(z) onto the epsilon ball
@@ -177,6 +137,9 @@ class TrainConfig:
     # deterministic kernels (cuDNN deterministic, no benchmarking, torch.use_deterministic_algorithms): a
     # GPU run that repeats and resumes exactly, slower; CPU runs are deterministic either way (runtime.py)
     deterministic: bool = False
+    # fine-tuning: the reconstructor (only it) starts from this checkpoint's (best.pt, checkpoint.pt, or a
+    # run folder's best.pt), then trains as configured; its model keys must match; a resumed run ignores it
+    init_from: str | None = None
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -205,7 +168,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
         tuples = {f.name: str(f.type) for f in fields(cls) if str(f.type).startswith("tuple[")}
-        values = {k: _as_tuple(k, v, numbers="str" not in tuples[k]) if k in tuples else v for k, v in values.items()}
+        values = {k: as_tuple(k, v, numbers="str" not in tuples[k]) if k in tuples else v for k, v in values.items()}
         cfg = replace(base, **values) if base is not None else cls(**values)
         return cfg.validate()
 
@@ -296,6 +259,11 @@ class TrainConfig:
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
+        need(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            "init_from",
+            "must be None or a checkpoint's path",
+        )
         for key in ("deterministic", "unroll_share"):
             need(isinstance(getattr(self, key), bool), key, "must be true or false")
         for b in self.attack_budgets:

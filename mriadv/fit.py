@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,8 @@ from torch import nn
 from mriadv.atomic import atomic_write
 from mriadv.attacks import PGDAttack
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, make_checkpoint, save_checkpoint
-from mriadv.config import ConfigError, TrainConfig
+from mriadv.checkpoint import RESUMABLE_CHANGES, check_resume_config, init_weights
+from mriadv.config import TrainConfig
 from mriadv.data.files import SliceDataset
 from mriadv.data.loading import Data, build_data, preview_batch
 from mriadv.evaluate import RobustRow, evaluate, preview, robustness
@@ -39,19 +40,6 @@ from mriadv.trainer import NonFiniteLoss, Trainer, eval_mode
 from mriadv.verdict import compare
 
 PREVIEW_NAME = "preview.npz"
-# fields that may differ between a checkpoint's config and the config resuming it
-RESUMABLE_CHANGES = {
-    "max_epochs",
-    "patience",
-    "device",
-    "precision",
-    "num_workers",
-    "threads",
-    "deterministic",
-    "cache_dir",
-    "data",
-    "robust_every",
-}
 
 
 @dataclass
@@ -97,10 +85,13 @@ def fit(
             (networks of the best selection epoch) are written; None: no files.
         on_epoch: called after each epoch with its record and the checkpoint path.
         resume_from: a checkpoint file or folder; training continues after its last epoch, and on
-            CPU reproduces the uninterrupted run exactly.
+            CPU reproduces the uninterrupted run exactly. Without it, ``cfg.init_from`` (fine-tuning)
+            loads a trained reconstructor before the first step; a resumed run has its own weights.
         log: progress lines (None: silent).
     """
     cfg = cfg.validate()
+    # fine-tuning: a missing file or another reconstructor is refused before any data is read
+    init = init_weights(cfg.init_from, cfg.to_dict()) if cfg.init_from is not None and resume_from is None else None
     runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads, cfg.deterministic)
     say = log or (lambda _msg: None)
     seed_everything(cfg.seed)
@@ -119,15 +110,22 @@ def fit(
     history: list[EpochRecord] = []
     early, start = EarlyStopping(), 0
     best_nets: dict[str, Any] | None = None
+    init_source = ""  # the file the reconstructor started from (fine-tuning), in every record
+    if init is not None:
+        source, weights, from_epoch = init
+        trainer.recon.load_state_dict(weights)
+        init_source = str(source)
+        say(f"fine-tuning: the reconstructor starts from {source} (epoch {from_epoch} of its run)")
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        _check_resume_config(state["config"], cfg)
+        check_resume_config(state["config"], cfg)
         trainer.load_networks(state["networks"])
         trainer.load_state_dict(state["trainer"])
         history = [EpochRecord.from_dict(r) for r in state["history"]]
         early = EarlyStopping(**state["early_stopping"])
         best_nets = state["best"]
         start = state["epoch"]
+        init_source = history[-1].init_from if history else ""  # its weights, not init_from's, go on
         torch.set_rng_state(state["torch_rng"])
         if state["status"] in ("early_stopped", "nan"):
             say(f"checkpoint is final ({state['status']}); nothing to resume")
@@ -158,6 +156,7 @@ def fit(
     def stop_on_nan(epoch: int, message: str, **known: Any) -> FitResult:
         say(f"stopped: {message}")
         record = EpochRecord.stopped(epoch, cfg, message, early.best_epoch, early.best_loss, **known)
+        record.init_from = init_source
         history.append(record)
         save(record, epoch)
         if on_epoch is not None:
@@ -270,6 +269,7 @@ def fit(
             report=report,
             feature_fnr=feats["random"]["fnr"] if feats else float("nan"),
             feature_error=feats["random"]["error"] if feats else float("nan"),
+            init_from=init_source,
         )
         history.append(record)
         if out is not None:
@@ -376,22 +376,6 @@ def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) ->
         arrays = preview(trainer.recon, batch, runtime, perturbed)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
         np.savez_compressed(f, **{k: v.astype(np.float16) for k, v in arrays.items()})
-
-
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """Refuse to resume with a config that differs from the checkpoint's in anything but
-    :data:`RESUMABLE_CHANGES`; a field the checkpoint predates counts as its default."""
-    now = cfg.to_dict()
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    saved = {**defaults, **saved}
-    diffs = sorted(k for k in now if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(now[k]))
-    if diffs:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diffs)
-        raise ConfigError(f"cannot resume: the checkpoint was trained with a different config ({details})")
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _mean(sums: dict[str, float], key: str, n: int) -> float:

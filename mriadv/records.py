@@ -74,6 +74,7 @@ class EpochRecord:
     report: dict[str, Any] | None = None
     feature_fnr: float = float("nan")  # small-feature false-negative rate on the attacked selection subset
     feature_error: float = float("nan")  # ... and the features' mean relative recovery error
+    init_from: str = ""  # fine-tuning: the checkpoint file the reconstructor started from; "": from scratch
 
     def flat(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("robustness", "status", "report")}

@@ -8,6 +8,9 @@ Per mini-batch (:meth:`Trainer.train_step`):
    ``Loss(f(x~), x) + lambda1 * Loss(f(x~ + delta), x)`` in theta, the clean and perturbed inputs
    passed through ``f`` as one batch of 2B.
 
+With ``adversary='pgd'``, ``'trades'`` or ``'noise'``, :mod:`mriadv.adversaries` makes delta instead of a
+generator (TRADES's perturbed term is ``mean((f(x~ + delta) - f(x~))^2)``, :func:`trades_penalty`).
+
 With ``epsilon = 0`` there is no generator and the step is standard training. With
 ``perturbation='kspace'`` the perturbation is added to the normalised masked k-space before the
 inverse FFT (Algorithm 2) and the generator is conditioned on the measurements (or on z).
@@ -25,6 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from mriadv.adversaries import GEN_HEADROOM, budget_scale, gaussian_perturbation, trades_penalty, training_attack
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack
 from mriadv.config import CHOICES, ConfigError, TrainConfig
 from mriadv.data.transforms import Batch, concat
@@ -32,11 +36,10 @@ from mriadv.losses import make_loss
 from mriadv.models import ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex, kspace_features
 from mriadv.models.unrolled import UnrolledNet
 from mriadv.models.utils import frozen
-from mriadv.perturbations import budget_per_slice, hinge, project_l2, restrict, squared_norm
+from mriadv.perturbations import budget_per_slice, hinge, project_l2, squared_norm
 from mriadv.perturbations import perturbed_batch, reconstruct  # the reconstructor's (perturbed) input
 from mriadv.runtime import Runtime
 
-GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
 # The trainer's own random streams, seeded apart from torch's global one (model initialisation) and
 # saved with its state, so that a resumed run draws what the uninterrupted run would have drawn.
 LATENT_SEED_OFFSET = 1  # the generator game's latents z: seed + 1
@@ -186,26 +189,8 @@ class Trainer:
         return delta
 
     def output_scale(self, batch: Batch, delta: torch.Tensor) -> torch.Tensor:
-        """``gen_scale='budget'``: the factor ``a`` ``(B, 1, ...)`` that maps the generator's tanh output
-        (each real component in [-1, 1]) to ``||delta||^2 <= GEN_HEADROOM * epsilon`` when saturated,
-        ``a = sqrt(GEN_HEADROOM * epsilon / n)`` with ``n`` the real components it may fill (image:
-        ``h * w``; k-space: ``2 * H * acquired columns`` of each slice, or ``2 * H * W``). A DCGAN's
-        tanh starts near RMS 0.5, so ``||G(z)||^2`` starts near ``0.25 * 2 = 0.5`` epsilon: inside the
-        budget, whatever the crop, instead of tens of times above it (the seed fixes no scale). In k-space
-        ``epsilon`` is each slice's budget ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`)."""
-        b = delta.shape[0]
-        if delta.is_complex():
-            cols = (
-                batch.mask.to(torch.float32).sum(1)
-                if self.cfg.kspace_sampled_only and batch.mask is not None
-                else torch.full((b,), float(delta.shape[-1]))
-            )
-            n = 2.0 * delta.shape[-2] * cols.to(delta.device)
-        else:
-            n = torch.full((b,), float(delta[0].numel()), device=delta.device)
-        budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)  # a number, or (B,) in k-space
-        scale = torch.sqrt(GEN_HEADROOM * budget / n.clamp_min(1.0))
-        return scale.view(-1, *([1] * (delta.ndim - 1))).to(delta.real.dtype)
+        """``gen_scale='budget'``'s factor ``(B, 1, ...)`` (:func:`mriadv.adversaries.budget_scale`)."""
+        return budget_scale(self.cfg, batch, delta)
 
     def perturbed_batch(self, batch: Batch, delta: torch.Tensor) -> Batch:
         return perturbed_batch(batch, delta, self.cfg.perturbation, self.cfg.clamp)
@@ -231,8 +216,9 @@ class Trainer:
         return {"gen_objective": objective.detach(), "hinge": penalty.detach(), "adv_loss": adv.detach()}
 
     def reconstructor_step(self, batch: Batch, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """One descent step of theta on ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)`` (delta fixed);
-        with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
+        """One descent step of theta on ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)`` (delta fixed),
+        for ``adversary='trades'`` on ``Loss(f(x~), x) + lambda1 mean((f(x~ + delta) - f(x~))^2)`` (beta =
+        lambda1; f(x~) not detached); with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
         if delta is None:
             total = clean = self._loss(batch, batch.target)
             pert = torch.zeros(())
@@ -242,7 +228,10 @@ class Trainer:
             with self.runtime.autocast():
                 out = reconstruct(self.recon, self.runtime, both).float()
             clean = self.loss_fn(out[:n], batch.target)
-            pert = self.loss_fn(out[n:], batch.target)
+            if self.cfg.adversary_kind == "trades":
+                pert = trades_penalty(out[n:], out[:n])
+            else:
+                pert = self.loss_fn(out[n:], batch.target)
             total = clean + self.cfg.lambda1 * pert
         self.opt_recon.zero_grad(set_to_none=True)
         total.backward()
@@ -250,36 +239,17 @@ class Trainer:
         return {"recon_loss": total.detach(), "clean_loss": clean.detach(), "pert_loss": pert.detach()}
 
     def attack_perturbation(self, batch: Batch) -> torch.Tensor:
-        """delta for ``adversary='pgd'``: ``adv_steps`` of L2 PGD at the training budget (in k-space per
-        slice, :func:`budget_per_slice`) against the current reconstructor (in eval mode, so batch-norm
-        statistics see only the update's batch), in the perturbation's domain (Madry et al. 2018); part
-        of the training step, so under the training autocast."""
-        cfg = self.cfg
-        pgd = PGDAttack(
-            cfg.epsilon, cfg.adv_steps, cfg.pgd_step_scale, cfg.perturbation, cfg.kspace_sampled_only, cfg.clamp
-        )
+        """delta for ``adversary='pgd'`` or ``'trades'`` (:func:`mriadv.adversaries.training_attack`) against
+        the current reconstructor (in eval mode, so batch-norm statistics see only the update's batch);
+        part of the training step, so under the training autocast."""
+        pgd = training_attack(self.cfg, self.steps_done)
         with eval_mode(self.recon), self.runtime.autocast():
             return pgd(self.recon, batch, self.runtime).delta
 
     def noise_perturbation(self, batch: Batch) -> torch.Tensor:
-        """delta for ``adversary='noise'`` (jittering): Gaussian noise from the trainer's own seeded
-        generator, per image on the sphere ``||delta||^2 = epsilon`` (``noise_mode='norm'``) or
-        i.i.d. with ``sigma^2 = epsilon / n`` over the ``n`` real components it fills (``'sigma'``); in
-        k-space ``epsilon`` is each slice's ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`)."""
-        cfg = self.cfg
-        if cfg.perturbation == "image":
-            delta = torch.randn(batch.image.shape, generator=self.noise_rng).to(batch.image.device)
-        else:
-            shape = tuple(batch.kspace.shape)  # type: ignore[union-attr]
-            delta = torch.complex(
-                torch.randn(shape, generator=self.noise_rng), torch.randn(shape, generator=self.noise_rng)
-            )
-            delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
-        view = (-1, *([1] * (delta.ndim - 1)))
-        if cfg.noise_mode == "norm":
-            budget = budget_per_slice(batch, cfg.epsilon, cfg.perturbation)
-            return delta * (budget / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
-        return delta * (self.output_scale(batch, delta) / GEN_HEADROOM**0.5)  # sqrt(eps / n) per real component
+        """delta for ``adversary='noise'`` (:func:`mriadv.adversaries.gaussian_perturbation`), from the
+        trainer's own seeded noise stream."""
+        return gaussian_perturbation(self.cfg, batch, self.noise_rng)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One step of the configured adversarial training on one batch (Algorithm 1 or 2 for the
@@ -288,9 +258,9 @@ class Trainer:
         self.steps_done += 1
         self.recon.train()
         kind = self.cfg.adversary_kind
-        if kind in ("pgd", "noise"):
+        if kind in ("pgd", "trades", "noise"):
             with torch.no_grad() if kind == "noise" else contextlib.nullcontext():
-                delta = self.attack_perturbation(batch) if kind == "pgd" else self.noise_perturbation(batch)
+                delta = self.noise_perturbation(batch) if kind == "noise" else self.attack_perturbation(batch)
             stats = self.reconstructor_step(batch, delta.detach())
             sq = squared_norm(delta.detach())
             stats["delta_sq"] = sq.mean()

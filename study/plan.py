@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import yaml
 
+from mriadv.checkpoint import init_weights
 from mriadv.config import ConfigError, TrainConfig, get_profile
 from mriadv.data.loading import data_lines, synthetic_data, validate_data
 from mriadv.runtime import default_profile
@@ -275,7 +276,8 @@ def base_config(
 
     Budgets (``epsilon``, ``attack_budgets``) stay in the space's 320x320 units here; each trial
     scales them to its own crop (:func:`mriadv.config.budgets_at_crop`), which a space may fix or
-    search. Every grid point (or the base of a sampled space) must make a valid config before Ray starts."""
+    search. Every grid point (or the base of a sampled space) must make a valid config before Ray starts,
+    and a checkpoint it fine-tunes (``init_from``) must exist and hold its reconstructor."""
     profile = get_profile(profile_name)
     profile_crop = int(profile.overrides.get("crop_size", TrainConfig.crop_size))
     base = dict(profile.overrides)
@@ -285,9 +287,10 @@ def base_config(
     base.update(attack_budgets=tuple(space.attack_budgets), data=str(data), cache_dir=str(cache_dir))
     if args.max_epochs is not None:
         base["max_epochs"] = args.max_epochs
-    TrainConfig.from_dict(budgets_at_crop(base))
-    for point in space.grid_points():  # a grid's combinations or a list of points
-        TrainConfig.from_dict(budgets_at_crop({**base, **point}))
+    for point in ({}, *space.grid_points()):  # the base, then a grid's combinations or a list of points
+        cfg = TrainConfig.from_dict(budgets_at_crop({**base, **point}))
+        if cfg.init_from is not None:
+            init_weights(cfg.init_from, cfg.to_dict())
     return base
 
 

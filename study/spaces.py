@@ -201,6 +201,8 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
             TrainConfig.from_dict({key: value})
         except (ConfigError, TypeError) as exc:
             raise fail(where, str(exc)) from None
+        if key == "init_from" and value is not None and not Path(value).is_absolute():
+            raise fail(where, f"{value!r}: give an absolute path (each trial runs in its own folder)")
 
     if "points" in raw:
         if "parameters" in raw or "num_samples" in raw:
