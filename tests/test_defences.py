@@ -14,11 +14,11 @@ import torch
 from mriadv.adversaries import TRADES_START_SALT, trades_penalty
 from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ConfigError, TrainConfig
-from mriadv.data.transforms import Batch
 from mriadv.fit import fit
 from mriadv.perturbations import random_start, squared_norm
 from mriadv.runtime import Runtime
 from mriadv.trainer import Trainer
+from test_training import fake_batch  # the shared synthetic batch
 
 CPU = Runtime.resolve("cpu", "fp32")
 QUICK = dict(
@@ -29,20 +29,6 @@ QUICK = dict(
 def tiny(**kw) -> TrainConfig:
     base = dict(crop_size=32, unet_chans=4, unet_pools=2, batch_size=2, epsilon=20.0, loss="mse", device="cpu")
     return TrainConfig.from_dict({**base, **kw})
-
-
-def fake_batch(b=2, size=32, seed=0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    target = torch.randn(b, 1, size, size, generator=g)
-    return Batch(
-        image=target + 0.3 * torch.randn(b, 1, size, size, generator=g),
-        target=target,
-        mean=torch.zeros(b),
-        std=torch.ones(b),
-        max_value=torch.full((b,), 3.0),
-        fnames=[f"f{i}.h5" for i in range(b)],
-        slice_nums=torch.arange(b),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
