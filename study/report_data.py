@@ -31,7 +31,7 @@ METRICS = ("nmse", "psnr", "ssim")
 METRIC_NAMES = {"nmse": "NMSE", "psnr": "PSNR", "ssim": "SSIM"}
 HELD_OUT_SPLITS = ("report", "test")
 SPLIT_NAMES = {
-    "report": "report split (validation volumes held out by name; nothing was selected on them)",
+    "report": "report split (validation volumes held out by name, stratified by acquisition; nothing was selected on them)",
     "test": "test split (singlecoil_test/ with targets; nothing was selected on it)",
     "selection": "selection split (the validation volumes early stopping and the search chose by)",
 }

@@ -116,10 +116,10 @@ def _fnr_notes(res: StudyResults) -> list[str]:
     """Feature FNRs against the reference (ε = 0) model, paired by volume (``volume_fnr``): the mean
     difference ± its paired SE; and a note where the worst-position FNR is the same for every model."""
     rob = res.robust
-    if rob.empty or "volume_fnr" not in rob:
+    if rob.empty or "fnr" not in rob:
         return []
     rows = rob[rob["attack"].isin(("feature_random", "feature_worst")) & (rob["model"] == "trained")]
-    rows = rows[rows["split"].isin(("report", "test")) & rows["volume_fnr"].fillna("").ne("")]
+    rows = rows[rows["split"].isin(("report", "test"))]
     eps = res.best.set_index("trial_id")["epsilon_ref"] if "epsilon_ref" in res.best else pd.Series(dtype=float)
     standard = [t for t in res.best["trial_id"] if eps.get(t) == 0]
     out = []
@@ -129,8 +129,9 @@ def _fnr_notes(res: StudyResults) -> list[str]:
             f"- The worst-of-8 FNR is {float(worst.iloc[0]):.2f} for every model: at this contrast and size the "
             "search finds a lost feature in every slice, so this column cannot rank the models."
         )
-    if len(standard) != 1:
+    if len(standard) != 1 or "volume_fnr" not in rows:  # per-volume rates: recorded since issue 20
         return out + ([""] if out else [])
+    rows = rows[rows["volume_fnr"].fillna("").ne("")]
     ref = {k: json.loads(v) for k, v in rows[rows["trial_id"] == standard[0]][["attack", "volume_fnr"]].values}
     lines = []
     for _, b in res.best.iterrows():
