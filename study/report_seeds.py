@@ -276,7 +276,8 @@ def findings(res: StudyResults) -> list[str]:
     seeds = int(best["seeds"])
     line = (
         f"found: best held-out NMSE {best['configuration']}: {_cell(best, 'NMSE', '.4f')} "
-        f"({seeds} seed{'s' if seeds > 1 else ''}, 95 % interval); zero-filled input {zf_nmse:.4f}"
+        + (f"({seeds} seeds, 95 % interval)" if seeds > 1 else "(1 seed: 95 % interval over volumes only)")
+        + f"; zero-filled input {zf_nmse:.4f}"
     )
     if reference is not None and reference != best["configuration"]:
         ref = table.loc[table["configuration"] == reference].iloc[0]
