@@ -183,6 +183,15 @@ def test_a_local_study_starts_its_own_ray_whatever_was_left(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # a two-node cluster on this machine
 # ---------------------------------------------------------------------------------------------
+def stop_nodes(nodes: list, temps: list) -> None:
+    """Stop the nodes a test started, last first, by process group, and remove their temporary folders
+    (with the ray_current_cluster files the nodes wrote)."""
+    for node in reversed(nodes):
+        stop_group(node)
+    for temp in temps:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """Stop a ``ray start --block`` this test started, with every process of its group."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
@@ -348,8 +357,5 @@ def test_a_study_on_a_two_node_cluster(tmp_path):
         assert "refused this driver's authentication token" in out.stderr and time.monotonic() - t0 < 15 + 3
         assert all(n.poll() is None for n in nodes)
     finally:
-        for node in reversed(nodes):
-            stop_group(node)
-        for temp in temps:  # with the ray_current_cluster files the two nodes wrote
-            shutil.rmtree(temp, ignore_errors=True)
+        stop_nodes(nodes, temps)
     assert not [p for n in nodes for p in group_alive(n.pid)]

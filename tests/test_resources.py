@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_cluster import RAY, REPO, SMOKE, driver_env, free_port, group_alive, run_study, stop_group, wait_for
+from test_cluster import (
+    RAY,
+    REPO,
+    SMOKE,
+    driver_env,
+    free_port,
+    group_alive,
+    run_study,
+    stop_nodes,
+    wait_for,
+)
 
 from study.plan import concurrent_trials, settle_resources, trial_resources
 
@@ -175,10 +184,7 @@ def gpu_cluster(tmp_path_factory):
         nodes.append(start_node([*worker, "--temp-dir", str(temps[1])], env, logs / "worker.log"))
         yield address, driver_env(PYTHONPATH=pythonpath, **auth)
     finally:
-        for node in reversed(nodes):
-            stop_group(node)
-        for temp in temps:  # with the ray_current_cluster files the two nodes wrote
-            shutil.rmtree(temp, ignore_errors=True)
+        stop_nodes(nodes, temps)
     assert not [p for n in nodes for p in group_alive(n.pid)]
 
 

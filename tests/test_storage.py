@@ -22,7 +22,17 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cluster import RAY, REPO, SMOKE, driver_env, free_port, group_alive, run_study, stop_group, wait_for
+from test_cluster import (
+    RAY,
+    REPO,
+    SMOKE,
+    driver_env,
+    free_port,
+    group_alive,
+    run_study,
+    stop_nodes,
+    wait_for,
+)
 
 from study.cluster import data_listing, node_sees
 
@@ -174,8 +184,5 @@ def test_a_node_without_the_shared_folder_is_refused(tmp_path, synthetic_root):
         assert not list(shared.iterdir())  # markers and replies removed
         assert all(n.poll() is None for n in nodes)
     finally:
-        for node in reversed(nodes):
-            stop_group(node)
-        for temp in temps:  # with the ray_current_cluster files the two nodes wrote
-            shutil.rmtree(temp, ignore_errors=True)
+        stop_nodes(nodes, temps)
     assert not [p for n in nodes for p in group_alive(n.pid)]
