@@ -47,12 +47,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mriadv.data.phantom import knee_magnitude, slice_positions  # noqa: E402
-from mriadv.data.synthetic import SyntheticSpec, ensure, generate  # noqa: E402
+from mriadv.data.synthetic import GENERATOR_VERSION, SyntheticSpec, ensure, generate  # noqa: E402
 from mriadv.config import ConfigError  # noqa: E402
 from mriadv.train import DEFAULT_RESULTS, parse_sets  # noqa: E402
 
 TARGET_RATIO, TARGET_MINUTES = 0.7, 3.0
-FOLDER_VERSION = 1  # bump when head_magnitude or blurred change what they draw
+FOLDER_VERSION = 2  # bump when head_magnitude or blurred change what they draw (2: the writer's version is kept too)
 # name: (anatomy, blur in target pixels (a Gaussian point-spread, the resolution of a real acquisition), spec)
 FOLDERS: dict[str, tuple[str, float, SyntheticSpec | None]] = {
     "small128": ("knee", 2.0, SyntheticSpec(volumes=8, val_volumes=4, slices=8, size=128, seed=1)),
@@ -167,7 +167,13 @@ def make_folder(name: str, results: Path) -> Path:
         return ensure(out, spec)
     draw = head_magnitude if anatomy == "head" else knee_magnitude
     draw = blurred(draw, blur) if blur else draw
-    manifest = {"anatomy": anatomy, "blur": blur, "version": FOLDER_VERSION, "spec": asdict(spec)}
+    manifest = {
+        "anatomy": anatomy,
+        "blur": blur,
+        "version": FOLDER_VERSION,
+        "generator": GENERATOR_VERSION,
+        "spec": asdict(spec),
+    }
     marker = out / "recipe_folder.json"
     if out.exists():
         if not marker.is_file() or json.loads(marker.read_text()) != manifest:

@@ -20,6 +20,12 @@ NORMS = ("instance", "batch")
 # mask_type: mriadv.data.masks.make_mask_func
 MASK_TYPES = ("random", "equispaced")
 
+# augment: mriadv.data.transforms.UnetTransform (training slices only): none, or a random flip of the
+# fully sampled image along each axis before the mask is drawn (MRAugment's flips, Fabian, Heckel &
+# Soltanolkotabi, ICML 2021); 'auto' (mriadv.data.loading.build_data): flips when an epoch cycles the
+# training set more than once (a small folder), none otherwise
+AUGMENTATIONS = ("auto", "none", "flip")
+
 # target_key: mriadv.data.files (the reference reconstruction read from each file, or 'kspace':
 # computed from the fully sampled k-space)
 TARGET_KEYS = ("reconstruction_esc", "reconstruction_rss", "kspace")
@@ -54,6 +60,7 @@ IMAGE_PROTOCOLS = ("seed",)
 
 __all__ = [
     "ACTIVATIONS",
+    "AUGMENTATIONS",
     "ARCHS",
     "DOMAINS",
     "EPSILON_SCOPES",

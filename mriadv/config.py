@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "unet_pooling": allowed.POOLINGS,
     "unet_norm": allowed.NORMS,
     "mask_type": allowed.MASK_TYPES,
+    "augment": allowed.AUGMENTATIONS,
     "target_key": allowed.TARGET_KEYS,
     "precision": allowed.PRECISIONS,
     "gen_scale": allowed.GEN_SCALES,
@@ -108,6 +109,9 @@ class TrainConfig:
     data: str | None = None  # root with singlecoil_train/ and singlecoil_val/
     crop_size: int = REFERENCE_CROP  # the seed's 320x320 crops
     mask_type: str = "random"
+    # training slices: 'flip' flips the fully sampled image at random along each axis; 'auto': flips only
+    # when an epoch's steps cycle the training set more than once (a small folder), so one pass is unchanged
+    augment: str = "auto"
     center_fraction: float = 0.08
     acceleration: float = 4.0
     target_key: str = "reconstruction_esc"

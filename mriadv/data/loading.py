@@ -4,6 +4,7 @@ folder is usable before anything trains on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class Data:
     report_split: str = "selection"
     robust_val: SliceDataset | None = None
     train_bucketed: bool = False  # training batches carry k-space (k-space training)
+    augment: str = "none"  # what the training slices get ('none' or 'flip': cfg.augment, 'auto' resolved)
     # fixed-order loaders with workers by (id(dataset), epoch), each held with its dataset so the id is not reused
     _fixed_loaders: dict[tuple[int, int], tuple[SliceDataset, torch.utils.data.DataLoader]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -109,7 +111,7 @@ class Data:
         if cfg.max_train_batches is not None:
             steps = min(steps, cfg.max_train_batches)
         return TrainingClock(
-            len(self.train), len(self.train.volumes), self.batch_size, pass_steps, steps, cfg.max_epochs
+            len(self.train), len(self.train.volumes), self.batch_size, pass_steps, steps, cfg.max_epochs, self.augment
         )
 
     def split_description(self) -> str:
@@ -175,7 +177,7 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
     if workers is None:  # on CUDA one per CPU of the run's share, at most 8: packed trials fork their share only
         share = cfg.threads if cfg.threads is not None else torch.get_num_threads()  # a trial: its Ray CPUs
         workers = min(8, len(os.sched_getaffinity(0)), share) if runtime.is_cuda else 0
-    return Data(
+    data = Data(
         train,
         val,
         train_eval,
@@ -189,6 +191,13 @@ def build_data(cfg: TrainConfig, runtime: Runtime, training: bool = True) -> Dat
         report_split=report_split,
         robust_val=robust_val,
     )
+    augment = cfg.augment
+    if augment == "auto":  # flips where the data is repeated within an epoch, which over-fits a small folder
+        augment = "flip" if data.clock(cfg).passes_per_epoch > 1 else "none"
+    if augment != "none":
+        data.train = train.restricted(train.volumes, dataclasses.replace(train_tf, augment=augment))
+    data.augment = augment
+    return data
 
 
 def data_lines(cfg: TrainConfig) -> list[str]:

@@ -55,6 +55,7 @@ class TrainingClock:
     pass_steps: int
     steps_per_epoch: int
     max_epochs: int
+    augment: str = "none"  # what the training slices get: 'none' or 'flip'
 
     @property
     def total_steps(self) -> int:
@@ -72,9 +73,10 @@ class TrainingClock:
             per = f"{self.passes_per_epoch:.2g} passes, cycled"
         else:
             per = f"{self.passes_per_epoch:.2g} of a pass, sampled"
+        flips = "; random flips of the training images (augment)" if self.augment == "flip" else ""
         return (
             f"training: {self.slices} slices in {self.volumes} volumes; {self.steps_per_epoch} steps of batch "
-            f"{self.batch_size} per epoch ({per}), {self.max_epochs} epochs: {self.total_steps} updates"
+            f"{self.batch_size} per epoch ({per}), {self.max_epochs} epochs: {self.total_steps} updates{flips}"
         )
 
 

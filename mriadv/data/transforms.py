@@ -20,9 +20,10 @@ import torch
 from mriadv.choices import TARGET_KEYS  # noqa: F401 (re-exported: mriadv.data.files and .check import it here)
 from mriadv.config import TrainConfig
 from mriadv.data.masks import MaskFunc, volume_seed
-from mriadv.fft import ifft2c
+from mriadv.fft import fft2c, ifft2c
 
 NORM_EPS = 1e-11
+AUGMENT_STREAM = 1  # the augmentation's draws: a stream of their own beside the mask's (seed, epoch, file, slice)
 
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -48,6 +49,29 @@ def apply_mask(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def zero_filled_magnitude(kspace: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
     """``|C(F^-1 kspace)|``: complex ``(..., H, W)`` -> real ``(..., h, w)``."""
     return center_crop(ifft2c(kspace), crop).abs()
+
+
+def flip_slice(
+    kspace: torch.Tensor, target: torch.Tensor | None, padding: tuple[int, int], flips: tuple[bool, bool]
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """The slice whose fully sampled image is flipped along rows (``flips[0]``) and columns (``flips[1]``).
+
+    ``kspace``: complex ``(H, W)``; ``target``: ``(Ht, Wt)``, the centre crop of ``|F^-1 kspace|``, or None;
+    ``padding``: the acquired columns ``[left, right)``. The image ``F^-1 kspace`` is flipped and transformed
+    back, so the k-space is exactly that of the flipped image; the target is flipped with it, which keeps
+    it the centre crop of the flipped image when ``H - Ht`` (``W - Wt``) is even, so an axis where it is odd
+    is left as it is. A column flip mirrors the acquired band: ``[W - right, W - left)``."""
+    H, W = kspace.shape[-2:]
+    dims = []
+    if flips[0] and (target is None or (H - target.shape[-2]) % 2 == 0):
+        dims.append(-2)
+    if flips[1] and (target is None or (W - target.shape[-1]) % 2 == 0):
+        dims.append(-1)
+        padding = (W - padding[1], W - padding[0])
+    if not dims:
+        return kspace, target, padding
+    kspace = fft2c(torch.flip(ifft2c(kspace), dims)).to(kspace.dtype)
+    return kspace, None if target is None else torch.flip(target, dims), padding
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
@@ -177,6 +201,9 @@ class UnetTransform:
             of these, whatever the number of loader workers, so resumed runs see the same masks.
         clamp: clamp the normalised input to ``[-clamp, clamp]`` (fastMRI: 6); None: off.
         keep_kspace: also return the masked, normalised k-space and the mask (k-space attacks).
+        augment: ``'flip'`` flips each training slice's image along each axis with probability 1/2
+            (:func:`flip_slice`), drawn like the mask from (seed, epoch, file, slice); never when
+            ``train`` is False.
     """
 
     mask_func: MaskFunc
@@ -185,6 +212,7 @@ class UnetTransform:
     seed: int = 0
     clamp: float | None = TrainConfig.clamp
     keep_kspace: bool = False
+    augment: str = "none"
 
     def mask_rng(self, fname: str, slice_num: int, epoch: int) -> np.random.Generator:
         if self.train:
@@ -193,9 +221,15 @@ class UnetTransform:
 
     def __call__(self, raw: RawSlice, epoch: int = 0) -> Sample:
         kspace = torch.from_numpy(np.ascontiguousarray(raw.kspace))
+        raw_target = None if raw.target is None else torch.from_numpy(np.ascontiguousarray(raw.target))
+        padding = raw.padding
+        if self.train and self.augment == "flip":
+            rng = np.random.default_rng([self.seed, epoch, volume_seed(raw.fname), raw.slice_num, AUGMENT_STREAM])
+            flips = tuple(bool(f) for f in rng.random(2) < 0.5)
+            kspace, raw_target, padding = flip_slice(kspace, raw_target, padding, flips)  # type: ignore[arg-type]
         num_cols = kspace.shape[-1]
         mask_np = self.mask_func(num_cols, self.mask_rng(raw.fname, raw.slice_num, epoch))
-        left, right = raw.padding
+        left, right = padding
         mask_np[:left] = False  # zero-padded phase encodes are never "sampled"
         mask_np[right:] = False
         mask = torch.from_numpy(mask_np)
@@ -203,8 +237,8 @@ class UnetTransform:
 
         crop = (self.crop_size, self.crop_size)
         image = zero_filled_magnitude(masked, crop)
-        if raw.target is not None:
-            target = center_crop(torch.from_numpy(np.ascontiguousarray(raw.target)), crop)
+        if raw_target is not None:
+            target = center_crop(raw_target, crop)
         else:
             target = zero_filled_magnitude(kspace, crop)
         mean, std = image.mean(), image.std()
