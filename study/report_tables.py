@@ -33,7 +33,7 @@ from study.report_data import (
 )
 from study.report_held_out import instability_tables, protocol_tables
 
-__all__ = ["markdown_cell", "markdown_table", "plus_minus", "pgd_column", "table1", "table1_markdown", "write_table1"]
+__all__ = ["markdown_cell", "markdown_table", "pgd_column", "plus_minus", "table1", "table1_markdown", "write_table1"]
 
 # The seed's Table 1 (Huang & Liang), its own metric definitions, fastMRI single-coil knee, 320x320.
 SEED_TABLE1 = (
@@ -66,68 +66,97 @@ def table1(res: StudyResults) -> pd.DataFrame:
     split, clean and under PGD, with standard errors over volumes); and one Zero-filled row, the
     network's input itself on the report split. PGD columns only on held-out rows."""
     report = held_out(res)
-    pgd_cols = [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))]
-    pgd_se = [f"PGD@{b:g} NMSE SE" for b in res.budgets] + [f"PGD@{b:g} dNMSE SE" for b in res.budgets]
     params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
-    last = (
-        res.trials[res.trials["epoch"] > 0].sort_values("epoch").groupby("trial_id").last() if len(res.trials) else None
-    )
-
-    def held_out_row(rows: pd.DataFrame) -> dict[str, Any]:
-        row: dict[str, Any] = {}
-        for m in METRICS:
-            row[METRIC_NAMES[m]] = held_out_cell(rows, "clean", 0.0, m)
-            row[f"{METRIC_NAMES[m]} SE"] = held_out_cell(rows, "clean", 0.0, f"{m}_se")
-        for b in res.budgets:
-            for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
-                row[pgd_column(b, m)] = held_out_cell(rows, "pgd", b, m)
-            row[f"PGD@{b:g} NMSE SE"] = held_out_cell(rows, "pgd", b, "nmse_se")
-            row[f"PGD@{b:g} dNMSE SE"] = held_out_cell(rows, "pgd", b, "d_nmse_se")
-        row["volumes"] = held_out_cell(rows, "clean", 0.0, "num_volumes") if "num_volumes" in rows else math.nan
-        return row
-
+    last = _last_epochs(res)
     rows = []
     zf = zero_filled(res)
     if len(zf):
-        rows.append({"trial_id": "", "model": "zero-filled input", "split": "Report", **held_out_row(zf)})
+        rows.append({"trial_id": "", "model": "zero-filled input", "split": "Report", **_held_out_row(res, zf)})
     for _, b in res.best.iterrows():
-        eps = float_of(b, "epsilon")
-        common: dict[str, Any] = {
-            "trial_id": b["trial_id"],
-            "epsilon_ref": float_of(b, "epsilon_ref"),
-            "epsilon_rms": float_of(b, "epsilon_rms"),
-        }
-        common |= {p: b.get(p) for p in params}
-        common |= {
-            "model": "standard" if eps == 0 else ("adversarial" if eps > 0 else "?"),
-            "best_epoch": int(b["epoch"]),
-            "status": b.get("status", ""),
-        }
-        if last is not None and b["trial_id"] in last.index and eps > 0:
-            end = last.loc[b["trial_id"]]
-            common |= {
-                "last_delta_sq_over_eps": float_of(end, "delta_sq") / eps,
-                "last_over_budget": float_of(end, "over_budget"),
-            }
+        common = _trial_columns(b, params, last)
         for split, prefix in (("Training", "train"), ("Selection", "val")):
-            row = {**common, "split": split}
-            for m in METRICS:
-                row[METRIC_NAMES[m]] = float_of(b, f"{prefix}_{m}")
-                row[f"{METRIC_NAMES[m]} SE"] = float_of(b, f"{prefix}_{m}_se")
-            for m in METRICS:
-                row[f"{METRIC_NAMES[m]} (seed def.)"] = float_of(b, f"{prefix}_seed_{m}")
-            rows.append(row)
+            rows.append(_training_or_selection_row(b, common, split, prefix))
         mine = report[report["trial_id"] == b["trial_id"]] if len(report) else report
-        versus = {}
-        if last is not None and b["trial_id"] in last.index:  # the held-out verdict is on the last epoch's row
-            end = last.loc[b["trial_id"]]
-            versus = {
-                "NMSE / input": float_of(end, "report_vs_input_ratio"),
-                "NMSE / input SE": float_of(end, "report_vs_input_ratio_se"),
-                "vs input": end.get("report_vs_input") if isinstance(end.get("report_vs_input"), str) else "",
-            }
-        rows.append({**common, "split": "Report", **held_out_row(mine), **versus})
-    columns = (
+        rows.append({**common, "split": "Report", **_held_out_row(res, mine), **_versus_input(b, last)})
+    return pd.DataFrame(rows, columns=_table1_columns(res, params))
+
+
+def _last_epochs(res: StudyResults) -> pd.DataFrame | None:
+    """Each trial's row of its last epoch (None for an empty table)."""
+    if not len(res.trials):
+        return None
+    return res.trials[res.trials["epoch"] > 0].sort_values("epoch").groupby("trial_id").last()
+
+
+def _trial_columns(b: pd.Series, params: list[str], last: pd.DataFrame | None) -> dict[str, Any]:
+    """The columns every row of trial ``b`` (its best epoch) shares: its budget, searched values, model,
+    epoch and status, and an adversarial trial's training perturbation at its last epoch."""
+    eps = float_of(b, "epsilon")
+    common: dict[str, Any] = {
+        "trial_id": b["trial_id"],
+        "epsilon_ref": float_of(b, "epsilon_ref"),
+        "epsilon_rms": float_of(b, "epsilon_rms"),
+    }
+    common |= {p: b.get(p) for p in params}
+    common |= {
+        "model": "standard" if eps == 0 else ("adversarial" if eps > 0 else "?"),
+        "best_epoch": int(b["epoch"]),
+        "status": b.get("status", ""),
+    }
+    if last is not None and b["trial_id"] in last.index and eps > 0:
+        end = last.loc[b["trial_id"]]
+        common |= {
+            "last_delta_sq_over_eps": float_of(end, "delta_sq") / eps,
+            "last_over_budget": float_of(end, "over_budget"),
+        }
+    return common
+
+
+def _training_or_selection_row(b: pd.Series, common: dict[str, Any], split: str, prefix: str) -> dict[str, Any]:
+    """The Training or Selection row of trial ``b``: its best epoch's ``<prefix>_*`` metrics, fastMRI's
+    with their SEs and the seed's definitions."""
+    row = {**common, "split": split}
+    for m in METRICS:
+        row[METRIC_NAMES[m]] = float_of(b, f"{prefix}_{m}")
+        row[f"{METRIC_NAMES[m]} SE"] = float_of(b, f"{prefix}_{m}_se")
+    for m in METRICS:
+        row[f"{METRIC_NAMES[m]} (seed def.)"] = float_of(b, f"{prefix}_seed_{m}")
+    return row
+
+
+def _held_out_row(res: StudyResults, rows: pd.DataFrame) -> dict[str, Any]:
+    """The held-out cells of a Report row from its ``robustness`` rows: clean and PGD at every budget,
+    with SEs over volumes, and the number of volumes."""
+    row: dict[str, Any] = {}
+    for m in METRICS:
+        row[METRIC_NAMES[m]] = held_out_cell(rows, "clean", 0.0, m)
+        row[f"{METRIC_NAMES[m]} SE"] = held_out_cell(rows, "clean", 0.0, f"{m}_se")
+    for b in res.budgets:
+        for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
+            row[pgd_column(b, m)] = held_out_cell(rows, "pgd", b, m)
+        row[f"PGD@{b:g} NMSE SE"] = held_out_cell(rows, "pgd", b, "nmse_se")
+        row[f"PGD@{b:g} dNMSE SE"] = held_out_cell(rows, "pgd", b, "d_nmse_se")
+    row["volumes"] = held_out_cell(rows, "clean", 0.0, "num_volumes") if "num_volumes" in rows else math.nan
+    return row
+
+
+def _versus_input(b: pd.Series, last: pd.DataFrame | None) -> dict[str, Any]:
+    """Trial ``b`` against its zero-filled input: the held-out verdict, on the last epoch's row."""
+    if last is None or b["trial_id"] not in last.index:
+        return {}
+    end = last.loc[b["trial_id"]]
+    return {
+        "NMSE / input": float_of(end, "report_vs_input_ratio"),
+        "NMSE / input SE": float_of(end, "report_vs_input_ratio_se"),
+        "vs input": end.get("report_vs_input") if isinstance(end.get("report_vs_input"), str) else "",
+    }
+
+
+def _table1_columns(res: StudyResults, params: list[str]) -> list[str]:
+    """table1.csv's columns, in order: the trial, its metrics, PGD at each budget and their SEs."""
+    pgd_cols = [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))]
+    pgd_se = [f"PGD@{b:g} NMSE SE" for b in res.budgets] + [f"PGD@{b:g} dNMSE SE" for b in res.budgets]
+    return (
         [
             "trial_id",
             "epsilon_ref",
@@ -150,7 +179,6 @@ def table1(res: StudyResults) -> pd.DataFrame:
         + pgd_cols
         + pgd_se
     )
-    return pd.DataFrame(rows, columns=columns)
 
 
 def write_table1(res: StudyResults, out: Path) -> pd.DataFrame:
@@ -167,15 +195,31 @@ def _process(row: pd.Series) -> str:
 
 
 def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
+    """``table1.md`` from :func:`table1`'s ``table``: the held-out numbers in the seed's layout, the
+    protocol and instability tables, the selection and training volumes, and the seed's metric
+    definitions beside its published Table 1."""
     out = [f"# Table 1 — {res.folder.name}", ""]
     if table.empty:
         out += ["No trial has a finished epoch yet: nothing to tabulate.", ""]
         return "\n".join(out)
     params = [p for p in res.columns if res.columns[p] != "epsilon_ref"]
-    crop = res.crop
     split = held_out_split(res)
     rep = table[table["split"] == "Report"]
-    out += [
+    out += _held_out_intro(res, split, rep)
+    out += [_held_out_table(res, rep, params), ""]
+    out += protocol_tables(res)
+    out += instability_tables(res)
+    sel = table[table["split"].isin(["Training", "Selection"])]
+    out += _selection_section(sel, params)
+    out += _seed_definitions_section(table, sel, params)
+    return "\n".join(out)
+
+
+def _held_out_intro(res: StudyResults, split: str | None, rep: pd.DataFrame) -> list[str]:
+    """The paragraph that says what the held-out table shows (and, before any held-out evaluation,
+    that its rows are empty)."""
+    crop = res.crop
+    out = [
         f"**Numbers from the {SPLIT_NAMES.get(split or '', 'report split')}**"
         + (f", {int(rep['volumes'].max())} volumes" if rep["volumes"].notna().any() else "")
         + ". "
@@ -195,64 +239,66 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
     ]
     if split is None:
         out += [
-            "No trial has a held-out evaluation yet (it runs at a trial's last epoch): the Report rows are "
-            "empty; see the Selection rows below, which early stopping chose by.",
+            (
+                "No trial has a held-out evaluation yet (it runs at a trial's last epoch): the Report rows are "
+                "empty; see the Selection rows below, which early stopping chose by."
+            ),
             "",
         ]
+    return out
+
+
+def _held_out_table(res: StudyResults, rep: pd.DataFrame, params: list[str]) -> str:
+    """The held-out (Report) rows in the seed's layout, the zero-filled input first."""
     headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "‖δ‖²/ε (over)", "NMSE", "PSNR", "SSIM"]
     headers += ["NMSE / input"]
     for b in res.budgets:
         headers += [f"PGD@{b:g} NMSE", f"PGD@{b:g} PSNR", f"PGD@{b:g} SSIM"]
-    rows = []
-    for _, r in rep.iterrows():
-        zf = r["model"] == "zero-filled input"
-        ratio = (
-            ""
-            if zf or not math.isfinite(float_of(r, "last_delta_sq_over_eps"))
-            else f"{format_number(r['last_delta_sq_over_eps'], '.2f')} ({format_number(r['last_over_budget'], '.0%')})"
-        )
-        cells = (
-            ["–", "–", *("" for _ in params), "Zero-filled", "–", ""]
-            if zf
-            else [
-                format_number(r["epsilon_ref"], "g"),
-                format_number(r["epsilon_rms"], ".3f"),
-                *(format_value(r[p]) for p in params),
-                _process(r),
-                format_number(r["best_epoch"], ".0f"),
-                ratio,
-            ]
-        )
-        cells += [
-            plus_minus(r["NMSE"], r["NMSE SE"], ".4f"),
-            plus_minus(r["PSNR"], r["PSNR SE"], ".2f"),
-            plus_minus(r["SSIM"], r["SSIM SE"], ".4f"),
-            "1" if zf else versus_cell(r.get("NMSE / input"), r.get("NMSE / input SE"), r.get("vs input")),
-        ]
-        for b in res.budgets:
-            for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
-                value, delta = r[pgd_column(b, m)], r[pgd_column(b, "d_" + m)]
-                extra = (
-                    f" ± {format_number(r[f'PGD@{b:g} dNMSE SE'], spec)}"
-                    if m == "nmse" and format_number(r[f"PGD@{b:g} dNMSE SE"], spec) != "–"
-                    else ""
-                )
-                cells.append(f"{format_number(value, spec)} ({format_number(delta, '+' + spec)}{extra})")
-        rows.append(cells)
-    out += [markdown_table(headers, rows), ""]
+    return markdown_table(headers, [_held_out_cells(res, r, params) for _, r in rep.iterrows()])
 
-    out += protocol_tables(res)
-    out += instability_tables(res)
-    out += [
-        "## Selection and training volumes",
-        "",
-        "The same best epochs on the volumes they were chosen by (*Selection*: the validation volumes of early "
-        "stopping, `best.pt` and the search) and on the fixed training-evaluation volumes (*Training*). The epoch "
-        "was chosen on the selection volumes, so their numbers tend to flatter it (by how much depends on the "
-        "volumes: the two parts are exchangeable, not equal); report the held-out table above.",
-        "",
+
+def _held_out_cells(res: StudyResults, r: pd.Series, params: list[str]) -> list[str]:
+    """One row of the held-out table: the trial, its clean numbers ± SE, its ratio to the input and,
+    at each budget, PGD's attacked value (and its change from clean)."""
+    zf = r["model"] == "zero-filled input"
+    ratio = (
+        ""
+        if zf or not math.isfinite(float_of(r, "last_delta_sq_over_eps"))
+        else f"{format_number(r['last_delta_sq_over_eps'], '.2f')} ({format_number(r['last_over_budget'], '.0%')})"
+    )
+    cells = (
+        ["–", "–", *("" for _ in params), "Zero-filled", "–", ""]
+        if zf
+        else [
+            format_number(r["epsilon_ref"], "g"),
+            format_number(r["epsilon_rms"], ".3f"),
+            *(format_value(r[p]) for p in params),
+            _process(r),
+            format_number(r["best_epoch"], ".0f"),
+            ratio,
+        ]
+    )
+    cells += [
+        plus_minus(r["NMSE"], r["NMSE SE"], ".4f"),
+        plus_minus(r["PSNR"], r["PSNR SE"], ".2f"),
+        plus_minus(r["SSIM"], r["SSIM SE"], ".4f"),
+        "1" if zf else versus_cell(r.get("NMSE / input"), r.get("NMSE / input SE"), r.get("vs input")),
     ]
-    sel = table[table["split"].isin(["Training", "Selection"])]
+    for b in res.budgets:
+        for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
+            value, delta = r[pgd_column(b, m)], r[pgd_column(b, "d_" + m)]
+            extra = (
+                f" ± {format_number(r[f'PGD@{b:g} dNMSE SE'], spec)}"
+                if m == "nmse" and format_number(r[f"PGD@{b:g} dNMSE SE"], spec) != "–"
+                else ""
+            )
+            cells.append(f"{format_number(value, spec)} ({format_number(delta, '+' + spec)}{extra})")
+    return cells
+
+
+def _selection_section(sel: pd.DataFrame, params: list[str]) -> list[str]:
+    """The same best epochs on the Selection and Training volumes (``sel``), with a word on why the
+    held-out table is the one to report."""
     rows = [
         [
             format_number(r["epsilon_ref"], "g"),
@@ -265,9 +311,25 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         ]
         for _, r in sel.iterrows()
     ]
-    out += [markdown_table(["ε (320²)", *params, "Process", "epoch", "NMSE", "PSNR", "SSIM"], rows), ""]
+    return [
+        "## Selection and training volumes",
+        "",
+        (
+            "The same best epochs on the volumes they were chosen by (*Selection*: the validation volumes of early "
+            "stopping, `best.pt` and the search) and on the fixed training-evaluation volumes (*Training*). The "
+            "epoch was chosen on the selection volumes, so their numbers tend to flatter it (by how much depends "
+            "on the volumes: the two parts are exchangeable, not equal); report the held-out table above."
+        ),
+        "",
+        markdown_table(["ε (320²)", *params, "Process", "epoch", "NMSE", "PSNR", "SSIM"], rows),
+        "",
+    ]
 
-    out += ["## The seed's metric definitions", "", METRIC_DEFINITIONS, ""]
+
+def _seed_definitions_section(table: pd.DataFrame, sel: pd.DataFrame, params: list[str]) -> list[str]:
+    """The Selection and Training rows (``sel``) in the seed's own metric definitions, and the seed's
+    published Table 1 for reference."""
+    out = ["## The seed's metric definitions", "", METRIC_DEFINITIONS, ""]
     seed_cols = [f"{METRIC_NAMES[m]} (seed def.)" for m in METRICS]
     rows = [
         [
@@ -290,4 +352,4 @@ def table1_markdown(res: StudyResults, table: pd.DataFrame) -> str:
         ),
         "",
     ]
-    return "\n".join(out)
+    return out

@@ -27,7 +27,6 @@ problem raises :class:`SpaceError` naming the file and the key.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,38 +34,25 @@ from typing import Any
 
 import yaml
 
-from mriadv.config import ATTACKS, ConfigError, TrainConfig
-from mriadv.units import ROBUST_METRICS, budgets_at_crop, robust_key
+from mriadv.config import ConfigError, TrainConfig
+from mriadv.units import budgets_at_crop
+from study.space_sections import (
+    Objective,
+    Param,
+    check_top_level,
+    points_as_choices,
+    read_attack_budgets,
+    read_fixed,
+    read_num_samples,
+    read_objectives,
+    read_parameters,
+    read_scheduler,
+    read_seeds,
+    with_seeds,
+)
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOP_KEYS = {
-    "description",
-    "parameters",
-    "points",
-    "fixed",
-    "num_samples",
-    "seeds",
-    "objectives",
-    "attack_budgets",
-    "scheduler",
-}
-# keys that a space may not set: they belong to the run, not to the study
-RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
 EPSILON_KEYS = ("epsilon",)
-# metrics a trial reports that can be objectives, beside the rob_<attack>_e<budget>_<metric> family
-OBJECTIVE_METRICS = (
-    "val_loss",
-    "val_nmse",
-    "val_psnr",
-    "val_ssim",
-    "train_loss",
-    "val_seed_nmse",
-    "val_seed_psnr",
-    "val_seed_ssim",
-    "feature_fnr",
-    "feature_error",
-)
 
 
 class _Loader(yaml.SafeLoader):
@@ -85,21 +71,6 @@ _Loader.add_implicit_resolver(
 
 class SpaceError(ValueError):
     """A search-space file that cannot be used; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: str  # one of DISTRIBUTIONS
-    values: tuple[Any, ...] = ()  # grid / choice
-    low: float | None = None
-    high: float | None = None
-
-
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    mode: str  # 'min' | 'max'
 
 
 @dataclass(frozen=True)
@@ -181,19 +152,13 @@ def parse_space_yaml(text: str, source: str | Path) -> Any:
 def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace:
     """The space ``space_name`` from its already-parsed YAML ``raw`` (a mapping), validated. ``source`` is
     where it came from (its file, or the ``study.json`` that saved its text): every error message
-    names it, and it becomes the space's ``path``."""
+    names it, and it becomes the space's ``path``. Each section is read and checked by its step in
+    :mod:`study.space_sections`, in this order; the first problem raises :class:`SpaceError`."""
     path = Path(source)
+    config_fields = set(TrainConfig.__dataclass_fields__)
 
     def fail(key: str, why: str) -> SpaceError:
         return SpaceError(f"{path}: {key}: {why}")
-
-    if not isinstance(raw, dict):
-        raise fail("(top level)", "expected a mapping of keys such as 'parameters' and 'objectives'")
-    unknown = sorted(set(raw) - TOP_KEYS)
-    if unknown:
-        raise fail(unknown[0], f"unknown key; valid keys: {sorted(TOP_KEYS)}")
-
-    config_fields = set(TrainConfig.__dataclass_fields__)
 
     def check_value(key: str, where: str, value: Any) -> None:
         """A value must make a valid TrainConfig (at the reference crop, so scaling cannot hide errors)."""
@@ -204,126 +169,21 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         if key == "init_from" and value is not None and not Path(value).is_absolute():
             raise fail(where, f"{value!r}: give an absolute path (each trial runs in its own folder)")
 
-    if "points" in raw:
-        if "parameters" in raw or "num_samples" in raw:
-            raise fail(
-                "points",
-                "a space lists its trials as points, or searches parameters: not both "
-                "(and a list of points runs each once: no num_samples)",
-            )
-        raw = {**raw, "parameters": _points_as_choices(raw["points"], fail, check_value, config_fields)}
+    check_top_level(raw, fail)
+    if "points" in raw:  # a list of trials: searched as a choice over each key's values
+        raw = {**raw, "parameters": points_as_choices(raw, fail, check_value, config_fields)}
     params_raw = raw.get("parameters") or {}
-    if not isinstance(params_raw, dict):
-        raise fail("parameters", "expected a mapping of TrainConfig fields to distributions")
-    params = []
-    for name, spec in params_raw.items():
-        where = f"parameters.{name}"
-        if name not in config_fields:
-            raise fail(where, f"unknown parameter: not a TrainConfig field (valid: {sorted(config_fields)})")
-        if name in RUN_KEYS:
-            raise fail(where, "belongs to the run, not to a search space")
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise fail(where, f"expected one distribution, e.g. {{grid: [...]}}; one of {DISTRIBUTIONS}")
-        ((kind, arg),) = spec.items()
-        if kind not in DISTRIBUTIONS:
-            raise fail(f"{where}.{kind}", f"unknown distribution; expected one of {DISTRIBUTIONS}")
-        if kind in ("grid", "choice"):
-            if not isinstance(arg, list) or not arg:
-                raise fail(f"{where}.{kind}", "expected a non-empty list of values")
-            if len(set(map(repr, arg))) != len(arg):
-                raise fail(f"{where}.{kind}", "values repeat")
-            for v in arg:
-                check_value(name, f"{where}.{kind}", v)
-            params.append(Param(name, kind, values=tuple(arg)))
-            continue
-        if not (
-            isinstance(arg, list)
-            and len(arg) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
-        ):
-            raise fail(f"{where}.{kind}", "expected [low, high] numbers")
-        low, high = float(arg[0]), float(arg[1])
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise fail(f"{where}.{kind}", f"low must be < high, got [{arg[0]}, {arg[1]}]")
-        if kind == "loguniform" and low <= 0:
-            raise fail(f"{where}.{kind}", f"a log range must be > 0 at both ends, got [{arg[0]}, {arg[1]}]")
-        if kind == "randint" and not all(isinstance(v, int) for v in arg):
-            raise fail(f"{where}.{kind}", "randint needs integer bounds")
-        for v in (arg[0], arg[1]):
-            check_value(name, f"{where}.{kind}", v)
-        params.append(Param(name, kind, low=low, high=high))
-    if not params:
-        raise fail("parameters", "a space needs at least one searched parameter")
-    kinds = {p.kind == "grid" for p in params}
-    if len(kinds) > 1:
-        raise fail("parameters", "mixes grid and sampled distributions; use choice instead of grid for a sampled space")
-
-    fixed = raw.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        raise fail("fixed", "expected a mapping of TrainConfig fields to values")
-    for key, value in fixed.items():
-        if key not in config_fields:
-            raise fail(f"fixed.{key}", "unknown key: not a TrainConfig field")
-        if key in RUN_KEYS:
-            raise fail(f"fixed.{key}", "belongs to the run, not to a search space")
-        if key in params_raw:
-            raise fail(f"fixed.{key}", "is also a searched parameter")
-        check_value(key, f"fixed.{key}", value)
-
+    params = read_parameters(params_raw, fail, check_value, config_fields)
+    fixed = read_fixed(raw.get("fixed") or {}, params_raw, fail, check_value, config_fields)
     points = tuple(dict(p) for p in raw.get("points") or ())
     grid = all(p.kind == "grid" for p in params)
-    num_samples = len(points) if points else raw.get("num_samples")
-    if grid and num_samples is not None:
-        raise fail("num_samples", "a grid space runs each grid point once; add 'seeds: N' for repeats")
-    if num_samples is None:
-        num_samples = 1 if grid else 8
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise fail("num_samples", f"must be a positive integer, got {num_samples!r}")
-
-    budgets = raw.get("attack_budgets", [1000, 5000])
-    if (
-        not isinstance(budgets, list)
-        or not budgets
-        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in budgets)
-    ):
-        raise fail("attack_budgets", "expected a non-empty list of numbers > 0")
-
-    objectives_raw = raw.get("objectives") or [{"metric": "val_nmse", "mode": "min"}]
-    if not isinstance(objectives_raw, list):
-        raise fail("objectives", "expected a list of {metric: ..., mode: min|max}")
-    objectives = []
-    allowed = set(OBJECTIVE_METRICS) | {robust_key(a, b, m) for a in ATTACKS for b in budgets for m in ROBUST_METRICS}
-    for i, obj in enumerate(objectives_raw):
-        where = f"objectives[{i}]"
-        if not isinstance(obj, dict) or set(obj) != {"metric", "mode"}:
-            raise fail(where, "expected {metric: ..., mode: min|max}")
-        if obj["mode"] not in ("min", "max"):
-            raise fail(f"{where}.mode", f"must be 'min' or 'max', got {obj['mode']!r}")
-        if obj["metric"] not in allowed:
-            raise fail(
-                f"{where}.metric",
-                f"unknown metric {obj['metric']!r}; e.g. {sorted(OBJECTIVE_METRICS)} or "
-                "rob_<attack>_e<budget>_<metric> for a budget in attack_budgets",
-            )
-        objectives.append(Objective(obj["metric"], obj["mode"]))
-
-    sched = raw.get("scheduler", "none" if grid or points else "asha")
-    if isinstance(sched, str):
-        sched = {"type": sched}
-    if not isinstance(sched, dict) or sched.get("type") not in ("none", "asha"):
-        raise fail("scheduler", "expected 'none', 'asha' or {type: asha, grace_period: N, reduction_factor: R}")
-    extra = sorted(set(sched) - {"type", "grace_period", "reduction_factor"})
-    if extra:
-        raise fail(f"scheduler.{extra[0]}", "unknown scheduler option")
-    for key in ("grace_period", "reduction_factor"):
-        if key in sched and (not isinstance(sched[key], (int, float)) or sched[key] < 1):
-            raise fail(f"scheduler.{key}", "must be a number >= 1")
-
-    seeds = raw.get("seeds", 1)
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise fail("seeds", f"must be a positive integer (training seeds per configuration), got {seeds!r}")
+    num_samples = read_num_samples(raw, points, grid, fail)
+    budgets = read_attack_budgets(raw, fail)
+    objectives = read_objectives(raw, budgets, fail)
+    sched = read_scheduler(raw, grid or bool(points), fail)
+    seeds = read_seeds(raw, fail)
     if seeds > 1:
-        params, points = _with_seeds(params, points, seeds, grid, fixed, fail)
+        params, points = with_seeds(params, points, seeds, grid, fixed, fail)
         num_samples = len(points) if points else num_samples
 
     return StudySpace(
@@ -340,56 +200,3 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         points=points,
         seeds=seeds,
     )
-
-
-def _with_seeds(
-    params: list[Param], points: tuple[dict[str, Any], ...], seeds: int, grid: bool, fixed: dict[str, Any], fail
-) -> tuple[list[Param], tuple[dict[str, Any], ...]]:
-    """Replicates: every configuration of a grid or a list of points once per training seed
-    ``0 .. seeds - 1`` (``seed``, the last parameter: model initialisation, data order and masks).
-    A sampled space cannot repeat what its searcher draws: refused."""
-    if "seed" in fixed or any(p.name == "seed" for p in params) and not points:
-        raise fail("seeds", "the space sets 'seed' itself; give either 'seeds: N' or a seed parameter")
-    if points and "seed" in points[0]:
-        raise fail("seeds", "the points set 'seed' themselves; give either 'seeds: N' or seeds in the points")
-    if not grid and not points:
-        raise fail(
-            "seeds",
-            "replicates need the configurations listed (a grid or points); a sampled space's searcher "
-            "draws each configuration once",
-        )
-    values = tuple(range(seeds))
-    if points:
-        points = tuple({**p, "seed": s} for p in points for s in values)
-        return [*params, Param("seed", "choice", values=values)], points
-    return [*params, Param("seed", "grid", values=values)], points
-
-
-def _points_as_choices(points: Any, fail, check_value, config_fields: set[str]) -> dict[str, Any]:
-    """Validate a ``points`` list (each a mapping of the same TrainConfig fields to values, one trial
-    each) and return the equivalent ``parameters`` (a choice over each key's values), through which
-    the searcher is given the points to evaluate in order."""
-    if not isinstance(points, list) or not points:
-        raise fail("points", "expected a non-empty list of mappings, one trial each")
-    keys: list[str] | None = None
-    for i, point in enumerate(points):
-        where = f"points[{i}]"
-        if not isinstance(point, dict) or not point:
-            raise fail(where, "expected a mapping of TrainConfig fields to values")
-        if keys is None:
-            keys = list(point)
-        if set(point) != set(keys):
-            raise fail(where, f"every point must set the same keys {sorted(keys)}, got {sorted(point)}")
-        for key, value in point.items():
-            if key not in config_fields:
-                raise fail(f"{where}.{key}", "unknown key: not a TrainConfig field")
-            if key in RUN_KEYS:
-                raise fail(f"{where}.{key}", "belongs to the run, not to a search space")
-            check_value(key, f"{where}.{key}", value)
-        try:
-            TrainConfig.from_dict(point)
-        except (ConfigError, TypeError) as exc:
-            raise fail(where, str(exc)) from None
-    if len({repr(sorted(p.items())) for p in points}) != len(points):
-        raise fail("points", "two points are the same trial")
-    return {k: {"choice": list(dict.fromkeys(p[k] for p in points))} for k in keys or []}
