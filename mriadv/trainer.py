@@ -35,7 +35,7 @@ from mriadv.data.transforms import Batch, concat
 from mriadv.losses import make_loss
 from mriadv.models import ConditionalGenerator, ImageGenerator, MeasurementGenerator, UNet, as_complex, kspace_features
 from mriadv.models.unrolled import UnrolledNet
-from mriadv.models.utils import frozen
+from mriadv.models.utils import frozen, running_stats_kept
 from mriadv.perturbations import budget_per_slice, hinge, project_l2, squared_norm
 from mriadv.perturbations import perturbed_batch, reconstruct  # the reconstructor's (perturbed) input
 from mriadv.runtime import Runtime
@@ -202,10 +202,12 @@ class Trainer:
 
     # -- the named steps ----------------------------------------------------------------------
     def generator_step(self, batch: Batch, z: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """One ascent step of phi on ``lambda1 Loss(f(x~ + G), x) - lambda2 hinge``; theta gets no gradient."""
+        """One ascent step of phi on ``lambda1 Loss(f(x~ + G), x) - lambda2 hinge``; theta gets no gradient,
+        and ``f`` runs in eval mode (as for PGD): its batch-norm statistics come from the reconstructor
+        step's clean and perturbed batch only, never from a perturbed-only batch."""
         assert self.generator is not None and self.opt_gen is not None
         cfg = self.cfg
-        with frozen(self.recon):
+        with frozen(self.recon), eval_mode(self.recon):
             delta = self.perturbation(batch, z)
             adv = self._loss(self.perturbed_batch(batch, delta), batch.target)
             penalty = hinge(delta, budget_per_slice(batch, cfg.epsilon, cfg.perturbation), cfg.epsilon_scope)
@@ -272,8 +274,10 @@ class Trainer:
             self.generator.train()
             z = self.draw_latent(len(batch))
             stats = self.generator_step(batch, z)
-            with torch.no_grad():
-                delta = self.perturbation(batch, z)  # delta_T = G_T(z_T): the updated generator
+            # delta_T = G_T(z_T): the updated generator, in training mode as in its step, but its
+            # batch-norm statistics were updated by that step already (once per training step)
+            with torch.no_grad(), running_stats_kept(self.generator):
+                delta = self.perturbation(batch, z)
             stats |= self.reconstructor_step(batch, delta)
             sq = squared_norm(delta)
             stats["delta_sq"] = sq.mean()

@@ -146,6 +146,61 @@ def test_kspace_perturbation_steps():
     assert same(theta, params(tr.recon))
 
 
+def batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("domain", ["image", "kspace"])
+def test_batch_norm_statistics_follow_each_training_step_once(domain):
+    """Issue 21, 6e: with ``unet_norm=batch`` the reconstructor's running statistics follow only the
+    reconstructor step's clean + perturbed batch (2B; the generator step runs it in eval mode, as PGD
+    does), and the generator's batch norm is updated once per training step (by its own step)."""
+    tr = Trainer(tiny(unet_norm="batch", perturbation=domain, epsilon=5.0), CPU)
+    batch = fake_batch()
+    if domain == "kspace":
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[:, 15:25] = True
+        batch.kspace, batch.mask = torch.randn(2, 64, 40, dtype=torch.complex64) * mask[:, None, :], mask
+    recon_bn, gen_bn = batch_norms(tr.recon), batch_norms(tr.generator)
+    assert recon_bn and gen_bn
+    first = recon_bn[0]
+    seen = []  # the inputs of the first batch-norm layer of the reconstructor in training mode
+    first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+    expected = first.running_mean.clone()
+    for step in (1, 2, 3):
+        seen.clear()
+        tr.train_step(batch)
+        assert [x.shape[0] for x in seen] == [2 * len(batch)]  # one forward in training mode: clean + perturbed
+        # the running mean after the step, computed from that forward alone: PyTorch's momentum update
+        expected = (1 - first.momentum) * expected + first.momentum * seen[0].mean(dim=(0, 2, 3))
+        assert torch.allclose(first.running_mean, expected, rtol=1e-5, atol=1e-7)
+        assert [int(m.num_batches_tracked) for m in recon_bn] == [step] * len(recon_bn)
+        assert [int(m.num_batches_tracked) for m in gen_bn] == [step] * len(gen_bn)
+    assert tr.recon.training and tr.generator.training
+    tr.recon.train(False)
+    tr.generator_step(batch, tr.draw_latent(2))
+    assert not tr.recon.training  # the caller's mode, restored
+
+
+def test_running_stats_kept_gives_the_training_output_and_updates_nothing():
+    """How the reconstructor step's delta is made: the updated generator in training mode (batch
+    statistics, as in its own step) without a second update of its running statistics."""
+    from mriadv.models.utils import running_stats_kept
+
+    tr = Trainer(tiny(), CPU)
+    z = tr.draw_latent(2)
+    tr.generator_step(fake_batch(), z)
+    before = {k: v.clone() for k, v in tr.generator.state_dict().items()}
+    with torch.no_grad(), running_stats_kept(tr.generator):
+        kept = tr.generator(z)
+    assert all(torch.equal(v, tr.generator.state_dict()[k]) for k, v in before.items())
+    assert all(m.track_running_stats for m in batch_norms(tr.generator))  # restored
+    with torch.no_grad():
+        plain = tr.generator(z)  # training mode as it is: the same output, and one more running update
+    assert torch.equal(kept, plain)
+    assert not all(torch.equal(v, tr.generator.state_dict()[k]) for k, v in before.items())
+
+
 def test_pgd_increases_error_and_respects_budget():
     torch.manual_seed(0)
     tr = Trainer(tiny(epsilon=0.0), CPU)

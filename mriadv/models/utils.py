@@ -22,4 +22,19 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-__all__ = ["frozen"]
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Batch-norm layers of ``module`` leave their running statistics and ``num_batches_tracked``
+    alone inside the block; in training mode they still normalise with the batch's own statistics,
+    so the output is the training-mode output. Restored afterwards, also when the block raises."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # training mode then passes no running buffers to F.batch_norm
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+__all__ = ["frozen", "running_stats_kept"]
