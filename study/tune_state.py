@@ -11,10 +11,13 @@ fresh search without a space, in about one of ten kills while a trial reports.
 
 So the study keeps its own copy: after every save Tune makes (:class:`study.results.ResultsCallback`
 at the end of the step, which first journals the results that save covers; and at the study's end),
-:func:`backup_state` copies the staging files atomically into ``results/<name>/.tune_state/``; and
-before a resume :func:`repair_state` puts that copy back over the study folder's newest state, or
-moves a truncated file aside so that Tune takes the previous complete one. Files are checked by
-parsing, never by executing them (pickles are scanned with :mod:`pickletools`).
+:func:`backup_state` copies the staging files atomically into ``results/<name>/.tune_state/``, with
+a record of which files of one save it holds; and before a resume :func:`repair_state` makes the
+three files Tune will load one set: that copy, or else the newest session whose three files are all
+complete, moving newer files aside (a truncated one, or a file whose save was cut short). Repairing
+each kind alone once paired a resumed session's experiment state with the previous session's
+searcher, and ``OptunaSearch.on_trial_complete`` then raised ``KeyError`` at every resume. Files are
+checked by parsing, never by executing them (pickles are scanned with :mod:`pickletools`).
 
 How often Tune saves, and what a save costs, is set by :func:`install_state_saving` (which
 ``study/run.py`` calls): a save as soon as a trial appears or fails, or is one checkpoint short of
@@ -39,7 +42,9 @@ from study.layout import TUNE_STATE_DIR
 
 EXPERIMENT_STATE = "experiment_state-*.json"  # the trials; the other two hold the search algorithm
 STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")
-CORRUPT_SUFFIX = ".corrupt"
+CORRUPT_SUFFIX = ".corrupt"  # a truncated state file, moved aside by repair_state
+UNPAIRED_SUFFIX = ".unpaired"  # a complete state file whose save's other files are missing or older
+SET_FILE = ".set"  # in TUNE_STATE_DIR: the files of the save the copy holds, written after them
 SAVE_EVERY_S = 5.0  # the longest a running trial's results wait for Tune's next state save
 FAILED = "ERROR"  # Tune's status of a trial that failed (a finished one may wait: see save_state_when_due)
 CHECKPOINTS_KEPT = 3  # CheckpointConfig(num_to_keep): with 2, every checkpoint would need a save
@@ -127,6 +132,50 @@ def newest_set(folder: Path) -> list[Path] | None:
     return None if None in found else [folder / n for n in found]  # type: ignore[operator]
 
 
+def session_of(name: str) -> str | None:
+    """The driver session of a state file (``<session>`` in ``experiment_state-<session>.json``), or None."""
+    for pattern in STATE_PATTERNS:
+        head, tail = pattern.split("*")
+        if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+            return name[len(head) : len(name) - len(tail)]
+    return None
+
+
+def _identity(path: Path) -> list[int]:
+    """Which file ``path`` is: inode, size, modification time (a replaced or rewritten file differs)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _record_set(folder: Path, files: list[Path]) -> None:
+    """Write ``folder/SET_FILE``, naming ``files`` (one save's) as they are now, atomically."""
+    tmp = folder / f".{SET_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"files": {f.name: _identity(f) for f in files}}))
+    os.replace(tmp, folder / SET_FILE)
+
+
+def saved_set(backup: Path) -> list[Path] | None:
+    """The study's copy (``backup``, its ``.tune_state/``) as one complete set of one save, one file
+    per kind in :data:`STATE_PATTERNS` order, or None: no copy, a copy cut short by a kill (a file
+    is no longer the one its record names), or a truncated file. A copy made before records were
+    kept counts when its newest files are of one session."""
+    try:
+        record = json.loads((backup / SET_FILE).read_text())["files"]
+        files = [backup / n for n in record]
+    except (OSError, ValueError, KeyError, TypeError):
+        record, files = None, newest_set(backup) or []
+    by_kind = [[f for f in files if fnmatch.fnmatch(f.name, p)] for p in STATE_PATTERNS]
+    if any(len(k) != 1 for k in by_kind) or len({session_of(k[0].name) for k in by_kind}) != 1:
+        return None
+    files = [k[0] for k in by_kind]
+    try:
+        if record is not None and any(_identity(f) != record[f.name] for f in files):
+            return None
+    except OSError:
+        return None
+    return files if all(is_complete(f) for f in files) else None
+
+
 def state_signature(staging: Path) -> tuple | None:
     """Names, sizes, inodes and modification times of the newest state files in Tune's staging
     folder (None while one is missing): it changes with every save Tune makes."""
@@ -141,16 +190,18 @@ def state_signature(staging: Path) -> tuple | None:
 
 def backup_state(staging: Path, study_dir: Path, link: bool = False) -> bool:
     """Copy the newest complete state files of Tune's driver staging folder into the study's
-    ``.tune_state/`` (atomically, as one set: nothing is copied unless all three are complete);
-    ``link``: hard-link them where possible (see :func:`saves_replace_files`). Returns whether a
-    copy was made."""
+    ``.tune_state/`` (nothing is copied unless all three are complete and of one session), each
+    atomically, then record them as one set (:data:`SET_FILE`: a kill between the copies leaves a
+    record that no longer matches, :func:`saved_set`); ``link``: hard-link them where possible (see
+    :func:`saves_replace_files`). Returns whether a copy was made."""
     files = newest_set(staging)
-    if files is None or not all(ends_complete(f) for f in files):
+    if files is None or len({session_of(f.name) for f in files}) != 1 or not all(ends_complete(f) for f in files):
         return False
     dest = study_dir / TUNE_STATE_DIR
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         _copy_atomic(f, dest / f.name, link)
+    _record_set(dest, [dest / f.name for f in files])
     keep = {f.name for f in files}
     for old in dest.iterdir():
         if old.name not in keep and not old.name.startswith("."):
@@ -159,28 +210,44 @@ def backup_state(staging: Path, study_dir: Path, link: bool = False) -> bool:
 
 
 def repair_state(study_dir: Path) -> list[str]:
-    """Before Tune restores ``study_dir``: for each state kind, the newest file is replaced by the
-    study's own copy when that copy is of the same session and differs, kept when complete, and
-    otherwise moved aside (``<name>.corrupt``) so that Tune takes the next newest. Returns one line
-    per change, for the user."""
+    """Before Tune restores ``study_dir``: make the three state files Tune loads (the newest of each
+    kind) one set of one save. That is the study's own copy (:func:`saved_set`), put back where the
+    study folder's file differs or is missing; without a usable copy, the newest session whose three
+    files in the study folder are all complete. Every state file newer than the set is moved aside
+    (``<name>.corrupt`` if truncated, else ``<name>.unpaired``); with no complete set at all, every
+    state file is, and the runner refuses to resume. Returns one line per change, for the user."""
     notes = []
     backup = study_dir / TUNE_STATE_DIR
+    chosen = saved_set(backup)
     for f in backup.iterdir() if backup.is_dir() else ():
         if f.is_file() and f.stat().st_nlink > 1:  # a hard link into Tune's staging folder: a copy of its own
             _copy_atomic(f, f)
-    for pattern in STATE_PATTERNS:
-        while (current := newest(study_dir, pattern)) is not None:
-            ours = backup / current.name
-            if ours.is_file() and is_complete(ours):
-                if ours.read_bytes() != current.read_bytes():
-                    was = "truncated" if not is_complete(current) else "behind the last complete step"
-                    _copy_atomic(ours, current)
-                    notes.append(f"{current.name} was {was}: restored the study's own copy")
+    if chosen is not None:
+        _record_set(backup, chosen)  # the same bytes, in files of their own now
+        for ours in chosen:
+            current = study_dir / ours.name
+            if not current.is_file() or ours.read_bytes() != current.read_bytes():
+                was = "behind the last complete step" if is_complete(current) else "truncated"
+                was = was if current.is_file() else "missing"
+                _copy_atomic(ours, current)
+                notes.append(f"{current.name} was {was}: restored the study's own copy")
+    else:
+        sessions = sorted({session_of(f.name) for p in STATE_PATTERNS for f in study_dir.glob(p)} - {None})
+        for session in reversed(sessions):
+            files = [study_dir / p.replace("*", session) for p in STATE_PATTERNS]  # type: ignore[arg-type]
+            if all(is_complete(f) for f in files):
+                chosen = files
                 break
-            if is_complete(current):
-                break
-            current.rename(current.with_name(current.name + CORRUPT_SUFFIX))
-            notes.append(f"{current.name} is truncated (the driver was killed while writing it): moved aside")
+    for i, pattern in enumerate(STATE_PATTERNS):
+        for f in sorted(study_dir.glob(pattern)):
+            if chosen is not None and f.name <= chosen[i].name:
+                continue
+            if not is_complete(f):
+                f.rename(f.with_name(f.name + CORRUPT_SUFFIX))
+                notes.append(f"{f.name} is truncated (the driver was killed while writing it): moved aside")
+            else:
+                f.rename(f.with_name(f.name + UNPAIRED_SUFFIX))
+                notes.append(f"{f.name} is of a save cut short (the driver was killed while saving): moved aside")
     return notes
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from study.tune_state import CORRUPT_SUFFIX, backup_state, is_complete, repair_state
+from study.tune_state import CORRUPT_SUFFIX, UNPAIRED_SUFFIX, backup_state, is_complete, newest, repair_state
 
 S1, S2 = "2026-01-01_10-00-00", "2026-01-01_11-00-00"  # two driver sessions; names sort by time
 
@@ -47,11 +47,13 @@ def test_backup_copies_a_complete_set_only(tmp_path):
     write_state(staging, S2, 2)  # a resumed session: the older session's files stay in staging
     truncate(staging / f"searcher-state-{S2}.pkl")
     assert not backup_state(staging, study)  # an incomplete set is not copied ...
-    kept = sorted(p.name for p in (study / ".tune_state").iterdir())
+    kept = sorted(p.name for p in (study / ".tune_state").iterdir() if not p.name.startswith("."))
     assert kept == sorted(p.name for p in staging.iterdir() if S1 in p.name)  # ... the last good set stays
+    (staging / f"searcher-state-{S2}.pkl").unlink()  # a set of two sessions (S2's save cut short) is not either
+    assert not backup_state(staging, study)
     write_state(staging, S2, 2)
     assert backup_state(staging, study)
-    assert sorted(p.name for p in (study / ".tune_state").iterdir()) == sorted(
+    assert sorted(p.name for p in (study / ".tune_state").iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in staging.iterdir() if S2 in p.name
     )  # only the newest set is kept
 
@@ -91,15 +93,82 @@ def test_repair_restores_the_copy_over_a_truncated_or_stale_file(tmp_path):
     assert repair_state(tmp_path) == []  # idempotent
 
 
-def test_repair_moves_a_truncated_newer_session_aside(tmp_path):
+def loaded_set(folder: Path) -> list[Path]:
+    """The three files Tune 2.60 restores from: the greatest name of each kind (its `max()` of a listing)."""
+    return [newest(folder, p) for p in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")]
+
+
+def test_repair_moves_a_truncated_newer_session_aside_with_its_searcher(tmp_path):
     write_state(tmp_path, S1, 1)
     write_state(tmp_path, S2, 2)  # killed during its first write, before any copy was kept
     truncate(tmp_path / f"experiment_state-{S2}.json")
     notes = repair_state(tmp_path)
-    assert notes == [f"experiment_state-{S2}.json is truncated (the driver was killed while writing it): moved aside"]
+    assert notes[0] == f"experiment_state-{S2}.json is truncated (the driver was killed while writing it): moved aside"
     assert (tmp_path / f"experiment_state-{S2}.json{CORRUPT_SUFFIX}").is_file()
-    assert max(p.name for p in tmp_path.glob("experiment_state-*.json")) == f"experiment_state-{S1}.json"
-    assert (tmp_path / f"searcher-state-{S2}.pkl").is_file()  # complete files are left alone
+    # S2's complete search states go aside too: with S1's experiment state they would be another save's
+    assert len(notes) == 3 and all("moved aside" in n for n in notes[1:])
+    assert (tmp_path / f"searcher-state-{S2}.pkl{UNPAIRED_SUFFIX}").is_file()
+    assert [p.name for p in loaded_set(tmp_path)] == [
+        f"experiment_state-{S1}.json",
+        f"search_gen_state-{S1}.json",
+        f"searcher-state-{S1}.pkl",
+    ]
+
+
+def test_repair_restores_one_set_after_a_kill_in_a_resumed_sessions_first_save(tmp_path):
+    """Issue 21, 6a: the resumed session S2's first save reached the study folder with its experiment
+    state only (the driver was killed before the searcher's files and before the study's copy of S2).
+    Tune would pair S2's experiment state (trials S1's searcher never saw) with S1's searcher, and
+    OptunaSearch.on_trial_complete then raised KeyError at this and every later resume."""
+    staging, study = tmp_path / "staging", tmp_path / "study"
+    write_state(staging, S1, 1)
+    assert backup_state(staging, study)  # S1's last save, copied
+    write_state(study, S1, 1)  # and synced into the study folder by Tune
+    (study / f"experiment_state-{S2}.json").write_text(json.dumps({"trial_data": [2] * 60}))  # complete
+    notes = repair_state(study)
+    backup = sorted(p for p in (study / ".tune_state").iterdir() if not p.name.startswith("."))
+    # what Tune loads is the copy's set, whole: S1's three files (names sort as the kinds do)
+    assert [(p.name, p.read_bytes()) for p in loaded_set(study)] == [(p.name, p.read_bytes()) for p in backup]
+    assert notes == [
+        f"experiment_state-{S2}.json is of a save cut short (the driver was killed while saving): moved aside"
+    ]
+    assert (study / f"experiment_state-{S2}.json{UNPAIRED_SUFFIX}").is_file()  # kept, not deleted
+    assert repair_state(study) == []
+
+
+def test_repair_puts_back_the_copy_of_the_newer_session_as_a_whole(tmp_path):
+    """The study's copy holds S2's first save while the study folder holds S1's files and S2's
+    experiment state only (Tune's background copy was cut short): the copy's three files are put back."""
+    staging, study = tmp_path / "staging", tmp_path / "study"
+    write_state(study, S1, 1)
+    write_state(staging, S2, 2)
+    assert backup_state(staging, study)
+    (study / f"experiment_state-{S2}.json").write_bytes((staging / f"experiment_state-{S2}.json").read_bytes())
+    notes = repair_state(study)
+    assert [p.read_bytes() for p in loaded_set(study)] == [
+        (staging / n).read_bytes()
+        for n in (f"experiment_state-{S2}.json", f"search_gen_state-{S2}.json", f"searcher-state-{S2}.pkl")
+    ]
+    assert len(notes) == 2 and all("was missing: restored the study's own copy" in n for n in notes)
+
+
+def test_a_copy_cut_short_by_a_kill_is_not_used(tmp_path):
+    """A kill between the copies of one backup leaves the copy with files of two saves: its record
+    no longer matches, and the study folder's newest complete set is loaded instead, untouched."""
+    import os
+
+    staging, study = tmp_path / "staging", tmp_path / "study"
+    write_state(staging, S2, 2)
+    assert backup_state(staging, study)
+    write_state(study, S1, 1)
+    write_state(study, S2, 2)
+    before = [p.read_bytes() for p in loaded_set(study)]
+    ours = study / ".tune_state" / f"experiment_state-{S2}.json"
+    new = ours.with_name(".next")  # the next save's experiment state copied, its searcher not yet
+    new.write_text(json.dumps({"trial_data": [3] * 50}))
+    os.replace(new, ours)
+    assert repair_state(study) == []
+    assert [p.read_bytes() for p in loaded_set(study)] == before
 
 
 class FakeTrial(SimpleNamespace):
