@@ -68,6 +68,7 @@ def check_options(args: argparse.Namespace) -> str | None:
         ("--max-concurrent", args.max_concurrent, 1),
         ("--cpus-per-trial", args.cpus_per_trial, 1),
         ("--gpus-per-trial", args.gpus_per_trial, 0),
+        ("--max-failures", getattr(args, "max_failures", None), 0),
     )
     for option, value, low in bounds:
         if value is not None and value < low:

@@ -90,6 +90,11 @@ class ResultsCallback(tune.Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """The trial failed and Tune retries it from its last checkpoint (``--max-failures``): a result
+        still waiting for its checkpoint belongs to the lost attempt; the retry reports that epoch again."""
+        self._held.pop(trial.trial_id, None)
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._add(trial.trial_id, self._held.pop(trial.trial_id, []))
         self.log.set_status(trial.trial_id, "TERMINATED")

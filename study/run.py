@@ -2,7 +2,7 @@
 
     python study/run.py --space eps_sweep [--profile smoke|demo|paper] [--data DIR] [--name NAME]
                         [--results DIR] [--num-samples N] [--max-epochs N] [--seeds N] [--max-concurrent N]
-                        [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--resume]
+                        [--gpus-per-trial G] [--cpus-per-trial C] [--address auto] [--max-failures N] [--resume]
                         [--track mlflow[=URI]] [--track wandb]
     python study/run.py --list-spaces
 
@@ -37,6 +37,9 @@ from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces,
 from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
 
 
+MAX_FAILURES = 2  # retries of a failed trial (a lost node: docs/clusters.md); an error in a trial's code repeats
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--space", help="a search space name in search_spaces/ or a YAML path")
@@ -66,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-for-resources",
         action="store_true",
         help="with --address: start even if no node can run a trial yet (an autoscaling cluster)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=MAX_FAILURES,
+        help=f"times a failed trial is retried from its last checkpoint, on any node (a node lost, or an error "
+        f"in the trial; Tune's FailureConfig; default {MAX_FAILURES}; fixed when the study starts)",
     )
     p.add_argument("--resume", action="store_true", help="resume the study (also automatic when it exists)")
     p.add_argument(
@@ -238,7 +248,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
                 *tracking_callbacks(trackers, plan.name, str(plan.study_dir), ctx),
             ],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),  # from the last checkpoint
             progress_reporter=reporter,
             verbose=2 if args.verbose else 1,
         ),
