@@ -224,6 +224,20 @@ def group_alive(pgid: int) -> list[str]:
     return out
 
 
+def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``ray start ARGS --block`` in a session of its own (stopped by :func:`stop_nodes`), once it has started."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [RAY, "start", *args, "--disable-usage-stats", "--block"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for(log, "Ray runtime started", proc, 60)
+    return proc
+
+
 def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

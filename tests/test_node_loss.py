@@ -20,14 +20,15 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from test_cluster import RAY, REPO, RUN, SMOKE, driver_env, free_port, group_alive, stop_nodes, wait_for
+from test_cluster import REPO, RUN, SMOKE, driver_env, free_port, group_alive, own_environ, start_node, stop_nodes  # noqa: F401 (own_environ: a fixture)
 
 from study.tables import load_tables
 
 S1 = "2026-01-01_10-00-00"
 
 
-def test_the_tuner_retries_failed_trials_as_many_times_as_asked(tmp_path, monkeypatch, own_environ):
+@pytest.mark.usefixtures("own_environ")
+def test_the_tuner_retries_failed_trials_as_many_times_as_asked(tmp_path, monkeypatch):
     """``--max-failures`` reaches Tune's FailureConfig (it was 0: a lost node ended its trial as
     ERROR); a negative count is refused with one line, before anything is written."""
     from ray import tune
@@ -48,14 +49,6 @@ def test_the_tuner_retries_failed_trials_as_many_times_as_asked(tmp_path, monkey
     assert MAX_FAILURES >= 1
     assert main([*SMOKE, "--results", str(tmp_path / "bad"), "--max-failures", "-1"]) == 2
     assert not (tmp_path / "bad").exists()
-
-
-@pytest.fixture
-def own_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_a_retried_trial_keeps_one_row_per_epoch(tmp_path):
@@ -109,19 +102,6 @@ def raylet_pid(pgid: int) -> int:
     found = [int(p.split()[0]) for p in group_alive(pgid) if p.split()[1] == "raylet"]
     assert len(found) == 1, group_alive(pgid)
     return found[0]
-
-
-def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [RAY, "start", *args, "--disable-usage-stats", "--block"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    wait_for(log, "Ray runtime started", proc, 60)
-    return proc
 
 
 @pytest.mark.slow

@@ -23,15 +23,14 @@ from types import SimpleNamespace
 
 import pytest
 from test_cluster import (
-    RAY,
     REPO,
     SMOKE,
     driver_env,
     free_port,
     group_alive,
     run_study,
+    start_node,
     stop_nodes,
-    wait_for,
 )
 
 from study.plan import concurrent_trials, settle_resources, trial_resources
@@ -141,19 +140,6 @@ for gpus in map(float, sys.argv[3:]):
     errors = sum(r.error is not None for r in grid)
     print(f"RESULT {gpus:g} " + json.dumps({"res": plan.res, "slots": slots, "rows": rows, "errors": errors}), flush=True)
 """
-
-
-def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [RAY, "start", *args, "--disable-usage-stats", "--block"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    wait_for(log, "Ray runtime started", proc, 60)
-    return proc
 
 
 def most_at_once(rows: list[dict]) -> int:
