@@ -10,8 +10,9 @@ run under the same conditions (medians over the rounds):
 * ``generator_step``, ``reconstructor_step``: the two named steps of the adversarial trainer alone;
 * ``generator_forward``: ``Trainer.perturbation(batch, z)`` under ``no_grad``;
 * every other defence's ``train_step`` (``--adversaries``): PGD training (k steps: k input-gradient
-  passes plus the 2B update, floor ~k + 2.2 standard steps), jittering (~2, the 2B update), and the
-  conditioned generator G(x, z) (target <= 3.5);
+  passes plus the 2B update, floor ~k + 2.2 standard steps), jittering (~2, the 2B update), the
+  conditioned generator G(x, z) (target <= 3.5), and on request TRADES and randomised smoothing (~1: one
+  noisy B update; its price is at evaluation, ``smooth_samples`` passes per prediction, not timed here);
 * ``--arch unrolled``: the unrolled network (:mod:`mriadv.models.unrolled`, the config's cascades and
   denoiser pools, its width chosen for the parameter count nearest the U-Net's) beside the U-Net: its
   standard step and its k-space PGD training step (``--adv-steps``), and the U-Net's k-space PGD step;
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "--adversaries",
         nargs="*",
         default=["pgd", "noise", "conditional"],
-        choices=["pgd", "noise", "conditional", "trades"],
-        help="other defences to time beside the seed's generator (default: all but trades)",
+        choices=["pgd", "noise", "conditional", "trades", "smoothing"],
+        help="other defences to time beside the seed's generator (default: all but trades and smoothing)",
     )
     parser.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial PGD training (default 3)")
     parser.add_argument(

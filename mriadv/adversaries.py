@@ -1,6 +1,7 @@
 """The training adversaries that are not networks: what makes the training perturbation delta for
-``adversary='pgd'``, ``'trades'`` and ``'noise'``, TRADES's penalty, and the budget scale that the
-generator's output shares with the noise.
+``adversary='pgd'``, ``'trades'``, ``'noise'`` and ``'smoothing'``, TRADES's penalty, the budget scale
+that the generator's output shares with the noise, and the model every evaluation runs
+(:func:`predictor`: the smoothed one for ``'smoothing'``).
 
 * ``pgd`` (Madry et al., ICLR 2018): ``adv_steps`` of L2 PGD at the training budget on the error to
   the target; the reconstructor then descends ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)``.
@@ -11,6 +12,11 @@ generator's output shares with the noise.
   ``Loss(f(x~), x) + beta * mean((f(x~ + delta) - f(x~))^2)`` with ``beta = lambda1``
   (:func:`trades_penalty`), ``f(x~)`` not detached in the penalty: both terms train.
 * ``noise`` (jittering, Krainovic, Soltanolkotabi & Heckel 2023): Gaussian noise at the budget.
+* ``smoothing`` (randomised smoothing end to end, RS-E2E, the baseline of SMUG, Li et al., ICASSP 2023):
+  i.i.d. Gaussian noise with ``sigma^2 = epsilon / n`` (``noise_mode='sigma'`` whatever the config says);
+  the reconstructor descends ``lambda1 Loss(f(x~ + n), x)`` only (no clean term), and every evaluation
+  predicts by the mean of ``smooth_samples`` noisy passes (:func:`predictor`,
+  :class:`mriadv.models.smoothing.Smoothed`).
 
 Each is a function of the config, the batch and (noise) a seeded ``torch.Generator``; the
 :class:`~mriadv.trainer.Trainer` holds the networks and the random streams and calls them.
@@ -19,11 +25,13 @@ Each is a function of the config, the batch and (noise) a seeded ``torch.Generat
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from mriadv.attacks import PGDAttack
 from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.losses import mse_loss
+from mriadv.models.smoothing import Smoothed
 from mriadv.perturbations import budget_per_slice, restrict, squared_norm
 
 GEN_HEADROOM = 2.0  # gen_scale='budget': a saturated generator output has ||delta||^2 = GEN_HEADROOM * epsilon
@@ -84,7 +92,8 @@ def budget_scale(cfg: TrainConfig, batch: Batch, delta: torch.Tensor) -> torch.T
 def gaussian_perturbation(cfg: TrainConfig, batch: Batch, rng: torch.Generator) -> torch.Tensor:
     """delta for ``adversary='noise'`` (jittering): Gaussian noise drawn from ``rng``, per image on the
     sphere ``||delta||^2 = epsilon`` (``noise_mode='norm'``) or i.i.d. with ``sigma^2 = epsilon / n``
-    over the ``n`` real components it fills (``'sigma'``); in k-space ``epsilon`` is each slice's
+    over the ``n`` real components it fills (``'sigma'``, and always for ``adversary='smoothing'``,
+    the sigma of its predictor, :class:`mriadv.models.smoothing.Smoothed`); in k-space ``epsilon`` is each slice's
     ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`). Image: ``(B, 1, h, w)``; k-space:
     complex ``(B, H, W)``."""
     if cfg.perturbation == "image":
@@ -94,10 +103,22 @@ def gaussian_perturbation(cfg: TrainConfig, batch: Batch, rng: torch.Generator) 
         delta = torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng))
         delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
     view = (-1, *([1] * (delta.ndim - 1)))
-    if cfg.noise_mode == "norm":
+    if cfg.noise_mode == "norm" and cfg.adversary_kind != "smoothing":
         budget = budget_per_slice(batch, cfg.epsilon, cfg.perturbation)
         return delta * (budget / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
     return delta * (budget_scale(cfg, batch, delta) / GEN_HEADROOM**0.5)  # sqrt(eps / n) per real component
+
+
+def predictor(cfg: TrainConfig, net: nn.Module) -> nn.Module:
+    """The model every evaluation of ``net`` runs (validation, attacks, the held-out report, previews,
+    ``assess``, the instabilities, the study's figures): ``net`` itself, or for ``adversary='smoothing'``
+    its smoothed predictor, the mean of ``cfg.smooth_samples`` passes with the training's sigma (on the
+    image for the U-Net, on the measurements for ``arch='unrolled'``), sharing ``net``'s weights. An
+    attack on it differentiates through the mean of its samples (expectation over transformation)."""
+    if cfg.adversary_kind != "smoothing":
+        return net
+    crop = (cfg.crop_size, cfg.crop_size)
+    return Smoothed(net, cfg.smooth_samples, cfg.epsilon, crop, cfg.kspace_sampled_only)
 
 
 __all__ = [
@@ -105,6 +126,7 @@ __all__ = [
     "TRADES_START_SALT",
     "budget_scale",
     "gaussian_perturbation",
+    "predictor",
     "trades_penalty",
     "training_attack",
 ]

@@ -201,10 +201,11 @@ def assess(
         "robust": data_.robust_val or data_.val,
     }[split]
     loader = data_.loader(dataset, shuffle=False)
-    clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+    model = trainer.predictor  # what training evaluated: the smoothed predictor for adversary='smoothing'
+    clean = evaluate(model, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     zf = evaluate(torch.nn.Identity(), loader, trainer.loss_fn, runtime, clamp=cfg.clamp)  # the input itself
     vs = compare(clean, zf)
-    rows = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
+    rows = robustness(model, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
     traces = [
         {
             "attack": a.name,
@@ -220,7 +221,7 @@ def assess(
         ran = proto.budgets_at(cfg.crop_size) if proto_budgets is None else proto_budgets
         used = {**proto.as_dict(), "budgets": [float(b) for b in ran]}
     features_out, sampling_out = instabilities(
-        trainer.recon,
+        model,
         dataset,
         runtime,
         cfg.batch_size,

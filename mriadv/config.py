@@ -26,8 +26,9 @@ ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
 # What produces the training perturbation delta (epsilon > 0): the seed's generator game G(z) (or G(y)
 # in k-space), k-step PGD at the budget (Madry et al. 2018), Gaussian noise at the budget
 # ("jittering", Krainovic et al. 2023), a generator that sees its input G(x, z) / G(y, z), TRADES (Zhang
-# et al. 2019: PGD on the deviation f(x~ + delta) - f(x~), mriadv.adversaries), or none.
-ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional", "trades")
+# et al. 2019: PGD on the deviation f(x~ + delta) - f(x~), mriadv.adversaries), randomised smoothing (RS-E2E:
+# trained on Gaussian noise only, predicting by the mean of smooth_samples noisy passes), or none.
+ADVERSARIES = ("none", "generator", "pgd", "noise", "conditional", "trades", "smoothing")
 
 # the named options and their allowed values (each tuple written once, in mriadv.choices)
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -68,6 +69,7 @@ class TrainConfig:
     adv_steps: int = 3  # adversary='pgd' or 'trades': L2 PGD steps per training batch (Madry et al.)
     noise_mode: str = "norm"  # adversary='noise': 'norm' (||delta||^2 = eps) | 'sigma' (iid, E||delta||^2 = eps)
     lambda1: float = 1.0  # weight of the perturbed term; adversary='trades': TRADES's beta on the deviation
+    smooth_samples: int = 8  # adversary='smoothing': N noisy passes whose mean is every evaluation's prediction
     lambda2: float = 1.0  # weight of the hinge penalty max(0, ||G(z)||^2 - epsilon)
     epsilon_scope: str = "image"  # 'image' (report) | 'batch' (seed code: ||batch||^2 vs B * epsilon)
     project: bool = False  # hard projection of G(z) onto the epsilon ball
@@ -214,6 +216,7 @@ class TrainConfig:
             "pgd_steps",
             "robust_every",
             "adv_steps",
+            "smooth_samples",
             "unroll_cascades",
             "unroll_chans",
         ):
@@ -283,6 +286,12 @@ class TrainConfig:
             image_protocol = self.report_protocol in allowed.IMAGE_PROTOCOLS
             need(not image_protocol, "report_protocol", f"{UNROLLED}: it attacks the image; use a k-space one")
             need(not self.residual, "residual", "is the U-Net's; arch=unrolled's cascades are residual already")
+        if self.adversary_kind == "smoothing":  # the U-Net's smoothed predictor sees only the image: train there too
+            need(
+                self.arch == "unrolled" or self.perturbation == "image",
+                "perturbation",
+                "adversary='smoothing' smooths the image the U-Net sees: use 'image' (k-space: arch='unrolled')",
+            )
         need(
             isinstance(self.device, str)
             and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),

@@ -257,13 +257,14 @@ def _validate(run: _Run) -> tuple[EvalResult, EvalResult | None, float]:
     """The selection split's evaluation, the training volumes' (``train_eval_volumes``; None without
     them) and the seconds both took."""
     t0 = time.perf_counter()
-    recon, loss_fn, runtime, data, clamp = run.trainer.recon, run.trainer.loss_fn, run.runtime, run.data, run.cfg.clamp
-    val = evaluate(recon, data.loader(data.val, shuffle=False), loss_fn, runtime, clamp=clamp)
+    model = run.trainer.predictor  # the smoothed predictor for adversary='smoothing'
+    loss_fn, runtime, data, clamp = run.trainer.loss_fn, run.runtime, run.data, run.cfg.clamp
+    val = evaluate(model, data.loader(data.val, shuffle=False), loss_fn, runtime, clamp=clamp)
     if not math.isfinite(val.loss):
         return val, None, time.perf_counter() - t0
     tr = None
     if data.train_eval is not None:
-        tr = evaluate(recon, data.loader(data.train_eval, shuffle=False), loss_fn, runtime, clamp=clamp)
+        tr = evaluate(model, data.loader(data.train_eval, shuffle=False), loss_fn, runtime, clamp=clamp)
     return val, tr, time.perf_counter() - t0
 
 
@@ -276,10 +277,9 @@ def _attack(run: _Run, due: bool) -> tuple[list[RobustRow], dict[str, Any] | Non
     if due:
         trainer, data, runtime, cfg = run.trainer, run.data, run.runtime, run.cfg
         robust_loader = data.loader(data.robust_val or data.val, shuffle=False)
-        robust_clean = evaluate(trainer.recon, robust_loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-        rows = robustness(
-            trainer.recon, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean, cfg.clamp
-        )
+        model = trainer.predictor  # an attack on a smoothed model differentiates through its mean
+        robust_clean = evaluate(model, robust_loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+        rows = robustness(model, robust_loader, trainer.loss_fn, runtime, trainer.attacks(), robust_clean, cfg.clamp)
         feats = features(trainer, data.robust_val or data.val, runtime) if cfg.instabilities else None
     return rows, feats, time.perf_counter() - t0
 

@@ -42,7 +42,8 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     cfg = trainer.cfg
     dataset = data.report if data.report is not None else data.val
     loader = data.loader(dataset, shuffle=False)
-    clean = evaluate(trainer.recon, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
+    model = trainer.predictor  # the smoothed predictor for adversary='smoothing'
+    clean = evaluate(model, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     identity = nn.Identity()
     zf = evaluate(identity, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
     groups = [("", trainer.attacks())]
@@ -64,7 +65,7 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     rows: list[dict[str, Any]] = []
     zf_rows: list[dict[str, Any]] = []
     for name, attacks in groups:
-        found = robustness(trainer.recon, loader, trainer.loss_fn, runtime, attacks, clean, cfg.clamp)
+        found = robustness(model, loader, trainer.loss_fn, runtime, attacks, clean, cfg.clamp)
         rows += [{**r, "protocol": name} for r in robust_rows(found, cfg.crop_size, True)]
         zf_attacks = [a for a in attacks if a.name != "generator"]
         found = robustness(identity, loader, trainer.loss_fn, runtime, zf_attacks, zf, cfg.clamp)
@@ -81,7 +82,7 @@ def report_evaluation(trainer: Trainer, data: Data, runtime: Runtime) -> dict[st
     if cfg.instabilities:  # the seed's types 2 and 3, on the same held-out slices
         out["features"] = features(trainer, dataset, runtime)
         sweep = sampling_sweep(
-            trainer.recon,
+            model,
             dataset,
             runtime,
             SWEEP_ACCELERATIONS,
@@ -97,7 +98,7 @@ def features(trainer: Trainer, dataset: SliceDataset, runtime: Runtime) -> dict[
     """Small-feature recovery (:func:`mriadv.instabilities.feature_recovery`, default feature and
     search) as a plain dict, or None where no slice has tissue to put a feature in."""
     try:
-        result = feature_recovery(trainer.recon, dataset, runtime, FeatureSpec(), FeatureSearch())
+        result = feature_recovery(trainer.predictor, dataset, runtime, FeatureSpec(), FeatureSearch())
     except NoTissue:
         return None
     return result.as_dict()  # with each part's FNR per volume (volume_fnr), for paired comparisons
@@ -112,14 +113,15 @@ def write_preview(path: Path, trainer: Trainer, data: Data, runtime: Runtime) ->
     batch = preview_batch(data.val).to(runtime.device)
     perturbed = {}
     with eval_mode(trainer.recon, trainer.generator), runtime.evaluating():
+        model = trainer.predictor  # built in eval mode: the smoothed predictor for adversary='smoothing'
         if cfg.attack_budgets:
             domain = "kspace" if cfg.arch == "unrolled" else "image"
             budget, sampled = max(cfg.attack_budgets), cfg.kspace_sampled_only
             pgd = PGDAttack(budget, cfg.pgd_steps, cfg.pgd_step_scale, domain, sampled, cfg.clamp)
-            perturbed["pgd"] = pgd(trainer.recon, batch, runtime).batch
+            perturbed["pgd"] = pgd(model, batch, runtime).batch
         if trainer.generator is not None:
             perturbed["generator"] = trainer.perturbed_batch(batch, trainer.generator_perturb(batch))
-        arrays = preview(trainer.recon, batch, runtime, perturbed)
+        arrays = preview(model, batch, runtime, perturbed)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
         np.savez_compressed(f, **{k: v.astype(np.float16) for k, v in arrays.items()})
 

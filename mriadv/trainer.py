@@ -8,8 +8,10 @@ Per mini-batch (:meth:`Trainer.train_step`):
    ``Loss(f(x~), x) + lambda1 * Loss(f(x~ + delta), x)`` in theta, the clean and perturbed inputs
    passed through ``f`` as one batch of 2B.
 
-With ``adversary='pgd'``, ``'trades'`` or ``'noise'``, :mod:`mriadv.adversaries` makes delta instead of a
-generator (TRADES's perturbed term is ``mean((f(x~ + delta) - f(x~))^2)``, :func:`trades_penalty`).
+With ``adversary='pgd'``, ``'trades'``, ``'noise'`` or ``'smoothing'``, :mod:`mriadv.adversaries` makes
+delta instead of a generator (TRADES's perturbed term is ``mean((f(x~ + delta) - f(x~))^2)``,
+:func:`trades_penalty`; smoothing descends ``lambda1 Loss(f(x~ + n), x)`` alone, and every evaluation
+runs :attr:`Trainer.predictor`, the mean of ``smooth_samples`` noisy passes).
 
 With ``epsilon = 0`` there is no generator and the step is standard training. With
 ``perturbation='kspace'`` the perturbation is added to the normalised masked k-space before the
@@ -28,7 +30,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mriadv.adversaries import GEN_HEADROOM, budget_scale, gaussian_perturbation, trades_penalty, training_attack
+from mriadv.adversaries import GEN_HEADROOM, budget_scale, gaussian_perturbation, predictor, trades_penalty
+from mriadv.adversaries import training_attack
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack
 from mriadv.config import CHOICES, ConfigError, TrainConfig
 from mriadv.data.transforms import Batch, concat
@@ -43,7 +46,7 @@ from mriadv.runtime import Runtime
 # The trainer's own random streams, seeded apart from torch's global one (model initialisation) and
 # saved with its state, so that a resumed run draws what the uninterrupted run would have drawn.
 LATENT_SEED_OFFSET = 1  # the generator game's latents z: seed + 1
-NOISE_SEED_OFFSET = 2  # adversary='noise' (jittering): seed + 2
+NOISE_SEED_OFFSET = 2  # adversary='noise' (jittering) and 'smoothing': seed + 2
 # One fixed latent for every evaluation of a latent-conditioned generator (its attack, the preview),
 # the same in every epoch and every run, so that the generator's attack is comparable across epochs.
 EVAL_LATENT_SEED = 12345
@@ -127,9 +130,16 @@ class Trainer:
             else None
         )
         self.latent_rng = torch.Generator().manual_seed(cfg.seed + LATENT_SEED_OFFSET)
-        self.noise_rng = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_OFFSET)  # adversary='noise'
+        self.noise_rng = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_OFFSET)  # 'noise', 'smoothing'
         self.steps_done = 0  # optimiser steps so far (the schedule's clock; saved with the state)
         self.total_steps: int | None = None  # set by fit() for lr_schedule='cosine'
+
+    @property
+    def predictor(self) -> nn.Module:
+        """What every evaluation runs (:func:`mriadv.adversaries.predictor`): the reconstructor, or for
+        ``adversary='smoothing'`` its smoothed predictor on the same weights; the training steps use
+        :attr:`recon`."""
+        return predictor(self.cfg, self.recon)
 
     def lr_factor(self) -> float:
         """The schedule's multiplier of both base learning rates at the current step: 1 (constant), or
@@ -220,10 +230,14 @@ class Trainer:
     def reconstructor_step(self, batch: Batch, delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One descent step of theta on ``Loss(f(x~), x) + lambda1 Loss(f(x~ + delta), x)`` (delta fixed),
         for ``adversary='trades'`` on ``Loss(f(x~), x) + lambda1 mean((f(x~ + delta) - f(x~))^2)`` (beta =
-        lambda1; f(x~) not detached); with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
+        lambda1; f(x~) not detached), for ``'smoothing'`` on ``lambda1 Loss(f(x~ + delta), x)`` alone (RS-E2E
+        never sees a clean input: ``clean_loss`` is NaN); with ``delta=None``, standard training on ``Loss(f(x~), x)``."""
         if delta is None:
             total = clean = self._loss(batch, batch.target)
             pert = torch.zeros(())
+        elif self.cfg.adversary_kind == "smoothing":
+            pert = self._loss(self.perturbed_batch(batch, delta.detach()), batch.target)
+            total, clean = self.cfg.lambda1 * pert, torch.full((), math.nan)
         else:
             n = len(batch)
             both = concat(batch, self.perturbed_batch(batch, delta.detach()))  # 2B: clean, then perturbed
@@ -249,8 +263,8 @@ class Trainer:
             return pgd(self.recon, batch, self.runtime).delta
 
     def noise_perturbation(self, batch: Batch) -> torch.Tensor:
-        """delta for ``adversary='noise'`` (:func:`mriadv.adversaries.gaussian_perturbation`), from the
-        trainer's own seeded noise stream."""
+        """delta for ``adversary='noise'`` or ``'smoothing'`` (:func:`mriadv.adversaries.gaussian_perturbation`),
+        from the trainer's own seeded noise stream."""
         return gaussian_perturbation(self.cfg, batch, self.noise_rng)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -260,9 +274,10 @@ class Trainer:
         self.steps_done += 1
         self.recon.train()
         kind = self.cfg.adversary_kind
-        if kind in ("pgd", "trades", "noise"):
-            with torch.no_grad() if kind == "noise" else contextlib.nullcontext():
-                delta = self.noise_perturbation(batch) if kind == "noise" else self.attack_perturbation(batch)
+        if kind in ("pgd", "trades", "noise", "smoothing"):
+            noisy = kind in ("noise", "smoothing")
+            with torch.no_grad() if noisy else contextlib.nullcontext():
+                delta = self.noise_perturbation(batch) if noisy else self.attack_perturbation(batch)
             stats = self.reconstructor_step(batch, delta.detach())
             sq = squared_norm(delta.detach())
             stats["delta_sq"] = sq.mean()

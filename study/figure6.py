@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from mriadv.adversaries import predictor
 from mriadv.attacks import PGDAttack
 from mriadv.checkpoint import load_checkpoint
 from mriadv.config import TrainConfig, to_reference
@@ -102,7 +103,8 @@ class _Networks:
         self.batches: dict[tuple, Any] = {}
 
     def load(self, trial_id: str) -> tuple[Any, Any] | None:
-        """``(config, model)`` of a trial, in eval mode on the runtime's device; None without a ``best.pt``."""
+        """``(config, model)`` of a trial, in eval mode on the runtime's device (the model its evaluation ran,
+        :func:`mriadv.adversaries.predictor`: smoothed for ``adversary='smoothing'``); None without a ``best.pt``."""
         if trial_id not in self.models:
             ckpt = self.res.best_pt(trial_id)
             if ckpt is None:  # already noted by the report (study.report._check_partial)
@@ -112,7 +114,7 @@ class _Networks:
                 cfg = TrainConfig.from_dict(payload["config"])
                 model = build_reconstructor(cfg)
                 model.load_state_dict(payload["networks"]["recon"])
-                self.models[trial_id] = (cfg, self.runtime.prepare_model(model).eval())
+                self.models[trial_id] = (cfg, predictor(cfg, self.runtime.prepare_model(model)).eval())
         return self.models[trial_id]
 
     def batch_for(self, cfg):

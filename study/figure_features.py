@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mriadv.adversaries import predictor
 from mriadv.config import TrainConfig
 from mriadv.instabilities import FeatureSearch, FeatureSpec, feature_example
 from mriadv.runtime import Runtime
@@ -71,7 +72,7 @@ def features_figure(res: StudyResults, path: Path) -> list[str]:
         cfg = TrainConfig.from_dict(payload["config"])
         model = build_reconstructor(cfg)
         model.load_state_dict(payload["networks"]["recon"])
-        model = runtime.prepare_model(model).eval()
+        model = predictor(cfg, runtime.prepare_model(model)).eval()  # smoothed for adversary='smoothing'
         data = build_data(cfg, runtime, training=False)
         dataset = data.report if data.report is not None else data.val
         index = dataset.volumes[0].num_slices // 2  # the middle slice of the first held-out volume

@@ -1,4 +1,5 @@
-"""Networks: the reconstructors (the U-Net, the unrolled network) and the perturbation generators."""
+"""Networks: the reconstructors (the U-Net, the unrolled network), randomised smoothing's predictor
+around either, and the perturbation generators."""
 
 from mriadv.models.generators import (
     ConditionalGenerator,
@@ -7,10 +8,12 @@ from mriadv.models.generators import (
     as_complex,
     kspace_features,
 )
+from mriadv.models.smoothing import Smoothed
 from mriadv.models.unet import UNet
 from mriadv.models.unrolled import UnrolledNet
 
 __all__ = [
+    "Smoothed",
     "UNet",
     "UnrolledNet",
     "ConditionalGenerator",
