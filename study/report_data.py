@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriadv.config import TrainConfig
+from mriadv.config import ATTACKS, TrainConfig
 from study.analysis import best_epochs
 from study.layout import ROBUSTNESS_FILE, STATE_FILE, TRIALS_FILE, TUNER_FILE, best_checkpoint, trial_folder
 from study.spaces import EPSILON_KEYS, SpaceError, load_space, parse_space_yaml, space_from_dict
@@ -254,14 +254,45 @@ def float_of(row: pd.Series | dict, key: str) -> float:
         return math.nan
 
 
-def reference_budget(res: StudyResults) -> float | None:
-    """The PGD budget (320² units) the study's objectives name (``rob_pgd_e5000_nmse`` -> 5000), else
-    the largest attack budget; None without one."""
+# How a column names an attack: ``PGD@5000 dNMSE`` (image PGD, the seed's), ``PGD-k@5000 dNMSE`` (k-space PGD)
+ATTACK_COLUMNS = {"pgd": "PGD", "pgd_kspace": "PGD-k", "noise": "noise", "generator": "generator"}
+ATTACK_NAMES = {
+    "pgd": "PGD",
+    "pgd_kspace": "k-space PGD",
+    "noise": "random noise",
+    "generator": "the trial's generator",
+}
+
+
+def reference_attack(res: StudyResults) -> tuple[str, float] | None:
+    """The attack and budget (320² units) the study's objectives name (``rob_pgd_e5000_nmse`` -> ('pgd',
+    5000), ``rob_pgd_kspace_e5000_nmse`` -> ('pgd_kspace', 5000)) at one of the study's budgets, else
+    PGD at the largest budget: image PGD, or k-space PGD for a study whose held-out rows hold only that
+    (the unrolled network takes no image attack). None without a budget."""
+    rows = res.robust["attack"] if "attack" in res.robust else pd.Series(dtype=str)
+    attacks = {*ATTACKS, *rows.dropna().astype(str)} - {"clean"}
     for metric, _ in res.objectives:
-        hit = re.fullmatch(r"rob_pgd_e([0-9.e+]+)_\w+", metric)
-        if hit and float(hit.group(1)) in res.budgets:
-            return float(hit.group(1))
-    return max(res.budgets) if res.budgets else None
+        for attack in sorted(attacks, key=len, reverse=True):  # pgd_kspace is not read as pgd
+            hit = re.fullmatch(rf"rob_{re.escape(attack)}_e([0-9p.e+]+)_\w+", metric)
+            if hit and float(hit.group(1).replace("p", ".")) in res.budgets:
+                return attack, float(hit.group(1).replace("p", "."))
+    if not res.budgets:
+        return None
+    image = rows.empty or (rows == "pgd").any() or not (rows == "pgd_kspace").any()
+    return ("pgd" if image else "pgd_kspace"), max(res.budgets)
+
+
+def reference_budget(res: StudyResults) -> float | None:
+    """The budget of :func:`reference_attack`; None without one."""
+    found = reference_attack(res)
+    return found[1] if found else None
+
+
+def attack_column(attack: str, budget: float | None, name: str) -> str:
+    """A column of an attacked metric: ``PGD@5000 dNMSE`` (``attack_column('pgd', 5000, 'dNMSE')``),
+    ``PGD-k@5000 dNMSE`` for k-space PGD; without a budget ``PGD dNMSE``."""
+    short = ATTACK_COLUMNS.get(attack, attack)
+    return f"{short}@{budget:g} {name}" if budget else f"{short} {name}"
 
 
 def held_out(res: StudyResults, model: str = "trained", protocol: str = "") -> pd.DataFrame:

@@ -20,26 +20,22 @@ from matplotlib.lines import Line2D
 from mriadv.units import REFERENCE_CROP  # the seed's crop; light (no torch)
 from study.analysis import at_best_epochs, finished_trials, pareto_front
 from study.report_data import (
+    ATTACK_NAMES,
     METRIC_NAMES,
     METRICS,
     SPLIT_NAMES,
     StudyResults,
+    attack_column,
     float_of,
     held_out,
+    held_out_cell,
     held_out_split,
     param_symbol,
-    reference_budget,
+    reference_attack,
     zero_filled,
 )
-from study.report_tables import pgd_column
 
 DEFENCE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
-ATTACK_NAMES = {
-    "pgd": "PGD",
-    "pgd_kspace": "k-space PGD",
-    "noise": "random noise",
-    "generator": "the trial's generator",
-}
 DPI = 100
 
 
@@ -87,8 +83,8 @@ def robustness_rows(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, str]
 
 
 def plot_robustness(res: StudyResults, path: Path) -> None:
-    """NMSE and SSIM under PGD (solid) and equal-norm noise (dashed) versus the budget, with the
-    zero-filled input (black) under the same attacks."""
+    """NMSE and SSIM under PGD (solid: image PGD, or k-space PGD where the objectives name it) and
+    equal-norm noise (dashed) versus the budget, with the zero-filled input (black) under the same attacks."""
     rob, zf, split = robustness_rows(res)
     if rob.empty:
         raise ValueError("no robustness results at the trials' best epochs")
@@ -100,9 +96,11 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
     ]
     if len(zf):
         curves.insert(0, ("zero-filled input", "k", zf))
+    solid = (reference_attack(res) or ("pgd", 0.0))[0]
+    solid = solid if solid.startswith("pgd") else "pgd"  # image PGD, or k-space PGD where that is the study's
     for label, color, mine in curves:
         clean = mine[mine["attack"] == "clean"]
-        for attack, style in (("pgd", "-"), ("noise", "--")):
+        for attack, style in ((solid, "-"), ("noise", "--")):
             r = mine[mine["attack"] == attack].sort_values("budget_ref")
             if r.empty or clean.empty:
                 continue
@@ -114,9 +112,9 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
                     y,
                     style,
                     color=color,
-                    marker="o" if attack == "pgd" else None,
+                    marker="o" if attack == solid else None,
                     ms=4,
-                    label=label if attack == "pgd" else None,
+                    label=label if attack == solid else None,
                 )
     ticks = [0.0, *res.budgets]
     for ax, m in zip(axes, ("nmse", "ssim")):
@@ -129,7 +127,7 @@ def plot_robustness(res: StudyResults, path: Path) -> None:
     axes[1].set_title("SSIM under attack (higher is better)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     handles += [Line2D([], [], color="k", ls="-", marker="o", ms=4), Line2D([], [], color="k", ls="--")]
-    labels += ["PGD (worst case)", "random noise, same ‖δ‖²"]
+    labels += [f"{ATTACK_NAMES.get(solid, solid)} (worst case)", "random noise, same ‖δ‖²"]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, title=_legend_title(res), title_fontsize=8)
     fig.supxlabel("attack budget ‖δ‖² in 320×320 units (per-pixel RMS in normalised units)", fontsize=9)
     fig.suptitle(
@@ -177,21 +175,28 @@ def within_noise(values: np.ndarray, errors: np.ndarray, finished: np.ndarray, f
 
 
 def pareto_points(res: StudyResults, table: pd.DataFrame) -> ParetoPoints:
-    """Clean NMSE against NMSE under PGD at the budget the objectives name (else the largest), both on
-    the held-out split where the trials have it (the objectives the search used are selection-split
-    numbers: not reported), with their standard errors over volumes."""
-    top = reference_budget(res)
-    if top is None:
+    """Clean NMSE against NMSE under the attack and budget the objectives name (else PGD at the largest,
+    :func:`study.report_data.reference_attack`), both on the held-out split where the trials have it (the
+    objectives the search used are selection-split numbers: not reported), with their standard errors
+    over volumes. Image PGD is Table 1's column; another attack is read from the held-out rows."""
+    found = reference_attack(res)
+    if found is None:
         raise ValueError("no attacked metric to compare with (no attack budgets)")
+    attack, top = found
     rep = table[(table["split"] == "Report") & (table["trial_id"] != "")].set_index("trial_id")
     best = res.best.copy()
-    x_metric, y_metric = "report NMSE", pgd_column(top, "nmse")
+    x_metric, y_metric = "report NMSE", attack_column(attack, top, "NMSE")
+    if attack != "pgd":  # not in Table 1 (the seed's PGD): the held-out rows of that attack
+        rows = held_out(res)
+        mine = {t: rows[rows["trial_id"] == t] if len(rows) else rows for t in rep.index}
+        for suffix, key in (("", "nmse"), (" SE", "nmse_se")):
+            rep[y_metric + suffix] = [held_out_cell(mine[t], attack, top, key) for t in rep.index]
     for column, source in ((x_metric, "NMSE"), (y_metric, y_metric)):
         for suffix in ("", " SE"):
             found = source + suffix in rep
             best[column + suffix] = best["trial_id"].map(rep[source + suffix]) if len(rep) and found else math.nan
     split = held_out_split(res) or "report"
-    y_label = f"{split}-split NMSE under PGD, ‖δ‖² = {top:g} (320²)"
+    y_label = f"{split}-split NMSE under {ATTACK_NAMES.get(attack, attack)}, ‖δ‖² = {top:g} (320²)"
     if not best[[x_metric, y_metric]].notna().all(axis=1).any():
         raise ValueError("no trial has a held-out evaluation yet")
     finished = best["trial_id"].isin(finished_trials(res.trials)).to_numpy()

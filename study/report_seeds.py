@@ -1,11 +1,14 @@
 """The report's configurations over their training seeds, and every configuration against the
 reference (standard) one: ``configurations.md`` / ``configurations.csv`` / ``versus_reference.csv``.
+The reference is the first configuration trained with ε = 0 in the report's order; the degradation is
+under the attack and budget the objectives name (:func:`study.report_data.reference_attack`: image PGD,
+or k-space PGD for a study of the unrolled network, whose columns read ``PGD-k@5000 dNMSE``).
 
 A *configuration* is a trial's searched values without ``seed``; a space with ``seeds: N`` trains each
 N times (:mod:`study.spaces`). Every number is a mean over seeds and held-out volumes with a 95 %
 Student-t interval that holds both the seed-to-seed and the volume-to-volume variation
 (:func:`mriadv.intervals.interval`); differences against the reference configuration are paired by seed
-(the same data order and masks) and by volume. NMSE and its degradation under PGD are per volume
+(the same data order and masks) and by volume. NMSE and its degradation under attack are per volume
 (``volume_nmse`` of ``robustness.parquet``); PSNR, SSIM and the NMSE ratio to the zero-filled input are
 per trial, so their intervals are over seeds only (none with one seed). With one seed the intervals
 are the paired t-intervals over volumes: what they leave out, run-to-run variation, is said in the
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,13 +28,16 @@ import pandas as pd
 from mriadv.intervals import LEVEL, Interval, interval
 from study.analysis import finished_trials
 from study.report_data import (
+    ATTACK_COLUMNS,
+    ATTACK_NAMES,
     StudyResults,
+    attack_column,
     float_of,
     format_value,
     held_out,
     markdown_table,
     param_symbol,
-    reference_budget,
+    reference_attack,
 )
 
 __all__ = [
@@ -60,8 +66,9 @@ def configurations(res: StudyResults) -> dict[str, dict[int, str]]:
     return out
 
 
-def _per_volume(res: StudyResults, budget: float | None) -> dict[str, dict[str, dict[str, float]]]:
-    """trial id -> {'clean': {volume: NMSE}, 'input': {...}, 'pgd': {volume: attacked - clean NMSE}}."""
+def _per_volume(res: StudyResults, attack: str, budget: float | None) -> dict[str, dict[str, dict[str, float]]]:
+    """trial id -> {'clean': {volume: NMSE}, 'input': {...}, 'attacked': {volume: attacked - clean NMSE}}
+    under ``attack`` at ``budget``."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for model, kind in (("trained", "clean"), ("zero_filled", "input")):
         rows = held_out(res, model)
@@ -69,11 +76,11 @@ def _per_volume(res: StudyResults, budget: float | None) -> dict[str, dict[str, 
             out.setdefault(str(r["trial_id"]), {})[kind] = json.loads(r["volume_nmse"] or "{}")
     rows = held_out(res)
     if budget is not None and len(rows):
-        for _, r in rows[(rows["attack"] == "pgd") & (rows["budget_ref"] == budget)].iterrows():
+        for _, r in rows[(rows["attack"] == attack) & (rows["budget_ref"] == budget)].iterrows():
             mine = out.get(str(r["trial_id"]), {})
             attacked = json.loads(r["volume_nmse"] or "{}")
             if "clean" in mine:
-                mine["pgd"] = {v: attacked[v] - mine["clean"][v] for v in attacked if v in mine["clean"]}
+                mine["attacked"] = {v: attacked[v] - mine["clean"][v] for v in attacked if v in mine["clean"]}
     return out
 
 
@@ -96,30 +103,53 @@ def _interval(table: np.ndarray | None) -> Interval | None:
     return interval(table) if table is not None else None
 
 
-def configuration_tables(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame, str | None, float | None]:
-    """(one row per configuration over its seeds, one row per configuration against the reference,
-    the reference's label, the PGD budget). The reference is the one configuration trained with
-    ε = 0; without a single one, the second table is empty."""
+class ConfigurationTables(NamedTuple):
+    """What :func:`configuration_tables` gives: ``table`` (one row per configuration over its seeds),
+    ``versus`` (one row per configuration against ``reference``; empty without one), ``reference``
+    (its label), ``standard`` (every configuration trained with ε = 0, in the report's order), and the
+    ``attack`` and ``budget`` the degradation is measured under (:func:`study.report_data.reference_attack`)."""
+
+    table: pd.DataFrame
+    versus: pd.DataFrame
+    reference: str | None
+    standard: list[str]
+    attack: str
+    budget: float | None
+
+
+def _names(attack: str, budget: float | None) -> tuple[str, str]:
+    """The columns of the degradation under ``attack`` at ``budget`` and of its difference against the
+    reference: ``PGD@5000 dNMSE`` and ``Δ PGD dNMSE`` (image PGD), ``PGD-k@5000 dNMSE`` and ``Δ PGD-k dNMSE``."""
+    return attack_column(attack, budget, "dNMSE"), f"Δ {ATTACK_COLUMNS.get(attack, attack)} dNMSE"
+
+
+def configuration_tables(res: StudyResults) -> ConfigurationTables:
+    """The configurations over their seeds and against the reference: the first configuration trained
+    with ε = 0 in the report's order (:func:`_standard`); without one, ``versus`` is empty. The
+    degradation is under the attack and budget the objectives name (image PGD at the largest budget
+    where they name none)."""
     groups = configurations(res)
-    budget = reference_budget(res)
-    per = _per_volume(res, budget)
+    attack, budget = reference_attack(res) or ("pgd", None)
+    per = _per_volume(res, attack, budget)
+    degradation, delta = _names(attack, budget)
     rows = []
     for label, seeds in groups.items():
         trials = [seeds[s] for s in sorted(seeds)]
-        clean, pgd = _table(per, trials, "clean"), _table(per, trials, "pgd")
+        clean, attacked = _table(per, trials, "clean"), _table(per, trials, "attacked")
         row: dict[str, Any] = {"configuration": label, "seeds": len(trials)}
         for name, found in (
             ("NMSE", _interval(clean)),
             ("PSNR", _interval(_by_seed(res, trials, "report_psnr"))),
             ("SSIM", _interval(_by_seed(res, trials, "report_ssim"))),
             ("NMSE / input", _interval(_by_seed(res, trials, "report_vs_input_ratio"))),
-            (f"PGD@{budget:g} dNMSE" if budget else "PGD dNMSE", _interval(pgd)),
+            (degradation, _interval(attacked)),
         ):
             row[name] = found.mean if found else math.nan
             row[f"{name} ±"] = found.half if found else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
-    reference = _reference(res, groups)
+    standard = _standard(res, groups)
+    reference = standard[0] if standard else None
     versus = []
     if reference is not None:
         ref = groups[reference]
@@ -131,7 +161,7 @@ def configuration_tables(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame,
             row = {"configuration": label, "seeds": len(common)}
             for name, kind, spec in (
                 ("ΔNMSE", "clean", None),
-                ("Δ PGD dNMSE", "pgd", None),
+                (delta, "attacked", None),
                 ("ΔPSNR", None, "report_psnr"),
             ):
                 a = _table(per, mine, kind) if kind else _by_seed(res, mine, spec)
@@ -140,20 +170,21 @@ def configuration_tables(res: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame,
                 row[name] = found.mean if found else math.nan
                 row[f"{name} ±"] = found.half if found else math.nan
                 row[f"{name} df"] = found.df if found else math.nan
-                if kind == "pgd" and found and b is not None:
-                    row["Δ PGD dNMSE %"] = 100.0 * found.mean / float(b.mean())
-                    row["Δ PGD dNMSE % ±"] = 100.0 * found.half / float(b.mean())
+                if kind == "attacked" and found and b is not None:
+                    row[f"{delta} %"] = 100.0 * found.mean / float(b.mean())
+                    row[f"{delta} % ±"] = 100.0 * found.half / float(b.mean())
             versus.append(row)
-    return table, pd.DataFrame(versus), reference, budget
+    return ConfigurationTables(table, pd.DataFrame(versus), reference, standard, attack, budget)
 
 
-def _reference(res: StudyResults, groups: dict[str, dict[int, str]]) -> str | None:
-    zero = [
+def _standard(res: StudyResults, groups: dict[str, dict[int, str]]) -> list[str]:
+    """The configurations trained with ε = 0 (every seed), in the report's order; the first is the
+    reference (in the ``architectures`` space the U-Net's, which the unrolled network is set against)."""
+    return [
         label
         for label, seeds in groups.items()
         if all(float_of(res.best.loc[res.best["trial_id"] == t].iloc[0], "epsilon_ref") == 0 for t in seeds.values())
     ]
-    return zero[0] if len(zero) == 1 else None
 
 
 def _cell(row: pd.Series, name: str, spec: str) -> str:
@@ -170,27 +201,32 @@ def _verdict(row: pd.Series, name: str, lower: str, higher: str) -> str:
     return lower if value + half < 0 else higher if value - half > 0 else "within noise"
 
 
-def configurations_markdown(
-    table: pd.DataFrame, versus: pd.DataFrame, reference: str | None, budget: float | None
-) -> list[str]:
-    """The tables of :func:`configuration_tables` as Markdown, with what their intervals hold; []
-    without finished trials."""
+def configurations_markdown(tables: ConfigurationTables) -> list[str]:
+    """The tables of :func:`configuration_tables` as Markdown, with what their intervals hold and which
+    configuration is the reference; [] without finished trials."""
+    table, versus, reference, standard, attack, budget = tables
     if table.empty:
         return []
     seeds = int(table["seeds"].max())
-    pgd = f"PGD@{budget:g} dNMSE" if budget else "PGD dNMSE"
+    pgd, delta = _names(attack, budget)
     over = (
         f"over {seeds} training seeds and the held-out volumes"
         if seeds > 1
         else "over the held-out volumes of one training run each: run-to-run variation is **not** in them "
         "(give the space `seeds: 3` to include it)"
     )
+    named = (
+        f" {ATTACK_COLUMNS.get(attack, attack)}: {ATTACK_NAMES.get(attack, attack)}, the attack the objectives name."
+        if attack != "pgd"
+        else ""
+    )
     out = [
         "## Configurations over their seeds (held-out split)",
         "",
         (
-            f"Mean ± half-width of the {LEVEL:.0%} Student-t interval, {over}. NMSE and the PGD degradation "
-            "are paired per volume; PSNR, SSIM and NMSE / input are per run (no interval with one seed)."
+            f"Mean ± half-width of the {LEVEL:.0%} Student-t interval, {over}. NMSE and the "
+            f"{ATTACK_NAMES.get(attack, attack)} degradation are paired per volume; PSNR, SSIM and NMSE / input "
+            f"are per run (no interval with one seed).{named}"
         ),
         "",
         markdown_table(
@@ -212,6 +248,13 @@ def configurations_markdown(
     ]
     if versus.empty:
         return out
+    others = [s for s in standard if s != reference]
+    which = (
+        f" {reference} is the reference: the first of the {len(standard)} configurations trained with ε = 0, in "
+        f"the report's order; {', '.join(others)} {'are' if len(others) > 1 else 'is'} set against it like the rest."
+        if others
+        else ""
+    )
     out += [
         f"## Against {reference} (held-out split, paired by seed and volume)",
         "",
@@ -219,7 +262,7 @@ def configurations_markdown(
             f"Each configuration minus {reference}, trained with the same seeds and evaluated on the same "
             f"volumes: mean ± half-width of the {LEVEL:.0%} t-interval (degrees of freedom by Welch–Satterthwaite "
             f"over the seed and volume components); *%*: of {reference}'s own degradation. A difference whose "
-            "interval holds zero is marked *within noise*."
+            f"interval holds zero is marked *within noise*.{which}"
         ),
         "",
         markdown_table(
@@ -229,16 +272,14 @@ def configurations_markdown(
                     r["configuration"],
                     str(r["seeds"]),
                     _cell(r, "ΔNMSE", "+.4f"),
-                    _cell(r, "Δ PGD dNMSE", "+.4f"),
-                    _cell(r, "Δ PGD dNMSE %", "+.1f"),
-                    format(float_of(r, "Δ PGD dNMSE df"), ".1f")
-                    if math.isfinite(float_of(r, "Δ PGD dNMSE df"))
-                    else "–",
+                    _cell(r, delta, "+.4f"),
+                    _cell(r, f"{delta} %", "+.1f"),
+                    format(float_of(r, f"{delta} df"), ".1f") if math.isfinite(float_of(r, f"{delta} df")) else "–",
                     _cell(r, "ΔPSNR", "+.2f"),
                     "; ".join(
                         x
                         for x in (
-                            "robustness: " + _verdict(r, "Δ PGD dNMSE", "gain", "loss"),
+                            "robustness: " + _verdict(r, delta, "gain", "loss"),
                             "clean: " + _verdict(r, "ΔNMSE", "better", "worse"),
                         )
                         if not x.endswith(": ")
@@ -254,20 +295,21 @@ def configurations_markdown(
 
 def write_configuration_tables(res: StudyResults, out: Path) -> list[str]:
     """Write ``configurations.csv`` and ``versus_reference.csv``; return the Markdown section."""
-    table, versus, reference, budget = configuration_tables(res)
-    if table.empty:
+    tables = configuration_tables(res)
+    if tables.table.empty:
         return []
-    table.to_csv(out / "configurations.csv", index=False)
-    if not versus.empty:
-        versus.to_csv(out / "versus_reference.csv", index=False)
-    return configurations_markdown(table, versus, reference, budget)
+    tables.table.to_csv(out / "configurations.csv", index=False)
+    if not tables.versus.empty:
+        tables.versus.to_csv(out / "versus_reference.csv", index=False)
+    return configurations_markdown(tables)
 
 
 def findings(res: StudyResults) -> list[str]:
     """The lines a study ends with, what a user would paste into a message: the best configuration on
     held-out NMSE beside the zero-filled input's and the reference's, and the configuration that cuts
-    the PGD degradation most against the reference, with the intervals of :func:`configuration_tables`."""
-    table, versus, reference, budget = configuration_tables(res)
+    the degradation under the objectives' attack most against the reference, with the intervals of
+    :func:`configuration_tables`."""
+    table, versus, reference, _, attack, budget = configuration_tables(res)
     if table.empty or not table["NMSE"].notna().any():
         return []
     zf = held_out(res, "zero_filled")
@@ -283,12 +325,13 @@ def findings(res: StudyResults) -> list[str]:
         ref = table.loc[table["configuration"] == reference].iloc[0]
         line += f"; {reference} {_cell(ref, 'NMSE', '.4f')}"
     out = [line]
-    if not versus.empty and versus["Δ PGD dNMSE"].notna().any():
-        top = versus.loc[versus["Δ PGD dNMSE"].idxmin()]
+    _, delta = _names(attack, budget)
+    if not versus.empty and versus[delta].notna().any():
+        top = versus.loc[versus[delta].idxmin()]
         out.append(
-            f"found: against {reference} under PGD@{budget:g}, {top['configuration']} changes the degradation by "
-            f"{_cell(top, 'Δ PGD dNMSE', '+.4f')} ({_cell(top, 'Δ PGD dNMSE %', '+.1f')} %, "
-            f"{_verdict(top, 'Δ PGD dNMSE', 'a gain', 'a loss')}) at a clean NMSE change of {_cell(top, 'ΔNMSE', '+.4f')} "
+            f"found: against {reference} under {ATTACK_NAMES.get(attack, attack)}@{budget:g}, {top['configuration']} "
+            f"changes the degradation by {_cell(top, delta, '+.4f')} ({_cell(top, f'{delta} %', '+.1f')} %, "
+            f"{_verdict(top, delta, 'a gain', 'a loss')}) at a clean NMSE change of {_cell(top, 'ΔNMSE', '+.4f')} "
             f"({_verdict(top, 'ΔNMSE', 'better', 'worse')})"
         )
     return out

@@ -14,12 +14,14 @@ from study.analysis import best_trials, finished_trials, input_verdicts, trial_m
 from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
 from study.report_data import (
     StudyResults,
+    attack_column,
     format_number,
     format_value,
     held_out,
     held_out_cell,
     held_out_split,
     is_present,
+    reference_attack,
     versus_cell,
     zero_filled,
 )
@@ -89,7 +91,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     ]
     report = held_out(res)
     versus = input_verdicts(res.trials)
-    top = max(res.budgets) if res.budgets else None
+    attack, top = _attack(res)
     by_id = res.best.sort_values("trial_id").reset_index(drop=True)  # ties: the runner's summary's pick
     picks = best_trials(by_id, res.objectives)
     rows = []
@@ -107,7 +109,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 _measured(mine, "clean", 0.0, "nmse", ".4f"),
                 _measured(mine, "clean", 0.0, "psnr", ".2f"),
                 _measured(mine, "clean", 0.0, "ssim", ".4f"),
-                _measured(mine, "pgd", top, "nmse", ".4f") if top else "–",
+                _measured(mine, attack, top, "nmse", ".4f") if top else "–",
                 versus_cell(*versus.loc[row["trial_id"], ["ratio", "ratio_se", "verdict"]])
                 if row["trial_id"] in versus.index
                 else "–",
@@ -127,7 +129,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 _measured(zf, "clean", 0.0, "nmse", ".4f"),
                 _measured(zf, "clean", 0.0, "psnr", ".2f"),
                 _measured(zf, "clean", 0.0, "ssim", ".4f"),
-                _measured(zf, "pgd", top, "nmse", ".4f") if top else "–",
+                _measured(zf, attack, top, "nmse", ".4f") if top else "–",
                 "1",
                 "–",
             ],
@@ -143,7 +145,7 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
                 "NMSE",
                 "PSNR",
                 "SSIM",
-                f"PGD@{top:g} NMSE" if top else "PGD NMSE",
+                attack_column(attack, top, "NMSE"),
                 "NMSE / input",
                 "checkpoint",
             ],
@@ -176,6 +178,13 @@ def _summary_best(res: StudyResults, points: ParetoPoints | None) -> list[str]:
     return out
 
 
+def _attack(res: StudyResults) -> tuple[str, float | None]:
+    """The attack of the summary's attacked column, the one the objectives name (image PGD unless they
+    name another: :func:`study.report_data.reference_attack`), at the largest budget."""
+    found = reference_attack(res)
+    return (found[0] if found else "pgd"), (max(res.budgets) if res.budgets else None)
+
+
 def _measured(rows, attack: str, budget: float | None, metric: str, spec: str) -> str:
     """``value ± se`` of ``metric`` in the held-out ``rows`` under ``attack`` at ``budget``."""
     return plus_minus(
@@ -197,8 +206,8 @@ def _summary_trials(res: StudyResults) -> list[str]:
     )
     ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
     rob = held_out(res)
-    top = max(res.budgets) if res.budgets else None
-    pgd = rob[(rob["attack"] == "pgd") & (rob["budget_ref"] == top)].set_index("trial_id")["nmse"] if len(rob) else {}
+    attack, top = _attack(res)
+    pgd = rob[(rob["attack"] == attack) & (rob["budget_ref"] == top)].set_index("trial_id")["nmse"] if len(rob) else {}
     clean = rob[rob["attack"] == "clean"].set_index("trial_id")["nmse"] if len(rob) else {}
     finished = finished_trials(res.trials)
     messages = trial_messages(res.trials)
@@ -233,7 +242,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
         "best epoch",
         "selection NMSE",
         "report NMSE",
-        f"report PGD@{top:g} NMSE" if top else "report PGD NMSE",
+        "report " + attack_column(attack, top, "NMSE"),
         "best.pt",
         "message",
     ]

@@ -74,12 +74,12 @@ def check_top_level(raw: Any, fail: Fail) -> None:
 
 
 def points_as_choices(
-    raw: dict[str, Any], fail: Fail, check_value: CheckValue, config_fields: set[str]
+    raw: dict[str, Any], fail: Fail, check_value: CheckValue, config_fields: set[str], fixed: dict[str, Any]
 ) -> dict[str, Any]:
     """Validate the ``points`` list of ``raw`` (each a mapping of the same TrainConfig fields to values,
-    one trial each; no ``parameters`` or ``num_samples`` beside it) and return the equivalent
-    ``parameters`` (a choice over each key's values), through which the searcher is given the points
-    to evaluate in order."""
+    one trial each, valid beside the space's ``fixed`` values; no ``parameters`` or ``num_samples``
+    beside it) and return the equivalent ``parameters`` (a choice over each key's values), through
+    which the searcher is given the points to evaluate in order."""
     if "parameters" in raw or "num_samples" in raw:
         raise fail(
             "points",
@@ -105,7 +105,7 @@ def points_as_choices(
                 raise fail(f"{where}.{key}", "belongs to the run, not to a search space")
             check_value(key, f"{where}.{key}", value)
         try:
-            TrainConfig.from_dict(point)
+            TrainConfig.from_dict({**fixed, **point})  # beside the space's fixed values
         except (ConfigError, TypeError) as exc:
             raise fail(where, str(exc)) from None
     if len({repr(sorted(p.items())) for p in points}) != len(points):

@@ -140,6 +140,15 @@ def load_space(name_or_path: str) -> StudySpace:
     return space_from_dict(parse_space_yaml(path.read_text(), path), path.stem, path)
 
 
+def _valid(values: dict[str, Any]) -> bool:
+    """Whether ``values`` make a valid TrainConfig."""
+    try:
+        TrainConfig.from_dict(values)
+    except (ConfigError, TypeError):
+        return False
+    return True
+
+
 def parse_space_yaml(text: str, source: str | Path) -> Any:
     """The YAML ``text`` of a space as plain data (``1e-3`` read as a float); :class:`SpaceError`
     naming ``source`` if it is not YAML."""
@@ -160,21 +169,33 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
     def fail(key: str, why: str) -> SpaceError:
         return SpaceError(f"{path}: {key}: {why}")
 
+    fixed_raw = raw.get("fixed") if isinstance(raw, dict) and isinstance(raw.get("fixed"), dict) else {}
+    beside = {k: v for k, v in fixed_raw.items() if k in config_fields}
+
     def check_value(key: str, where: str, value: Any) -> None:
-        """A value must make a valid TrainConfig (at the reference crop, so scaling cannot hide errors)."""
+        """A value must make a valid TrainConfig (at the reference crop, so scaling cannot hide errors)
+        beside the space's fixed values: ``arch: unrolled`` is valid only beside a k-space training
+        perturbation and k-space attacks. A fixed value alone, or else beside the other fixed values."""
+        own = where.startswith("fixed.")
         try:
-            TrainConfig.from_dict({key: value})
+            TrainConfig.from_dict({key: value} if own else {**beside, key: value})
         except (ConfigError, TypeError) as exc:
-            raise fail(where, str(exc)) from None
+            if not (own and _valid(beside)):
+                raise fail(where, str(exc)) from None
         if key == "init_from" and value is not None and not Path(value).is_absolute():
             raise fail(where, f"{value!r}: give an absolute path (each trial runs in its own folder)")
 
     check_top_level(raw, fail)
+    points_raw = raw.get("points")
+    searched = raw.get("parameters") or (points_raw[0] if isinstance(points_raw, list) and points_raw else {})
+    # fixed first: every searched value is checked beside it
+    fixed = read_fixed(
+        raw.get("fixed") or {}, searched if isinstance(searched, dict) else {}, fail, check_value, config_fields
+    )
     if "points" in raw:  # a list of trials: searched as a choice over each key's values
-        raw = {**raw, "parameters": points_as_choices(raw, fail, check_value, config_fields)}
+        raw = {**raw, "parameters": points_as_choices(raw, fail, check_value, config_fields, beside)}
     params_raw = raw.get("parameters") or {}
     params = read_parameters(params_raw, fail, check_value, config_fields)
-    fixed = read_fixed(raw.get("fixed") or {}, params_raw, fail, check_value, config_fields)
     points = tuple(dict(p) for p in raw.get("points") or ())
     grid = all(p.kind == "grid" for p in params)
     num_samples = read_num_samples(raw, points, grid, fail)

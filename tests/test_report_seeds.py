@@ -166,3 +166,188 @@ def test_a_study_ends_with_what_it_found(study):
     assert lines[0].startswith(f"found: best held-out NMSE {best}: {table.loc[best, 'NMSE']:.4f} ± ")
     assert f"zero-filled input {zf['nmse'].mean():.4f}" in lines[0]
     assert f"against ε=0 under PGD@5000, ε=5000 changes the degradation by {versus['Δ PGD dNMSE']:+.4f} ± " in lines[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic study folders (no training): the architectures question, U-Net vs unrolled, standard vs
+# k-space PGD training, three seeds, judged under k-space PGD; image PGD rows beside them as a decoy.
+# ---------------------------------------------------------------------------------------------------
+ARCHITECTURES = (("unet", "none", 0.0), ("unrolled", "none", 0.0), ("unet", "pgd", 1000.0), ("unrolled", "pgd", 1000.0))
+VOLUMES = ("file_a", "file_b", "file_c", "file_d")
+
+
+def _synthetic_study(folder: Path, configs=ARCHITECTURES, seeds: int = 3) -> Path:
+    """trials.parquet and robustness.parquet of a finished study (one epoch per trial, held-out rows
+    of the trained model and the zero-filled input; per-volume NMSE clean, under image PGD and k-space
+    PGD at 1000 and 5000), random but seeded."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    trials, robust = [], []
+    for i, (arch, adversary, eps) in enumerate(configs):
+        for seed in range(seeds):
+            trial = f"t{i}{seed}"
+            trials.append(
+                {
+                    "trial_id": trial,
+                    "epoch": 1,
+                    "arch": arch,
+                    "adversary": adversary,
+                    "epsilon": eps * 96**2 / 320**2,
+                    "epsilon_ref": eps,
+                    "seed": seed,
+                    "val_loss": rng.uniform(0.1, 0.2),
+                    "val_nmse": rng.uniform(0.03, 0.05),
+                    "report_psnr": rng.uniform(28, 30),
+                    "report_ssim": rng.uniform(0.7, 0.8),
+                    "report_vs_input_ratio": rng.uniform(0.3, 0.5),
+                    "epoch_status": "completed",
+                    "status": "TERMINATED",
+                }
+            )
+            clean = dict(zip(VOLUMES, rng.uniform(0.02, 0.06, len(VOLUMES))))
+            cells = [("clean", 0.0, clean)]
+            for attack, scale in (("pgd", 0.5), ("pgd_kspace", 0.1 if arch == "unrolled" else 0.3)):
+                for budget in (1000.0, 5000.0):
+                    grow = scale * budget / 5000 * rng.uniform(0.5, 1.5, len(VOLUMES))
+                    cells.append((attack, budget, {v: clean[v] + g for v, g in zip(VOLUMES, grow)}))
+            for model, factor in (("trained", 1.0), ("zero_filled", 2.5)):
+                for attack, budget, per in cells:
+                    per = {v: factor * x for v, x in per.items()}
+                    robust.append(
+                        {
+                            "trial_id": trial,
+                            "epoch": 1,
+                            "split": "report",
+                            "model": model,
+                            "protocol": "",
+                            "attack": attack,
+                            "budget_ref": budget,
+                            "nmse": float(np.mean(list(per.values()))),
+                            "nmse_se": float(np.std(list(per.values()), ddof=1) / 2),
+                            "psnr": 30.0 - 10 * float(np.mean(list(per.values()))),
+                            "ssim": 0.8 - float(np.mean(list(per.values()))),
+                            "volume_nmse": json.dumps(per),
+                        }
+                    )
+    pd.DataFrame(trials).to_parquet(folder / "trials.parquet", index=False)
+    pd.DataFrame(robust).to_parquet(folder / "robustness.parquet", index=False)
+    return folder
+
+
+def _load(folder: Path, objective: str):
+    from study.report_data import load_results
+
+    res = load_results(folder)  # no study.json: the searched keys are those that vary (epsilon, adversary, arch, seed)
+    res.objectives = [("val_nmse", "min"), (objective, "min")]
+    return res
+
+
+def _ids(folder: Path, arch: str, adversary: str) -> list[str]:
+    trials = pd.read_parquet(folder / "trials.parquet")
+    mine = trials[(trials["arch"] == arch) & (trials["adversary"] == adversary)].sort_values("seed")
+    return list(mine["trial_id"])
+
+
+def _degradation(robust: pd.DataFrame, trials: list[str], attack: str) -> np.ndarray:
+    return _table(robust, trials, "trained", attack, 5000.0) - _table(robust, trials, "trained", "clean", 0.0)
+
+
+def test_a_kspace_objective_measures_the_degradation_under_kspace_pgd(tmp_path):
+    from study.report_data import reference_attack, reference_budget
+    from study.report_seeds import configuration_tables, configurations_markdown, findings
+
+    folder = _synthetic_study(tmp_path / "architectures")
+    robust = pd.read_parquet(folder / "robustness.parquet")
+    res = _load(folder, "rob_pgd_kspace_e5000_nmse")
+    assert reference_attack(res) == ("pgd_kspace", 5000.0) and reference_budget(res) == 5000.0
+    tables = configuration_tables(res)
+    assert tables.attack == "pgd_kspace" and tables.budget == 5000.0
+    table = tables.table.set_index("configuration")
+    unrolled = "ε=0, adversary=none, arch=unrolled"
+    assert list(table.index) == [
+        "ε=0, adversary=none, arch=unet",
+        unrolled,
+        "ε=1000, adversary=pgd, arch=unet",
+        "ε=1000, adversary=pgd, arch=unrolled",
+    ]
+    assert "PGD-k@5000 dNMSE" in table and "PGD@5000 dNMSE" not in table
+    mean, half, _ = _expected(_degradation(robust, _ids(folder, "unrolled", "none"), "pgd_kspace"))
+    assert table.loc[unrolled, "PGD-k@5000 dNMSE"] == pytest.approx(mean, rel=1e-9)
+    assert table.loc[unrolled, "PGD-k@5000 dNMSE ±"] == pytest.approx(half, rel=1e-6)
+    image, _, _ = _expected(_degradation(robust, _ids(folder, "unrolled", "none"), "pgd"))
+    assert image != pytest.approx(mean, rel=1e-3)  # the image PGD rows (a decoy here) are not what is read
+
+    markdown = "\n".join(configurations_markdown(tables))
+    assert "| PGD-k@5000 dNMSE |" in markdown and "Δ PGD-k@5000 dNMSE" in markdown
+    assert "PGD-k: k-space PGD, the attack the objectives name" in markdown
+    lines = findings(res)
+    assert len(lines) == 2 and "under k-space PGD@5000" in lines[1]
+
+    # the same study judged by its image-PGD objective reads the image rows, under the usual names
+    res = _load(folder, "rob_pgd_e5000_nmse")
+    tables = configuration_tables(res)
+    assert reference_attack(res) == ("pgd", 5000.0) and "PGD@5000 dNMSE" in tables.table
+    assert "Δ PGD dNMSE" in tables.versus and "Δ PGD-k dNMSE" not in tables.versus
+    row = tables.table.set_index("configuration").loc[unrolled]
+    assert row["PGD@5000 dNMSE"] == pytest.approx(image, rel=1e-9)
+
+
+def test_with_two_standard_configurations_the_first_is_the_reference(tmp_path):
+    from study.report_seeds import configuration_tables, configurations_markdown
+
+    folder = _synthetic_study(tmp_path / "architectures")
+    robust = pd.read_parquet(folder / "robustness.parquet")
+    tables = configuration_tables(_load(folder, "rob_pgd_kspace_e5000_nmse"))
+    reference = "ε=0, adversary=none, arch=unet"
+    assert tables.reference == reference
+    assert tables.standard == [reference, "ε=0, adversary=none, arch=unrolled"]
+    versus = tables.versus.set_index("configuration")
+    assert list(versus.index) == [
+        "ε=0, adversary=none, arch=unrolled",
+        "ε=1000, adversary=pgd, arch=unet",
+        "ε=1000, adversary=pgd, arch=unrolled",
+    ]
+    assert (versus["seeds"] == 3).all()
+    unet = _ids(folder, "unet", "none")
+    for arch, adversary in (("unrolled", "none"), ("unrolled", "pgd"), ("unet", "pgd")):
+        mine = _ids(folder, arch, adversary)
+        label = f"ε={0 if adversary == 'none' else 1000}, adversary={adversary}, arch={arch}"
+        paired = _degradation(robust, mine, "pgd_kspace") - _degradation(robust, unet, "pgd_kspace")
+        mean, half, df = _expected(paired)  # paired by seed (rows) and volume (columns)
+        assert versus.loc[label, "Δ PGD-k dNMSE"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert versus.loc[label, "Δ PGD-k dNMSE ±"] == pytest.approx(half, rel=1e-6)
+        assert versus.loc[label, "Δ PGD-k dNMSE df"] == pytest.approx(df)
+        own = _degradation(robust, unet, "pgd_kspace").mean()
+        assert versus.loc[label, "Δ PGD-k dNMSE %"] == pytest.approx(100 * mean / own, rel=1e-9)
+        clean = _table(robust, mine, "trained", "clean", 0.0) - _table(robust, unet, "trained", "clean", 0.0)
+        assert versus.loc[label, "ΔNMSE"] == pytest.approx(_expected(clean)[0], rel=1e-9, abs=1e-12)
+    markdown = "\n".join(configurations_markdown(tables))
+    assert f"## Against {reference} (held-out split, paired by seed and volume)" in markdown
+    assert f"{reference} is the reference: the first of the 2 configurations trained with ε = 0" in markdown
+
+    # one standard configuration: it is the reference and the caption says nothing more
+    one = configuration_tables(_load(_synthetic_study(tmp_path / "one", ARCHITECTURES[1:]), "rob_pgd_e5000_nmse"))
+    assert one.reference == "ε=0, adversary=none, arch=unrolled" and len(one.versus) == 2
+    assert "is the reference: the first of" not in "\n".join(configurations_markdown(one))
+
+
+def test_the_pareto_figure_and_the_summary_name_the_kspace_attack(tmp_path):
+    from study.report_plots import pareto_points
+    from study.report_summary import summary_markdown
+    from study.report_tables import table1
+
+    folder = _synthetic_study(tmp_path / "architectures")
+    robust = pd.read_parquet(folder / "robustness.parquet")
+    res = _load(folder, "rob_pgd_kspace_e5000_nmse")
+    points = pareto_points(res, table1(res))
+    assert points.y_metric == "PGD-k@5000 NMSE" and "under k-space PGD" in points.y_label
+    rows = robust[(robust["model"] == "trained") & (robust["attack"] == "pgd_kspace") & (robust["budget_ref"] == 5000)]
+    expected = rows.set_index("trial_id").loc[points.trial_ids]
+    assert points.values[:, 1] == pytest.approx(expected["nmse"].to_numpy())
+    assert points.errors[:, 1] == pytest.approx(expected["nmse_se"].to_numpy())
+    summary = summary_markdown(res, [], points)
+    assert "| PGD-k@5000 NMSE |" in summary and "report PGD-k@5000 NMSE" in summary
+    assert "Pareto front of held-out clean NMSE vs PGD-k@5000 NMSE" in summary
+    image = _load(folder, "rob_pgd_e5000_nmse")
+    assert pareto_points(image, table1(image)).y_metric == "PGD@5000 NMSE"
+    assert "| PGD@5000 NMSE |" in summary_markdown(image, [], None)

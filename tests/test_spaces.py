@@ -265,3 +265,46 @@ def test_seeds_repeat_every_configuration_of_a_grid_or_a_list_of_points(tmp_path
         with pytest.raises(SpaceError) as err:
             load_space(write(tmp_path, text))
         assert "seeds" in str(err.value) and why in str(err.value), str(err.value)
+
+
+def test_the_architectures_space_runs_both_networks_under_the_same_kspace_attack(tmp_path):
+    """Issue 22.3: U-Net vs unrolled, standard vs k-space PGD training, each point a valid trial at
+    the demo profile (the unrolled network is valid only beside the space's k-space settings)."""
+    import argparse
+
+    from mriadv.units import robust_key
+    from study.plan import base_config
+
+    space = load_space("architectures")
+    assert [{k: p[k] for k in ("arch", "adversary", "epsilon")} for p in space.grid_points()[::3]] == [
+        {"arch": "unet", "adversary": "none", "epsilon": 0},
+        {"arch": "unrolled", "adversary": "none", "epsilon": 0},
+        {"arch": "unet", "adversary": "pgd", "epsilon": 1000},
+        {"arch": "unrolled", "adversary": "pgd", "epsilon": 1000},
+    ]
+    assert space.seeds == 3 and space.trial_count() == 12 and space.scheduler["type"] == "none"
+    assert space.fixed == {"perturbation": "kspace", "attacks": ["pgd_kspace"], "report_protocol": "l2-kspace-curve"}
+    assert [o.metric for o in space.objectives] == ["val_nmse", robust_key("pgd_kspace", 5000.0, "nmse")]
+    assert space.attack_budgets == (1000.0, 5000.0)
+    base = base_config(space, "demo", tmp_path, argparse.Namespace(max_epochs=None), tmp_path / ".cache")
+    ctx = StudyContext(
+        base=base,
+        epsilon_keys=("epsilon",),
+        study_dir=str(tmp_path),
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=(),
+    )
+    for point in space.grid_points():
+        cfg = trial_config(ctx, point)
+        assert (cfg.arch, cfg.adversary_kind, cfg.seed) == (
+            point["arch"],
+            point["adversary"],
+            point["seed"],
+        )
+        assert cfg.perturbation == "kspace" and cfg.attacks == ("pgd_kspace",)
+        assert cfg.report_protocol == "l2-kspace-curve"
+        assert cfg.epsilon == pytest.approx(scale_epsilon(point["epsilon"], cfg.crop_size))
+    # without its k-space settings the unrolled point is refused, naming the key
+    text = space.path.read_text().replace("  perturbation: kspace", "  perturbation: image")
+    with pytest.raises(SpaceError, match="perturbation"):
+        load_space(write(tmp_path, text))
