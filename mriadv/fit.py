@@ -344,6 +344,7 @@ def _record(
         slices_per_s=train.slices / train.seconds if train.seconds > 0 else nan,
         robustness=robust_rows(rows, cfg.crop_size),
         over_budget=train.mean("over_budget") if cfg.adversarial else nan,
+        delta_sq_budget=train.mean("delta_sq_budget") if cfg.adversarial else nan,
         lr_factor=run.trainer.lr_factor(),
         val_nmse_se=val.nmse_se,
         val_psnr_se=val.psnr_se,

@@ -65,6 +65,9 @@ class EpochRecord:
     slices_per_s: float
     robustness: list[dict[str, Any]] = field(default_factory=list)
     over_budget: float = float("nan")  # share of training images with ||delta||^2 > epsilon
+    # mean ||delta||^2 / budget over training slices: epsilon in the image, each slice's budget in k-space
+    # (relative to its measurements, mriadv.perturbations.budget_per_slice), so 1 is at the budget in both
+    delta_sq_budget: float = float("nan")
     lr_factor: float = 1.0  # the schedule's learning-rate multiplier at the epoch's end
     val_nmse_se: float = float("nan")
     val_psnr_se: float = float("nan")

@@ -283,6 +283,7 @@ class Trainer:
             stats["delta_sq"] = sq.mean()
             budget = budget_per_slice(batch, self.cfg.epsilon, self.cfg.perturbation)  # a number, or (B,)
             stats["over_budget"] = (sq > budget * (1 + 1e-4)).float().mean()
+            stats["delta_sq_budget"] = (sq / budget).mean()  # in k-space each slice's own budget
         elif self.generator is None:
             stats = self.reconstructor_step(batch, None)
         else:
@@ -301,6 +302,7 @@ class Trainer:
             projected = self.cfg.project or self.cfg.perturbation != "image"  # on the sphere up to rounding
             tol = 1 + 1e-4 if projected else 1.0
             stats["over_budget"] = (sq > budget * tol).float().mean()
+            stats["delta_sq_budget"] = (sq / budget).mean()
         keys = list(stats)
         values = torch.stack([stats[k].float().to(self.runtime.device) for k in keys]).tolist()
         out = dict(zip(keys, values))

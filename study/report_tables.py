@@ -106,7 +106,7 @@ def _trial_columns(b: pd.Series, params: list[str], last: pd.DataFrame | None) -
     if last is not None and b["trial_id"] in last.index and eps > 0:
         end = last.loc[b["trial_id"]]
         common |= {
-            "last_delta_sq_over_eps": float_of(end, "delta_sq") / eps,
+            "last_delta_sq_over_eps": _delta_sq_over_budget(end, eps),
             "last_over_budget": float_of(end, "over_budget"),
         }
     return common
@@ -233,8 +233,8 @@ def _held_out_intro(res: StudyResults, split: str | None, rep: pd.DataFrame) -> 
         "*NMSE / input*: the model's NMSE over its zero-filled input's on the same volumes (± paired SE), and "
         "**worse than its input** where its NMSE is higher or its SSIM lower by more than two paired SEs "
         "(*≈ input*: within them; such a model's robustness numbers say little). "
-        "*‖δ‖²/ε*: the generator's mean training perturbation at the last epoch relative to the budget "
-        "(*over*: the share of training images outside the ε-ball).",
+        "*‖δ‖²/ε*: the mean training perturbation at the last epoch relative to its budget (in k-space, each "
+        "slice's budget, relative to its measurements) (*over*: the share of training images outside the ball).",
         "",
     ]
     if split is None:
@@ -353,3 +353,11 @@ def _seed_definitions_section(table: pd.DataFrame, sel: pd.DataFrame, params: li
         "",
     ]
     return out
+
+
+def _delta_sq_over_budget(end: pd.Series, eps: float) -> float:
+    """The training perturbation's mean ``||delta||^2`` over its budget: the record's own ratio, which in
+    k-space is over each slice's budget; ``delta_sq / epsilon`` for records written before it (exact in
+    the image, not in k-space, whose budget is relative to each slice's measurements)."""
+    ratio = float_of(end, "delta_sq_budget")
+    return ratio if math.isfinite(ratio) else float_of(end, "delta_sq") / eps

@@ -89,6 +89,8 @@ def test_trades_fit_runs_within_its_budget(synthetic_root, tiny_config, domain):
     assert r.delta_sq > 0 and r.over_budget == 0.0  # k-space: each slice's (eps / c^2) ||y||^2
     if domain == "image":
         assert r.delta_sq <= 20.0 * (1 + 1e-4)
+        assert r.delta_sq_budget == pytest.approx(r.delta_sq / 20.0, rel=1e-5)  # the image budget is epsilon
+    assert 0 < r.delta_sq_budget <= 1 + 1e-4  # within each slice's own budget, in either domain
     assert r.train_loss == pytest.approx(r.train_clean_loss + r.train_pert_loss, rel=1e-5)  # beta = lambda1 = 1
 
 

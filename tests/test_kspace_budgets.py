@@ -233,10 +233,13 @@ def test_noise_and_pgd_training_perturbations_have_the_per_slice_budget(batches)
     stats = tr.train_step(b)
     assert stats["over_budget"] == 0.0
     assert stats["delta_sq"] == pytest.approx(float(slice_budgets(b).mean()), rel=1e-5)
+    assert stats["delta_sq_budget"] == pytest.approx(1.0, rel=1e-5)  # each slice at its own budget
+    assert stats["delta_sq"] / tr.cfg.epsilon != pytest.approx(1.0, rel=0.05)  # what Table 1 divided by before
     sigma = kspace_trainer(adversary="noise", noise_mode="sigma")
     # i.i.d. sigma^2 = budget / n over n = 2 * 640 * cols real components: ||delta||^2 / budget ~ 1 +- sqrt(2/n)
     sq = squared_norm(sigma.noise_perturbation(b)).double()
     assert torch.allclose(sq / slice_budgets(b), torch.ones(2, dtype=torch.float64), atol=0.03)
     pgd = kspace_trainer(adversary="pgd", adv_steps=1)
     assert torch.allclose(squared_norm(pgd.attack_perturbation(b)).double(), slice_budgets(b), rtol=1e-4)
-    assert pgd.train_step(b)["over_budget"] == 0.0
+    pgd_stats = pgd.train_step(b)
+    assert pgd_stats["over_budget"] == 0.0 and pgd_stats["delta_sq_budget"] == pytest.approx(1.0, rel=1e-4)
