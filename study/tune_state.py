@@ -313,7 +313,7 @@ def tolerate_deleted_checkpoints() -> None:
         except FileNotFoundError:
             pass
 
-    _delete_fs_path._tolerant = True  # type: ignore[attr-defined]
+    _delete_fs_path._tolerant = _delete_fs_path.__wrapped__ = original  # type: ignore[attr-defined]
     checkpoint_manager._delete_fs_path = _delete_fs_path
 
 

@@ -388,6 +388,8 @@ def test_a_checkpoint_deleted_after_the_last_save_does_not_trip_the_resumed_tria
         return _TrainingResult(Checkpoint.from_directory(str(folder)), {"epoch": i})
 
     original = checkpoint_manager._delete_fs_path
+    # Ray's own function, also when a study run earlier in this process has made it tolerant already
+    checkpoint_manager._delete_fs_path = getattr(original, "__wrapped__", original)
     try:
         for tolerant in (False, True):
             if tolerant:
