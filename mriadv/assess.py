@@ -37,35 +37,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from mriadv.assess_options import CHECKPOINT_NAMES, SPLIT_CHOICES, assessed_config, budgets_at_crop
+from mriadv.assess_options import instability_options, read_checkpoint, resolve_checkpoint
 from mriadv.assessment import RANDOM_START_CHOICES, Assessment, format_assessment, instabilities, resolve_protocol
 from mriadv.choices import PGD_OBJECTIVES
-from mriadv.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
-from mriadv.units import scale_epsilon, to_reference
+from mriadv.units import to_reference
 from mriadv.verdict import compare
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from mriadv.data.files import SliceDataset
+    from mriadv.data.loading import Data
+    from mriadv.evaluate import EvalResult, RobustRow
     from mriadv.instabilities import FeatureSearch, FeatureSpec
+    from mriadv.protocols import Protocol
+    from mriadv.runtime import Runtime
+    from mriadv.trainer import Trainer
+    from mriadv.verdict import VersusInput
 
-CHECKPOINT_NAMES = (BEST_NAME, CHECKPOINT_NAME)  # in a folder: best.pt preferred
-SPLIT_CHOICES = ("report", "selection", "robust", "all")
 
+@dataclass
+class _Loaded:
+    """A checkpoint's networks ready to evaluate: the config they run under (the saved one with the
+    caller's overrides), its runtime and data, and the trainer holding the networks."""
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the ``best.pt`` (else ``checkpoint.pt``) of a folder."""
-    path = Path(path)
-    if path.is_dir():
-        for name in CHECKPOINT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise ConfigError(f"{path}: holds no {' or '.join(CHECKPOINT_NAMES)}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such checkpoint")
-    return path
+    cfg: TrainConfig
+    runtime: Runtime
+    data: Data
+    trainer: Trainer
 
 
 def assess(
@@ -123,27 +128,8 @@ def assess(
     """
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split {split!r}: must be one of {SPLIT_CHOICES}")
-    import torch
-
-    from mriadv.attacks import PGDAttack
-    from mriadv.data.files import DataError
-    from mriadv.data.loading import build_data
-    from mriadv.evaluate import evaluate, robustness
-    from mriadv.runtime import Runtime
-    from mriadv.trainer import Trainer
-
-    path = resolve_checkpoint(checkpoint)
-    try:
-        payload = load_checkpoint(path)
-    except Exception as exc:  # noqa: BLE001 - not a checkpoint, a truncated file, a foreign pickle
-        first = (str(exc).strip().splitlines() or [""])[0]  # an empty file raises an EOFError without a message
-        raise ConfigError(
-            f"{path}: not a readable mriadv checkpoint ({type(exc).__name__}: {first or 'empty'})"
-        ) from exc
-    if budgets is not None and budgets_ref is not None:
-        raise ConfigError("give attack budgets at the crop or at 320x320 (budgets_ref), not both")
-    if budgets_ref is not None:
-        budgets = [scale_epsilon(b, int(payload["config"]["crop_size"])) for b in budgets_ref]
+    path, payload = read_checkpoint(checkpoint)
+    budgets = budgets_at_crop(payload["config"], budgets, budgets_ref)
     given = {
         "data": data and str(data),
         "max_val_volumes": max_volumes,
@@ -152,80 +138,31 @@ def assess(
         "pgd_steps": pgd_steps,
         "pgd_step_scale": pgd_step_scale,
     }
-    overrides = {
-        "device": device,
-        "precision": "fp32",  # assess only evaluates, and evaluation is fp32 whatever the training's
-        "threads": None,
-        "train_eval_volumes": 0,
-        **({"report_fraction": 0.0} if split == "all" else {}),
-        **{k: v for k, v in given.items() if v is not None},
-    }
-    cfg = TrainConfig.from_dict({**payload["config"], **overrides})  # lists become tuples there
+    cfg = assessed_config(payload["config"], device, split, given)
     if protocol is not None and attacks is not None:
         raise ConfigError("give attacks or a protocol (which names its own attacks), not both")
-    proto, proto_budgets = resolve_protocol(
-        protocol,
-        cfg,
-        budgets is not None,
-        rel_budgets,
-        dict(
-            restarts=pgd_restarts,
-            random_start=pgd_random_start,
-            keep_best=pgd_keep_best,
-            objective=pgd_objective,
-            steps=pgd_steps,
-            step_scale=pgd_step_scale,
-        ),
+    pgd = dict(
+        restarts=pgd_restarts,
+        random_start=pgd_random_start,
+        keep_best=pgd_keep_best,
+        objective=pgd_objective,
+        steps=pgd_steps,
+        step_scale=pgd_step_scale,
     )
-    data_cfg = cfg
-    if proto is not None and proto.needs_kspace and "pgd_kspace" not in cfg.attacks:
-        data_cfg = replace(cfg, attacks=(*cfg.attacks, "pgd_kspace"))  # only so that batches carry k-space
-    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads, cfg.deterministic)
-    try:
-        data_ = build_data(data_cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
-    except DataError as exc:
-        raise ConfigError(f"data folder {cfg.data}: {exc} (give --data)") from exc
-    trainer = Trainer(cfg, runtime, kspace_shape=data_.kspace_shape())
-    trainer.load_networks(payload["networks"])
-    if proto is None:  # the training's attacks, PGD recording its objective per step on the first batch
-        attack_list = [replace(a, trace_first=True) if isinstance(a, PGDAttack) else a for a in trainer.attacks()]
-    else:
-        generator = trainer.generator_perturb if trainer.generator is not None else None
-        attack_list = proto.build(
-            cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, generator, cfg.perturbation, budgets=proto_budgets
-        )
-    dataset = {
-        "report": data_.report or data_.val,
-        "selection": data_.val,
-        "all": data_.val,
-        "robust": data_.robust_val or data_.val,
-    }[split]
-    loader = data_.loader(dataset, shuffle=False)
-    model = trainer.predictor  # what training evaluated: the smoothed predictor for adversary='smoothing'
-    clean = evaluate(model, loader, trainer.loss_fn, runtime, clamp=cfg.clamp)
-    zf = evaluate(torch.nn.Identity(), loader, trainer.loss_fn, runtime, clamp=cfg.clamp)  # the input itself
-    vs = compare(clean, zf)
-    rows = robustness(model, loader, trainer.loss_fn, runtime, attack_list, clean, cfg.clamp)
-    traces = [
-        {
-            "attack": a.name,
-            "budget": float(a.budget),
-            "rel": float("nan") if a.rel is None else float(a.rel),
-            "trace": a.trace,
-        }
-        for a in attack_list
-        if isinstance(a, PGDAttack) and a.trace is not None
-    ]
-    used = None
-    if proto is not None:  # with the absolute grid that ran, at the crop
-        ran = proto.budgets_at(cfg.crop_size) if proto_budgets is None else proto_budgets
-        used = {**proto.as_dict(), "budgets": [float(b) for b in ran]}
+    proto, proto_budgets = resolve_protocol(protocol, cfg, budgets is not None, rel_budgets, pgd)
+    loaded = _load(cfg, proto, payload["networks"])
+    attack_list = _attacks(loaded, proto, proto_budgets)
+    dataset = _split_dataset(loaded.data, split)
+    model = loaded.trainer.predictor  # what training evaluated: the smoothed predictor for adversary='smoothing'
+    clean, versus, rows = _evaluate(loaded, model, dataset, attack_list)
+    traces = _pgd_traces(attack_list)
+    used = _protocol_ran(proto, proto_budgets, cfg.crop_size)
     features_out, sampling_out = instabilities(
         model,
         dataset,
-        runtime,
+        loaded.runtime,
         cfg.batch_size,
-        data_.num_workers,
+        loaded.data.num_workers,
         features,
         feature_search,
         sampling,
@@ -242,8 +179,95 @@ def assess(
         pgd_trace=traces,
         features=features_out,
         sampling=sampling_out,
-        versus_input=vs.as_dict(),
+        versus_input=versus.as_dict(),
     )
+
+
+def _load(cfg: TrainConfig, proto: Protocol | None, networks: dict[str, Any]) -> _Loaded:
+    """The runtime, the validation data (its batches carrying k-space when ``proto`` attacks it) and
+    a trainer holding the checkpoint's ``networks``."""
+    from mriadv.data.files import DataError
+    from mriadv.data.loading import build_data
+    from mriadv.runtime import Runtime
+    from mriadv.trainer import Trainer
+
+    data_cfg = cfg
+    if proto is not None and proto.needs_kspace and "pgd_kspace" not in cfg.attacks:
+        data_cfg = replace(cfg, attacks=(*cfg.attacks, "pgd_kspace"))  # only so that batches carry k-space
+    runtime = Runtime.resolve(cfg.device, cfg.precision, cfg.threads, cfg.deterministic)
+    try:
+        data = build_data(data_cfg, runtime, training=False)  # a flat folder of validation volumes is fine here
+    except DataError as exc:
+        raise ConfigError(f"data folder {cfg.data}: {exc} (give --data)") from exc
+    trainer = Trainer(cfg, runtime, kspace_shape=data.kspace_shape())
+    trainer.load_networks(networks)
+    return _Loaded(cfg, runtime, data, trainer)
+
+
+def _attacks(loaded: _Loaded, proto: Protocol | None, proto_budgets: Sequence[float] | None) -> list[Any]:
+    """The attacks to run: the training's own (``proto`` None), PGD recording its objective per step
+    on the first batch; or ``proto``'s at ``proto_budgets`` (None: its own grid)."""
+    from mriadv.attacks import PGDAttack
+
+    cfg, trainer = loaded.cfg, loaded.trainer
+    if proto is None:
+        return [replace(a, trace_first=True) if isinstance(a, PGDAttack) else a for a in trainer.attacks()]
+    generator = trainer.generator_perturb if trainer.generator is not None else None
+    return proto.build(
+        cfg.crop_size, cfg.clamp, cfg.kspace_sampled_only, generator, cfg.perturbation, budgets=proto_budgets
+    )
+
+
+def _split_dataset(data: Data, split: str) -> SliceDataset:
+    """The validation slices of ``split`` (see :data:`SPLIT_CHOICES`)."""
+    return {
+        "report": data.report or data.val,
+        "selection": data.val,
+        "all": data.val,
+        "robust": data.robust_val or data.val,
+    }[split]
+
+
+def _evaluate(
+    loaded: _Loaded, model: nn.Module, dataset: SliceDataset, attack_list: list[Any]
+) -> tuple[EvalResult, VersusInput, list[RobustRow]]:
+    """``model`` on ``dataset`` clean, its verdict against the zero-filled input itself, and its
+    robustness row under each attack of ``attack_list``."""
+    import torch
+
+    from mriadv.evaluate import evaluate, robustness
+
+    cfg, runtime, loss_fn = loaded.cfg, loaded.runtime, loaded.trainer.loss_fn
+    loader = loaded.data.loader(dataset, shuffle=False)
+    clean = evaluate(model, loader, loss_fn, runtime, clamp=cfg.clamp)
+    zf = evaluate(torch.nn.Identity(), loader, loss_fn, runtime, clamp=cfg.clamp)  # the input itself
+    versus = compare(clean, zf)
+    rows = robustness(model, loader, loss_fn, runtime, attack_list, clean, cfg.clamp)
+    return clean, versus, rows
+
+
+def _pgd_traces(attack_list: list[Any]) -> list[dict[str, Any]]:
+    """Each PGD attack's mean objective per step on the first batch (``Assessment.pgd_trace``)."""
+    from mriadv.attacks import PGDAttack
+
+    return [
+        {
+            "attack": a.name,
+            "budget": float(a.budget),
+            "rel": float("nan") if a.rel is None else float(a.rel),
+            "trace": a.trace,
+        }
+        for a in attack_list
+        if isinstance(a, PGDAttack) and a.trace is not None
+    ]
+
+
+def _protocol_ran(proto: Protocol | None, proto_budgets: Sequence[float] | None, crop: int) -> dict[str, Any] | None:
+    """``proto`` as a dict with the absolute grid that ran, at the crop (None: the training's attacks)."""
+    if proto is None:
+        return None
+    ran = proto.budgets_at(crop) if proto_budgets is None else proto_budgets
+    return {**proto.as_dict(), "budgets": [float(b) for b in ran]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,34 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def instability_options(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`assess`'s ``features``, ``feature_search``, ``sampling`` and ``sampling_center_fraction``
-    from the command line; the defaults are the dataclasses' own. Raises :class:`ConfigError`."""
-    from mriadv.instabilities import SWEEP_ACCELERATIONS, FeatureSearch, FeatureSpec
-
-    spec = {
-        k: v
-        for k, v in dict(size=args.feature_size, shape=args.feature_shape, contrast=args.feature_contrast).items()
-        if v is not None
-    }
-    search = {
-        k: v for k, v in dict(restarts=args.feature_restarts, threshold=args.feature_threshold).items() if v is not None
-    }
-    sampling = args.sampling
-    if args.instabilities or sampling == []:
-        sampling = sampling or SWEEP_ACCELERATIONS
-    try:
-        features = FeatureSpec(**spec) if args.features or args.instabilities or spec or search else None
-        return {
-            "features": features,
-            "feature_search": FeatureSearch(**search) if features else None,
-            "sampling": sampling,
-            "sampling_center_fraction": args.sampling_center_fraction,
-        }
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -397,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result.as_dict(), indent=2))
         print(f"written: {args.out}")
     return 0
+
+
+__all__ = [
+    "CHECKPOINT_NAMES",
+    "SPLIT_CHOICES",
+    "assess",
+    "build_parser",
+    "instability_options",
+    "main",
+    "resolve_checkpoint",
+]
 
 
 if __name__ == "__main__":
