@@ -188,21 +188,14 @@ def test_a_resumed_run_does_not_read_init_from(synthetic_root, tiny_config, trai
 def test_a_study_fixes_init_from_for_every_trial(tmp_path, trained):
     from study.plan import base_config
     from study.spaces import SpaceError, load_space
-    from study.trainable import StudyContext, trial_config
+    from study.trainable import trial_config
+    from test_spaces import demo_context
 
     best = trained / BEST_NAME
     text = "parameters:\n  epsilon: {grid: [0, 1000]}\nfixed: {init_from: %s, unet_chans: 4, unet_pools: 2}\n"
     space = load_space(_write(tmp_path, text % best))
     assert space.fixed["init_from"] == str(best)
-    args = argparse.Namespace(max_epochs=None)
-    base = base_config(space, "demo", tmp_path, args, tmp_path / ".cache")
-    ctx = StudyContext(
-        base=base,
-        epsilon_keys=("epsilon",),
-        study_dir=str(tmp_path),
-        attack_budgets_ref=space.attack_budgets,
-        objective_metrics=(),
-    )
+    ctx = demo_context(space, tmp_path)
     cfg = trial_config(ctx, {"epsilon": 1000})
     assert cfg.init_from == str(best) and cfg.crop_size == 96  # demo's crop; budgets scaled as without it
     assert cfg.epsilon == pytest.approx(1000 * 96**2 / 320**2)
@@ -211,7 +204,7 @@ def test_a_study_fixes_init_from_for_every_trial(tmp_path, trained):
         load_space(_write(tmp_path, text % "best.pt"))
     demo_width = load_space(_write(tmp_path, text.replace(", unet_chans: 4", "") % best))  # demo: 16 channels
     with pytest.raises(ConfigError, match="unet_chans: 4 -> 16"):  # refused on the driver, before Ray
-        base_config(demo_width, "demo", tmp_path, args, tmp_path / ".cache")
+        base_config(demo_width, "demo", tmp_path, argparse.Namespace(max_epochs=None), tmp_path / ".cache")
 
 
 def _write(tmp_path, text):

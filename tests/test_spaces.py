@@ -17,6 +17,22 @@ from study.trainable import StudyContext, trial_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+def demo_context(space, tmp_path) -> StudyContext:
+    """The trials' context of ``space`` at the demo profile, as the driver builds it (study.plan)."""
+    import argparse
+
+    from study.plan import base_config
+
+    base = base_config(space, "demo", tmp_path, argparse.Namespace(max_epochs=None), tmp_path / ".cache")
+    return StudyContext(
+        base=base,
+        epsilon_keys=("epsilon",),
+        study_dir=str(tmp_path),
+        attack_budgets_ref=space.attack_budgets,
+        objective_metrics=(),
+    )
+
+
 def write(tmp_path, text, name="space.yaml"):
     path = tmp_path / name
     path.write_text(text)
@@ -149,9 +165,6 @@ def test_grid_and_budgets():
 def test_budgets_follow_the_trials_own_crop(tmp_path):
     """A space that fixes (or searches) crop_size trains at budgets scaled for that crop, not the
     profile's, and its robustness keys stay in the space's 320x320 units (issue 8.3)."""
-    import argparse
-
-    from study.plan import base_config
 
     space = load_space(
         write(
@@ -159,15 +172,7 @@ def test_budgets_follow_the_trials_own_crop(tmp_path):
             "parameters:\n  epsilon: {grid: [0, 1000]}\nfixed: {crop_size: 128}\nattack_budgets: [1000, 5000]\n",
         )
     )
-    args = argparse.Namespace(max_epochs=None)
-    base = base_config(space, "demo", tmp_path, args, tmp_path / ".cache")  # demo's own crop: 96
-    ctx = StudyContext(
-        base=base,
-        epsilon_keys=("epsilon",),
-        study_dir=str(tmp_path),
-        attack_budgets_ref=space.attack_budgets,
-        objective_metrics=(),
-    )
+    ctx = demo_context(space, tmp_path)  # demo's own crop: 96
     cfg = trial_config(ctx, {"epsilon": 1000})
     assert cfg.crop_size == 128
     assert cfg.epsilon == pytest.approx(1000 * 128**2 / 320**2)  # 160, not 1000 * 96^2 / 320^2 = 90
@@ -270,10 +275,8 @@ def test_seeds_repeat_every_configuration_of_a_grid_or_a_list_of_points(tmp_path
 def test_the_architectures_space_runs_both_networks_under_the_same_kspace_attack(tmp_path):
     """Issue 22.3: U-Net vs unrolled, standard vs k-space PGD training, each point a valid trial at
     the demo profile (the unrolled network is valid only beside the space's k-space settings)."""
-    import argparse
 
     from mriadv.units import robust_key
-    from study.plan import base_config
 
     space = load_space("architectures")
     assert [{k: p[k] for k in ("arch", "adversary", "epsilon")} for p in space.grid_points()[::3]] == [
@@ -286,14 +289,7 @@ def test_the_architectures_space_runs_both_networks_under_the_same_kspace_attack
     assert space.fixed == {"perturbation": "kspace", "attacks": ["pgd_kspace"], "report_protocol": "l2-kspace-curve"}
     assert [o.metric for o in space.objectives] == ["val_nmse", robust_key("pgd_kspace", 5000.0, "nmse")]
     assert space.attack_budgets == (1000.0, 5000.0)
-    base = base_config(space, "demo", tmp_path, argparse.Namespace(max_epochs=None), tmp_path / ".cache")
-    ctx = StudyContext(
-        base=base,
-        epsilon_keys=("epsilon",),
-        study_dir=str(tmp_path),
-        attack_budgets_ref=space.attack_budgets,
-        objective_metrics=(),
-    )
+    ctx = demo_context(space, tmp_path)
     for point in space.grid_points():
         cfg = trial_config(ctx, point)
         assert (cfg.arch, cfg.adversary_kind, cfg.seed) == (
