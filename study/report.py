@@ -42,7 +42,7 @@ from study.analysis import failed_trials, identical_trials, trial_messages, tria
 from study.layout import REPORT_DIR
 from study.report_data import NotAStudyFolder, StudyResults, held_out, load_results
 from study.report_plots import pareto_points, plot_curves, plot_pareto, plot_protocol_curves, plot_robustness
-from study.report_seeds import write_configuration_tables
+from study.report_seeds import configuration_tables, findings, write_configuration_tables
 from study.report_summary import summary_markdown
 from study.report_tables import markdown_cell, write_table1
 
@@ -61,9 +61,11 @@ REPORT_FILES = (
 )
 
 
-def write_report(study_dir: Path) -> Path:
+def write_report(study_dir: Path, found: list[str] | None = None) -> Path:
     """Write ``<study_dir>/report/`` and return its path; raises :class:`NotAStudyFolder` for a
-    folder that is not a study. Anything missing or broken inside a study becomes a note."""
+    folder that is not a study. Anything missing or broken inside a study becomes a note. ``found``,
+    when given, receives the study's closing lines (:func:`study.report_seeds.findings`), from the
+    same tables as the report."""
     res = load_results(study_dir)
     out = res.folder / REPORT_DIR
     out.mkdir(exist_ok=True)
@@ -79,7 +81,12 @@ def write_report(study_dir: Path) -> Path:
             return None
 
     table = attempt("table1", lambda: write_table1(res, out))
-    over_seeds = attempt("configurations.csv", lambda: write_configuration_tables(res, out)) or []
+    tables = attempt("configurations.csv", lambda: configuration_tables(res))
+    over_seeds = (
+        (attempt("configurations.csv", lambda: write_configuration_tables(tables, out)) or []) if tables else []
+    )
+    if found is not None and tables is not None:
+        found.extend(attempt("findings", lambda: findings(res, tables)) or [])
     points = None
     if not res.best.empty:
         res.notes.extend(attempt("figure6.png", lambda: _figure6(res, out / "figure6.png")) or [])

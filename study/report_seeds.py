@@ -293,9 +293,9 @@ def configurations_markdown(tables: ConfigurationTables) -> list[str]:
     return out
 
 
-def write_configuration_tables(res: StudyResults, out: Path) -> list[str]:
-    """Write ``configurations.csv`` and ``versus_reference.csv``; return the Markdown section."""
-    tables = configuration_tables(res)
+def write_configuration_tables(tables: ConfigurationTables, out: Path) -> list[str]:
+    """Write ``configurations.csv`` and ``versus_reference.csv`` of :func:`configuration_tables`; return
+    the Markdown section."""
     if tables.table.empty:
         return []
     tables.table.to_csv(out / "configurations.csv", index=False)
@@ -304,12 +304,12 @@ def write_configuration_tables(res: StudyResults, out: Path) -> list[str]:
     return configurations_markdown(tables)
 
 
-def findings(res: StudyResults) -> list[str]:
+def findings(res: StudyResults, tables: ConfigurationTables | None = None) -> list[str]:
     """The lines a study ends with, what a user would paste into a message: the best configuration on
     held-out NMSE beside the zero-filled input's and the reference's, and the configuration that cuts
     the degradation under the objectives' attack most against the reference, with the intervals of
-    :func:`configuration_tables`."""
-    table, versus, reference, _, attack, budget = configuration_tables(res)
+    :func:`configuration_tables` (``tables``: those already computed for ``res``)."""
+    table, versus, reference, _, attack, budget = tables if tables is not None else configuration_tables(res)
     if table.empty or not table["NMSE"].notna().any():
         return []
     zf = held_out(res, "zero_filled")

@@ -303,14 +303,12 @@ def summarise(plan: Plan, report: bool) -> None:
         try:
             from study.report import write_report
 
-            folder = write_report(plan.study_dir)
+            found: list[str] = []
+            folder = write_report(plan.study_dir, found)
         except ImportError as exc:  # a package the report draws with (matplotlib, Pillow) is missing
             print(f"note: report not written: {type(exc).__name__}: {exc}")
         else:
-            from study.report_data import load_results
-            from study.report_seeds import findings
-
-            for line in findings(load_results(plan.study_dir)):
+            for line in found:
                 print(line)
             print(f"report: {here(folder)}")
     statuses = trial_statuses(plan.study_dir)

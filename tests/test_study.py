@@ -232,6 +232,10 @@ def test_smoke_study_console(smoke_study):
         assert re.search({"beats": r"beats \d", "worse": r"WORSE \d", "unclear": r"~input \d"}[verdict], line), line
     warned = out.stdout.strip().splitlines()[-1].startswith("WARNING: no model of this study beats")
     assert warned == all(v != "beats" for v in verdicts)
+    # the closing lines, from the report's own tables, just before where the report is
+    lines = out.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("report: "))
+    assert lines[at - 2].startswith("found: best held-out NMSE ") and lines[at - 1].startswith("found: against ")
 
 
 def test_runner_imports_ray_only_when_it_starts_it():
