@@ -19,7 +19,15 @@ from typing import Any, Mapping
 
 # budgets_at_crop and to_reference: re-exported for study/run.py, which imports them from here
 from mriadv import choices as allowed  # torch-free: the same tuples the models and data import
-from mriadv.config_checks import KSPACE_INSTEAD, UNROLLED, ConfigError, as_tuple, refuse_image_attacks
+from mriadv.config_checks import (
+    KSPACE_INSTEAD,
+    UNROLLED,
+    ConfigError,
+    as_tuple,
+    check_numbers,
+    need,
+    refuse_image_attacks,
+)
 from mriadv.units import REFERENCE_CROP, budgets_at_crop, epsilon_rms, scale_epsilon, to_reference
 
 ATTACKS = ("pgd", "noise", "generator", "pgd_kspace")
@@ -183,61 +191,27 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`ConfigError` naming the first bad key."""
+        self._check_choices()
+        check_numbers(self)
+        self._check_ranges()
+        self._check_optional()
+        self._check_attacks()
+        self._check_architecture()
+        self._check_device()
+        return self
 
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
+    def _need(self, ok: bool, key: str, why: str) -> None:
+        """:class:`ConfigError` naming ``key``, its value and ``why``, unless ``ok``."""
+        need(self, ok, key, why)
 
+    def _check_choices(self) -> None:
+        """The named options (:data:`CHOICES`)."""
         for key, values in CHOICES.items():
-            need(getattr(self, key) in values, key, f"must be one of {values}")
-        for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
-            value = getattr(self, key)
-            need(
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                key,
-                "must be a finite number >= 0",
-            )
-        for key in ("lr_recon", "lr_gen", "latent_scale"):
-            value = getattr(self, key)
-            need(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                key,
-                "must be a finite number > 0",
-            )
-        for key in (
-            "batch_size",
-            "max_epochs",
-            "patience",
-            "latent_dim",
-            "unet_chans",
-            "gen_chans",
-            "cond_chans",
-            "crop_size",
-            "pgd_steps",
-            "robust_every",
-            "adv_steps",
-            "smooth_samples",
-            "unroll_cascades",
-            "unroll_chans",
-        ):
-            value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
-        for key in ("unet_pools", "unroll_pools"):
-            value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, "must be an integer >= 0")
-        need(
-            isinstance(self.train_eval_volumes, int) and self.train_eval_volumes >= 0,
-            "train_eval_volumes",
-            "must be an integer >= 0",
-        )
-        for key in ("steps_per_epoch", "max_train_batches", "max_train_volumes", "max_val_volumes", "threads"):
-            value = getattr(self, key)
-            need(value is None or (isinstance(value, int) and value >= 1), key, "must be None or an integer >= 1")
-        need(
-            self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
-            "num_workers",
-            "must be None or an integer >= 0",
-        )
+            self._need(getattr(self, key) in values, key, f"must be one of {values}")
+
+    def _check_ranges(self) -> None:
+        """The sampling mask, and the data and evaluation fractions and selections."""
+        need = self._need
         need(0 < self.center_fraction < 1, "center_fraction", "must be in (0, 1)")
         need(self.acceleration > 1, "acceleration", "must be > 1")
         need(
@@ -263,6 +237,10 @@ class TrainConfig:
             "robust_slices_per_volume",
             "must be an integer >= 0 (0: every slice)",
         )
+
+    def _check_optional(self) -> None:
+        """Optional positive values, the PGD step scale, the fine-tuning checkpoint and the flags."""
+        need = self._need
         need(self.clamp is None or self.clamp > 0, "clamp", "must be None or > 0")
         need(self.dssim_data_range is None or self.dssim_data_range > 0, "dssim_data_range", "must be None or > 0")
         need(self.pgd_step_scale > 0, "pgd_step_scale", "must be > 0")
@@ -273,12 +251,19 @@ class TrainConfig:
         )
         for key in ("deterministic", "unroll_share"):
             need(isinstance(getattr(self, key), bool), key, "must be true or false")
+
+    def _check_attacks(self) -> None:
+        """The evaluation's attack budgets and attack names."""
         for b in self.attack_budgets:
             if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
                 raise ConfigError(f"config key 'attack_budgets': {b!r} is not a finite number > 0")
         for a in self.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"config key 'attacks': {a!r} is not one of {ATTACKS}")
+
+    def _check_architecture(self) -> None:
+        """What arch='unrolled' and the smoothing adversary refuse: perturbations their input never sees."""
+        need = self._need
         if self.arch == "unrolled":  # no image-domain perturbation can reach it
             kspace = not self.adversarial or self.perturbation == "kspace"
             need(kspace, "perturbation", f"{UNROLLED}: its training perturbation must be in k-space ('kspace')")
@@ -292,13 +277,15 @@ class TrainConfig:
                 "perturbation",
                 "adversary='smoothing' smooths the image the U-Net sees: use 'image' (k-space: arch='unrolled')",
             )
-        need(
+
+    def _check_device(self) -> None:
+        """The device name."""
+        self._need(
             isinstance(self.device, str)
             and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
             "device",
             "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
-        return self
 
 
 # Profiles: overrides of TrainConfig plus the synthetic dataset used when no --data is given.

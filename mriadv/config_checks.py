@@ -1,12 +1,14 @@
 """What a configuration value may be, beside :class:`mriadv.config.TrainConfig`'s own range checks:
-the error every refusal raises, how tuple fields are read from strings, which attacks ``arch='unrolled'``
-refuses, and which fields define the reconstructor (what fine-tuning must match, ``init_from``).
+the error every refusal raises, how tuple fields are read from strings, the numeric fields' checks, which
+attacks ``arch='unrolled'`` refuses, and which fields define the reconstructor (what fine-tuning must
+match, ``init_from``).
 
 No torch: the study's space loader and the command line use these before any network exists.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 
@@ -77,12 +79,77 @@ def as_tuple(key: str, value: Any, numbers: bool) -> tuple[Any, ...]:
     return tuple(items)
 
 
+def need(cfg: Any, ok: bool, key: str, why: str) -> None:
+    """Unless ``ok``: :class:`ConfigError` naming ``key``, its value in ``cfg`` and ``why``."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {getattr(cfg, key)!r}: {why}")
+
+
+def check_numbers(cfg: Any) -> None:
+    """:meth:`TrainConfig.validate <mriadv.config.TrainConfig.validate>`'s plain numbers and counts, in order:
+    finite, at least 0 or 1, or None where optional; :class:`ConfigError` at the first that is not."""
+    for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
+        value = getattr(cfg, key)
+        need(
+            cfg,
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+            key,
+            "must be a finite number >= 0",
+        )
+    for key in ("lr_recon", "lr_gen", "latent_scale"):
+        value = getattr(cfg, key)
+        need(
+            cfg,
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+            key,
+            "must be a finite number > 0",
+        )
+    for key in (
+        "batch_size",
+        "max_epochs",
+        "patience",
+        "latent_dim",
+        "unet_chans",
+        "gen_chans",
+        "cond_chans",
+        "crop_size",
+        "pgd_steps",
+        "robust_every",
+        "adv_steps",
+        "smooth_samples",
+        "unroll_cascades",
+        "unroll_chans",
+    ):
+        value = getattr(cfg, key)
+        need(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
+    for key in ("unet_pools", "unroll_pools"):
+        value = getattr(cfg, key)
+        need(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, "must be an integer >= 0")
+    need(
+        cfg,
+        isinstance(cfg.train_eval_volumes, int) and cfg.train_eval_volumes >= 0,
+        "train_eval_volumes",
+        "must be an integer >= 0",
+    )
+    for key in ("steps_per_epoch", "max_train_batches", "max_train_volumes", "max_val_volumes", "threads"):
+        value = getattr(cfg, key)
+        need(cfg, value is None or (isinstance(value, int) and value >= 1), key, "must be None or an integer >= 1")
+    need(
+        cfg,
+        cfg.num_workers is None or (isinstance(cfg.num_workers, int) and cfg.num_workers >= 0),
+        "num_workers",
+        "must be None or an integer >= 0",
+    )
+
+
 __all__ = [
     "KSPACE_INSTEAD",
     "MODEL_KEYS",
     "UNROLLED",
     "ConfigError",
     "as_tuple",
+    "check_numbers",
     "model_differences",
+    "need",
     "refuse_image_attacks",
 ]

@@ -35,7 +35,8 @@ must then be bumped.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import namedtuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,28 +77,50 @@ def knee_magnitude(
         raise ValueError(f"crop must be at least 2 pixels, got {crop}")
     if len(shape) != 2 or min(shape) < crop:
         raise ValueError(f"shape must be (H, W) with H, W >= crop = {crop}, got {tuple(shape)}")
-    S = slices
-    f32 = np.float32
-    t = slice_positions(S)  # (S, 1, 1)
-    canvas = _Canvas(crop, shape, rng)
-    level = {k: f32(v[int(fat_suppressed)] * rng.uniform(0.88, 1.12)) for k, v in _TISSUE_SIGNAL.items()}
-    tex = _texture_fields(rng, crop, shape, t)
-    img = np.zeros((S, *shape), f32)
+    knee = _Knee(rng, crop, shape, slices, fat_suppressed)  # pose, tissue levels, textures, taper
+    muscle, brx = _paint_leg(knee)
+    _paint_septa(knee, muscle)
+    _paint_vessels(knee, muscle, brx)
+    joint = _joint_layout(knee)
+    _paint_joint_fluid(knee, joint)
+    _paint_cartilage(knee, joint)
+    _paint_fibrous(knee, joint)  # menisci and ligaments
+    _paint_bones(knee, joint, muscle)
+    _paint_lesions(knee, joint)
+    return knee.img
 
-    def smooth(c0: float, c1: float = 0.0) -> np.ndarray:
+
+class _Knee:
+    """One volume being drawn: its canvas (pose), tissue levels, textures, taper, image; per-slice helpers."""
+
+    def __init__(self, rng: np.random.Generator, crop: int, shape: tuple, slices: int, fat_suppressed: bool) -> None:
+        f32 = np.float32
+        self.rng, self.u = rng, rng.uniform
+        self.t = slice_positions(slices)  # (S, 1, 1)
+        self.canvas = _Canvas(crop, shape, rng)
+        self.level = {k: f32(v[int(fat_suppressed)] * rng.uniform(0.88, 1.12)) for k, v in _TISSUE_SIGNAL.items()}
+        self.tex = _texture_fields(rng, crop, shape, self.t)
+        self.img = np.zeros((slices, *shape), f32)
+        self.taper = np.sqrt(1.0 - (rng.uniform(0.35, 0.6) * self.t) ** 2).astype(f32)  # narrower at stack ends
+
+    def smooth(self, c0: float, c1: float = 0.0) -> np.ndarray:
         """A per-slice parameter ``c0 + c1 t``, ``(S, 1, 1)``."""
-        return (c0 + c1 * t).astype(f32)
+        return (c0 + c1 * self.t).astype(np.float32)
 
-    def presence(centre: float, half_width: float) -> np.ndarray:
+    def presence(self, centre: float, half_width: float) -> np.ndarray:
         """Cross-section factor of a sphere-like structure centred at slice position ``centre``."""
-        return np.sqrt(np.clip(1.0 - ((t - centre) / half_width) ** 2, 0.0, 1.0)).astype(f32)
+        return np.sqrt(np.clip(1.0 - ((self.t - centre) / half_width) ** 2, 0.0, 1.0)).astype(np.float32)
 
-    taper = np.sqrt(1.0 - (rng.uniform(0.35, 0.6) * t) ** 2).astype(f32)  # narrower at the stack ends
-    u = rng.uniform
 
-    # Leg outline: subcutaneous fat, then muscle inset by the fat thickness.
+# Where the joint lies; a bone (femur, tibia, fibula) is a list of parts (cy, cx, ry, rx, power, cortex thickness).
+_Joint = namedtuple("_Joint", "yj gap cart sep rcx rcy rty plateau_y femur tibia fibula")
+
+
+def _paint_leg(knee: _Knee) -> tuple[np.ndarray, np.ndarray]:
+    """Leg outline: fat, then muscle inset by the fat thickness; returns the muscle (S, H, W) and half-width brx."""
+    canvas, img, level, tex, smooth, u = knee.canvas, knee.img, knee.level, knee.tex, knee.smooth, knee.u
     by, bx = smooth(u(-0.04, 0.04), u(-0.03, 0.03)), smooth(u(-0.04, 0.04), u(-0.03, 0.03))
-    bry, brx = smooth(u(0.84, 0.95)), u(0.74, 0.9) * (0.9 + 0.1 * taper)
+    bry, brx = smooth(u(0.84, 0.95)), u(0.74, 0.9) * (0.9 + 0.1 * knee.taper)
     wobble = [(2, u(0, 0.04), u(0, 2 * np.pi)), (3, u(0, 0.03), u(0, 2 * np.pi))]
     power = u(2.0, 2.8)
     win = canvas.window((by, bx, 1.1 * np.maximum(bry, brx)))
@@ -107,8 +130,12 @@ def knee_magnitude(
     muscle = np.zeros_like(img)
     muscle[:, win[0], win[1]] = canvas.shape(win, by, bx, bry - fat, brx - fat * u(0.8, 1.3), power, wobble=wobble)
     canvas.paint(img, win, muscle[:, win[0], win[1]], level["muscle"] * (1 + 0.16 * tex["muscle"]))
+    return muscle, brx
 
-    # Fat septa between muscles: thin rings clipped to the muscle.
+
+def _paint_septa(knee: _Knee, muscle: np.ndarray) -> None:
+    """Fat septa between muscles: thin rings clipped to the muscle."""
+    canvas, rng, smooth, u = knee.canvas, knee.rng, knee.smooth, knee.u
     for _ in range(rng.integers(2, 4)):
         cy = smooth(u(-0.5, 0.5), u(-0.05, 0.05))
         side = 1 if rng.random() < 0.5 else -1
@@ -116,123 +143,134 @@ def knee_magnitude(
         ry, rx, width = u(0.25, 0.6), u(0.12, 0.35), max(1.3 * canvas.px_anat, 0.012)
         win = canvas.window((cy, cx, max(ry, rx)))
         ring = canvas.shape(win, cy, cx, ry, rx) - canvas.shape(win, cy, cx, ry - width, rx - width)
-        arcs = np.clip(tex["smooth"][:, win[0], win[1]] + 0.4, 0, 1)  # broken, not closed rings
-        canvas.paint(img, win, ring * arcs * muscle[:, win[0], win[1]], 0.85 * level["fat"])
+        arcs = np.clip(knee.tex["smooth"][:, win[0], win[1]] + 0.4, 0, 1)  # broken, not closed rings
+        canvas.paint(knee.img, win, ring * arcs * muscle[:, win[0], win[1]], 0.85 * knee.level["fat"])
 
-    # Vessels: elongated tubes in the soft tissue, bright (slow flow) or dark (flow void).
+
+def _paint_vessels(knee: _Knee, muscle: np.ndarray, brx: np.ndarray) -> None:
+    """Vessels: elongated tubes in the soft tissue, bright (slow flow) or dark (flow void)."""
+    canvas, rng, smooth, u = knee.canvas, knee.rng, knee.smooth, knee.u
     for _ in range(rng.integers(3, 6)):
         side = 1 if rng.random() < 0.5 else -1
         cy, cx = smooth(u(-0.55, 0.55)), smooth(side * u(0.55, 0.78) * float(brx.mean()), u(-0.08, 0.08))
         ry, rx = u(0.06, 0.3), u(0.014, 0.032)
         win = canvas.window((cy, cx, ry))
-        value = level["vessel"] if rng.random() < 0.6 else level["cortex"]
+        value = knee.level["vessel"] if rng.random() < 0.6 else knee.level["cortex"]
         tube = canvas.shape(win, cy, cx, ry, rx, angle=u(-0.3, 0.3))
-        canvas.paint(img, win, tube * muscle[:, win[0], win[1]], value)
+        canvas.paint(knee.img, win, tube * muscle[:, win[0], win[1]], value)
 
-    # Joint line yj and gap between femur and tibia. A bone is a union of parts
-    # (cy, cx, ry, rx, power, cortex thickness): femur = two condyles + flaring metaphysis + shaft,
-    # tibia = plateau + metaphysis + shaft; the shafts have the thicker cortex.
+
+def _joint_layout(knee: _Knee) -> _Joint:
+    """Joint line, gap and bones: femur = condyles + metaphysis + shaft, tibia = plateau + metaphysis + shaft."""
+    smooth, u, taper = knee.smooth, knee.u, knee.taper
     yj = smooth(u(-0.02, 0.12), u(-0.04, 0.04))
     gap = u(0.035, 0.06)
     cortex, cart = u(0.018, 0.03), u(0.018, 0.03)
     sep, rcx, rcy = u(0.17, 0.23), u(0.2, 0.25) * taper, u(0.17, 0.22) * taper
     condyle_y = yj - gap / 2 - rcy
-    shaft = (u(0.17, 0.23), u(0.34, 0.42))  # half-width, half-length
+    shaft_w, shaft_l = u(0.17, 0.23), u(0.34, 0.42)  # half-width, half-length
+    shaft_ct = 2.5 * cortex  # the shafts' thicker cortex
     femur = [
         (condyle_y, smooth(-sep), rcy, rcx, 2.0, cortex),
         (condyle_y, smooth(sep), rcy, rcx, 2.0, cortex),
         (condyle_y - u(0.1, 0.16), smooth(0.0), u(0.16, 0.22), (sep + 0.8 * rcx), 2.4, cortex),
-        (yj - u(0.45, 0.52), smooth(0.0, u(-0.03, 0.03)), smooth(shaft[1]), shaft[0] * taper, 2.6, 2.5 * cortex),
+        (yj - u(0.45, 0.52), smooth(0.0, u(-0.03, 0.03)), smooth(shaft_l), shaft_w * taper, 2.6, shaft_ct),
     ]
     rty = u(0.11, 0.15)
     plateau_y = yj + gap / 2 + rty
     tibia = [
         (plateau_y, smooth(0.0), smooth(rty), u(0.42, 0.5) * taper, u(2.6, 3.2), cortex),
         (plateau_y + u(0.1, 0.15), smooth(0.0), u(0.14, 0.2), u(0.28, 0.34) * taper, 2.4, cortex),
-        (
-            yj + u(0.5, 0.58),
-            smooth(0.0, u(-0.03, 0.03)),
-            smooth(shaft[1]),
-            shaft[0] * u(0.9, 1.1) * taper,
-            2.6,
-            2.5 * cortex,
-        ),
+        (yj + u(0.5, 0.58), smooth(0.0, u(-0.03, 0.03)), smooth(shaft_l), shaft_w * u(0.9, 1.1) * taper, 2.6, shaft_ct),
     ]
-    fibula_on = presence(u(0.2, 0.8), 0.7)
+    fibula_on = knee.presence(u(0.2, 0.8), 0.7)
     fr = u(0.07, 0.09) * fibula_on
     fibula = [(plateau_y + u(0.12, 0.2), smooth(u(0.42, 0.5)), fr, fr * u(0.8, 1.1), 2.0, cortex)]
+    return _Joint(yj, gap, cart, sep, rcx, rcy, rty, plateau_y, femur, tibia, fibula)
 
-    def union(win: tuple[slice, slice], parts: list, grow: float = 0.0, inner: bool = False) -> np.ndarray:
-        """Occupancy of a bone grown by ``grow`` or, with ``inner``, shrunk by each part's cortex."""
-        masks = [
-            canvas.shape(win, cy, cx, ry + grow - inner * ct, rx + grow - inner * ct, p)
-            for cy, cx, ry, rx, p, ct in parts
-        ]
-        return np.maximum.reduce(masks) if len(masks) > 1 else masks[0]
 
-    def discs(parts: list) -> list:
-        return [(cy, cx, np.maximum(ry, rx) * 1.3 + 0.05) for cy, cx, ry, rx, _, _ in parts]
+def _union(canvas: _Canvas, win: tuple, parts: list, grow: float = 0.0, inner: bool = False) -> np.ndarray:
+    """Occupancy of a bone grown by ``grow`` or, with ``inner``, shrunk by each part's cortex."""
+    masks = [
+        canvas.shape(win, cy, cx, ry + grow - inner * ct, rx + grow - inner * ct, p) for cy, cx, ry, rx, p, ct in parts
+    ]
+    return np.maximum.reduce(masks) if len(masks) > 1 else masks[0]
 
-    # Joint fluid and soft tissue around the joint, later covered by cartilage and bone.
-    fy_, fx_ = yj, smooth(0.0)
-    fry, frx = u(0.08, 0.14), u(0.45, 0.58) * taper
-    win = canvas.window((fy_, fx_, frx))
-    fluid = canvas.shape(win, fy_, fx_, fry, frx, 2.4)
-    canvas.paint(img, win, fluid, level["fluid"] * (1 + 0.05 * tex["smooth"]))
 
-    # Cartilage: bones grown by the cartilage thickness, kept only near the joint line.
-    win = canvas.window(*discs(femur[:2] + tibia[:1]))
+def _discs(parts: list) -> list:
+    """Discs ``(cy, cx, radius)`` holding each part of a bone (for :meth:`_Canvas.window`)."""
+    return [(cy, cx, np.maximum(ry, rx) * 1.3 + 0.05) for cy, cx, ry, rx, _, _ in parts]
+
+
+def _paint_joint_fluid(knee: _Knee, joint: _Joint) -> None:
+    """Joint fluid and soft tissue around the joint, later covered by cartilage and bone."""
+    fy_, fx_ = joint.yj, knee.smooth(0.0)
+    fry, frx = knee.u(0.08, 0.14), knee.u(0.45, 0.58) * knee.taper
+    win = knee.canvas.window((fy_, fx_, frx))
+    fluid = knee.canvas.shape(win, fy_, fx_, fry, frx, 2.4)
+    knee.canvas.paint(knee.img, win, fluid, knee.level["fluid"] * (1 + 0.05 * knee.tex["smooth"]))
+
+
+def _paint_cartilage(knee: _Knee, joint: _Joint) -> None:
+    """Cartilage: bones grown by the cartilage thickness, kept only near the joint line."""
+    canvas, yj, femur, tibia = knee.canvas, joint.yj, joint.femur, joint.tibia
+    win = canvas.window(*_discs(femur[:2] + tibia[:1]))
     ya = canvas.ya[:, win[0], win[1]]
     near_femur = np.clip((ya - (yj - 0.16)) / 0.06, 0, 1)
     near_tibia = np.clip(((yj + 0.12) - ya) / 0.05, 0, 1)
-    canvas.paint(img, win, union(win, femur[:2], grow=cart) * near_femur, level["cartilage"])
-    canvas.paint(img, win, union(win, tibia[:1], grow=cart) * near_tibia, level["cartilage"])
+    canvas.paint(knee.img, win, _union(canvas, win, femur[:2], grow=joint.cart) * near_femur, knee.level["cartilage"])
+    canvas.paint(knee.img, win, _union(canvas, win, tibia[:1], grow=joint.cart) * near_tibia, knee.level["cartilage"])
 
-    # Menisci: dark wedges at both ends of the joint gap (bone painted later trims them).
+
+def _paint_fibrous(knee: _Knee, joint: _Joint) -> None:
+    """Fibrous tissue: the menisci, the cruciate ligaments in the notch and a collateral ligament on each side."""
+    canvas, img, fibrous, u = knee.canvas, knee.img, knee.level["fibrous"], knee.u
+    # menisci: dark wedges at both ends of the joint gap (bone painted later trims them)
     for side in (-1, 1):
-        cy, cx = yj + u(-0.01, 0.01), side * (sep + 0.8 * rcx) + u(-0.02, 0.02)
-        ry, rx = gap / 2 + u(0.02, 0.035), u(0.07, 0.11) * taper
+        cy, cx = joint.yj + u(-0.01, 0.01), side * (joint.sep + 0.8 * joint.rcx) + u(-0.02, 0.02)
+        ry, rx = joint.gap / 2 + u(0.02, 0.035), u(0.07, 0.11) * knee.taper
         win = canvas.window((cy, cx, rx))
-        canvas.paint(img, win, canvas.shape(win, cy, cx, ry, rx, 1.5), level["fibrous"])  # wedge-like
-
-    # Cruciate ligaments in the notch and collateral ligaments on both sides of the joint.
+        canvas.paint(img, win, canvas.shape(win, cy, cx, ry, rx, 1.5), fibrous)  # wedge-like
     for cx0, ang in ((u(-0.04, 0.0), u(0.3, 0.6)), (u(0.0, 0.04), -u(0.3, 0.6))):
-        cy, cx = yj - u(0.07, 0.12), smooth(cx0)
+        cy, cx = joint.yj - u(0.07, 0.12), knee.smooth(cx0)
         win = canvas.window((cy, cx, 0.15))
-        ligament = canvas.shape(win, cy, cx, smooth(u(0.09, 0.13)), u(0.018, 0.028), angle=ang)
-        canvas.paint(img, win, ligament, level["fibrous"])
+        ligament = canvas.shape(win, cy, cx, knee.smooth(u(0.09, 0.13)), u(0.018, 0.028), angle=ang)
+        canvas.paint(img, win, ligament, fibrous)
     for side in (-1, 1):
-        cy, cx = yj + u(-0.03, 0.03), side * (u(0.5, 0.56) * taper)
+        cy, cx = joint.yj + u(-0.03, 0.03), side * (u(0.5, 0.56) * knee.taper)
         win = canvas.window((cy, cx, 0.25))
-        canvas.paint(img, win, canvas.shape(win, cy, cx, u(0.14, 0.22), u(0.012, 0.02)), level["fibrous"])
+        canvas.paint(img, win, canvas.shape(win, cy, cx, u(0.14, 0.22), u(0.012, 0.02)), fibrous)
 
-    # Bones: cortex (outer shape) then trabecular marrow (inner shape) and the growth-plate scar,
-    # all kept inside the muscle outline.
-    trabeculae = 1 - 0.25 * np.exp(-((tex["marrow"] / 0.35) ** 2))  # dark network on zero crossings
-    marrow = level["marrow"] * (1 + 0.08 * tex["smooth"]) * trabeculae
-    physes = (yj - u(0.3, 0.38), -u(0.1, 0.3)), (plateau_y + u(0.06, 0.12), u(0.05, 0.2)), None
-    for parts, physis in zip((femur, tibia, fibula), physes):
-        win = canvas.window(*discs(parts))
+
+def _paint_bones(knee: _Knee, joint: _Joint, muscle: np.ndarray) -> None:
+    """Bones: cortex, then trabecular marrow (shrunk by the cortex) and growth-plate scar, inside the muscle."""
+    canvas, img, level, u = knee.canvas, knee.img, knee.level, knee.u
+    trabeculae = 1 - 0.25 * np.exp(-((knee.tex["marrow"] / 0.35) ** 2))  # dark network on zero crossings
+    marrow = level["marrow"] * (1 + 0.08 * knee.tex["smooth"]) * trabeculae
+    physes = (joint.yj - u(0.3, 0.38), -u(0.1, 0.3)), (joint.plateau_y + u(0.06, 0.12), u(0.05, 0.2)), None
+    for parts, physis in zip((joint.femur, joint.tibia, joint.fibula), physes):
+        win = canvas.window(*_discs(parts))
         inside = muscle[:, win[0], win[1]]
-        canvas.paint(img, win, union(win, parts) * inside, level["cortex"])
-        inner = union(win, parts, inner=True) * inside
+        canvas.paint(img, win, _union(canvas, win, parts) * inside, level["cortex"])
+        inner = _union(canvas, win, parts, inner=True) * inside
         canvas.paint(img, win, inner, marrow)
         if physis is not None:
             line = canvas.band(win, physis[0], physis[1], half_width=0.8 * canvas.px_anat)
             canvas.paint(img, win, line * inner, 0.35 * level["marrow"])
 
-    # Marrow lesions (oedema-like bright or sclerotic dark), present in a range of slices.
+
+def _paint_lesions(knee: _Knee, joint: _Joint) -> None:
+    """Marrow lesions (oedema-like bright or sclerotic dark), present in a range of slices."""
+    canvas, rng, u, j = knee.canvas, knee.rng, knee.u, joint
     for _ in range(rng.integers(0, 3)):
         side = 1 if rng.random() < 0.5 else -1
         on_femur = rng.random() < 0.6
-        cy = yj - gap / 2 - rcy * u(0.4, 0.9) if on_femur else yj + gap / 2 + rty * u(0.8, 1.5)
-        cx = smooth(side * sep * u(0.6, 1.2))
-        r = u(0.03, 0.07) * presence(u(-0.7, 0.7), u(0.3, 0.6))
+        cy = j.yj - j.gap / 2 - j.rcy * u(0.4, 0.9) if on_femur else j.yj + j.gap / 2 + j.rty * u(0.8, 1.5)
+        cx = knee.smooth(side * j.sep * u(0.6, 1.2))
+        r = u(0.03, 0.07) * knee.presence(u(-0.7, 0.7), u(0.3, 0.6))
         win = canvas.window((cy, cx, r + 0.02))
-        value = level["fluid"] if rng.random() < 0.6 else level["cortex"] * 3
-        canvas.paint(img, win, canvas.shape(win, cy, cx, r, r * u(0.7, 1.3)), value)
-
-    return img
+        value = knee.level["fluid"] if rng.random() < 0.6 else knee.level["cortex"] * 3
+        canvas.paint(knee.img, win, canvas.shape(win, cy, cx, r, r * u(0.7, 1.3)), value)
 
 
 def smooth_polynomial(
