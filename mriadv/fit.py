@@ -101,6 +101,18 @@ class _Run:
             ),
         )
 
+    def save_best_of_resumed(self) -> None:
+        """``best.pt`` as the resumed checkpoint knows it: a kill between the two saves of an epoch
+        (``best.pt`` first), or a resume from an earlier checkpoint (a study's retry), left one of a
+        timeline that is not continued; it is written again from the checkpoint's best networks."""
+        early = self.early
+        at = [r for r in self.history if r.epoch == early.best_epoch]
+        if self.out is None or self.best_nets is None or not at:
+            return
+        stopping = {**asdict(early), "bad_epochs": 0}  # as it was saved, at the new best
+        best = make_checkpoint(self.cfg.to_dict(), early.best_epoch, at[0].status, self.best_nets, stopping)
+        save_checkpoint(self.best_path, best)
+
     def close_epoch(self, record: EpochRecord, epoch: int) -> None:
         """Keep ``record``, write the preview and the checkpoints, say the epoch, call ``on_epoch``."""
         self.history.append(record)
@@ -158,6 +170,7 @@ def _start(cfg: TrainConfig, out_dir, resume_from, on_epoch, log) -> _Run | FitR
         run.start = state["epoch"]
         run.init_source = run.history[-1].init_from if run.history else ""  # its weights, not init_from's, go on
         torch.set_rng_state(state["torch_rng"])
+        run.save_best_of_resumed()
         if state["status"] in ("early_stopped", "nan"):
             say(f"checkpoint is final ({state['status']}); nothing to resume")
             return run.result(state["status"], "resumed a finished run")

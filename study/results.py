@@ -14,6 +14,7 @@ from ray import tune
 
 from study.board import FAILURE, SUCCESS, write_session_end
 from study.procs import ProcessRecord
+from study.search import commit as commit_searchers
 from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state, saves_replace_files, state_signature
 
@@ -39,7 +40,8 @@ class ResultsCallback(tune.Callback):
     epoch k resumes after epoch k: a result that carries a checkpoint is held until Tune has
     registered that checkpoint (a later event, ``on_checkpoint``), and results reach the journal at
     the end of the first Tune step in which Tune saved its state after them (:meth:`on_step_end`),
-    just before this callback copies that state. The Parquet files are rewritten from the journal's
+    just before this callback copies that state; Optuna is told what the searcher held back just
+    after (:func:`study.search.commit`). The Parquet files are rewritten from the journal's
     events every few seconds (``REWRITE_S``) and at the end of the study."""
 
     def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
@@ -140,6 +142,7 @@ class ResultsCallback(tune.Callback):
             return False  # no save since the last one: a kill now loses the events since, not more
         self.log.commit()
         backup_state(staging, self.folder, link=saves_replace_files())
+        commit_searchers(self.folder)  # Optuna under the same rule: after the state that holds it is copied
         self._saved = saved
         return True
 
@@ -149,6 +152,7 @@ class ResultsCallback(tune.Callback):
             self._add(trial_id, self._held.pop(trial_id))
         if trials:
             self._backup(trials)
+        commit_searchers(self.folder)  # the final save covers everything
         self._rewrite()  # a finished (or interrupted) study leaves whole Parquet files and no journal
         self._pending = False
 

@@ -12,6 +12,15 @@ On top of Ray's searcher (which asks Optuna for a trial's values and tells it th
   the trial's intermediate value at step = epoch: optuna-dashboard 0.21 draws these as learning
   curves for a single objective and lists them on each trial's page for several.
 
+Optuna is told under the same rule as the tables (:class:`study.results.ResultsCallback`): what a
+trial reports (its epochs' values, its end and the values Optuna ranks it by) waits in the searcher
+until a Tune state save that covers it has been copied into the study folder (:func:`commit`, called
+after each copy), and is then written to the database. The waiting part is saved with the searcher,
+so a resume from that save writes it (:meth:`StudySearch.restore`); a resume from an earlier save
+finds the Optuna trial still running, and the re-run of its lost epochs is what Optuna is told. So
+after a kill Optuna never keeps a value of a timeline the tables discarded, even where re-runs are not
+bit-exact (a GPU with ``cudnn.benchmark``, a scheduler deciding in arrival order).
+
 All of it runs in the driver, where Ray keeps the Optuna trial of each Ray trial, with one SQLite
 write per result (the intermediate value) and three per trial besides Optuna's own. The searcher's
 saved state (:meth:`StudySearch.save`, after every Tune state save) holds only what the database
@@ -20,9 +29,12 @@ does not, so that it stays small however many trials the study has.
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import warnings
+import weakref
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,6 +42,17 @@ from optuna.storages._cached_storage import _CachedStorage
 from ray.tune.search.optuna import OptunaSearch
 
 from study.layout import trial_folder
+
+logger = logging.getLogger(__name__)
+_LIVE: "weakref.WeakSet[StudySearch]" = weakref.WeakSet()  # the driver's searchers, for commit()
+
+
+def commit(study_dir: str | Path) -> None:
+    """Tell Optuna what the searchers of ``study_dir`` hold back: called once Tune's saved state,
+    which holds it too, has been copied into the study folder (:class:`study.results.ResultsCallback`)."""
+    for search in list(_LIVE):
+        if Path(search._study_dir) == Path(study_dir):
+            search.commit()
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -57,7 +80,10 @@ class StudySearch(OptunaSearch):
         self._study_dir = str(study_dir)
         self._curve_metric = curve_metric
         self._linked: set[str] = set()  # Ray trials whose folder is recorded
+        # what waits for a covering state save, in order: ("epoch", id, epoch, value) | ("end", id, result, error)
+        self._held: list[tuple] = []
         super().__init__(**kwargs)
+        _LIVE.add(self)
 
     def _setup_study(self, mode: Any) -> None:
         super()._setup_study(mode)
@@ -74,50 +100,71 @@ class StudySearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        """Record the trial's folder (first result) and its epoch's value; Ray's own reporting
-        (the searched best-so-far value, single objective only) is replaced by this."""
+        """Record the trial's folder (first result); hold its epoch's value for :meth:`commit`. Ray's
+        own reporting (the searched best-so-far value, single objective only) is replaced by this."""
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials:
-            try:
-                self._record(trial_id, ot_trial, result, None)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                self._completed_trials.add(trial_id)  # told before a kill that Tune's saved state missed
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        self._link(trial_id, ot_trial)
+        value, epoch = result.get(self._curve_metric), result.get("epoch")
+        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
+            self._held.append(("epoch", trial_id, epoch, float(value)))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        """Tune hands a trial's last result here, not to :meth:`on_trial_result`, when the trial
-        stops on it (a scheduler's decision): it is recorded, with the final status, before Optuna
-        is told (a finished Optuna trial takes no more attributes)."""
-        if trial_id in self._completed_trials:
-            return  # told already (Ray's own method would only warn)
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None:
-            ended = (result or {}).get("epoch_status")
-            status = "ERROR" if error else ended if ended in ("early_stopped", "nan") else "TERMINATED"
-            try:
-                self._record(trial_id, ot_trial, result or {}, status)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # Optuna was told before a kill that Tune's saved state (a few seconds behind, see
-                # study.tune_state) missed; Tune ran the trial's last epochs again, to the same values
-                self._completed_trials.add(trial_id)
-                return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        """Tune hands a trial's last result here, not to :meth:`on_trial_result`, when the trial stops
+        on it (a scheduler's decision): its value, status and Optuna's verdict are held for
+        :meth:`commit`, which records them before Optuna is told (a finished Optuna trial takes no more
+        attributes)."""
+        if trial_id in self._completed_trials or any(h[0] == "end" and h[1] == trial_id for h in self._held):
+            return  # told, or to be told, already (Ray's own method would only warn)
+        if trial_id in self._ot_trials:
+            self._link(trial_id, self._ot_trials[trial_id])
+            value, epoch = (result or {}).get(self._curve_metric), (result or {}).get("epoch")
+            if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
+                self._held.append(("epoch", trial_id, epoch, float(value)))
+        self._held.append(("end", trial_id, dict(result or {}), error))
 
-    def _record(self, trial_id: str, ot_trial: Any, result: dict[str, Any], status: str | None) -> None:
-        """Store the trial's folder (once), its final ``status`` (None while it runs: Optuna's own
-        state says RUNNING) and its epoch's value; raises Optuna's ``UpdateFinishedTrialError`` when
-        the Optuna trial has finished already."""
+    def commit(self) -> None:
+        """Write what is held to Optuna's database, in the order it came: epoch values, then each
+        ended trial's status and Optuna's ``tell``. One already finished in the database (told before
+        a kill by a session whose saved state this resume started from) is left as it is."""
+        held, self._held = self._held, []
+        storage = self._ot_study._storage
+        for item in held:
+            if item[1] in self._completed_trials or item[1] not in self._ot_trials:
+                continue
+            ot_trial = self._ot_trials[item[1]]
+            try:
+                if item[0] == "epoch":
+                    storage.set_trial_intermediate_value(ot_trial._trial_id, item[2], item[3])
+                    continue
+                _, trial_id, result, error = item
+                ended = result.get("epoch_status")
+                status = "ERROR" if error else ended if ended in ("early_stopped", "nan") else "TERMINATED"
+                ot_trial.set_user_attr("status", status)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                logger.warning("Optuna trial of %s had finished already; its values are kept", item[1])
+                self._completed_trials.add(item[1])
+                continue
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _link(self, trial_id: str, ot_trial: Any) -> None:
+        """Store the trial's folder as a user attribute, once (it never changes)."""
         if trial_id not in self._linked:
             folder = trial_folder(self._study_dir, trial_id)
             if folder is not None:
-                ot_trial.set_user_attr("folder", folder.name)
+                try:
+                    ot_trial.set_user_attr("folder", folder.name)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # finished before a kill (see commit): it has its folder
                 self._linked.add(trial_id)
-        if status is not None:
-            ot_trial.set_user_attr("status", status)
-        value, epoch = result.get(self._curve_metric), result.get("epoch")
-        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
-            # the storage, not Trial.report(): that refuses several objectives and warns when a
-            # resumed trial reports an epoch again
-            self._ot_study._storage.set_trial_intermediate_value(ot_trial._trial_id, epoch, float(value))
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore; then what the restored save held back is written (that save covers it)."""
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_held", [])  # a searcher saved before anything was held back
+        _LIVE.add(self)
+        self.commit()
 
     def save(self, checkpoint_path: str) -> None:
         """Ray's ``OptunaSearch.save`` (this searcher's attributes, pickled), without what the

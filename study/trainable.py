@@ -131,7 +131,10 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             best.replay([EpochRecord.from_dict(r) for r in state["history"]])
 
         def on_epoch(record: EpochRecord, ckpt: Path | None) -> None:
-            if record.is_best and (work / BEST_NAME).is_file():  # whole or not at all: a kill mid-copy
+            # at a new best, and at a resume's first epoch: fit() wrote best.pt again from the checkpoint
+            # it resumed, so a best.pt of the attempt that was lost (a later epoch) is replaced
+            fresh = record.is_best or record.epoch == start_epoch + 1
+            if fresh and (work / BEST_NAME).is_file():  # whole or not at all: a kill mid-copy
                 with atomic_write(trial_dir / BEST_CHECKPOINT) as tmp:  # left a truncated best.pt
                     shutil.copy2(work / BEST_NAME, tmp)
             best_values = best.update(record)

@@ -41,7 +41,8 @@ def test_saved_searcher_is_small_and_resumes_the_study(tmp_path):
     for i in range(POINTS - 4):  # finished; two still running, two not yet asked for
         searcher.on_trial_result(f"t{i}", {"val_nmse": 0.5 + i, "epoch": 1})
         searcher.on_trial_complete(f"t{i}", {"best_val_nmse": 0.5 + i, "val_nmse": 0.5 + i, "epoch": 1})
-    searcher.on_trial_result(RUNNING[0], {"val_nmse": 0.25, "epoch": 1})
+    searcher.commit()  # a save covered them: Optuna is told (study.search.commit)
+    searcher.on_trial_result(RUNNING[0], {"val_nmse": 0.25, "epoch": 1})  # held by the save below
 
     ours, rays = tmp_path / "ours.pkl", tmp_path / "rays.pkl"
     searcher.save(str(ours))
@@ -62,6 +63,7 @@ def test_saved_searcher_is_small_and_resumes_the_study(tmp_path):
     restored.on_trial_complete("t0", {"best_val_nmse": 9.0})  # finished before the save: ignored
     new = [f"t{i}" for i in range(POINTS - 2, POINTS)]
     configs.update({t: restored.suggest(t) for t in new})
+    restored.commit()
     assert sorted(c["epsilon"] for c in configs.values()) == list(range(POINTS))  # every grid point once
 
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -74,19 +76,22 @@ def test_saved_searcher_is_small_and_resumes_the_study(tmp_path):
 
 
 def test_a_trial_told_before_a_kill_is_not_told_again(tmp_path):
-    """Tune's saved state can be a few seconds behind Optuna's database (study.tune_state): a trial
-    that Optuna saw finish, resumed by Tune from its last saved checkpoint, reports its last epochs
-    again; the searcher takes them without writing to the finished Optuna trial."""
+    """Optuna is told only after a save covers a trial's end (study.search.commit), so a resume
+    normally finds it still running; where it was told anyway (a study's copy of Tune's state cut short
+    by a kill, and an older save restored), the trial reports its last epochs again and the searcher
+    takes them without writing to the finished Optuna trial."""
     searcher = make_searcher(tmp_path)
     searcher.suggest("t0")
     searcher.save(str(tmp_path / "saved.pkl"))  # Tune's last save: t0 running
     searcher.on_trial_result("t0", {"val_nmse": 0.3, "epoch": 1})
-    searcher.on_trial_complete("t0", {"best_val_nmse": 0.3, "val_nmse": 0.3, "epoch": 1})  # then the kill
+    searcher.on_trial_complete("t0", {"best_val_nmse": 0.3, "val_nmse": 0.3, "epoch": 1})
+    searcher.commit()  # then the kill
 
     restored = make_searcher(tmp_path)
     restored.restore(str(tmp_path / "saved.pkl"))
     restored.on_trial_result("t0", {"val_nmse": 0.3, "epoch": 1})  # the same epoch, run again
     restored.on_trial_complete("t0", {"best_val_nmse": 0.3, "val_nmse": 0.3, "epoch": 1})
+    restored.commit()
     assert "t0" in restored._completed_trials
     (trial,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.3

@@ -387,6 +387,9 @@ def test_sigkill_and_resume(tmp_path):
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     assert {t.user_attrs["status"] for t in study.trials} == {"TERMINATED"}
     assert sorted(t.params["epsilon"] for t in study.trials) == [0, 1000, 5000]
+    last = t.sort_values("epoch").groupby("trial_id").last()  # what the tables say each trial ended at
+    told = {tr.user_attrs["ray_trial_id"]: tr.values[0] for tr in study.trials}
+    assert told == pytest.approx(last["best_val_nmse"].to_dict(), rel=0, abs=0)
     time.sleep(1.0)
     assert processes_in_session(first.pid) == []
     assert processes_in_session(second.pid) == []

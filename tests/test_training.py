@@ -306,6 +306,23 @@ def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_writes_best_of_the_timeline_it_continues(synthetic_root, tmp_path):
+    """A run killed between an epoch's two saves (best.pt first), or resumed from an earlier
+    checkpoint (a study's retry), holds a best.pt of epochs that will be run again: the resume writes
+    best.pt again from its checkpoint's best networks, epoch and stopping state (issue 21.5)."""
+    cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=2, attacks=("noise",), instabilities=False)
+    fit(cfg, out_dir=tmp_path, log=None)
+    kept = load_checkpoint(tmp_path / BEST_NAME)
+    recon = kept["networks"]["recon"]
+    stale = {**kept, "epoch": 2, "networks": {**kept["networks"], "recon": {k: v + 1 for k, v in recon.items()}}}
+    torch.save(stale, tmp_path / BEST_NAME)  # the lost timeline's epoch 2, "best"
+    fit(cfg, out_dir=tmp_path, resume_from=tmp_path, log=None)  # nothing left to run: only the rewrite
+    best = load_checkpoint(tmp_path / BEST_NAME)
+    assert best["epoch"] == 1 and best["status"] == kept["status"]
+    assert best["early_stopping"] == kept["early_stopping"] and best["config"] == kept["config"]
+    assert all(torch.equal(best["networks"][n][k], v) for n in kept["networks"] for k, v in kept["networks"][n].items())
+
+
 def test_resume_rejects_a_changed_config(synthetic_root, tmp_path):
     cfg = smoke_cfg(synthetic_root, max_epochs=1, max_train_batches=1, attacks=("noise",))
     fit(cfg, out_dir=tmp_path, log=None)
