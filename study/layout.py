@@ -20,6 +20,8 @@ names instead of copying them.
         trial_<id>_<values>/       one folder per trial (Tune's, named by trial_dirname()); TensorBoard's
                                    run of the trial (study/board.py); earlier studies: train_trial_<id>_<n>_...
             best.pt                BEST_CHECKPOINT: the networks of the trial's best epoch
+        reference_trial            REFERENCE_FILE: a space's reference trial, once it has ended (JSON:
+                                   folder, status, best.pt); fine-tuned trials wait for it (study/reference.py)
         report/                    REPORT_DIR: written by study/report.py
         mlflow.db                  MLFLOW_FILE: the MLflow runs of --track mlflow, by default (study/tracking.py)
         mlartifacts/               MLFLOW_ARTIFACTS: that experiment's artifact folder (not created: no run logs artifacts)
@@ -47,6 +49,9 @@ REPORT_DIR = "report"
 MLFLOW_FILE = "mlflow.db"  # --track mlflow's default store (study/tracking.py)
 MLFLOW_ARTIFACTS = "mlartifacts"
 WANDB_DIR = "wandb"  # --track wandb's files
+REFERENCE_FILE = "reference_trial"  # not *.json (see PIDFILE)
+REFERENCE_KEY = "study_reference"  # in the reference trial's config (a space's ``reference:``): True
+REFERENCE_INIT = "reference"  # init_from's value in a space: start from the reference trial's best.pt
 
 # hyperparameters reported with every result (besides the searched ones) and shown in
 # TensorBoard's HParams dashboard and the report's summary

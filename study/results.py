@@ -14,6 +14,7 @@ from ray import tune
 
 from study.board import FAILURE, SUCCESS, write_session_end
 from study.procs import ProcessRecord
+from study.reference import is_reference, record_reference
 from study.search import commit as commit_searchers
 from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state, saves_replace_files, state_signature
@@ -110,10 +111,14 @@ class ResultsCallback(tune.Callback):
         self._pending = True
 
     def _end_session(self, trial) -> None:
-        """The trial's HParams status in TensorBoard: FAILURE for an error or a NaN stop."""
+        """The trial's HParams status in TensorBoard: FAILURE for an error or a NaN stop; the reference
+        trial's end recorded for the trials that fine-tune it."""
         status = self.log.status.get(trial.trial_id, ("", ""))[0]
-        if trial.path:  # None for a trial that never got a folder
-            write_session_end(self.folder / Path(trial.path).name, FAILURE if status in ("ERROR", "nan") else SUCCESS)
+        folder = self.folder / Path(trial.path).name if trial.path else None  # None: it never got one
+        if folder is not None:
+            write_session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS)
+        if is_reference(trial.config):  # fine-tuned trials wait for it (study.reference)
+            record_reference(self.folder, folder, status)
 
     def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
         for result in results:

@@ -177,6 +177,8 @@ def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
         study_dir=str(study_dir),
         curve_metric=space.objectives[0].metric,
         points_to_evaluate=space.grid_points() if space.points else None,
+        reference=space.reference,
+        reference_first=space.fine_tunes_reference,
     )
 
 

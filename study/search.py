@@ -41,7 +41,7 @@ import optuna
 from optuna.storages._cached_storage import _CachedStorage
 from ray.tune.search.optuna import OptunaSearch
 
-from study.layout import trial_folder
+from study.layout import REFERENCE_KEY, trial_folder
 
 logger = logging.getLogger(__name__)
 _LIVE: "weakref.WeakSet[StudySearch]" = weakref.WeakSet()  # the driver's searchers, for commit()
@@ -76,9 +76,24 @@ class StudySearch(OptunaSearch):
         **kwargs: ``OptunaSearch``'s (``metric``, ``mode``, ``sampler``, ``storage``, ``study_name``).
     """
 
-    def __init__(self, *, study_dir: str, curve_metric: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        study_dir: str,
+        curve_metric: str,
+        reference: dict[str, Any] | None = None,
+        reference_first: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self._study_dir = str(study_dir)
         self._curve_metric = curve_metric
+        self._reference = dict(reference) if reference else None  # the space's first trial (study.reference)
+        self._reference_given = False
+        # fine-tuning spaces: no other trial until the reference has ended, so that no trial waiting for
+        # its best.pt holds the place the reference (or its retry) needs
+        self._reference_first = reference_first
+        self._reference_id: str | None = None
+        self._reference_ended = False
         self._linked: set[str] = set()  # Ray trials whose folder is recorded
         # what waits for a covering state save, in order: ("epoch", id, epoch, value) | ("end", id, result, error)
         self._held: list[tuple] = []
@@ -94,6 +109,16 @@ class StudySearch(OptunaSearch):
         self._ot_study.set_user_attr("intermediate_values", f"{self._curve_metric} at each epoch")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._reference is not None and not self._reference_given and trial_id not in self._ot_trials:
+            # the space's reference first: an Optuna trial with none of the searched values (outside
+            # their ranges), told its objectives like any other
+            self._reference_given, self._reference_id = True, trial_id
+            self._ot_trials[trial_id] = self._ot_study.ask()
+            self._ot_trials[trial_id].set_user_attr("reference", True)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            return {**self._reference, REFERENCE_KEY: True}
+        if self._reference_first and self._reference_given and not self._reference_ended:
+            return None  # Tune asks again later
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
@@ -117,6 +142,8 @@ class StudySearch(OptunaSearch):
         attributes)."""
         if trial_id in self._completed_trials or any(h[0] == "end" and h[1] == trial_id for h in self._held):
             return  # told, or to be told, already (Ray's own method would only warn)
+        if trial_id == self._reference_id:
+            self._reference_ended = True  # the other trials may start (reference_first)
         if trial_id in self._ot_trials:
             self._link(trial_id, self._ot_trials[trial_id])
             value, epoch = (result or {}).get(self._curve_metric), (result or {}).get("epoch")
@@ -162,7 +189,9 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Ray's restore; then what the restored save held back is written (that save covers it)."""
         super().restore(checkpoint_path)
-        self.__dict__.setdefault("_held", [])  # a searcher saved before anything was held back
+        restored = (("_held", []), ("_reference", None), ("_reference_given", False), ("_reference_first", False))
+        for key, value in (*restored, ("_reference_id", None), ("_reference_ended", False)):
+            self.__dict__.setdefault(key, value)  # a searcher saved before these existed
         _LIVE.add(self)
         self.commit()
 

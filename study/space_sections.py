@@ -16,6 +16,7 @@ from typing import Any
 
 from mriadv.config import ATTACKS, ConfigError, TrainConfig
 from mriadv.units import ROBUST_METRICS, robust_key
+from study.layout import REFERENCE_INIT
 
 Fail = Callable[[str, str], Exception]  # (key, why) -> the error to raise
 CheckValue = Callable[[str, str, Any], None]  # (TrainConfig field, key, value); raises through fail
@@ -31,6 +32,7 @@ TOP_KEYS = {
     "objectives",
     "attack_budgets",
     "scheduler",
+    "reference",
 }
 # keys that a space may not set: they belong to the run, not to the study
 RUN_KEYS = {"data", "device", "threads", "cache_dir", "num_workers", "attack_budgets"}
@@ -277,3 +279,38 @@ def with_seeds(
         points = tuple({**p, "seed": s} for p in points for s in values)
         return [*params, Param("seed", "choice", values=values)], points
     return [*params, Param("seed", "grid", values=values)], points
+
+
+def read_reference(
+    raw: dict[str, Any], params: list[Param], listed: bool, fixed: dict[str, Any], fail: Fail, check_value: CheckValue
+) -> dict[str, Any] | None:
+    """A sampled space's ``reference:`` (a mapping of TrainConfig fields, e.g. the standard model
+    ``{adversary: none, epsilon: 0}``): a configuration outside the sampled ranges that the searcher
+    runs first, as one of ``num_samples``, against which the report compares every trial, and whose
+    ``best.pt`` trials with ``init_from: reference`` fine-tune (:mod:`study.reference`)."""
+    ref = raw.get("reference")
+    fine_tuned = any(p.name == "init_from" and REFERENCE_INIT in p.values for p in params)
+    if ref is None:
+        if fine_tuned:
+            raise fail("parameters.init_from", f"{REFERENCE_INIT!r} fine-tunes the space's reference: add 'reference:'")
+        return None
+    if listed:
+        raise fail("reference", "is for a sampled space; a grid or points space lists its reference as a point")
+    if not isinstance(ref, dict) or not ref:
+        raise fail(
+            "reference", "expected a mapping of TrainConfig fields to values, e.g. {adversary: none, epsilon: 0}"
+        )
+    missing = [p.name for p in params if p.name not in ref]
+    if missing:
+        raise fail("reference", f"must set every searched parameter (its values may lie outside the ranges): {missing}")
+    for key, value in ref.items():
+        if key not in TrainConfig.__dataclass_fields__ or key in RUN_KEYS:
+            raise fail(f"reference.{key}", "not a TrainConfig field a space may set")
+        if key == "init_from" and value == REFERENCE_INIT:
+            raise fail(f"reference.{key}", "the reference cannot start from itself")
+        check_value(key, f"reference.{key}", value)
+    try:
+        TrainConfig.from_dict({**fixed, **ref})
+    except (ConfigError, TypeError) as exc:
+        raise fail("reference", str(exc)) from None
+    return dict(ref)

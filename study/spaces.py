@@ -14,6 +14,8 @@ A space file::
     objectives: [{metric: val_nmse, mode: min}, {metric: rob_pgd_e5000_nmse, mode: min}]
     attack_budgets: [1000, 5000]     # robustness evaluation budgets, same for every trial
     scheduler: none | asha | {type: asha, grace_period: 1, reduction_factor: 2}
+    reference: {adversary: none, epsilon: 0}   # sampled spaces: run first, the report's reference;
+                                     # a searched init_from: [null, reference] fine-tunes its best.pt
 
 Budgets (``epsilon`` values and ``attack_budgets``) are squared L2 norms for 320x320 crops, the
 seed's units; a run on a smaller crop scales them by ``(crop / 320)^2`` (equal per-pixel RMS), so
@@ -36,6 +38,7 @@ import yaml
 
 from mriadv.config import ConfigError, TrainConfig
 from mriadv.units import budgets_at_crop
+from study.layout import REFERENCE_INIT
 from study.space_sections import (
     Objective,
     Param,
@@ -46,6 +49,7 @@ from study.space_sections import (
     read_num_samples,
     read_objectives,
     read_parameters,
+    read_reference,
     read_scheduler,
     read_seeds,
     with_seeds,
@@ -87,6 +91,7 @@ class StudySpace:
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     points: tuple[dict[str, Any], ...] = ()  # a list of explicit trials (then params are their keys)
     seeds: int = 1  # training seeds per configuration (replicates: the last parameter, ``seed``)
+    reference: dict[str, Any] | None = None  # a sampled space's first trial, outside its ranges
 
     @property
     def is_grid(self) -> bool:
@@ -101,6 +106,11 @@ class StudySpace:
             return []
         names = [p.name for p in self.params]
         return [dict(zip(names, combo)) for combo in itertools.product(*(p.values for p in self.params))]
+
+    @property
+    def fine_tunes_reference(self) -> bool:
+        """Whether trials may start from the reference trial's best.pt (``init_from: reference``)."""
+        return any(p.name == "init_from" and REFERENCE_INIT in p.values for p in self.params)
 
     def trial_count(self) -> int:
         return len(self.grid_points()) if self.is_grid or self.points else self.num_samples
@@ -182,6 +192,8 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         except (ConfigError, TypeError) as exc:
             if not (own and _valid(beside)):
                 raise fail(where, str(exc)) from None
+        if key == "init_from" and value == REFERENCE_INIT and where.startswith("parameters."):
+            return  # the reference trial's best.pt, resolved when the trial starts (study.reference)
         if key == "init_from" and value is not None and not Path(value).is_absolute():
             raise fail(where, f"{value!r}: give an absolute path (each trial runs in its own folder)")
 
@@ -203,6 +215,7 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
     objectives = read_objectives(raw, budgets, fail)
     sched = read_scheduler(raw, grid or bool(points), fail)
     seeds = read_seeds(raw, fail)
+    reference = read_reference(raw, params, grid or bool(points), fixed, fail, check_value)
     if seeds > 1:
         params, points = with_seeds(params, points, seeds, grid, fixed, fail)
         num_samples = len(points) if points else num_samples
@@ -220,4 +233,5 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
         raw=raw,
         points=points,
         seeds=seeds,
+        reference=reference,
     )

@@ -30,7 +30,8 @@ from mriadv.records import EpochRecord
 from mriadv.units import budgets_at_crop
 from study.board import TrialBoard, hparams_metrics
 from study.console import trial_label
-from study.layout import BEST_CHECKPOINT, HPARAM_KEYS
+from study.layout import BEST_CHECKPOINT, HPARAM_KEYS, REFERENCE_KEY
+from study.reference import resolve_sampled
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,17 @@ def trial_allocation() -> dict[str, Any]:
 
 def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     """Tune function trainable: one :func:`fit`, reporting every epoch with a checkpoint."""
-    sampled = dict(config)
+    sampled = {k: v for k, v in config.items() if k != REFERENCE_KEY}
+    label = trial_label(tune.get_context().get_trial_id(), sampled)
     given = trial_allocation()
-    cfg = replace(trial_config(ctx, sampled), threads=given["threads"])  # a study.json before this kept threads=1
-    hp = hparams_of(cfg, sampled, ctx.epsilon_keys)
+    # init_from: reference waits for the space's reference trial and starts from its best.pt
+    values = resolve_sampled(sampled, Path(ctx.study_dir), lambda line: print(f"{label} {line}", flush=True))
+    cfg = replace(trial_config(ctx, values), threads=given["threads"])  # a study.json before this kept threads=1
+    hp = hparams_of(cfg, values, ctx.epsilon_keys)
+    if "init_from" in sampled:  # searched: as the space names it (a file, 'reference' or scratch)
+        hp["init_from"] = "scratch" if sampled["init_from"] is None else str(sampled["init_from"])
     trial_dir = Path(ctx.study_dir) / Path(tune.get_context().get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
-    label = trial_label(tune.get_context().get_trial_id(), sampled)
     devices = given["cuda_visible_devices"]
     print(
         f"{label} {given['cpu']:g} CPU, {given['gpu']:g} GPU"
@@ -142,10 +147,10 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
             if (work / PREVIEW_NAME).is_file():
                 with atomic_write(trial_dir / PREVIEW_NAME) as tmp:
                     shutil.copy2(work / PREVIEW_NAME, tmp)
-            metrics = tune_result(
-                {**hp, **record.flat(), **best_values, "start_epoch": start_epoch, "node_id": node_id},
-                ctx.objective_metrics,
-            )
+            flat = {**hp, **record.flat(), **best_values, "start_epoch": start_epoch, "node_id": node_id}
+            if "init_from" in hp:  # searched: the space's name for it, not the file it resolved to
+                flat["init_from"] = hp["init_from"]
+            metrics = tune_result(flat, ctx.objective_metrics)
             metrics["robustness_json"] = json.dumps(robustness_rows(record))
             with tempfile.TemporaryDirectory(prefix="mriadv-ckpt-") as d:
                 _link_or_copy(ckpt, Path(d) / CHECKPOINT_NAME)  # Tune copies the folder during report

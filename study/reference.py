@@ -1,0 +1,69 @@
+"""A sampled space's reference trial (``reference:`` in the space, :mod:`study.space_sections`): the
+configuration the searcher runs first (:class:`study.search.StudySearch`), e.g. the standard model
+beside a search over defences, which the report compares every trial with and which trials with
+``init_from: reference`` fine-tune.
+
+The driver, which sees every trial end whatever ends it (its last epoch, early stopping, a scheduler,
+an error), writes ``reference_trial`` in the study folder when the reference trial ends
+(:func:`record_reference`, from :class:`study.results.ResultsCallback`). A fine-tuned trial waits for
+that file (:func:`reference_checkpoint`) and starts from the reference's ``best.pt``; a reference
+that ended without one fails the fine-tuned trial in one line. The reference is the first trial the
+searcher makes, so it runs before (or beside) any trial that waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from study.layout import BEST_CHECKPOINT, REFERENCE_FILE, REFERENCE_INIT, REFERENCE_KEY
+
+POLL_S = 2.0
+
+
+def is_reference(config: dict[str, Any]) -> bool:
+    """Whether a trial's config is the space's reference trial."""
+    return bool(config.get(REFERENCE_KEY, False))
+
+
+def record_reference(study_dir: Path, trial_folder: Path | None, status: str) -> None:
+    """The reference trial ended with ``status`` (driver side): ``reference_trial``, written atomically."""
+    best = trial_folder / BEST_CHECKPOINT if trial_folder is not None else None
+    info = {
+        "folder": trial_folder.name if trial_folder is not None else None,
+        "status": status,
+        "best": str(best) if best is not None and best.is_file() else None,
+    }
+    tmp = study_dir / f".{REFERENCE_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, study_dir / REFERENCE_FILE)
+
+
+def reference_checkpoint(study_dir: Path, say: Callable[[str], None], poll_s: float = POLL_S) -> str:
+    """The reference trial's ``best.pt`` (worker side), once it has ended; RuntimeError in one line
+    where it ended without one."""
+    path = Path(study_dir) / REFERENCE_FILE
+    if not path.is_file():
+        say("fine-tuning: waiting for the space's reference trial to end (its best.pt is this trial's start)")
+    while not path.is_file():
+        time.sleep(poll_s)
+    info = json.loads(path.read_text())
+    if not info.get("best"):
+        raise RuntimeError(
+            f"init_from: reference: the reference trial {info.get('folder')} ended {info.get('status')} "
+            "without a best.pt to fine-tune"
+        )
+    return str(info["best"])
+
+
+def resolve_sampled(sampled: dict[str, Any], study_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """A trial's sampled values as TrainConfig values: without the reference flag, and with
+    ``init_from: reference`` replaced by the reference's ``best.pt`` (after waiting for it)."""
+    out = {k: v for k, v in sampled.items() if k != REFERENCE_KEY}
+    if out.get("init_from") == REFERENCE_INIT:
+        out["init_from"] = reference_checkpoint(study_dir, say)
+    return out

@@ -1,0 +1,129 @@
+"""The frontier space's parts (issue 22.3): a sampled space's reference trial (run first, outside the
+sampled ranges), fine-tuning from its best.pt, and the report's best recipe within 0.5 dB of it."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from study.layout import REFERENCE_FILE, REFERENCE_KEY
+from study.reference import record_reference, resolve_sampled
+from study.spaces import SpaceError, load_space, space_from_dict
+
+SAMPLED = {
+    "parameters": {"adversary": {"choice": ["pgd", "noise"]}, "epsilon": {"loguniform": [100, 5000]}},
+    "objectives": [{"metric": "val_nmse", "mode": "min"}],
+}
+
+
+def test_the_frontier_space_has_its_reference_and_fine_tunes_it():
+    space = load_space("frontier")
+    assert space.reference == {"adversary": "none", "epsilon": 0, "lambda1": 1.0, "init_from": None}
+    assert space.fine_tunes_reference and space.scheduler["type"] == "asha" and len(space.objectives) == 2
+    kinds = next(p for p in space.params if p.name == "adversary").values
+    assert set(kinds) == {"pgd", "trades", "noise", "smoothing"}
+
+
+@pytest.mark.parametrize(
+    "extra, key, why",
+    [
+        ({"reference": {"adversary": "none"}}, "reference", "every searched parameter"),
+        ({"reference": {"adversary": "none", "epsilon": 0, "lr": 1}}, "reference.lr", "not a TrainConfig field"),
+        ({"reference": {"adversary": "nothing", "epsilon": 0}}, "reference.adversary", "adversary"),
+        ({"reference": "standard"}, "reference", "mapping"),
+    ],
+)
+def test_a_bad_reference_is_refused_naming_the_key(tmp_path, extra, key, why):
+    with pytest.raises(SpaceError, match=rf"{tmp_path / 's.yaml'}: {key}: .*{why}"):
+        space_from_dict({**SAMPLED, **extra}, "s", tmp_path / "s.yaml")
+
+
+def test_fine_tuning_needs_a_reference_and_a_sampled_space(tmp_path):
+    params = {**SAMPLED["parameters"], "init_from": {"choice": [None, "reference"]}}
+    with pytest.raises(SpaceError, match="parameters.init_from: 'reference' fine-tunes"):
+        space_from_dict({**SAMPLED, "parameters": params}, "s", tmp_path / "s.yaml")
+    grid = {"parameters": {"epsilon": {"grid": [0, 1000]}}, "reference": {"epsilon": 0}}
+    with pytest.raises(SpaceError, match="reference: is for a sampled space"):
+        space_from_dict(grid, "s", tmp_path / "s.yaml")
+
+
+def test_the_searcher_runs_the_reference_first_and_alone(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    tune = pytest.importorskip("ray.tune")
+    from study.search import StudySearch, commit
+
+    search = StudySearch(
+        space={"adversary": tune.choice(["pgd", "noise"]), "epsilon": tune.loguniform(100, 5000)},
+        metric=["best_val_nmse", "best_rob"],
+        mode=["min", "min"],
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}"),
+        study_name="f",
+        study_dir=str(tmp_path),
+        curve_metric="val_nmse",
+        reference={"adversary": "none", "epsilon": 0},
+        reference_first=True,
+    )
+    assert search.suggest("ref") == {"adversary": "none", "epsilon": 0, REFERENCE_KEY: True}
+    assert search.suggest("t1") is None  # fine-tuned trials would wait for it: none starts beside it
+    search.on_trial_complete("ref", {"best_val_nmse": 0.1, "best_rob": 0.5, "epoch": 1})
+    commit(tmp_path)
+    configs = [search.suggest(f"t{i}") for i in range(1, 4)]
+    assert all(c["adversary"] in ("pgd", "noise") and 100 <= c["epsilon"] <= 5000 for c in configs)
+    for i, c in enumerate(configs, 1):  # TPE goes on with the reference among its trials (no params)
+        search.on_trial_complete(f"t{i}", {"best_val_nmse": 0.1 + i, "best_rob": 0.5 - i / 10, "epoch": 1})
+    commit(tmp_path)
+    assert search.suggest("t4")["adversary"] in ("pgd", "noise")
+    trials = optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert trials[0].user_attrs["reference"] is True and trials[0].params == {} and trials[0].values == [0.1, 0.5]
+
+
+def test_a_fine_tuned_trial_waits_for_the_reference_best(tmp_path):
+    folder = tmp_path / "trial_ref"
+    folder.mkdir()
+    (folder / "best.pt").write_bytes(b"weights")
+    lines: list[str] = []
+    threading.Timer(0.3, record_reference, (tmp_path, folder, "TERMINATED")).start()  # the driver, later
+    t0 = time.monotonic()
+    values = resolve_sampled({"epsilon": 10.0, "init_from": "reference"}, tmp_path, lines.append)
+    assert values == {"epsilon": 10.0, "init_from": str(folder / "best.pt")} and time.monotonic() - t0 >= 0.3
+    assert len(lines) == 1 and "waiting for the space's reference trial" in lines[0]
+    assert resolve_sampled({"epsilon": 0, REFERENCE_KEY: True, "init_from": None}, tmp_path, lines.append) == {
+        "epsilon": 0,
+        "init_from": None,
+    }
+
+
+def test_a_reference_without_a_best_fails_the_fine_tuned_trial_in_one_line(tmp_path):
+    record_reference(tmp_path, None, "ERROR")
+    assert json.loads((tmp_path / REFERENCE_FILE).read_text())["best"] is None
+    with pytest.raises(RuntimeError, match="reference trial None ended ERROR without a best.pt"):
+        resolve_sampled({"init_from": "reference"}, tmp_path, print)
+
+
+def test_the_best_recipe_within_half_a_decibel(tmp_path):
+    from study.report_seeds import _within_psnr
+
+    d = "Δ PGD dNMSE"
+    versus = pd.DataFrame(
+        {
+            "configuration": ["a", "b", "c"],
+            d: [-0.05, -0.20, -0.01],
+            f"{d} ±": [0.01, 0.02, 0.01],
+            f"{d} %": [-10.0, -40.0, -2.0],
+            f"{d} % ±": [2.0, 4.0, 2.0],
+            "ΔPSNR": [-0.3, -1.2, 0.1],
+            "ΔPSNR ±": [0.1, 0.1, 0.1],
+        }
+    )
+    (line,) = _within_psnr(versus, "std", d, "pgd", 5000)
+    assert "best recipe is a: PGD@5000 degradation -10.0 ± 2.0 % (a gain) at -0.30 ± 0.10 dB" in line  # b costs 1.2 dB
+    far = versus.assign(ΔPSNR=[-0.9, -1.2, -0.7])
+    (line,) = _within_psnr(far, "std", d, "pgd", 5000)
+    assert "no configuration is within 0.5 dB" in line and "the closest, c, gives up -0.70" in line
+    assert _within_psnr(versus.assign(ΔPSNR=math.nan), "std", d, "pgd", 5000) == []
