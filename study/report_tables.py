@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from study.report_data import (
+    ATTACK_COLUMNS,
     METRIC_NAMES,
     METRICS,
     SPLIT_NAMES,
@@ -28,12 +29,22 @@ from study.report_data import (
     markdown_cell,
     markdown_table,
     plus_minus,
+    reference_attack,
     versus_cell,
     zero_filled,
 )
 from study.report_held_out import instability_tables, protocol_tables
 
-__all__ = ["markdown_cell", "markdown_table", "pgd_column", "plus_minus", "table1", "table1_markdown", "write_table1"]
+__all__ = [
+    "markdown_cell",
+    "markdown_table",
+    "pgd_column",
+    "plus_minus",
+    "table1",
+    "table1_attack",
+    "table1_markdown",
+    "write_table1",
+]
 
 # The seed's Table 1 (Huang & Liang), its own metric definitions, fastMRI single-coil knee, 320x320.
 SEED_TABLE1 = (
@@ -54,10 +65,20 @@ METRIC_DEFINITIONS = (
 )
 
 
-def pgd_column(budget_ref: float, metric: str) -> str:
-    """Column of table1.csv: PGD at ``budget_ref`` (320x320 units); ``metric`` like ``nmse`` or ``d_nmse``."""
+def pgd_column(budget_ref: float, metric: str, prefix: str = "PGD") -> str:
+    """Column of table1.csv: PGD at ``budget_ref`` (320x320 units); ``metric`` like ``nmse`` or ``d_nmse``;
+    ``prefix``: the attack's name (:func:`table1_attack`)."""
     name = ("d" + METRIC_NAMES[metric[2:]]) if metric.startswith("d_") else METRIC_NAMES[metric]
-    return f"PGD@{budget_ref:g} {name}"
+    return f"{prefix}@{budget_ref:g} {name}"
+
+
+def table1_attack(res: StudyResults) -> tuple[str, str]:
+    """The attack Table 1's PGD columns hold and their name: the PGD the objectives name (image PGD,
+    ``PGD``, or k-space PGD, ``PGD-k``: the unrolled network takes no image attack), as in the
+    configuration tables (:func:`study.report_data.reference_attack`); image PGD otherwise."""
+    found = reference_attack(res)
+    attack = found[0] if found is not None and found[0] in ("pgd", "pgd_kspace") else "pgd"
+    return attack, ATTACK_COLUMNS[attack]
 
 
 def table1(res: StudyResults) -> pd.DataFrame:
@@ -70,15 +91,16 @@ def table1(res: StudyResults) -> pd.DataFrame:
     last = _last_epochs(res)
     rows = []
     zf = zero_filled(res)
+    attack = table1_attack(res)
     if len(zf):
-        rows.append({"trial_id": "", "model": "zero-filled input", "split": "Report", **_held_out_row(res, zf)})
+        rows.append({"trial_id": "", "model": "zero-filled input", "split": "Report", **_held_out_row(res, zf, attack)})
     for _, b in res.best.iterrows():
         common = _trial_columns(b, params, last)
         for split, prefix in (("Training", "train"), ("Selection", "val")):
             rows.append(_training_or_selection_row(b, common, split, prefix))
         mine = report[report["trial_id"] == b["trial_id"]] if len(report) else report
-        rows.append({**common, "split": "Report", **_held_out_row(res, mine), **_versus_input(b, last)})
-    return pd.DataFrame(rows, columns=_table1_columns(res, params))
+        rows.append({**common, "split": "Report", **_held_out_row(res, mine, attack), **_versus_input(b, last)})
+    return pd.DataFrame(rows, columns=_table1_columns(res, params, attack[1]))
 
 
 def _last_epochs(res: StudyResults) -> pd.DataFrame | None:
@@ -124,18 +146,19 @@ def _training_or_selection_row(b: pd.Series, common: dict[str, Any], split: str,
     return row
 
 
-def _held_out_row(res: StudyResults, rows: pd.DataFrame) -> dict[str, Any]:
-    """The held-out cells of a Report row from its ``robustness`` rows: clean and PGD at every budget,
-    with SEs over volumes, and the number of volumes."""
+def _held_out_row(res: StudyResults, rows: pd.DataFrame, attack: tuple[str, str]) -> dict[str, Any]:
+    """The held-out cells of a Report row from its ``robustness`` rows: clean and PGD (``attack``: its
+    key and name) at every budget, with SEs over volumes, and the number of volumes."""
+    key, name = attack
     row: dict[str, Any] = {}
     for m in METRICS:
         row[METRIC_NAMES[m]] = held_out_cell(rows, "clean", 0.0, m)
         row[f"{METRIC_NAMES[m]} SE"] = held_out_cell(rows, "clean", 0.0, f"{m}_se")
     for b in res.budgets:
         for m in (*METRICS, *(f"d_{m}" for m in METRICS)):
-            row[pgd_column(b, m)] = held_out_cell(rows, "pgd", b, m)
-        row[f"PGD@{b:g} NMSE SE"] = held_out_cell(rows, "pgd", b, "nmse_se")
-        row[f"PGD@{b:g} dNMSE SE"] = held_out_cell(rows, "pgd", b, "d_nmse_se")
+            row[pgd_column(b, m, name)] = held_out_cell(rows, key, b, m)
+        row[f"{name}@{b:g} NMSE SE"] = held_out_cell(rows, key, b, "nmse_se")
+        row[f"{name}@{b:g} dNMSE SE"] = held_out_cell(rows, key, b, "d_nmse_se")
     row["volumes"] = held_out_cell(rows, "clean", 0.0, "num_volumes") if "num_volumes" in rows else math.nan
     return row
 
@@ -152,10 +175,10 @@ def _versus_input(b: pd.Series, last: pd.DataFrame | None) -> dict[str, Any]:
     }
 
 
-def _table1_columns(res: StudyResults, params: list[str]) -> list[str]:
-    """table1.csv's columns, in order: the trial, its metrics, PGD at each budget and their SEs."""
-    pgd_cols = [pgd_column(b, m) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))]
-    pgd_se = [f"PGD@{b:g} NMSE SE" for b in res.budgets] + [f"PGD@{b:g} dNMSE SE" for b in res.budgets]
+def _table1_columns(res: StudyResults, params: list[str], name: str) -> list[str]:
+    """table1.csv's columns, in order: the trial, its metrics, PGD (``name``) at each budget and their SEs."""
+    pgd_cols = [pgd_column(b, m, name) for b in res.budgets for m in (*METRICS, *(f"d_{m}" for m in METRICS))]
+    pgd_se = [f"{name}@{b:g} NMSE SE" for b in res.budgets] + [f"{name}@{b:g} dNMSE SE" for b in res.budgets]
     return (
         [
             "trial_id",
@@ -252,12 +275,13 @@ def _held_out_table(res: StudyResults, rep: pd.DataFrame, params: list[str]) -> 
     """The held-out (Report) rows in the seed's layout, the zero-filled input first."""
     headers = ["ε (320²)", "RMS/px", *params, "Process", "epoch", "‖δ‖²/ε (over)", "NMSE", "PSNR", "SSIM"]
     headers += ["NMSE / input"]
+    name = table1_attack(res)[1]
     for b in res.budgets:
-        headers += [f"PGD@{b:g} NMSE", f"PGD@{b:g} PSNR", f"PGD@{b:g} SSIM"]
-    return markdown_table(headers, [_held_out_cells(res, r, params) for _, r in rep.iterrows()])
+        headers += [f"{name}@{b:g} NMSE", f"{name}@{b:g} PSNR", f"{name}@{b:g} SSIM"]
+    return markdown_table(headers, [_held_out_cells(res, r, params, name) for _, r in rep.iterrows()])
 
 
-def _held_out_cells(res: StudyResults, r: pd.Series, params: list[str]) -> list[str]:
+def _held_out_cells(res: StudyResults, r: pd.Series, params: list[str], name: str) -> list[str]:
     """One row of the held-out table: the trial, its clean numbers ± SE, its ratio to the input and,
     at each budget, PGD's attacked value (and its change from clean)."""
     zf = r["model"] == "zero-filled input"
@@ -286,10 +310,10 @@ def _held_out_cells(res: StudyResults, r: pd.Series, params: list[str]) -> list[
     ]
     for b in res.budgets:
         for m, spec in (("nmse", ".4f"), ("psnr", ".2f"), ("ssim", ".4f")):
-            value, delta = r[pgd_column(b, m)], r[pgd_column(b, "d_" + m)]
+            value, delta = r[pgd_column(b, m, name)], r[pgd_column(b, "d_" + m, name)]
             extra = (
-                f" ± {format_number(r[f'PGD@{b:g} dNMSE SE'], spec)}"
-                if m == "nmse" and format_number(r[f"PGD@{b:g} dNMSE SE"], spec) != "–"
+                f" ± {format_number(r[f'{name}@{b:g} dNMSE SE'], spec)}"
+                if m == "nmse" and format_number(r[f"{name}@{b:g} dNMSE SE"], spec) != "–"
                 else ""
             )
             cells.append(f"{format_number(value, spec)} ({format_number(delta, '+' + spec)}{extra})")

@@ -284,7 +284,16 @@ def test_a_kspace_objective_measures_the_degradation_under_kspace_pgd(tmp_path):
     assert "| PGD-k@5000 dNMSE |" in markdown and "Δ PGD-k@5000 dNMSE" in markdown
     assert "PGD-k: k-space PGD, the attack the objectives name" in markdown
     lines = findings(res)
-    assert len(lines) == 2 and "under k-space PGD@5000" in lines[1]
+    assert len(lines) == 3 and "under k-space PGD@5000" in lines[1] and "k-space PGD@5000 degradation" in lines[2]
+    # Table 1 holds the same attack: k-space PGD's columns, the objectives' (issue 22), not the image decoy's
+    from study.report_tables import table1, table1_markdown
+
+    t1 = table1(res)
+    first = _ids(folder, "unrolled", "none")[0]
+    mine = robust[(robust["trial_id"] == first) & (robust["model"] == "trained")].set_index(["attack", "budget_ref"])
+    row = t1[(t1["trial_id"] == first) & (t1["split"] == "Report")].iloc[0]
+    assert "PGD@5000 NMSE" not in t1 and row["PGD-k@5000 NMSE"] == mine.loc[("pgd_kspace", 5000.0), "nmse"]
+    assert "| PGD-k@5000 NMSE |" in table1_markdown(res, t1)
 
     # the same study judged by its image-PGD objective reads the image rows, under the usual names
     res = _load(folder, "rob_pgd_e5000_nmse")
@@ -293,6 +302,7 @@ def test_a_kspace_objective_measures_the_degradation_under_kspace_pgd(tmp_path):
     assert "Δ PGD dNMSE" in tables.versus and "Δ PGD-k dNMSE" not in tables.versus
     row = tables.table.set_index("configuration").loc[unrolled]
     assert row["PGD@5000 dNMSE"] == pytest.approx(image, rel=1e-9)
+    assert "PGD@5000 NMSE" in table1(res) and "PGD-k@5000 NMSE" not in table1(res)
 
 
 def test_with_two_standard_configurations_the_first_is_the_reference(tmp_path):
