@@ -22,6 +22,7 @@ config in ``study.json``), launches it on Ray Tune (:func:`launch`) and summaris
 from __future__ import annotations
 
 import argparse
+import re
 import logging
 import os
 import sys
@@ -32,12 +33,24 @@ from study.cluster import ClusterError, alive_nodes, cluster_problem, start_ray,
 from study.layout import OPTUNA_FILE, trial_dirname
 from study.plan import Plan, Refused, check_options, plan_study, settle_resources, study_space
 from study.procs import ProcessRecord
-from study.run_summary import closing_warning, here, summarize, trial_statuses
+from study.run_summary import here, summary_and_warning, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
 from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
 
 
 MAX_FAILURES = 2  # retries of a failed trial (a lost node: docs/clusters.md); an error in a trial's code repeats
+
+
+def results_folder(text: str) -> Path:
+    """``--results``: a folder. A URI (``s3://bucket/prefix``, ``gs://…``) is refused in one line: object
+    storage is not supported yet (the trials write into the study folder, so every node must see it),
+    and a ``Path`` would have made a local folder named ``s3:`` of it."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        raise argparse.ArgumentTypeError(
+            f"{text}: object storage is not supported yet; give a folder that every node sees at the same path "
+            "(a shared file system; see docs/clusters.md)"
+        )
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-spaces", action="store_true", help="list the available search spaces")
     p.add_argument("--name", help="study name (default: the space name)")
     p.add_argument("--data", type=Path, help="fastMRI-format root (default: the profile's synthetic data)")
-    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
+    p.add_argument("--results", type=results_folder, default=Path("results"), help="results folder (default: results/)")
     p.add_argument("--profile", choices=("smoke", "demo", "paper"), help="default: paper with CUDA, else demo")
     p.add_argument("--num-samples", type=int, help="trials of a sampled space (default: the space's)")
     p.add_argument("--max-epochs", type=int, help="override the profile's max_epochs")
@@ -299,7 +312,8 @@ def launch(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]) -> int
 def summarise(plan: Plan, report: bool) -> None:
     """Print the study's summary, write its report (``report``), and say whether it was interrupted."""
     print()
-    for line in summarize(plan.study_dir, plan.space):
+    lines, warning = summary_and_warning(plan.study_dir, plan.space)  # one read of the tables for both
+    for line in lines:
         print(line)
     if report:
         try:
@@ -316,7 +330,6 @@ def summarise(plan: Plan, report: bool) -> None:
     statuses = trial_statuses(plan.study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
         print("the study was interrupted; run the same command again to resume it")
-    warning = closing_warning(plan.study_dir)
     if warning:  # the last line: models that add nothing to their input make robustness numbers moot
         print(warning)
 
