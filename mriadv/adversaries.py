@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mriadv.attacks import PGDAttack
+from mriadv.choices import NOISE_MODES
 from mriadv.config import TrainConfig
 from mriadv.data.transforms import Batch
 from mriadv.losses import mse_loss
@@ -89,13 +90,15 @@ def budget_scale(cfg: TrainConfig, batch: Batch, delta: torch.Tensor) -> torch.T
     return scale.view(-1, *([1] * (delta.ndim - 1))).to(delta.real.dtype)
 
 
-def gaussian_perturbation(cfg: TrainConfig, batch: Batch, rng: torch.Generator) -> torch.Tensor:
-    """delta for ``adversary='noise'`` (jittering): Gaussian noise drawn from ``rng``, per image on the
-    sphere ``||delta||^2 = epsilon`` (``noise_mode='norm'``) or i.i.d. with ``sigma^2 = epsilon / n``
-    over the ``n`` real components it fills (``'sigma'``, and always for ``adversary='smoothing'``,
-    the sigma of its predictor, :class:`mriadv.models.smoothing.Smoothed`); in k-space ``epsilon`` is each slice's
-    ``(epsilon / (h w)) ||y||^2`` (:func:`budget_per_slice`). Image: ``(B, 1, h, w)``; k-space:
-    complex ``(B, H, W)``."""
+def gaussian_perturbation(cfg: TrainConfig, batch: Batch, rng: torch.Generator, *, mode: str) -> torch.Tensor:
+    """Gaussian delta drawn from ``rng``: per image on the sphere ``||delta||^2 = epsilon``
+    (``mode='norm'``) or i.i.d. with ``sigma^2 = epsilon / n`` over the ``n`` real components it fills
+    (``'sigma'``); in k-space ``epsilon`` is each slice's ``(epsilon / (h w)) ||y||^2``
+    (:func:`budget_per_slice`). Image: ``(B, 1, h, w)``; k-space: complex ``(B, H, W)``. The caller
+    names the mode (:func:`training_noise_mode`): ``adversary='noise'`` its ``noise_mode``,
+    ``'smoothing'`` always ``'sigma'``, the sigma of its predictor (:class:`mriadv.models.smoothing.Smoothed`)."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"gaussian_perturbation: mode must be one of {NOISE_MODES}, not {mode!r}")
     if cfg.perturbation == "image":
         delta = torch.randn(batch.image.shape, generator=rng).to(batch.image.device)
     else:
@@ -103,10 +106,17 @@ def gaussian_perturbation(cfg: TrainConfig, batch: Batch, rng: torch.Generator) 
         delta = torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng))
         delta = restrict(delta.to(batch.image.device), batch, "kspace", cfg.kspace_sampled_only)
     view = (-1, *([1] * (delta.ndim - 1)))
-    if cfg.noise_mode == "norm" and cfg.adversary_kind != "smoothing":
+    if mode == "norm":
         budget = budget_per_slice(batch, cfg.epsilon, cfg.perturbation)
         return delta * (budget / squared_norm(delta).clamp_min(1e-30)).sqrt().view(view).to(delta.real.dtype)
     return delta * (budget_scale(cfg, batch, delta) / GEN_HEADROOM**0.5)  # sqrt(eps / n) per real component
+
+
+def training_noise_mode(cfg: TrainConfig) -> str:
+    """The :func:`gaussian_perturbation` mode of the training noise: ``cfg.noise_mode`` for
+    ``adversary='noise'`` (jittering); ``'sigma'`` for ``'smoothing'``, whatever the config says (the
+    i.i.d. noise of its smoothed predictor)."""
+    return "sigma" if cfg.adversary_kind == "smoothing" else cfg.noise_mode
 
 
 def predictor(cfg: TrainConfig, net: nn.Module) -> nn.Module:
@@ -129,4 +139,5 @@ __all__ = [
     "predictor",
     "trades_penalty",
     "training_attack",
+    "training_noise_mode",
 ]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mriadv.adversaries import GEN_HEADROOM, budget_scale, gaussian_perturbation, predictor, trades_penalty
-from mriadv.adversaries import training_attack
+from mriadv.adversaries import training_attack, training_noise_mode
 from mriadv.attacks import GeneratorAttack, NoiseAttack, PGDAttack
 from mriadv.config import CHOICES, ConfigError, TrainConfig
 from mriadv.data.transforms import Batch, concat
@@ -263,9 +263,9 @@ class Trainer:
             return pgd(self.recon, batch, self.runtime).delta
 
     def noise_perturbation(self, batch: Batch) -> torch.Tensor:
-        """delta for ``adversary='noise'`` or ``'smoothing'`` (:func:`mriadv.adversaries.gaussian_perturbation`),
-        from the trainer's own seeded noise stream."""
-        return gaussian_perturbation(self.cfg, batch, self.noise_rng)
+        """delta for ``adversary='noise'`` or ``'smoothing'`` (:func:`mriadv.adversaries.gaussian_perturbation`,
+        in :func:`~mriadv.adversaries.training_noise_mode`), from the trainer's own seeded noise stream."""
+        return gaussian_perturbation(self.cfg, batch, self.noise_rng, mode=training_noise_mode(self.cfg))
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One step of the configured adversarial training on one batch (Algorithm 1 or 2 for the

@@ -1,14 +1,17 @@
 """Reading a study's result tables: each trial's best epoch, the best trials, the Pareto front,
 statuses and error messages.
 
-Pure pandas on ``trials.parquet`` (and ``robustness.parquet``); the one place both the runner's
-final summary and the report compute these.
+Pure pandas on ``trials.parquet`` (and ``robustness.parquet``), with the verdicts' words of
+:mod:`mriadv.verdict` (standard library); the one place both the runner's final summary and the report
+compute these.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from mriadv.verdict import VERDICT_WORDS
 
 FINISHED = ("completed", "early_stopped")
 
@@ -132,3 +135,19 @@ def input_verdicts(trials: pd.DataFrame) -> pd.DataFrame:
             "ratio_se": last["report_vs_input_ratio_se"].astype(float),
         }
     )
+
+
+def behind_input(versus: pd.DataFrame, ratios: bool = False) -> tuple[str, str] | None:
+    """The models of :func:`input_verdicts` that do not beat their zero-filled input, for the sentence
+    the runner's summary and the report's each write: ``("2 of 5", "t1 (worse than its input), t2 (not
+    distinguishable from its input)")``, the count and every such trial with its verdict in words (and,
+    with ``ratios``, its NMSE ratio: ``t1 (worse than its input, 2.03x)``); None when every model beats it."""
+    behind = [t for t, v in versus["verdict"].items() if v != "beats"]
+    if not behind:
+        return None
+
+    def entry(t: str) -> str:
+        ratio = f", {versus.loc[t, 'ratio']:.2f}x" if ratios else ""
+        return f"{t} ({VERDICT_WORDS[versus.loc[t, 'verdict']]}{ratio})"
+
+    return f"{len(behind)} of {len(versus)}", ", ".join(entry(t) for t in behind)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mriadv.verdict import VERDICT_WORDS, study_warning
-from study.analysis import best_trials, finished_trials, input_verdicts, trial_messages, trial_status
+from mriadv.verdict import study_warning
+from study.analysis import behind_input, best_trials, finished_trials, input_verdicts, trial_messages, trial_status
 from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
 from study.report_data import (
     StudyResults,
@@ -272,13 +272,13 @@ def _summary_files(res: StudyResults, written: list[str]) -> list[str]:
 def _versus_notes(versus: pd.DataFrame) -> list[str]:
     """Every trial whose model does not beat its input, and the study's warning when none does."""
     out = []
-    behind = [t for t, v in versus["verdict"].items() if v != "beats"]
+    behind = behind_input(versus)
     if behind:
+        count, listing = behind
         out += [
-            f"**{len(behind)} of {len(versus)} models do not beat their own zero-filled input** on the held-out "
-            "volumes (NMSE lower and SSIM higher, each by more than two paired SEs): "
-            + ", ".join(f"{t} ({VERDICT_WORDS[versus.loc[t, 'verdict']]})" for t in behind)
-            + ". Their robustness numbers describe models that add nothing to their input.",
+            f"**{count} models do not beat their own zero-filled input** on the held-out volumes (NMSE lower "
+            f"and SSIM higher, each by more than two paired SEs): {listing}. Their robustness numbers describe "
+            "models that add nothing to their input.",
             "",
         ]
     warning = study_warning(list(versus["verdict"]))

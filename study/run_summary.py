@@ -2,8 +2,9 @@
 
 :func:`summarize` gives the lines printed when a study ends (statuses, the best trial by each
 objective at its best epoch, the Pareto front, errors, where everything is); paths in them are
-relative to the current folder where they lie below it. No Ray at import: :func:`trial_statuses`
-imports it when called.
+relative to the current folder where they lie below it; :func:`closing_warning` the line it ends
+with when no model beats its input, and :func:`summary_and_warning` both from one read of the tables.
+No Ray at import: :func:`trial_statuses` imports it when called.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from mriadv.verdict import VERDICT_WORDS, study_warning
 from study.analysis import (
+    behind_input,
     best_epochs,
     best_trials,
     failed_trials,
@@ -26,10 +30,11 @@ from study.spaces import EPSILON_KEYS, StudySpace
 from study.tables import load_tables
 
 
-def summarize(study_dir: Path, space: StudySpace) -> list[str]:
+def summarize(study_dir: Path, space: StudySpace, trials: pd.DataFrame | None = None) -> list[str]:
     """The lines printed at the end of a study: statuses, the best trial by each objective (at
-    its best epoch), the Pareto front of finished trials, errors, and where everything is."""
-    trials, _ = load_tables(study_dir)
+    its best epoch), the Pareto front of finished trials, errors, and where everything is.
+    ``trials``: the study's trials table when already read (:func:`study.tables.load_tables`)."""
+    trials = load_tables(study_dir)[0] if trials is None else trials
     lines = [f"results: {here(study_dir)}"]
     if trials.empty:
         return lines + ["no trial reported a result"]
@@ -57,24 +62,26 @@ def summarize(study_dir: Path, space: StudySpace) -> list[str]:
             lines.append(f"Pareto front ({' vs '.join(cols)}): " + ", ".join(best.loc[front, "trial_id"]))
     for trial_id, message in failed_trials(trials).items():
         lines.append(f"trial {trial_id} failed: {message}")
-    worse = [t for t, v in versus["verdict"].items() if v != "beats"]
-    if worse:
-        lines.append(
-            f"{len(worse)} of {len(versus)} models do not beat their zero-filled input on the held-out volumes: "
-            + ", ".join(
-                f"{t} ({VERDICT_WORDS[versus.loc[t, 'verdict']]}, {versus.loc[t, 'ratio']:.2f}x)" for t in worse
-            )
-        )
+    behind = behind_input(versus, ratios=True)
+    if behind:
+        count, listing = behind
+        lines.append(f"{count} models do not beat their zero-filled input on the held-out volumes: {listing}")
     lines.append(f"tables: {here(study_dir / TRIALS_FILE)}, {here(study_dir / ROBUSTNESS_FILE)}")
     lines.append(f"TensorBoard: tensorboard --logdir {here(study_dir)}")
     lines.append(f"Optuna: optuna-dashboard sqlite:///{here(study_dir / OPTUNA_FILE)}")
     return lines
 
 
-def closing_warning(study_dir: Path) -> str | None:
-    """The line a study ends with when none of its models beats its own zero-filled input."""
-    trials, _ = load_tables(study_dir)
+def closing_warning(trials: pd.DataFrame) -> str | None:
+    """The line a study ends with when none of its models beats its own zero-filled input; ``trials``:
+    the study's trials table (:func:`study.tables.load_tables`)."""
     return study_warning(list(input_verdicts(trials)["verdict"]))
+
+
+def summary_and_warning(study_dir: Path, space: StudySpace) -> tuple[list[str], str | None]:
+    """:func:`summarize` and :func:`closing_warning` of a study, from one read of its tables."""
+    trials, _ = load_tables(study_dir)
+    return summarize(study_dir, space, trials), closing_warning(trials)
 
 
 def _versus(versus, trial_id: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mriadv.adversaries import gaussian_perturbation, predictor
+from mriadv.adversaries import gaussian_perturbation, predictor, training_noise_mode
 from mriadv.assess import assess
 from mriadv.attacks import PGDAttack
 from mriadv.checkpoint import BEST_NAME, load_checkpoint
@@ -192,10 +192,13 @@ def test_unrolled_smoothing_trains_one_step_and_evaluates_the_smoothed_predictor
     batch = kspace_batch()
     # the training noise has the predictor's sigma: complex, on the sampled columns
     rng = torch.Generator().manual_seed(11)
-    delta = gaussian_perturbation(cfg, batch, torch.Generator().manual_seed(11))
+    delta = gaussian_perturbation(cfg, batch, torch.Generator().manual_seed(11), mode=training_noise_mode(cfg))
     unit = torch.complex(torch.randn(batch.kspace.shape, generator=rng), torch.randn(batch.kspace.shape, generator=rng))
     sigma = hand_kspace_sigma(4.0, batch.kspace, batch.mask, 8)
     assert torch.allclose(delta, unit * batch.mask[:, None, :] * sigma[:, None, None], rtol=1e-5, atol=1e-7)
+    assert cfg.noise_mode == "norm" and training_noise_mode(cfg) == "sigma"  # whatever the config says
+    with pytest.raises(ValueError, match="mode"):
+        gaussian_perturbation(cfg, batch, torch.Generator(), mode="iid")
     before = [p.detach().clone() for p in tr.recon.parameters()]
     stats = tr.train_step(batch)
     assert math.isfinite(stats["recon_loss"]) and stats["delta_sq"] > 0
