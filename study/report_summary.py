@@ -5,13 +5,14 @@ status and message, and the files written. Paths are relative to the study folde
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from mriadv.verdict import study_warning
 from study.analysis import behind_input, best_trials, finished_trials, input_verdicts, trial_messages, trial_status
-from study.layout import HPARAM_KEYS, ROBUSTNESS_FILE, TRIALS_FILE
+from study.layout import HPARAM_KEYS, REFERENCE_FILE, REFERENCE_INIT, ROBUSTNESS_FILE, TRIALS_FILE
 from study.report_data import (
     StudyResults,
     attack_column,
@@ -204,6 +205,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
         if "train_time_s" in res.trials
         else {}
     )
+    minutes = _minutes(res)
     ids = list(res.best["trial_id"] if not res.best.empty else []) + sorted(set(statuses.index) - set(best.index))
     rob = held_out(res)
     attack, top = _attack(res)
@@ -225,6 +227,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
                 status,
                 str(int(epochs.get(t, 0))),
                 format_number(cost.get(t), ".1f"),
+                minutes.get(t, "–"),
                 format_number(b.get("epoch"), ".0f"),
                 format_number(b.get("val_nmse"), ".4f"),
                 format_number(clean.get(t), ".4f"),
@@ -239,6 +242,7 @@ def _summary_trials(res: StudyResults) -> list[str]:
         "status",
         "epochs",
         "train s/epoch",
+        "minutes",
         "best epoch",
         "selection NMSE",
         "report NMSE",
@@ -247,6 +251,25 @@ def _summary_trials(res: StudyResults) -> list[str]:
         "message",
     ]
     return out + [markdown_table(headers, rows), ""]
+
+
+def _minutes(res: StudyResults) -> dict[str, str]:
+    """Each trial's cost in minutes (its epochs' times: training, evaluation, attacks, the held-out
+    report); a trial that fine-tuned the space's reference (``init_from: reference``) also cost the
+    reference's minutes, shown added (once for all of them)."""
+    if "epoch_time_s" not in res.trials:
+        return {}
+    rows = res.trials[res.trials["epoch"] > 0]
+    own = rows.groupby("trial_id")["epoch_time_s"].sum() / 60.0
+    out = {t: format_number(m, ".1f") for t, m in own.items()}
+    try:  # the driver's record of the reference trial (study.reference), its folder trial_<id>_...
+        ref = str(json.loads((res.folder / REFERENCE_FILE).read_text())["folder"]).split("_")[1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return out
+    if ref in own and "init_from" in rows:
+        for t in rows.loc[rows["init_from"] == REFERENCE_INIT, "trial_id"].unique():
+            out[t] = f"{own[t]:.1f} + {own[ref]:.1f} (reference)"
+    return out
 
 
 def _summary_files(res: StudyResults, written: list[str]) -> list[str]:

@@ -127,3 +127,25 @@ def test_the_best_recipe_within_half_a_decibel(tmp_path):
     (line,) = _within_psnr(far, "std", d, "pgd", 5000)
     assert "no configuration is within 0.5 dB" in line and "the closest, c, gives up -0.70" in line
     assert _within_psnr(versus.assign(ΔPSNR=math.nan), "std", d, "pgd", 5000) == []
+
+
+def test_a_fine_tuned_trial_costs_the_reference_too(tmp_path):
+    """The report's minutes per trial: a fine-tuned trial's own, plus the reference's shown beside."""
+    from study.report_data import load_results
+    from study.report_summary import _minutes
+
+    rows = [
+        {"trial_id": t, "epoch": e, "epoch_time_s": s, "init_from": init, "val_nmse": 0.1, "val_loss": 0.1}
+        for t, init, s in (
+            ("aaaa0001", "scratch", 60.0),
+            ("bbbb0002", "reference", 30.0),
+            ("cccc0003", "scratch", 90.0),
+        )
+        for e in (1, 2)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet", index=False)
+    pd.DataFrame({"trial_id": [], "attack": []}).to_parquet(tmp_path / "robustness.parquet", index=False)
+    assert _minutes(load_results(tmp_path)) == {"aaaa0001": "2.0", "bbbb0002": "1.0", "cccc0003": "3.0"}
+    (tmp_path / "trial_aaaa0001_adversary=none").mkdir()
+    record_reference(tmp_path, tmp_path / "trial_aaaa0001_adversary=none", "TERMINATED")
+    assert _minutes(load_results(tmp_path))["bbbb0002"] == "1.0 + 2.0 (reference)"
