@@ -356,7 +356,7 @@ def _within_psnr(versus: pd.DataFrame, reference: str, delta: str, attack: str, 
         top = rows.loc[rows["ΔPSNR"].idxmax()]
         return [
             f"found: no configuration is within {PSNR_COST_DB:g} dB of {reference}'s clean PSNR; the closest, "
-            f"{top['configuration']}, gives up {_cell(top, 'ΔPSNR', '+.2f')} dB and changes the {name} "
+            f"{top['configuration']}, at {_cell(top, 'ΔPSNR', '+.2f')} dB, changes the {name} "
             f"degradation by {_cell(top, f'{delta} %', '+.1f')} %"
         ]
     top = near.loc[near[f"{delta} %"].idxmin()]

@@ -125,7 +125,7 @@ def test_the_best_recipe_within_half_a_decibel(tmp_path):
     assert "best recipe is a: PGD@5000 degradation -10.0 ± 2.0 % (a gain) at -0.30 ± 0.10 dB" in line  # b costs 1.2 dB
     far = versus.assign(ΔPSNR=[-0.9, -1.2, -0.7])
     (line,) = _within_psnr(far, "std", d, "pgd", 5000)
-    assert "no configuration is within 0.5 dB" in line and "the closest, c, gives up -0.70" in line
+    assert "no configuration is within 0.5 dB" in line and "the closest, c, at -0.70 ± 0.10 dB, changes" in line
     assert _within_psnr(versus.assign(ΔPSNR=math.nan), "std", d, "pgd", 5000) == []
 
 
