@@ -22,9 +22,9 @@ config in ``study.json``), launches it on Ray Tune (:func:`launch`) and summaris
 from __future__ import annotations
 
 import argparse
-import re
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from study.procs import ProcessRecord
 from study.run_summary import here, summary_and_warning, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
 from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
-
 
 MAX_FAILURES = 2  # retries of a failed trial (a lost node: docs/clusters.md); an error in a trial's code repeats
 

@@ -44,7 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study.layout import REFERENCE_KEY, trial_folder
 
 logger = logging.getLogger(__name__)
-_LIVE: "weakref.WeakSet[StudySearch]" = weakref.WeakSet()  # the driver's searchers, for commit()
+_LIVE: weakref.WeakSet[StudySearch] = weakref.WeakSet()  # the driver's searchers, for commit()
 
 
 def commit(study_dir: str | Path) -> None:
