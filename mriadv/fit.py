@@ -85,7 +85,7 @@ class _Run:
             return
         config, stopping = self.cfg.to_dict(), asdict(self.early)
         if record.is_best:
-            save_checkpoint(self.best_path, make_checkpoint(config, epoch, record.status, self.best_nets, stopping))
+            self.save_best(epoch, record.status, stopping)
         save_checkpoint(
             self.ckpt_path,
             make_checkpoint(
@@ -101,6 +101,10 @@ class _Run:
             ),
         )
 
+    def save_best(self, epoch: int, status: str, stopping: dict[str, Any]) -> None:
+        """``best.pt``: the best epoch's networks, in the shape of :func:`make_checkpoint` without extras."""
+        save_checkpoint(self.best_path, make_checkpoint(self.cfg.to_dict(), epoch, status, self.best_nets, stopping))
+
     def save_best_of_resumed(self) -> None:
         """``best.pt`` as the resumed checkpoint knows it: a kill between the two saves of an epoch
         (``best.pt`` first), or a resume from an earlier checkpoint (a study's retry), left one of a
@@ -109,9 +113,7 @@ class _Run:
         at = [r for r in self.history if r.epoch == early.best_epoch]
         if self.out is None or self.best_nets is None or not at:
             return
-        stopping = {**asdict(early), "bad_epochs": 0}  # as it was saved, at the new best
-        best = make_checkpoint(self.cfg.to_dict(), early.best_epoch, at[0].status, self.best_nets, stopping)
-        save_checkpoint(self.best_path, best)
+        self.save_best(early.best_epoch, at[0].status, {**asdict(early), "bad_epochs": 0})  # as saved at that best
 
     def close_epoch(self, record: EpochRecord, epoch: int) -> None:
         """Keep ``record``, write the preview and the checkpoints, say the epoch, call ``on_epoch``."""

@@ -30,10 +30,12 @@ def is_reference(config: dict[str, Any]) -> bool:
     return bool(config.get(REFERENCE_KEY, False))
 
 
-def record_reference(study_dir: Path, trial_folder: Path | None, status: str) -> None:
-    """The reference trial ended with ``status`` (driver side): ``reference_trial``, written atomically."""
+def record_reference(study_dir: Path, trial_id: str, trial_folder: Path | None, status: str) -> None:
+    """The reference trial ``trial_id`` ended with ``status`` (driver side): ``reference_trial``, written
+    atomically."""
     best = trial_folder / BEST_CHECKPOINT if trial_folder is not None else None
     info = {
+        "trial_id": trial_id,
         "folder": trial_folder.name if trial_folder is not None else None,
         "status": status,
         "best": str(best) if best is not None and best.is_file() else None,
@@ -41,6 +43,14 @@ def record_reference(study_dir: Path, trial_folder: Path | None, status: str) ->
     tmp = study_dir / f".{REFERENCE_FILE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, study_dir / REFERENCE_FILE)
+
+
+def reference_trial_id(study_dir: Path) -> str | None:
+    """The reference trial's id, once it has ended (None: no reference, or not yet)."""
+    try:
+        return str(json.loads((Path(study_dir) / REFERENCE_FILE).read_text())["trial_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def reference_checkpoint(study_dir: Path, say: Callable[[str], None], poll_s: float = POLL_S) -> str:

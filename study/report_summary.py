@@ -5,14 +5,14 @@ status and message, and the files written. Paths are relative to the study folde
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from mriadv.verdict import study_warning
 from study.analysis import behind_input, best_trials, finished_trials, input_verdicts, trial_messages, trial_status
-from study.layout import HPARAM_KEYS, REFERENCE_FILE, REFERENCE_INIT, ROBUSTNESS_FILE, TRIALS_FILE
+from study.layout import HPARAM_KEYS, REFERENCE_INIT, ROBUSTNESS_FILE, TRIALS_FILE
+from study.reference import reference_trial_id
 from study.report_data import (
     StudyResults,
     attack_column,
@@ -262,10 +262,7 @@ def _minutes(res: StudyResults) -> dict[str, str]:
     rows = res.trials[res.trials["epoch"] > 0]
     own = rows.groupby("trial_id")["epoch_time_s"].sum() / 60.0
     out = {t: format_number(m, ".1f") for t, m in own.items()}
-    try:  # the driver's record of the reference trial (study.reference), its folder trial_<id>_...
-        ref = str(json.loads((res.folder / REFERENCE_FILE).read_text())["folder"]).split("_")[1]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return out
+    ref = reference_trial_id(res.folder)  # the driver's record of the space's reference trial
     if ref in own and "init_from" in rows:
         for t in rows.loc[rows["init_from"] == REFERENCE_INIT, "trial_id"].unique():
             out[t] = f"{own[t]:.1f} + {own[ref]:.1f} (reference)"

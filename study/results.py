@@ -118,7 +118,7 @@ class ResultsCallback(tune.Callback):
         if folder is not None:
             write_session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS)
         if is_reference(trial.config):  # fine-tuned trials wait for it (study.reference)
-            record_reference(self.folder, folder, status)
+            record_reference(self.folder, trial.trial_id, folder, status)
 
     def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
         for result in results:

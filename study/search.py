@@ -88,7 +88,6 @@ class StudySearch(OptunaSearch):
         self._study_dir = str(study_dir)
         self._curve_metric = curve_metric
         self._reference = dict(reference) if reference else None  # the space's first trial (study.reference)
-        self._reference_given = False
         # fine-tuning spaces: no other trial until the reference has ended, so that no trial waiting for
         # its best.pt holds the place the reference (or its retry) needs
         self._reference_first = reference_first
@@ -109,15 +108,15 @@ class StudySearch(OptunaSearch):
         self._ot_study.set_user_attr("intermediate_values", f"{self._curve_metric} at each epoch")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self._reference is not None and not self._reference_given and trial_id not in self._ot_trials:
+        if self._reference is not None and self._reference_id is None and trial_id not in self._ot_trials:
             # the space's reference first: an Optuna trial with none of the searched values (outside
             # their ranges), told its objectives like any other
-            self._reference_given, self._reference_id = True, trial_id
+            self._reference_id = trial_id
             self._ot_trials[trial_id] = self._ot_study.ask()
             self._ot_trials[trial_id].set_user_attr("reference", True)
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
             return {**self._reference, REFERENCE_KEY: True}
-        if self._reference_first and self._reference_given and not self._reference_ended:
+        if self._reference_first and self._reference_id is not None and not self._reference_ended:
             return None  # Tune asks again later
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
@@ -127,13 +126,8 @@ class StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Record the trial's folder (first result); hold its epoch's value for :meth:`commit`. Ray's
         own reporting (the searched best-so-far value, single objective only) is replaced by this."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
-            return
-        self._link(trial_id, ot_trial)
-        value, epoch = result.get(self._curve_metric), result.get("epoch")
-        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
-            self._held.append(("epoch", trial_id, epoch, float(value)))
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._hold_epoch(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         """Tune hands a trial's last result here, not to :meth:`on_trial_result`, when the trial stops
@@ -145,11 +139,15 @@ class StudySearch(OptunaSearch):
         if trial_id == self._reference_id:
             self._reference_ended = True  # the other trials may start (reference_first)
         if trial_id in self._ot_trials:
-            self._link(trial_id, self._ot_trials[trial_id])
-            value, epoch = (result or {}).get(self._curve_metric), (result or {}).get("epoch")
-            if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
-                self._held.append(("epoch", trial_id, epoch, float(value)))
+            self._hold_epoch(trial_id, result or {})
         self._held.append(("end", trial_id, dict(result or {}), error))
+
+    def _hold_epoch(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Record the trial's folder (once) and hold its epoch's value of the curve metric for :meth:`commit`."""
+        self._link(trial_id, self._ot_trials[trial_id])
+        value, epoch = result.get(self._curve_metric), result.get("epoch")
+        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(epoch, int):
+            self._held.append(("epoch", trial_id, epoch, float(value)))
 
     def commit(self) -> None:
         """Write what is held to Optuna's database, in the order it came: epoch values, then each
@@ -189,8 +187,8 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Ray's restore; then what the restored save held back is written (that save covers it)."""
         super().restore(checkpoint_path)
-        restored = (("_held", []), ("_reference", None), ("_reference_given", False), ("_reference_first", False))
-        for key, value in (*restored, ("_reference_id", None), ("_reference_ended", False)):
+        restored = (("_held", []), ("_reference", None), ("_reference_first", False), ("_reference_id", None))
+        for key, value in (*restored, ("_reference_ended", False)):
             self.__dict__.setdefault(key, value)  # a searcher saved before these existed
         _LIVE.add(self)
         self.commit()

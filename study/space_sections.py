@@ -10,7 +10,7 @@ Every function raises through the ``fail`` it is given (``fail(key, why)`` makes
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +281,11 @@ def with_seeds(
     return [*params, Param("seed", "grid", values=values)], points
 
 
+def fine_tunes_reference(params: Sequence[Param]) -> bool:
+    """Whether trials may start from the reference trial's best.pt (a searched ``init_from: reference``)."""
+    return any(p.name == "init_from" and REFERENCE_INIT in p.values for p in params)
+
+
 def read_reference(
     raw: dict[str, Any], params: list[Param], listed: bool, fixed: dict[str, Any], fail: Fail, check_value: CheckValue
 ) -> dict[str, Any] | None:
@@ -289,9 +294,8 @@ def read_reference(
     runs first, as one of ``num_samples``, against which the report compares every trial, and whose
     ``best.pt`` trials with ``init_from: reference`` fine-tune (:mod:`study.reference`)."""
     ref = raw.get("reference")
-    fine_tuned = any(p.name == "init_from" and REFERENCE_INIT in p.values for p in params)
     if ref is None:
-        if fine_tuned:
+        if fine_tunes_reference(params):
             raise fail("parameters.init_from", f"{REFERENCE_INIT!r} fine-tunes the space's reference: add 'reference:'")
         return None
     if listed:

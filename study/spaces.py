@@ -43,6 +43,7 @@ from study.space_sections import (
     Objective,
     Param,
     check_top_level,
+    fine_tunes_reference,
     points_as_choices,
     read_attack_budgets,
     read_fixed,
@@ -110,7 +111,7 @@ class StudySpace:
     @property
     def fine_tunes_reference(self) -> bool:
         """Whether trials may start from the reference trial's best.pt (``init_from: reference``)."""
-        return any(p.name == "init_from" and REFERENCE_INIT in p.values for p in self.params)
+        return fine_tunes_reference(self.params)
 
     def trial_count(self) -> int:
         return len(self.grid_points()) if self.is_grid or self.points else self.num_samples

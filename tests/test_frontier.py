@@ -88,7 +88,7 @@ def test_a_fine_tuned_trial_waits_for_the_reference_best(tmp_path):
     folder.mkdir()
     (folder / "best.pt").write_bytes(b"weights")
     lines: list[str] = []
-    threading.Timer(0.3, record_reference, (tmp_path, folder, "TERMINATED")).start()  # the driver, later
+    threading.Timer(0.3, record_reference, (tmp_path, "ref", folder, "TERMINATED")).start()  # the driver, later
     t0 = time.monotonic()
     values = resolve_sampled({"epsilon": 10.0, "init_from": "reference"}, tmp_path, lines.append)
     assert values == {"epsilon": 10.0, "init_from": str(folder / "best.pt")} and time.monotonic() - t0 >= 0.3
@@ -100,7 +100,7 @@ def test_a_fine_tuned_trial_waits_for_the_reference_best(tmp_path):
 
 
 def test_a_reference_without_a_best_fails_the_fine_tuned_trial_in_one_line(tmp_path):
-    record_reference(tmp_path, None, "ERROR")
+    record_reference(tmp_path, "ref", None, "ERROR")
     assert json.loads((tmp_path / REFERENCE_FILE).read_text())["best"] is None
     with pytest.raises(RuntimeError, match="reference trial None ended ERROR without a best.pt"):
         resolve_sampled({"init_from": "reference"}, tmp_path, print)
@@ -147,5 +147,5 @@ def test_a_fine_tuned_trial_costs_the_reference_too(tmp_path):
     pd.DataFrame({"trial_id": [], "attack": []}).to_parquet(tmp_path / "robustness.parquet", index=False)
     assert _minutes(load_results(tmp_path)) == {"aaaa0001": "2.0", "bbbb0002": "1.0", "cccc0003": "3.0"}
     (tmp_path / "trial_aaaa0001_adversary=none").mkdir()
-    record_reference(tmp_path, tmp_path / "trial_aaaa0001_adversary=none", "TERMINATED")
+    record_reference(tmp_path, "aaaa0001", tmp_path / "trial_aaaa0001_adversary=none", "TERMINATED")
     assert _minutes(load_results(tmp_path))["bbbb0002"] == "1.0 + 2.0 (reference)"
