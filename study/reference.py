@@ -23,6 +23,7 @@ from typing import Any
 from study.layout import BEST_CHECKPOINT, REFERENCE_FILE, REFERENCE_INIT, REFERENCE_KEY
 
 POLL_S = 2.0
+WAIT_S = 120.0  # the longest a fine-tuned trial waits for the reference's record
 
 
 def is_reference(config: dict[str, Any]) -> bool:
@@ -53,13 +54,22 @@ def reference_trial_id(study_dir: Path) -> str | None:
         return None
 
 
-def reference_checkpoint(study_dir: Path, say: Callable[[str], None], poll_s: float = POLL_S) -> str:
+def reference_checkpoint(
+    study_dir: Path, say: Callable[[str], None], poll_s: float = POLL_S, wait_s: float = WAIT_S
+) -> str:
     """The reference trial's ``best.pt`` (worker side), once it has ended; RuntimeError in one line
-    where it ended without one."""
+    where it ended without one, or where its record has not appeared within ``wait_s`` (the searcher
+    starts no fine-tuned trial before the reference has ended, so only a slow shared file system makes
+    one wait; never for ever: the trial fails and Tune retries it, ``--max-failures``)."""
     path = Path(study_dir) / REFERENCE_FILE
     if not path.is_file():
         say("fine-tuning: waiting for the space's reference trial to end (its best.pt is this trial's start)")
+    deadline = time.monotonic() + wait_s
     while not path.is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"init_from: reference: no record of the reference trial's end in {path} after {wait_s:g} s"
+            )
         time.sleep(poll_s)
     info = json.loads(path.read_text())
     if not info.get("best"):

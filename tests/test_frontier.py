@@ -149,3 +149,13 @@ def test_a_fine_tuned_trial_costs_the_reference_too(tmp_path):
     (tmp_path / "trial_aaaa0001_adversary=none").mkdir()
     record_reference(tmp_path, "aaaa0001", tmp_path / "trial_aaaa0001_adversary=none", "TERMINATED")
     assert _minutes(load_results(tmp_path))["bbbb0002"] == "1.0 + 2.0 (reference)"
+
+
+def test_a_fine_tuned_trial_never_waits_for_ever(tmp_path):
+    """Without the reference's record (the searcher never lets that happen), a bounded wait, then one line."""
+    from study.reference import reference_checkpoint
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="no record of the reference trial's end in .* after 0.2 s"):
+        reference_checkpoint(tmp_path, lambda _line: None, poll_s=0.05, wait_s=0.2)
+    assert time.monotonic() - t0 < 5
