@@ -193,14 +193,17 @@ def report_scalar_tag(key: str) -> str | None:
     return None
 
 
-def write_session_end(folder: Path, status: str) -> bool:
+def write_session_end(folder: Path, status: str, started: bool | None = None) -> bool:
     """Append the HParams session end (``SUCCESS`` or ``FAILURE``) to a trial's run, as a second
     event file in its folder (TensorBoard merges a folder's files into one run). Nothing is written
-    where the trial never wrote its session start (it failed before its trainable ran): False."""
+    where the trial never wrote its session start (it failed before its trainable ran): False.
+    ``started``: whether it did, where the run's files are elsewhere (object storage); else the
+    folder is looked at."""
     from torch.utils.tensorboard.writer import FileWriter
 
-    if not any(folder.glob("events.out.tfevents.*")):
+    if not (any(folder.glob("events.out.tfevents.*")) if started is None else started):
         return False
+    folder.mkdir(parents=True, exist_ok=True)
     writer = FileWriter(str(folder), filename_suffix=".end")
     writer.add_summary(session_end_summary(status))
     writer.close()

@@ -21,6 +21,10 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from study.storage import RemoteStudy
 
 STORAGE_TIMEOUT_S = 30.0  # the storage check's tasks, one per node (a worker starts on each)
 DATA_SPLITS = ("singlecoil_train", "singlecoil_val")
@@ -200,7 +204,9 @@ def cluster_problem(request: dict[str, float], address: str) -> str | None:
     return None
 
 
-def storage_problem(study_dir: Path, data_dir: Path, timeout_s: float = STORAGE_TIMEOUT_S) -> str | None:
+def storage_problem(
+    study_dir: Path, data_dir: Path, timeout_s: float = STORAGE_TIMEOUT_S, remote: RemoteStudy | None = None
+) -> str | None:
     """None if every live node of the connected cluster sees ``study_dir`` and ``data_dir`` as this
     driver does, else one line naming the first node that does not (its IP and node id) and the path.
 
@@ -208,24 +214,32 @@ def storage_problem(study_dir: Path, data_dir: Path, timeout_s: float = STORAGE_
     one task pinned to each live node reads it there, compares the names and sizes of the files in
     ``data_dir``'s split folders with the driver's, and writes a reply beside the marker, which the
     driver then reads. The markers are removed afterwards. A node that does not answer within
-    ``timeout_s`` seconds is named too. Nodes that join later are not checked."""
+    ``timeout_s`` seconds is named too. Nodes that join later are not checked. With object storage
+    (``remote``) the marker and the replies are objects of the study there: every node must reach it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = secrets.token_hex(8)
     marker = study_dir / f".storage_check_{token}"
+    where = str(study_dir) if remote is None else remote.shown
     advice = (
         "--results and --data must be on storage mounted at the same path on every node of the cluster "
         "(docs/clusters.md)"
+        if remote is None
+        else "--data must be on storage mounted at the same path on every node, and every node must reach "
+        "--results with the credentials in its environment (docs/clusters.md)"
     )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     check = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(node_sees)  # its worker exits after it
-    marker.write_text(token)
+    if remote is None:
+        marker.write_text(token)
+    else:
+        remote.write_bytes(marker.name, token.encode())
     try:
         expected = data_listing(str(data_dir))
         refs = [
             check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-                str(marker), token, str(data_dir), expected, n["NodeID"]
+                str(marker), token, str(data_dir), expected, n["NodeID"], remote
             )
             for n in nodes
         ]
@@ -237,31 +251,58 @@ def storage_problem(study_dir: Path, data_dir: Path, timeout_s: float = STORAGE_
             if ref not in ready:
                 return (
                     f"{name} did not answer the shared-storage check within {timeout_s:g} s (a check of "
-                    f"{study_dir} and {data_dir}: can it start a Ray worker?); {advice}"
+                    f"{where} and {data_dir}: can it start a Ray worker?); {advice}"
                 )
             try:
                 problem = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the node's failure, in one line
-                return f"{name}: the shared-storage check of {study_dir} failed there: {_first_line(exc)}; {advice}"
-            if problem is None and _read(Path(f"{marker}_{node['NodeID']}")) != node["NodeID"]:
-                problem = f"wrote into the study folder {study_dir}, but this driver does not see what it wrote"
+                return f"{name}: the shared-storage check of {where} failed there: {_first_line(exc)}; {advice}"
+            reply = f"{marker.name}_{node['NodeID']}"
+            seen = _read(study_dir / reply) if remote is None else _read_object(remote, reply)
+            if problem is None and seen != node["NodeID"]:
+                problem = f"wrote into the study folder {where}, but this driver does not see what it wrote"
             if problem is not None:
                 return f"{name} {problem}; {advice}"
         return None
     finally:
-        for f in study_dir.glob(f"{marker.name}*"):
-            f.unlink(missing_ok=True)
+        if remote is None:
+            for f in study_dir.glob(f"{marker.name}*"):
+                f.unlink(missing_ok=True)
+        else:
+            for rel, is_dir in remote.listing():
+                if not is_dir and rel.startswith(marker.name):
+                    remote.fs.delete_file(remote.remote(rel))
 
 
-def node_sees(marker: str, token: str, data: str, expected: dict[str, list | None], node_id: str) -> str | None:
+def node_sees(
+    marker: str,
+    token: str,
+    data: str,
+    expected: dict[str, list | None],
+    node_id: str,
+    remote: RemoteStudy | None = None,
+) -> str | None:
     """The task of :func:`storage_problem` on node ``node_id``: None if the driver's ``marker`` holds
     ``token`` here and the data folder lists as ``expected``, after writing the reply
-    ``<marker>_<node_id>``; else what this node sees wrong, naming the path. Standard library only."""
-    study = os.path.dirname(marker)
-    seen = _read(Path(marker))
-    if seen is None:
-        why = "the folder is missing" if not os.path.isdir(study) else "the marker the driver wrote there is missing"
-        return f"does not see the study folder {study} ({why} on that node)"
+    ``<marker>_<node_id>``; else what this node sees wrong, naming the path. Standard library only,
+    but for object storage (``remote``: the marker and the reply are objects of the study there)."""
+    study = os.path.dirname(marker) if remote is None else remote.shown
+    reply = Path(f"{marker}_{node_id}")
+    if remote is None:
+        seen = _read(Path(marker))
+        if seen is None:
+            why = (
+                "the folder is missing" if not os.path.isdir(study) else "the marker the driver wrote there is missing"
+            )
+            return f"does not see the study folder {study} ({why} on that node)"
+    else:
+        try:
+            seen = remote.read_bytes(Path(marker).name)
+        except Exception as exc:  # noqa: BLE001 - the storage's error, in one line
+            return f"cannot read the object storage {study} ({_first_line(exc)})"
+        if seen is None:
+            return f"does not see the object storage {study} as this driver does (the driver's marker is missing there)"
+        seen = seen.decode()
     if seen != token:
         return f"sees another folder at the study folder's path {study} (the driver's marker differs there)"
     listing = data_listing(data)
@@ -280,9 +321,12 @@ def node_sees(marker: str, token: str, data: str, expected: dict[str, list | Non
         name, size, ours = next((n, s, t) for (n, s), (_, t) in zip(there, here, strict=True) if s != t)
         return f"sees another data folder at {data} ({split}/{name}: {size} bytes there, {ours} here)"
     try:
-        Path(f"{marker}_{node_id}").write_text(node_id)
+        if remote is None:
+            reply.write_text(node_id)
+        else:
+            remote.write_bytes(reply.name, node_id.encode())
     except OSError as exc:
-        return f"cannot write into the study folder {study} ({exc.strerror})"
+        return f"cannot write into the study folder {study} ({exc.strerror or _first_line(exc)})"
     return None
 
 
@@ -296,6 +340,14 @@ def data_listing(data: str) -> dict[str, list | None]:
         except OSError:
             out[split] = None
     return out
+
+
+def _read_object(remote: RemoteStudy, rel: str) -> str | None:
+    try:
+        data = remote.read_bytes(rel)
+    except OSError:
+        return None
+    return data.decode() if data is not None else None
 
 
 def _read(path: Path) -> str | None:

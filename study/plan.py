@@ -32,7 +32,8 @@ from study.layout import STATE_FILE, TUNER_FILE
 from study.lock import StudyBusy, lock_study
 from study.run_summary import trial_statuses
 from study.spaces import SpaceError, StudySpace, load_space, parse_space_yaml, space_from_dict
-from study.tune_state import EXPERIMENT_STATE, newest, repair_state
+from study.storage import RemoteStudy, StorageError, is_uri, study_uri
+from study.tune_state import EXPERIMENT_STATE, newest, newest_set, repair_state
 
 
 class Refused(Exception):
@@ -45,8 +46,9 @@ class Plan:
 
     space: StudySpace
     name: str
-    results: Path  # the results folder (absolute: Tune's storage_path)
-    study_dir: Path  # results / name
+    results: Path  # the results folder (absolute: Tune's storage_path); with object storage, the local
+    # folder of the synthetic data and caches (results/)
+    study_dir: Path  # results / name; with object storage, the driver's working copy (study/storage.py)
     resuming: bool
     cluster: bool  # joining a Ray cluster (--address) rather than starting a Ray instance of its own
     res: dict[str, float]  # per trial: {"cpu": ..., "gpu": ...}; a cluster's once it is joined (settle_resources)
@@ -56,6 +58,7 @@ class Plan:
     num_samples: int
     max_epochs: int
     located: str = ""  # the cluster's host:port
+    remote: RemoteStudy | None = None  # --results URI: the study on object storage
     lock: IO[str] | None = None  # the study's lock file (study/lock.py), open while this driver runs the study
 
 
@@ -107,12 +110,13 @@ def plan_study(args: argparse.Namespace) -> Plan:
     here, before the folder is read), and ``plan.lock`` keeps it. A new study's folder and
     ``study.json`` are written here; a resumed study's settings are read."""
     space = study_space(args)
-    results = args.results.resolve()
+    name = args.name or space.name
+    remote = RemoteStudy(study_uri(str(args.results), name)) if is_uri(args.results) else None
+    results = Path("results").resolve() if remote is not None else Path(args.results).resolve()
     for folder in (results, *results.parents):  # a file where a folder must be: one line, not a traceback
         if folder.exists() and not folder.is_dir():
             raise Refused(f"--results {args.results}: {folder} is a file, not a folder")
-    name = args.name or space.name
-    study_dir = results / name
+    study_dir = remote.local if remote is not None else results / name
     resuming = (study_dir / TUNER_FILE).is_file() and (study_dir / STATE_FILE).is_file()
     cluster, located = not is_local(args.address), ""
     if cluster:  # before the data and Ray: an address nobody answers at fails in seconds
@@ -120,7 +124,7 @@ def plan_study(args: argparse.Namespace) -> Plan:
             located = locate_cluster(args.address)
         except ClusterError as exc:
             raise Refused(str(exc)) from None
-    if args.resume and not resuming:
+    if args.resume and not resuming and remote is None:
         raise Refused(f"--resume: there is no study to resume in {study_dir} (run without --resume to start it)")
     here = local_node()
     res: dict[str, float] = {}
@@ -136,12 +140,30 @@ def plan_study(args: argparse.Namespace) -> Plan:
     except OSError as exc:
         raise Refused(f"--results {args.results}: cannot lock the study folder {study_dir}: {exc.strerror}") from None
     try:
-        plan = _plan_locked(args, space, results, name, cluster, here, res)
+        if remote is not None:  # the URI is the truth: the working copy becomes what is there
+            _pull(remote, args)
+        plan = _plan_locked(args, space, results, name, cluster, here, res, remote)
     except BaseException:
         lock.close()
         raise
     plan.located, plan.lock = located, lock
     return plan
+
+
+def _pull(remote: RemoteStudy, args: argparse.Namespace) -> None:
+    """Check that the object storage can be written, and replace the working copy with the driver's
+    files of the study there (none for a new study)."""
+    try:
+        remote.check()
+        found = remote.pull_driver()
+    except StorageError as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"--results {remote.shown}: cannot read the study there: {exc}") from None
+    if found:
+        print(f"study on object storage: {remote.shown} (working copy {remote.local})")
+    elif args.resume:
+        raise Refused(f"--resume: there is no study to resume at {remote.shown} (run without --resume to start it)")
 
 
 def _plan_locked(
@@ -152,15 +174,20 @@ def _plan_locked(
     cluster: bool,
     here: dict[str, float],
     res: dict[str, float],
+    remote: RemoteStudy | None = None,
 ) -> Plan:
     """The rest of :func:`plan_study`, once this driver holds the study's lock."""
-    study_dir = results / name
+    study_dir = remote.local if remote is not None else results / name
     resuming = (study_dir / TUNER_FILE).is_file() and (study_dir / STATE_FILE).is_file()  # again, under the lock
     cpus, gpus = int(here["CPU"]), int(here["GPU"])
     if resuming:
         base = _resumed_base(args, study_dir, name)
+        if remote is not None:  # Tune restores from the URI: the repaired set goes there
+            remote.publish_state([f.name for f in newest_set(study_dir) or []])
     else:
         base = _new_base(args, space, results, study_dir)
+        if remote is not None:
+            remote.push(STATE_FILE, force=True)
     if args.num_samples is not None and (space.is_grid or space.points) and args.num_samples != space.trial_count():
         print(
             f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
@@ -172,6 +199,7 @@ def _plan_locked(
         num_samples = min(num_samples, space.trial_count())
     print(f"space: {space.summary_line()}")
     plan = Plan(space, name, results, study_dir, resuming, cluster, res, cpus, gpus, base, num_samples, max_epochs)
+    plan.remote = remote
     if not cluster:
         settle_resources(plan, args, [here])
     return plan

@@ -162,18 +162,57 @@ def _check_partial(res: StudyResults) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study/report.py", description=__doc__.splitlines()[0])
-    p.add_argument("study_dir", type=Path, help="a study folder, results/<name>")
+    p.add_argument(
+        "study_dir",
+        help="a study folder, results/<name>, or a study on object storage, s3://bucket/prefix/<name>[?options]",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from study.storage import is_uri
+
+    if is_uri(args.study_dir):
+        return _remote_report(args.study_dir)
     try:
-        folder = write_report(args.study_dir)
+        folder = write_report(Path(args.study_dir))
     except NotAStudyFolder as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {folder}")
+    return 0
+
+
+def _remote_report(uri: str) -> int:
+    """The report of a study on object storage: its driver's files and trial folders (without the
+    checkpoints) downloaded into the working copy, the report written there and pushed beside them.
+    Where this machine's driver runs the study, its working copy is current and is used as it is."""
+    from study.lock import StudyBusy, lock_study
+    from study.storage import RemoteStudy, StorageError
+
+    remote = RemoteStudy(uri)
+    try:
+        lock = lock_study(remote.local)
+    except StudyBusy:
+        lock = None
+    try:
+        if lock is not None and not remote.pull_driver():
+            print(f"error: {remote.shown}: no study there (no study.json)", file=sys.stderr)
+            return 2
+        remote.pull_trials()
+        folder = write_report(remote.local)
+        remote.push_tree(folder.name)
+    except (StorageError, OSError) as exc:
+        print(f"error: {remote.shown}: {exc}", file=sys.stderr)
+        return 2
+    except NotAStudyFolder as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if lock is not None:
+            lock.close()
+    print(f"report: {remote.shown}/{folder.name}/ (written in {folder})")
     return 0
 
 

@@ -16,6 +16,7 @@ from study.board import FAILURE, SUCCESS, write_session_end
 from study.procs import ProcessRecord
 from study.reference import is_reference, record_reference
 from study.search import commit as commit_searchers
+from study.storage import RemoteStudy
 from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state, saves_replace_files, state_signature
 
@@ -45,9 +46,10 @@ class ResultsCallback(tune.Callback):
     after (:func:`study.search.commit`). The Parquet files are rewritten from the journal's
     events every few seconds (``REWRITE_S``) and at the end of the study."""
 
-    def __init__(self, folder: str | Path, record_processes: bool = True) -> None:
+    def __init__(self, folder: str | Path, record_processes: bool = True, remote: RemoteStudy | None = None) -> None:
         self.folder = Path(folder)
         self.record_processes = record_processes
+        self.remote = remote  # object storage: the driver's files are pushed there after each copy
         self._log: ResultsLog | None = None
         self._procs: ProcessRecord | None = None
         self._pending = False
@@ -56,6 +58,7 @@ class ResultsCallback(tune.Callback):
         self._written = 0.0  # monotonic time of the last Parquet rewrite, and what it cost
         self._write_s = 0.0
         self._procs_at = -PROCS_S
+        self._push_failed = False
 
     @property
     def log(self) -> ResultsLog:
@@ -67,6 +70,7 @@ class ResultsCallback(tune.Callback):
         return {
             "folder": self.folder,
             "record_processes": self.record_processes,
+            "remote": self.remote,
             "_log": None,
             "_procs": None,
             "_pending": False,
@@ -75,6 +79,7 @@ class ResultsCallback(tune.Callback):
             "_written": 0.0,
             "_write_s": 0.0,
             "_procs_at": -PROCS_S,
+            "_push_failed": False,
         }
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -116,9 +121,14 @@ class ResultsCallback(tune.Callback):
         status = self.log.status.get(trial.trial_id, ("", ""))[0]
         folder = self.folder / Path(trial.path).name if trial.path else None  # None: it never got one
         if folder is not None:
-            write_session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS)
+            started = None
+            if self.remote is not None:  # the trial's run is on object storage: the end is written here, pushed
+                started = any(r.rpartition("/")[2].startswith("events.") for r, _ in self.remote.listing(folder.name))
+            if write_session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS, started) and self.remote:
+                for end in folder.glob("events.out.tfevents.*"):
+                    self.remote.push(f"{folder.name}/{end.name}")
         if is_reference(trial.config):  # fine-tuned trials wait for it (study.reference)
-            record_reference(self.folder, trial.trial_id, folder, status)
+            record_reference(self.folder, trial.trial_id, folder, status, self.remote)
 
     def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
         for result in results:
@@ -148,6 +158,7 @@ class ResultsCallback(tune.Callback):
         self.log.commit()
         backup_state(staging, self.folder, link=saves_replace_files())
         commit_searchers(self.folder)  # Optuna under the same rule: after the state that holds it is copied
+        self._push()  # the same order on object storage: tables, the state copy, Optuna
         self._saved = saved
         return True
 
@@ -160,6 +171,23 @@ class ResultsCallback(tune.Callback):
         commit_searchers(self.folder)  # the final save covers everything
         self._rewrite()  # a finished (or interrupted) study leaves whole Parquet files and no journal
         self._pending = False
+        self._push()
+
+    def _push(self) -> None:
+        """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`). A
+        failed push is said once and tried again at the next save; the working copy keeps everything."""
+        if self.remote is None:
+            return
+        try:
+            self.remote.push_driver()
+        except OSError as exc:
+            if not self._push_failed:
+                print(
+                    f"warning: could not push the study's files to {self.remote.shown}: {exc}; trying again", flush=True
+                )
+            self._push_failed = True
+        else:
+            self._push_failed = False
 
     def _rewrite(self) -> None:
         start = time.monotonic()

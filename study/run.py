@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,21 +34,16 @@ from study.plan import Plan, Refused, check_options, plan_study, settle_resource
 from study.procs import ProcessRecord
 from study.run_summary import here, summary_and_warning, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
+from study.storage import RemoteStudy, StorageError, is_uri, study_uri
 from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
 
 MAX_FAILURES = 2  # retries of a failed trial (a lost node: docs/clusters.md); an error in a trial's code repeats
 
 
-def results_folder(text: str) -> Path:
-    """``--results``: a folder. A URI (``s3://bucket/prefix``, ``gs://…``) is refused in one line: object
-    storage is not supported yet (the trials write into the study folder, so every node must see it),
-    and a ``Path`` would have made a local folder named ``s3:`` of it."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        raise argparse.ArgumentTypeError(
-            f"{text}: object storage is not supported yet; give a folder that every node sees at the same path "
-            "(a shared file system; see docs/clusters.md)"
-        )
-    return Path(text)
+def results_folder(text: str) -> Path | str:
+    """``--results``: a folder, or object storage as a URI (``s3://bucket/prefix?endpoint_override=...``,
+    kept as text; :mod:`study.storage`)."""
+    return text if is_uri(text) else Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-spaces", action="store_true", help="list the available search spaces")
     p.add_argument("--name", help="study name (default: the space name)")
     p.add_argument("--data", type=Path, help="fastMRI-format root (default: the profile's synthetic data)")
-    p.add_argument("--results", type=results_folder, default=Path("results"), help="results folder (default: results/)")
+    p.add_argument(
+        "--results",
+        type=results_folder,
+        default=Path("results"),
+        help="results folder (default: results/), or object storage: s3://bucket/prefix (docs/clusters.md)",
+    )
     p.add_argument("--profile", choices=("smoke", "demo", "paper"), help="default: paper with CUDA, else demo")
     p.add_argument("--num-samples", type=int, help="trials of a sampled space (default: the space's)")
     p.add_argument("--max-epochs", type=int, help="override the profile's max_epochs")
@@ -237,12 +236,24 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
         attack_budgets_ref=space.attack_budgets,
         objective_metrics=tuple(o.metric for o in space.objectives),
         verbose=args.verbose,
+        remote=plan.remote,
     )
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), plan.res)
     metric_cols = ["val_nmse", "val_ssim"] + [searched_metric(o.metric) for o in space.objectives]
     reporter = StudyReporter(plan.name, [p.name for p in space.params], metric_cols, plan.max_epochs, plan.num_samples)
+    storage: dict[str, Any] = {"storage_path": str(plan.results)}
+    if plan.remote is not None:  # Tune's state and checkpoints on the URI, the trials' files as artifacts
+        fs, prefix, _ = plan.remote.tune_storage()
+        storage = {"storage_path": prefix, "storage_filesystem": fs}
     if plan.resuming:
-        return tune.Tuner.restore(str(plan.study_dir), trainable, resume_unfinished=True, resume_errored=False)
+        where = f"{storage['storage_path']}/{plan.name}" if plan.remote is not None else str(plan.study_dir)
+        return tune.Tuner.restore(
+            where,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            storage_filesystem=storage.get("storage_filesystem"),
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space(space),
@@ -256,9 +267,10 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
         ),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=str(plan.results),
+            **storage,
+            sync_config=tune.SyncConfig(sync_artifacts=plan.remote is not None),
             callbacks=[
-                ResultsCallback(plan.study_dir, record_processes=not plan.cluster),
+                ResultsCallback(plan.study_dir, record_processes=not plan.cluster, remote=plan.remote),
                 *tracking_callbacks(trackers, plan.name, str(plan.study_dir), ctx),
             ],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
@@ -291,7 +303,7 @@ def launch(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]) -> int
         problem = None if args.wait_for_resources else cluster_problem(plan.res, args.address)
         # every live node must see the study and data folders at this driver's paths (no shared storage: a
         # trial failed only after its first epoch); within STORAGE_TIMEOUT_S seconds
-        problem = problem or storage_problem(plan.study_dir, Path(plan.base["data"]))
+        problem = problem or storage_problem(plan.study_dir, Path(plan.base["data"]), remote=plan.remote)
         if problem:
             ray.shutdown()  # disconnects this driver; the cluster keeps running
             raise Refused(problem)
@@ -311,6 +323,8 @@ def launch(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]) -> int
 def summarise(plan: Plan, report: bool) -> None:
     """Print the study's summary, write its report (``report``), and say whether it was interrupted."""
     print()
+    if plan.remote is not None:  # the trials' files (best.pt, TensorBoard runs) are on the URI
+        plan.remote.pull_trials()
     lines, warning = summary_and_warning(plan.study_dir, plan.space)  # one read of the tables for both
     for line in lines:
         print(line)
@@ -326,6 +340,9 @@ def summarise(plan: Plan, report: bool) -> None:
             for line in found:
                 print(line)
             print(f"report: {here(folder)}")
+            if plan.remote is not None:
+                plan.remote.push_tree(folder.name)
+                print(f"report on object storage: {plan.remote.shown}/{folder.name}/")
     statuses = trial_statuses(plan.study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
         print("the study was interrupted; run the same command again to resume it")
@@ -343,13 +360,28 @@ def list_spaces() -> int:
 
 
 def serve_dashboard(args: argparse.Namespace) -> int:
-    """--dashboard: serve the study named by --name, or by the space's name."""
+    """--dashboard: serve the study named by --name, or by the space's name (on object storage: its
+    working copy, brought up to date first)."""
     from study.dashboard import serve
 
-    if args.name and not args.space:
-        return serve(args.results.resolve() / args.name)
-    space = study_space(args)
-    return serve(args.results.resolve() / (args.name or space.name))
+    name = args.name if args.name and not args.space else args.name or study_space(args).name
+    if not is_uri(args.results):
+        return serve(Path(args.results).resolve() / name)
+    from study.lock import StudyBusy, lock_study
+
+    remote = RemoteStudy(study_uri(str(args.results), name))
+    try:
+        lock = lock_study(remote.local)
+    except StudyBusy:  # this machine's driver runs the study: its working copy is current
+        return serve(remote.local)
+    with lock:
+        try:
+            if not remote.pull_driver():
+                raise Refused(f"--results {remote.shown}: no study there")
+            remote.pull_trials()
+        except (StorageError, OSError) as exc:
+            raise Refused(f"--results {remote.shown}: {exc}") from None
+    return serve(remote.local)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from study.board import TrialBoard, hparams_metrics
 from study.console import trial_label
 from study.layout import BEST_CHECKPOINT, HPARAM_KEYS, REFERENCE_KEY
 from study.reference import resolve_sampled
+from study.storage import RemoteStudy
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class StudyContext:
     attack_budgets_ref: tuple[float, ...]
     objective_metrics: tuple[str, ...]
     verbose: bool = False  # keep Ray's per-checkpoint log lines
+    remote: RemoteStudy | None = None  # --results URI: the trial's files travel as Tune's artifacts
 
 
 def trial_config(ctx: StudyContext, sampled: dict[str, Any]) -> TrainConfig:
@@ -102,13 +104,16 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     sampled = {k: v for k, v in config.items() if k != REFERENCE_KEY}
     label = trial_label(tune.get_context().get_trial_id(), sampled)
     given = trial_allocation()
+    work = Path(tempfile.mkdtemp(prefix="mriadv-trial-"))
     # init_from: reference waits for the space's reference trial and starts from its best.pt
-    values = resolve_sampled(sampled, Path(ctx.study_dir), lambda line: print(f"{label} {line}", flush=True))
+    values = resolve_sampled(
+        sampled, Path(ctx.study_dir), lambda line: print(f"{label} {line}", flush=True), ctx.remote, work
+    )
     cfg = replace(trial_config(ctx, values), threads=given["threads"])  # a study.json before this kept threads=1
     hp = hparams_of(cfg, values, ctx.epsilon_keys)
     if "init_from" in sampled:  # searched: as the space names it (a file, 'reference' or scratch)
         hp["init_from"] = "scratch" if sampled["init_from"] is None else str(sampled["init_from"])
-    trial_dir = Path(ctx.study_dir) / Path(tune.get_context().get_trial_dir()).name
+    trial_dir = trial_folder(ctx)
     trial_dir.mkdir(parents=True, exist_ok=True)
     devices = given["cuda_visible_devices"]
     print(
@@ -125,7 +130,6 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran it (a column of trials.parquet)
     checkpoint = tune.get_checkpoint()
     best = BestSoFar(ctx.objective_metrics)
-    work = Path(tempfile.mkdtemp(prefix="mriadv-trial-"))
     try:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -166,6 +170,21 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     finally:
         board.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def trial_folder(ctx: StudyContext) -> Path:
+    """Where the trial writes its files (TensorBoard run, ``best.pt``, preview): its folder in the study
+    folder, which every node sees; with object storage, the trial's working directory on this node,
+    which Tune uploads into the trial's folder there as artifacts (``SyncConfig(sync_artifacts=True)``)."""
+    name = Path(tune.get_context().get_trial_dir()).name
+    if ctx.remote is None:
+        return Path(ctx.study_dir) / name
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    storage = getattr(session, "storage", None)
+    working = getattr(storage, "trial_working_directory", None)
+    return Path(working) if working else Path(os.getcwd())  # Tune runs a trial in its working directory
 
 
 # result keys Tune itself uses (console, searcher, scheduler, stopping) besides the objectives

@@ -88,7 +88,7 @@ def ends_complete(path: Path) -> bool:
     return tail.endswith(b"}" if fnmatch.fnmatch(path.name, EXPERIMENT_STATE) else b".")
 
 
-def _copy_atomic(src: Path, dst: Path, link: bool = False) -> None:
+def copy_atomic(src: Path, dst: Path, link: bool = False) -> None:
     """``dst`` becomes a copy of ``src`` at once; with ``link``, the same file (a hard link: no
     bytes copied) where both folders are on one file system."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -147,7 +147,7 @@ def _identity(path: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _record_set(folder: Path, files: list[Path]) -> None:
+def record_set(folder: Path, files: list[Path]) -> None:
     """Write ``folder/SET_FILE``, naming ``files`` (one save's) as they are now, atomically."""
     tmp = folder / f".{SET_FILE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps({"files": {f.name: _identity(f) for f in files}}))
@@ -200,8 +200,8 @@ def backup_state(staging: Path, study_dir: Path, link: bool = False) -> bool:
     dest = study_dir / TUNE_STATE_DIR
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
-        _copy_atomic(f, dest / f.name, link)
-    _record_set(dest, [dest / f.name for f in files])
+        copy_atomic(f, dest / f.name, link)
+    record_set(dest, [dest / f.name for f in files])
     keep = {f.name for f in files}
     for old in dest.iterdir():
         if old.name not in keep and not old.name.startswith("."):
@@ -221,15 +221,15 @@ def repair_state(study_dir: Path) -> list[str]:
     chosen = saved_set(backup)
     for f in backup.iterdir() if backup.is_dir() else ():
         if f.is_file() and f.stat().st_nlink > 1:  # a hard link into Tune's staging folder: a copy of its own
-            _copy_atomic(f, f)
+            copy_atomic(f, f)
     if chosen is not None:
-        _record_set(backup, chosen)  # the same bytes, in files of their own now
+        record_set(backup, chosen)  # the same bytes, in files of their own now
         for ours in chosen:
             current = study_dir / ours.name
             if not current.is_file() or ours.read_bytes() != current.read_bytes():
                 was = "behind the last complete step" if is_complete(current) else "truncated"
                 was = was if current.is_file() else "missing"
-                _copy_atomic(ours, current)
+                copy_atomic(ours, current)
                 notes.append(f"{current.name} was {was}: restored the study's own copy")
     else:
         sessions = sorted({session_of(f.name) for p in STATE_PATTERNS for f in study_dir.glob(p)} - {None})

@@ -255,21 +255,6 @@ def test_results_that_is_a_file_is_refused_in_one_line(tmp_path):
         assert out.stderr.strip() == f"error: --results {results}: {tmp_path / 'afile'} is a file, not a folder"
 
 
-def test_results_that_is_a_uri_is_refused_in_one_line(tmp_path):
-    """Object storage is not supported yet (issue 21.2): a URI is refused, not made a local folder 's3:'."""
-    out = run_study("--space", "eps_sweep", "--profile", "smoke", "--results", "s3://bucket/studies", cwd=tmp_path)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert (
-        out.stderr.strip()
-        .splitlines()[-1]
-        .endswith(
-            "s3://bucket/studies: object storage is not supported yet; "
-            "give a folder that every node sees at the same path (a shared file system; see docs/clusters.md)"
-        )
-    )
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_missing_or_corrupt_data_fails_before_ray(tmp_path):
     t0 = time.monotonic()
     out = run_study(
