@@ -1,4 +1,6 @@
-"""What a study folder, ``results/<name>/``, holds, and the keys every trial reports.
+"""What a study folder, ``results/<name>/``, holds, and the keys every trial reports. A study on
+object storage (``--results s3://...``, :mod:`study.storage`) has the same layout at ``<uri>/<name>/``
+(the driver's files pushed from its working copy, ``.tune_state/`` as numbered sets).
 
 The runner, the result tables, the trainable and the report all name these; each is written here
 once. Only the standard library is imported (and :mod:`mriadv.checkpoint`'s file names, itself

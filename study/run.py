@@ -10,7 +10,8 @@ Trials are :func:`mriadv.fit.fit` runs, searched by Optuna (grid sampler for gri
 otherwise; multi-objective where the space names several objectives), stopped early by the
 trainer's patience and, for sampled spaces, by ASHA. Everything lands in ``results/<name>/``:
 Tune's trial folders (checkpoints every epoch, TensorBoard events), ``trials.parquet``,
-``robustness.parquet``, ``optuna.db`` and the report. Re-running the same command on an interrupted
+``robustness.parquet``, ``optuna.db`` and the report (or at ``<uri>/<name>/`` with ``--results s3://...``:
+:mod:`study.storage`). Re-running the same command on an interrupted
 study resumes it; while its driver is alive, another is refused (:mod:`study.lock`). Exit status: 0 done, 1 some
 trials failed, 2 bad input, another live driver, or a cluster node without the shared folders.
 
