@@ -115,6 +115,10 @@ class TrainConfig:
     unroll_chans: int = 8
     unroll_pools: int = 2
     unroll_share: bool = False  # one denoiser for every cascade
+    # SMUG's smoothing inside the unroll (mriadv.models.unrolled): each denoiser step is the mean of N passes
+    # on its input plus complex Gaussian noise of this sigma (normalised units: the zero-filled std is 1)
+    unroll_smooth_samples: int = 0  # N; 0: no smoothing
+    unroll_smooth_sigma: float = 0.0
     # --- data ------------------------------------------------------------------------------
     data: str | None = None  # root with singlecoil_train/ and singlecoil_val/
     crop_size: int = REFERENCE_CROP  # the seed's 320x320 crops
@@ -271,6 +275,13 @@ class TrainConfig:
             image_protocol = self.report_protocol in allowed.IMAGE_PROTOCOLS
             need(not image_protocol, "report_protocol", f"{UNROLLED}: it attacks the image; use a k-space one")
             need(not self.residual, "residual", "is the U-Net's; arch=unrolled's cascades are residual already")
+        smug = self.unroll_smooth_samples > 0
+        need(not smug or self.arch == "unrolled", "unroll_smooth_samples", "smooths arch=unrolled's denoisers only")
+        need(
+            smug == (self.unroll_smooth_sigma > 0),
+            "unroll_smooth_sigma",
+            "and unroll_smooth_samples: set both > 0, or neither",
+        )
         if self.adversary_kind == "smoothing":  # the U-Net's smoothed predictor sees only the image: train there too
             need(
                 self.arch == "unrolled" or self.perturbation == "image",

@@ -88,7 +88,7 @@ def need(cfg: Any, ok: bool, key: str, why: str) -> None:
 def check_numbers(cfg: Any) -> None:
     """:meth:`TrainConfig.validate <mriadv.config.TrainConfig.validate>`'s plain numbers and counts, in order:
     finite, at least 0 or 1, or None where optional; :class:`ConfigError` at the first that is not."""
-    for key in ("epsilon", "lambda1", "lambda2", "weight_decay"):
+    for key in ("epsilon", "lambda1", "lambda2", "weight_decay", "unroll_smooth_sigma"):
         value = getattr(cfg, key)
         need(
             cfg,
@@ -122,7 +122,7 @@ def check_numbers(cfg: Any) -> None:
     ):
         value = getattr(cfg, key)
         need(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, "must be an integer >= 1")
-    for key in ("unet_pools", "unroll_pools"):
+    for key in ("unet_pools", "unroll_pools", "unroll_smooth_samples"):
         value = getattr(cfg, key)
         need(cfg, isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, "must be an integer >= 0")
     need(

@@ -64,7 +64,8 @@ def build_reconstructor(cfg: TrainConfig) -> nn.Module:
     if cfg.arch == "unrolled":
         size = dict(cascades=cfg.unroll_cascades, chans=cfg.unroll_chans, num_pools=cfg.unroll_pools)
         layers = dict(activation=cfg.unet_activation, pooling=cfg.unet_pooling, norm=cfg.unet_norm)
-        return UnrolledNet(**size, share=cfg.unroll_share, crop=cfg.crop_size, **layers)
+        smug = dict(smooth_samples=cfg.unroll_smooth_samples, smooth_sigma=cfg.unroll_smooth_sigma)
+        return UnrolledNet(**size, share=cfg.unroll_share, crop=cfg.crop_size, **layers, **smug)
     if cfg.arch != "unet":
         raise ValueError(f"unknown arch {cfg.arch!r}; expected one of {CHOICES['arch']}")
     return UNet(

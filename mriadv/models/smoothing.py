@@ -5,7 +5,8 @@ Randomised smoothing (Cohen, Rosenfeld & Kolter, ICML 2019, for classifiers) app
 reconstructor end to end: "RS-E2E", the vanilla baseline of SMUG (Li, Jia, Liang, Yao, Ravishankar &
 Liu, ICASSP 2023). The base network is trained on noisy inputs of the same sigma
 (:mod:`mriadv.adversaries`) and predicts by the mean of ``N`` noisy passes. SMUG's own method smooths
-the denoiser inside each unroll; this is not that: the noise is added once, to the network's input.
+the denoiser inside each unroll (``unroll_smooth_samples``, :mod:`mriadv.models.unrolled`); this is not
+that: the noise is added once, to the network's input.
 
 :class:`Smoothed` shares the base network's weights and looks to
 :func:`mriadv.perturbations.reconstruct` exactly as the base does (the zero-filled image for the U-Net,

@@ -14,6 +14,17 @@ sampled columns of the output equal the measurements exactly, so a perturbation 
 measurements moves the output by at least ``‖M δ‖`` (the structural floor of hard data consistency).
 ``λ_k = softplus(ρ_k) ≥ 0`` is learnt per cascade.
 
+**Smoothing inside the unroll** (SMUG, Li, Jia, Liang, Yao, Ravishankar & Liu, ICASSP 2023): with
+``smooth_samples = N > 0`` each cascade's denoiser step is randomised smoothing of the denoiser,
+``z = x + (1/N) Σ_i D_k(x + σ n_i)`` with complex standard normal ``n_i`` on the whole grid, the Monte-Carlo
+form of ``E_n[(x + σn) + D_k(x + σn)]``. In training each pass draws fresh noise from torch's global
+generator (saved in every checkpoint, so a resumed run draws what the uninterrupted one would); in
+evaluation the draws come from a generator seeded with ``SMOOTHING_SEED + k`` at every call (common
+random numbers, as :class:`mriadv.models.smoothing.Smoothed`): the predictor is one deterministic
+function, and an attack's gradient is its exact gradient, through the mean of the ``N`` passes of
+every cascade (expectation over transformation). This is not RS-E2E (``adversary='smoothing'``, which
+adds noise once, to the measurements).
+
 The network works on the complex image of the whole k-space grid ``(H, W)`` as two real channels and
 crops to the target at the end; its output is normalised as the U-Net's input (the magnitude minus
 ``mean / std``, k-space already divided by ``std`` in :class:`mriadv.data.transforms.UnetTransform`), so
@@ -30,6 +41,7 @@ from torch import nn
 
 from mriadv.data.transforms import NORM_EPS, center_crop
 from mriadv.fft import fft2c, ifft2c
+from mriadv.models.smoothing import SMOOTHING_SEED
 from mriadv.models.unet import UNet
 
 
@@ -59,6 +71,8 @@ class UnrolledNet(nn.Module):
         crop: side of the square output (the target's crop).
         lam_init: initial ``λ`` of every cascade.
         activation, pooling, norm: the denoiser's, as the U-Net's.
+        smooth_samples, smooth_sigma: SMUG's smoothing of every denoiser step (``N`` passes, noise of
+            ``σ`` per real component in the normalised units of the input; 0 passes: none).
 
     ``takes_measurements``: it is called as ``model(kspace, mask, mean, std)``, not on the zero-filled
     image (:func:`mriadv.perturbations.reconstruct`).
@@ -77,11 +91,18 @@ class UnrolledNet(nn.Module):
         activation: str = "prelu",
         pooling: str = "avg",
         norm: str = "instance",
+        smooth_samples: int = 0,
+        smooth_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if cascades < 1:
             raise ValueError(f"cascades must be >= 1, got {cascades}")
+        if smooth_samples < 0 or smooth_sigma < 0 or (smooth_samples > 0) != (smooth_sigma > 0):
+            raise ValueError(
+                f"smoothing needs samples >= 1 and sigma > 0 (or neither), got {smooth_samples}, {smooth_sigma}"
+            )
         self.cascades, self.crop, self.share = cascades, crop, share
+        self.smooth_samples, self.smooth_sigma = int(smooth_samples), float(smooth_sigma)
 
         def denoiser() -> UNet:
             return UNet(2, 2, chans, num_pools, activation=activation, pooling=pooling, norm=norm)
@@ -106,13 +127,32 @@ class UnrolledNet(nn.Module):
         lambdas = self.lambdas
         for k in range(self.cascades):
             net = self.denoisers[0 if self.share else k]
-            two = torch.view_as_real(x).permute(0, 3, 1, 2)  # (B, 2, H, W)
-            z = x + torch.view_as_complex(net(two).permute(0, 2, 3, 1).float().contiguous())
+            z = x + self.denoise(net, x, k)
             x = data_consistency(z, kspace, mask, lambdas[k])
         if full:
             return x
         image = center_crop(x, (self.crop, self.crop)).abs()
         return (image - (mean / (std + NORM_EPS))[:, None, None]).unsqueeze(1)
+
+    def denoise(self, net: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Cascade ``k``'s correction of the complex ``(B, H, W)`` image ``x``: ``D_k(x)``, or with smoothing
+        the mean of ``D_k(x + σ n_i)`` over ``smooth_samples`` draws (see the module docstring)."""
+        if self.smooth_samples == 0:
+            return _apply(net, x)
+        rng = None if self.training else torch.Generator().manual_seed(SMOOTHING_SEED + k)
+        total = None
+        for _ in range(self.smooth_samples):
+            shape = tuple(x.shape)
+            n = torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng)).to(x.device)
+            out = _apply(net, x + self.smooth_sigma * n)
+            total = out if total is None else total + out
+        return total / self.smooth_samples  # type: ignore[operator]
+
+
+def _apply(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The denoiser on a complex ``(B, H, W)`` image as two real channels; complex ``(B, H, W)``."""
+    two = torch.view_as_real(x).permute(0, 3, 1, 2)  # (B, 2, H, W)
+    return torch.view_as_complex(net(two).permute(0, 2, 3, 1).float().contiguous())
 
 
 __all__ = ["UnrolledNet", "data_consistency"]
