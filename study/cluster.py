@@ -231,10 +231,13 @@ def storage_problem(
     )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     check = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(node_sees)  # its worker exits after it
-    if remote is None:
-        marker.write_text(token)
-    else:
-        remote.write_bytes(marker.name, token.encode())
+    try:
+        if remote is None:
+            marker.write_text(token)
+        else:
+            remote.write_bytes(marker.name, token.encode())
+    except OSError as exc:
+        return f"this driver cannot write into the study folder {where}: {_first_line(exc)}"
     try:
         expected = data_listing(str(data_dir))
         refs = [
@@ -269,9 +272,12 @@ def storage_problem(
             for f in study_dir.glob(f"{marker.name}*"):
                 f.unlink(missing_ok=True)
         else:
-            for rel, is_dir in remote.listing():
-                if not is_dir and rel.startswith(marker.name):
-                    remote.fs.delete_file(remote.remote(rel))
+            try:
+                for rel, is_dir in remote.listing():
+                    if not is_dir and rel.startswith(marker.name):
+                        remote.fs.delete_file(remote.remote(rel))
+            except OSError:
+                pass  # a marker left on the URI is harmless; the check's answer stands
 
 
 def node_sees(

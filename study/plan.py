@@ -32,7 +32,7 @@ from study.layout import STATE_FILE, TUNER_FILE
 from study.lock import StudyBusy, lock_study
 from study.run_summary import trial_statuses
 from study.spaces import SpaceError, StudySpace, load_space, parse_space_yaml, space_from_dict
-from study.storage import RemoteStudy, StorageError, is_uri, study_uri
+from study.storage import RemoteStudy, StorageError, first_line, is_uri, study_uri
 from study.tune_state import EXPERIMENT_STATE, newest, newest_set, repair_state
 
 
@@ -159,7 +159,7 @@ def _pull(remote: RemoteStudy, args: argparse.Namespace) -> None:
     except StorageError as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:
-        raise Refused(f"--results {remote.shown}: cannot read the study there: {exc}") from None
+        raise Refused(f"--results {remote.shown}: cannot read the study there: {first_line(exc)}") from None
     if found:
         print(f"study on object storage: {remote.shown} (working copy {remote.local})")
     elif args.resume:
@@ -182,12 +182,16 @@ def _plan_locked(
     cpus, gpus = int(here["CPU"]), int(here["GPU"])
     if resuming:
         base = _resumed_base(args, study_dir, name)
-        if remote is not None:  # Tune restores from the URI: the repaired set goes there
-            remote.publish_state([f.name for f in newest_set(study_dir) or []])
     else:
         base = _new_base(args, space, results, study_dir)
-        if remote is not None:
-            remote.push(STATE_FILE, force=True)
+    if remote is not None:  # a new study's settings; a resumed one's repaired state, which Tune restores from there
+        try:
+            if resuming:
+                remote.publish_state([f.name for f in newest_set(study_dir) or []])
+            else:
+                remote.push(STATE_FILE, force=True)
+        except (StorageError, OSError) as exc:
+            raise Refused(f"--results {remote.shown}: cannot write the study there: {first_line(exc)}") from None
     if args.num_samples is not None and (space.is_grid or space.points) and args.num_samples != space.trial_count():
         print(
             f"note: {space.name} is a grid of {space.trial_count()} points; --num-samples {args.num_samples} "
@@ -282,6 +286,8 @@ def _new_base(args: argparse.Namespace, space: StudySpace, results: Path, study_
         base = base_config(space, profile_name, data, args, results / ".cache")
     except ConfigError as exc:
         raise Refused(f"{space.path}: {exc}") from None
+    if is_uri(args.results):  # no folder of the driver's on other nodes: each trial reads its data uncached
+        base["cache_dir"] = None
     print("\n".join(data_lines(TrainConfig.from_dict(budgets_at_crop(base)))))  # the updates, the split
     study_dir.mkdir(parents=True, exist_ok=True)
     state = {

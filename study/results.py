@@ -13,10 +13,11 @@ from typing import Any
 from ray import tune
 
 from study.board import FAILURE, SUCCESS, write_session_end
+from study.home import home, home_remote
 from study.procs import ProcessRecord
 from study.reference import is_reference, record_reference
 from study.search import commit as commit_searchers
-from study.storage import RemoteStudy
+from study.storage import RemoteStudy, StorageError
 from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state, saves_replace_files, state_signature
 
@@ -45,6 +46,9 @@ class ResultsCallback(tune.Callback):
     just before this callback copies that state; Optuna is told what the searcher held back just
     after (:func:`study.search.commit`). The Parquet files are rewritten from the journal's
     events every few seconds (``REWRITE_S``) and at the end of the study."""
+
+    remote: RemoteStudy | None = None  # defaults for a callback pickled before these existed
+    _push_failed = False
 
     def __init__(self, folder: str | Path, record_processes: bool = True, remote: RemoteStudy | None = None) -> None:
         self.folder = Path(folder)
@@ -81,6 +85,13 @@ class ResultsCallback(tune.Callback):
             "_procs_at": -PROCS_S,
             "_push_failed": False,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restored from ``tuner.pkl``: the study this driver runs (:mod:`study.home`; another folder or
+        machine than the one that saved it, for a study on object storage)."""
+        self.__dict__.update(state)
+        self.folder = home(self.folder)
+        self.remote = home_remote(self.remote)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.log.set_params(trial.trial_id, trial.config)
@@ -120,15 +131,27 @@ class ResultsCallback(tune.Callback):
         trial's end recorded for the trials that fine-tune it."""
         status = self.log.status.get(trial.trial_id, ("", ""))[0]
         folder = self.folder / Path(trial.path).name if trial.path else None  # None: it never got one
-        if folder is not None:
-            started = None
-            if self.remote is not None:  # the trial's run is on object storage: the end is written here, pushed
-                started = any(r.rpartition("/")[2].startswith("events.") for r, _ in self.remote.listing(folder.name))
-            if write_session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS, started) and self.remote:
-                for end in folder.glob("events.out.tfevents.*"):
-                    self.remote.push(f"{folder.name}/{end.name}")
-        if is_reference(trial.config):  # fine-tuned trials wait for it (study.reference)
-            record_reference(self.folder, trial.trial_id, folder, status, self.remote)
+        try:
+            if folder is not None:
+                self._session_end(folder, FAILURE if status in ("ERROR", "nan") else SUCCESS)
+            if is_reference(trial.config):  # fine-tuned trials wait for it (study.reference)
+                record_reference(self.folder, trial.trial_id, folder, status, self.remote)
+        except (OSError, StorageError) as exc:  # object storage unreachable: a warning, not the study's end
+            if self.remote is None:
+                raise
+            self._push_failed = self._warn(exc, self._push_failed)
+
+    def _session_end(self, folder: Path, status: str) -> None:
+        """The trial's HParams session end (:func:`study.board.write_session_end`); on object storage the
+        trial's run is there: the end is written into the working copy and that one file pushed."""
+        if self.remote is None:
+            write_session_end(folder, status)
+            return
+        started = any(r.rpartition("/")[2].startswith("events.") for r, _ in self.remote.listing(folder.name))
+        before = set(folder.glob("*.end"))
+        if write_session_end(folder, status, started):
+            for end in set(folder.glob("*.end")) - before:
+                self.remote.push(f"{folder.name}/{end.name}")
 
     def _add(self, trial_id: str, results: list[dict[str, Any]]) -> None:
         for result in results:
@@ -157,8 +180,9 @@ class ResultsCallback(tune.Callback):
             return False  # no save since the last one: a kill now loses the events since, not more
         self.log.commit()
         backup_state(staging, self.folder, link=saves_replace_files())
+        self._push("state")  # on object storage the same order: the tables, Optuna's asks, the state copy
         commit_searchers(self.folder)  # Optuna under the same rule: after the state that holds it is copied
-        self._push()  # the same order on object storage: tables, the state copy, Optuna
+        self._push("rest")  # then what Optuna was told
         self._saved = saved
         return True
 
@@ -173,21 +197,31 @@ class ResultsCallback(tune.Callback):
         self._pending = False
         self._push()
 
-    def _push(self) -> None:
-        """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`). A
-        failed push is said once and tried again at the next save; the working copy keeps everything."""
+    def _push(self, stage: str = "all") -> None:
+        """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`) and
+        mirror the state copy into the working copy. A failed push is said once and tried again at the
+        next save; the working copy keeps everything."""
         if self.remote is None:
             return
         try:
-            self.remote.push_driver()
-        except OSError as exc:
-            if not self._push_failed:
-                print(
-                    f"warning: could not push the study's files to {self.remote.shown}: {exc}; trying again", flush=True
-                )
-            self._push_failed = True
+            self.remote.push_driver(stage)
+        except (OSError, StorageError) as exc:
+            self._push_failed = self._warn(exc, self._push_failed)
         else:
             self._push_failed = False
+        if stage != "state":
+            self.remote.mirror_state()
+
+    def _warn(self, exc: BaseException, said: bool) -> bool:
+        """One warning line for a failed exchange with the object storage, the first time; True."""
+        if not said:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(
+                f"warning: could not push the study's files to {self.remote.shown}: {first}; the working copy "
+                "keeps them and the next save tries again (until then a resume from the URI goes back further)",
+                flush=True,
+            )
+        return True
 
     def _rewrite(self) -> None:
         start = time.monotonic()

@@ -35,7 +35,7 @@ from study.plan import Plan, Refused, check_options, plan_study, settle_resource
 from study.procs import ProcessRecord
 from study.run_summary import here, summary_and_warning, trial_statuses
 from study.spaces import EPSILON_KEYS, SpaceError, StudySpace, available_spaces, load_space
-from study.storage import RemoteStudy, StorageError, is_uri, study_uri
+from study.storage import StorageError, first_line, is_uri
 from study.tracking import Tracker, parse_track, settle_tracking, tracking_problem
 
 MAX_FAILURES = 2  # retries of a failed trial (a lost node: docs/clusters.md); an error in a trial's code repeats
@@ -170,13 +170,13 @@ def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
     their Ray trial and folder, per-epoch values of the first objective)."""
     import optuna
 
-    from study.search import GridSampler, StudySearch
+    from study.search import GridSampler, StudySearch, StudyStorage
 
     if space.is_grid:
         sampler = GridSampler({p.name: list(p.values) for p in space.params}, seed=seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, space.num_samples // 2)))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
+    storage = StudyStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")  # follows the study to another folder
     metrics = [searched_metric(o.metric) for o in space.objectives]
     modes = [o.mode for o in space.objectives]
     single = len(metrics) == 1
@@ -223,12 +223,14 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
     from ray import tune
 
     from study.console import StudyReporter
+    from study.home import set_home
     from study.results import ResultsCallback
     from study.trackers import tracking_callbacks
     from study.trainable import StudyContext, train_trial
     from study.tune_state import CHECKPOINTS_KEPT, install_state_saving
 
     install_state_saving()  # a save when one cannot wait, else every few seconds; see tune_state.py
+    set_home(plan.study_dir, plan.remote)  # what Tune restores writes here, wherever it was saved (study/home.py)
     space, base = plan.space, plan.base
     ctx = StudyContext(
         base=base,
@@ -325,7 +327,10 @@ def summarise(plan: Plan, report: bool) -> None:
     """Print the study's summary, write its report (``report``), and say whether it was interrupted."""
     print()
     if plan.remote is not None:  # the trials' files (best.pt, TensorBoard runs) are on the URI
-        plan.remote.pull_trials()
+        try:
+            plan.remote.pull_trials()
+        except (StorageError, OSError) as exc:
+            print(f"warning: could not download the trials' files from {plan.remote.shown}: {first_line(exc)}")
     lines, warning = summary_and_warning(plan.study_dir, plan.space)  # one read of the tables for both
     for line in lines:
         print(line)
@@ -342,8 +347,11 @@ def summarise(plan: Plan, report: bool) -> None:
                 print(line)
             print(f"report: {here(folder)}")
             if plan.remote is not None:
-                plan.remote.push_tree(folder.name)
-                print(f"report on object storage: {plan.remote.shown}/{folder.name}/")
+                try:
+                    plan.remote.push_tree(folder.name)
+                    print(f"report on object storage: {plan.remote.shown}/{folder.name}/")
+                except (StorageError, OSError) as exc:
+                    print(f"warning: the report was not pushed to {plan.remote.shown}: {first_line(exc)}")
     statuses = trial_statuses(plan.study_dir)
     if statuses and any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
         print("the study was interrupted; run the same command again to resume it")
@@ -361,28 +369,11 @@ def list_spaces() -> int:
 
 
 def serve_dashboard(args: argparse.Namespace) -> int:
-    """--dashboard: serve the study named by --name, or by the space's name (on object storage: its
-    working copy, brought up to date first)."""
-    from study.dashboard import serve
+    """--dashboard: serve the study named by --name, or by the space's name (:mod:`study.dashboard`)."""
+    from study.dashboard import serve_study
 
     name = args.name if args.name and not args.space else args.name or study_space(args).name
-    if not is_uri(args.results):
-        return serve(Path(args.results).resolve() / name)
-    from study.lock import StudyBusy, lock_study
-
-    remote = RemoteStudy(study_uri(str(args.results), name))
-    try:
-        lock = lock_study(remote.local)
-    except StudyBusy:  # this machine's driver runs the study: its working copy is current
-        return serve(remote.local)
-    with lock:
-        try:
-            if not remote.pull_driver():
-                raise Refused(f"--results {remote.shown}: no study there")
-            remote.pull_trials()
-        except (StorageError, OSError) as exc:
-            raise Refused(f"--results {remote.shown}: {exc}") from None
-    return serve(remote.local)
+    return serve_study(args.results, name)
 
 
 def main(argv: list[str] | None = None) -> int:

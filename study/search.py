@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from ray.tune.search.optuna import OptunaSearch
 
-from study.layout import REFERENCE_KEY, trial_folder
+from study.home import home, moved
+from study.layout import OPTUNA_FILE, REFERENCE_KEY, trial_folder
 
 logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakSet[StudySearch] = weakref.WeakSet()  # the driver's searchers, for commit()
@@ -187,6 +189,7 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Ray's restore; then what the restored save held back is written (that save covers it)."""
         super().restore(checkpoint_path)
+        self._study_dir = str(home(self._study_dir))  # resumed in another folder: that folder's study
         restored = (("_held", []), ("_reference", None), ("_reference_first", False), ("_reference_id", None))
         for key, value in (*restored, ("_reference_ended", False)):
             self.__dict__.setdefault(key, value)  # a searcher saved before these existed
@@ -213,3 +216,17 @@ class _WithoutStorageCache(pickle.Pickler):
         if type(obj) is _CachedStorage:
             return _CachedStorage, (obj._backend,)
         return NotImplemented
+
+
+class StudyStorage(RDBStorage):
+    """A study's Optuna database (``sqlite:///<study>/optuna.db``), pickled by its URL. Tune pickles the
+    searcher with the tuner and with every state save; unpickled by a driver that runs the study in
+    another folder (a working copy of a study on object storage, pulled elsewhere), it opens that
+    folder's ``optuna.db`` (:mod:`study.home`), not the path it was saved with."""
+
+    def __reduce__(self) -> tuple:
+        return _storage_at, (self.url,)
+
+
+def _storage_at(url: str) -> StudyStorage:
+    return StudyStorage(moved(url, OPTUNA_FILE))

@@ -1,27 +1,29 @@
 """A study on object storage: ``--results s3://bucket/prefix`` (any URI pyarrow opens: ``s3://``,
-``gs://``, ``abfs://``; options in the query, e.g. ``?endpoint_override=host:port&scheme=http`` for a
-MinIO or other S3-compatible server; credentials from the usual environment variables).
+``gs://``, ``abfs://``, ``file://``; options in the query, e.g. ``?endpoint_override=host:port&scheme=http``
+for a MinIO or other S3-compatible server; credentials from the usual environment variables).
 
 The study lives at ``<uri>/<name>/`` with the layout of a local study folder (:mod:`study.layout`):
 
 * Tune writes its own state and every trial's checkpoints there (``storage_path``);
 * a trial writes its files (TensorBoard run, ``best.pt``, preview) into its working directory on
   whichever node runs it, and Tune uploads them into the trial's folder as artifacts, at every
-  checkpoint and at the trial's end (:func:`study.trainable.train_trial`); nothing is written into a
-  folder of the driver's;
+  checkpoint and at the trial's end (:func:`study.trainable.train_trial`); trials read their data
+  without the driver's index cache, so nothing is written into a folder of the driver's;
 * the driver keeps its own files (``study.json``, the tables and their journal, ``optuna.db``,
   ``reference_trial``, the report, ``mlflow.db``) in a local working copy,
-  ``results/.object_storage/<bucket>/<prefix>/<name>/``, and pushes them beside Tune's after every
-  save of Tune's state (:class:`study.results.ResultsCallback`), in the order the local rule needs:
-  the tables, then a complete copy of Tune's state, then Optuna;
+  ``results/.object_storage/<scheme>/<bucket>/<prefix>/<name>/``, and pushes them after every save of
+  Tune's state (:class:`study.results.ResultsCallback`) in the order of the local rule: the tables,
+  ``optuna.db`` (every Optuna trial the state names), a complete copy of Tune's state, and, once Optuna
+  has been told what that state holds, ``optuna.db`` again (:meth:`RemoteStudy.push_driver`);
 * Tune's state copy (``.tune_state/`` locally) is pushed as one set: ``.tune_state/<n>/`` with the
   three files of one save, then ``.tune_state/current`` naming ``<n>`` (an object store has no
   atomic rename; a kill mid-push leaves ``current`` on the previous, complete set).
 
-A resume needs nothing but the URI: :meth:`RemoteStudy.pull_driver` replaces the working copy with
-the driver's files on the URI (the URI is the truth; a copy left here may be ahead of it), the state
-is repaired locally as for a local study, and the set Tune will load is put back on the URI
-(:meth:`RemoteStudy.publish_state`). ``study/report.py <uri>/<name>`` downloads the trial folders
+A resume needs nothing but the URI, on any machine or in any directory: :meth:`RemoteStudy.pull_driver`
+replaces the working copy with the driver's files on the URI (the URI is the truth; a copy left here
+may be ahead of it), the state is repaired locally as for a local study, the set Tune will load is put
+back on the URI (:meth:`RemoteStudy.publish_state`), and what Tune restores from its pickles follows
+the new working copy (:mod:`study.home`). ``study/report.py <uri>/<name>`` downloads the trial folders
 without their checkpoints (:meth:`RemoteStudy.pull_trials`), writes the report and pushes it.
 
 One driver per study is enforced by the lock of the working copy, which is per machine: a second
@@ -48,12 +50,14 @@ from study.layout import (
     STATE_FILE,
     TRIALS_FILE,
     TUNE_STATE_DIR,
+    WANDB_DIR,
 )
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 WORKING_COPIES = Path("results") / ".object_storage"  # under the driver's working directory
 CURRENT = "current"  # in TUNE_STATE_DIR on the URI: the number of the last complete set
-LOCAL_ONLY = {LOCK_FILE, PIDFILE}  # never pushed: they describe this machine's processes
+# never pushed, and kept through a pull: this machine's processes, and W&B's offline runs (wandb sync uploads them)
+LOCAL_ONLY = {LOCK_FILE, PIDFILE, WANDB_DIR}
 # the driver's files, pushed in this order after each save of Tune's state (the tables may run ahead
 # of the state copy, never behind it; Optuna is told after the copy that holds what it is told)
 TABLES = (TRIALS_FILE, ROBUSTNESS_FILE, JOURNAL_FILE)
@@ -75,15 +79,20 @@ def study_uri(results: str, name: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
 
 
+def _host(uri: str) -> str:
+    """The URI's bucket or host, without credentials written into it (``s3://KEY:SECRET@bucket``)."""
+    return urlsplit(uri).netloc.rpartition("@")[2]
+
+
 def shown(uri: str) -> str:
-    """The URI without its query (options, never credentials, but long): for messages."""
-    return urlunsplit(urlsplit(uri)._replace(query="", fragment=""))
+    """The URI without its query (long options) and without credentials: for messages."""
+    return urlunsplit(urlsplit(uri)._replace(netloc=_host(uri), query="", fragment=""))
 
 
 def working_copy(uri: str, root: Path | None = None) -> Path:
-    """The driver's local folder for the study at ``uri``: ``results/.object_storage/<host>/<path>``."""
+    """The driver's local folder for the study at ``uri``: ``results/.object_storage/<scheme>/<bucket>/<path>``."""
     parts = urlsplit(uri)
-    return (root or WORKING_COPIES).resolve() / parts.scheme / parts.netloc / parts.path.strip("/")
+    return (root or WORKING_COPIES).resolve() / parts.scheme / _host(uri) / parts.path.strip("/")
 
 
 class RemoteStudy:
@@ -94,10 +103,11 @@ class RemoteStudy:
         self.uri, self.local = uri, local if local is not None else working_copy(uri)
         self._fs: Any = None
         self._path = ""
-        self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) when pushed
+        self._pushed: dict[str, Any] = {}  # relative path -> (size, mtime_ns) when pushed
+        self._number: int | None = None  # the last state set pushed (.tune_state/<n>), once known
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "local": self.local, "_fs": None, "_path": "", "_pushed": {}}
+        return {"uri": self.uri, "local": self.local, "_fs": None, "_path": "", "_pushed": {}, "_number": None}
 
     @property
     def shown(self) -> str:
@@ -111,7 +121,7 @@ class RemoteStudy:
             try:
                 self._fs, self._path = pafs.FileSystem.from_uri(self.uri)
             except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError, ...
-                raise StorageError(f"--results {self.shown}: cannot open it: {_first_line(exc)}") from None
+                raise StorageError(f"--results {self.shown}: cannot open it: {first_line(exc)}") from None
         return self._fs
 
     @property
@@ -140,7 +150,7 @@ class RemoteStudy:
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - OSError from pyarrow with the service's message
-            raise StorageError(f"--results {self.shown}: cannot write there: {_first_line(exc)}") from None
+            raise StorageError(f"--results {self.shown}: cannot write there: {first_line(exc)}") from None
 
     def exists(self, rel: str) -> bool:
         import pyarrow.fs as pafs
@@ -161,8 +171,15 @@ class RemoteStudy:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One object, whole (an object store's writes are whole or nothing)."""
-        with self.fs.open_output_stream(self.remote(rel)) as f:
+        with self._output(rel) as f:
             f.write(data)
+
+    def _output(self, rel: str) -> Any:
+        """A stream that writes the object ``rel``; on a file system (``file://``) its folder is made first."""
+        path = self.remote(rel)
+        if self.fs.type_name == "local":
+            self.fs.create_dir(path.rpartition("/")[0], recursive=True)
+        return self.fs.open_output_stream(path)
 
     def listing(self, rel: str = "", recursive: bool = False) -> list[tuple[str, bool]]:
         """``(path relative to the study, is a folder)`` under ``rel``; empty where it is missing."""
@@ -193,20 +210,24 @@ class RemoteStudy:
         mark = (st.st_size, st.st_mtime_ns)
         if not force and self._pushed.get(rel) == mark:
             return False
-        with open(src, "rb") as f, self.fs.open_output_stream(self.remote(rel)) as out:
+        with open(src, "rb") as f, self._output(rel) as out:
             shutil.copyfileobj(f, out, 1 << 20)
         self._pushed[rel] = mark
         return True
 
-    def push_driver(self) -> None:
-        """The driver's files after a save of Tune's state, in the order of the local rule: the tables,
-        Tune's state copy as one set (:meth:`push_state`), then Optuna and the rest."""
-        for rel in TABLES:
-            self.push(rel)
-        self.push_state()
-        for rel in AFTER_STATE:
-            self.push(rel)
-        self.mirror_state()
+    def push_driver(self, stage: str = "all") -> None:
+        """The driver's files after a save of Tune's state, in the order of the local rule. ``"state"``
+        (before Optuna is told what that save holds): the tables (they may run ahead of the state copy,
+        never behind it), ``optuna.db`` (its asks: every Optuna trial the state names), then Tune's state
+        copy as one set (:meth:`push_state`). ``"rest"`` (after Optuna was told): ``optuna.db`` again and
+        the other files. ``"all"``: both, each file where it changed."""
+        if stage in ("state", "all"):
+            for rel in (*TABLES, OPTUNA_FILE):
+                self.push(rel)
+            self.push_state()
+        if stage in ("rest", "all"):
+            for rel in AFTER_STATE:
+                self.push(rel)
 
     def mirror_state(self) -> None:
         """The working copy's Tune state files become its state copy's (hard links where possible), as
@@ -219,7 +240,8 @@ class RemoteStudy:
 
     def push_state(self) -> bool:
         """The working copy's ``.tune_state/`` (one complete save, :func:`study.tune_state.saved_set`) as
-        ``.tune_state/<n>/`` followed by ``.tune_state/current`` = n; older sets are deleted after."""
+        ``.tune_state/<n>/`` (emptied first: a push cut short may have left files of another session
+        there) followed by ``.tune_state/current`` = n; the previous set is deleted after."""
         from study.tune_state import saved_set
 
         files = saved_set(self.local / TUNE_STATE_DIR)
@@ -228,18 +250,23 @@ class RemoteStudy:
         marks = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         if self._pushed.get(TUNE_STATE_DIR) == marks:
             return False
-        number = self._state_number() + 1
+        if self._number is None:  # once per driver: older sets, left by a kill, go too
+            self._number = self._state_number()
+            stale = [rel for rel, is_dir in self.listing(TUNE_STATE_DIR) if is_dir]
+        else:
+            stale = [f"{TUNE_STATE_DIR}/{self._number}"]
+        number = self._number + 1
+        folder = self.remote(f"{TUNE_STATE_DIR}/{number}")
+        self.fs.delete_dir_contents(folder, missing_dir_ok=True)
         for f in files:
-            with (
-                open(f, "rb") as src,
-                self.fs.open_output_stream(self.remote(f"{TUNE_STATE_DIR}/{number}/{f.name}")) as out,
-            ):
+            with open(f, "rb") as src, self._output(f"{TUNE_STATE_DIR}/{number}/{f.name}") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         self.write_bytes(f"{TUNE_STATE_DIR}/{CURRENT}", str(number).encode())
-        self._pushed[TUNE_STATE_DIR] = marks  # type: ignore[assignment]
-        for rel, is_dir in self.listing(TUNE_STATE_DIR):
-            if is_dir and rel.rpartition("/")[2] != str(number):
-                self.fs.delete_dir(self.remote(rel))
+        self._number, self._pushed[TUNE_STATE_DIR] = number, marks
+        for rel in stale:
+            if rel != f"{TUNE_STATE_DIR}/{number}":
+                if self.exists(rel):
+                    self.fs.delete_dir(self.remote(rel))
         return True
 
     def _state_number(self) -> int:
@@ -250,10 +277,14 @@ class RemoteStudy:
             return 0
 
     def push_tree(self, rel: str) -> None:
-        """Every file of the working copy's folder ``rel`` (the report)."""
-        for path in sorted((self.local / rel).rglob("*")):
-            if path.is_file():
-                self.push(path.relative_to(self.local).as_posix(), force=True)
+        """The working copy's folder ``rel`` (the report): every file pushed, and files there that are no
+        longer here (a figure not drawn this time) deleted."""
+        here = {p.relative_to(self.local).as_posix() for p in (self.local / rel).rglob("*") if p.is_file()}
+        for name in sorted(here):
+            self.push(name, force=True)
+        for name, is_dir in self.listing(rel, recursive=True):
+            if not is_dir and name not in here:
+                self.fs.delete_file(self.remote(name))
 
     def pull_driver(self) -> bool:
         """Make the working copy the driver's files on the URI: its top-level files (the driver's and
@@ -282,20 +313,33 @@ class RemoteStudy:
 
     def pull_trials(self) -> int:
         """Every trial folder's files but its checkpoints (``best.pt``, TensorBoard runs, previews) into
-        the working copy, where they differ in size; how many files were downloaded."""
+        the working copy, where they are missing or differ from the URI's in size or modification time
+        (which the downloaded copy keeps); how many files were downloaded."""
+        import pyarrow.fs as pafs
+
+        root = self.path.rstrip("/") + "/"
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True, recursive=True))
         count = 0
-        for folder, is_dir in self.listing():
-            if not is_dir or not folder.startswith("trial_") and "_trial_" not in folder:
+        for info in infos:
+            rel = info.path[len(root) :]
+            parts = rel.split("/")
+            trial = parts[0].startswith("trial_") or "_trial_" in parts[0]
+            if info.type != pafs.FileType.File or len(parts) < 2 or not trial:
                 continue
-            for rel, sub_dir in self.listing(folder, recursive=True):
-                parts = rel.split("/")
-                if sub_dir or any(p.startswith("checkpoint_") for p in parts[1:]):
+            if any(p.startswith("checkpoint_") for p in parts[1:]):
+                continue
+            dest = self.local / rel
+            stamp = info.mtime_ns
+            try:
+                st = dest.stat()
+                if st.st_size == info.size and (stamp is None or st.st_mtime_ns == stamp):
                     continue
-                dest = self.local / rel
-                size = self.fs.get_file_info(self.remote(rel)).size
-                if not dest.is_file() or dest.stat().st_size != size:
-                    self.download(rel, dest)
-                    count += 1
+            except OSError:
+                pass
+            self.download(rel, dest)
+            if stamp is not None:
+                os.utime(dest, ns=(stamp, stamp))
+            count += 1
         return count
 
     def publish_state(self, names: list[str]) -> None:
@@ -326,6 +370,7 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatch(name, pattern)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (pyarrow's can run to several), or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -26,7 +26,8 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
-from study.layout import MLFLOW_ARTIFACTS, trial_dirname
+from study.home import home, moved
+from study.layout import MLFLOW_ARTIFACTS, MLFLOW_FILE, trial_dirname
 from study.tracking import RUNNING, Tracker, resolved, tracked_metrics, trial_status, wandb_mode
 from study.trainable import StudyContext, hparams_of, trial_config
 
@@ -73,6 +74,13 @@ class StudyMLflowCallback(MLflowLoggerCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_epoch_status": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restored in another folder (:mod:`study.home`): the default store is that folder's."""
+        self.__dict__.update(state)
+        self.tracking_uri = moved(self.tracking_uri, MLFLOW_FILE)
+        if self.artifact_location:
+            self.artifact_location = moved(self.artifact_location, MLFLOW_ARTIFACTS)
 
     @property
     def client(self):
@@ -170,6 +178,7 @@ class StudyWandbCallback(WandbLoggerCallback):
         self._epoch_status: dict[str, Any] = {}
 
     def setup(self, *args, **kwargs) -> None:
+        self.study_dir = str(home(self.study_dir))  # restored in another folder: that folder's (study.home)
         self.kwargs = {"mode": wandb_mode(), "dir": self.study_dir}  # this driver's, not the first one's
         super().setup(*args, **kwargs)
 

@@ -105,6 +105,14 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
     label = trial_label(tune.get_context().get_trial_id(), sampled)
     given = trial_allocation()
     work = Path(tempfile.mkdtemp(prefix="mriadv-trial-"))
+    try:
+        _train(ctx, sampled, label, given, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train(ctx: StudyContext, sampled: dict[str, Any], label: str, given: dict[str, Any], work: Path) -> None:
+    """:func:`train_trial`'s body, with ``work`` its temporary folder (removed however it ends)."""
     # init_from: reference waits for the space's reference trial and starts from its best.pt
     values = resolve_sampled(
         sampled, Path(ctx.study_dir), lambda line: print(f"{label} {line}", flush=True), ctx.remote, work
@@ -169,7 +177,6 @@ def train_trial(config: dict[str, Any], ctx: StudyContext) -> None:
         )
     finally:
         board.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def trial_folder(ctx: StudyContext) -> Path:

@@ -155,6 +155,30 @@ def test_a_pull_makes_the_working_copy_the_uris(s3, tmp_path):
     assert not RemoteStudy(study_uri(s3.uri("pull"), "none"), tmp_path / "none").pull_driver()
 
 
+def test_the_dashboard_and_a_reader_take_the_study_from_the_uri(s3, tmp_path, monkeypatch):
+    from study import dashboard
+
+    uri = study_uri(s3.uri("dash"), "s")
+    there = RemoteStudy(uri)
+    there.write_bytes(STATE_FILE, b"{}")
+    there.write_bytes("optuna.db", b"db")
+    there.write_bytes("trial_a_x=1/best.pt", b"w1")
+    there.write_bytes("trial_a_x=1/checkpoint_000001/checkpoint.pt", b"big")  # not needed to read a study
+    served = []
+    monkeypatch.setattr(dashboard, "serve", lambda folder: served.append(folder) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert dashboard.serve_study(s3.uri("dash"), "s") == 0
+    local = tmp_path / "results" / ".object_storage" / "s3" / "bkt" / "dash" / "s"
+    assert served == [local] and (local / "optuna.db").read_bytes() == b"db"
+    assert (local / "trial_a_x=1" / "best.pt").read_bytes() == b"w1" and not (
+        local / "trial_a_x=1" / "checkpoint_000001"
+    ).exists()
+    time.sleep(1.1)  # an object store's modification times are in seconds
+    there.write_bytes("trial_a_x=1/best.pt", b"w2")  # the same size, a newer file: downloaded again
+    assert RemoteStudy(uri, local).pull_trials() == 1 and (local / "trial_a_x=1" / "best.pt").read_bytes() == b"w2"
+    assert dashboard.serve_study(s3.uri("none"), "s") == 2
+
+
 def test_a_fine_tuned_trial_reads_the_reference_there(s3, tmp_path):
     uri = study_uri(s3.uri("ref"), "s")
     driver = RemoteStudy(uri, tmp_path / "driver")
@@ -174,6 +198,35 @@ def test_a_fine_tuned_trial_reads_the_reference_there(s3, tmp_path):
     record_reference(driver.local, "ref", tmp_path / "driver" / "trial_gone_", "ERROR", driver)
     with pytest.raises(RuntimeError, match="ended ERROR without a best.pt"):
         resolve_sampled({"init_from": "reference"}, tmp_path / "unused", print, worker, work)
+
+
+def test_what_tune_restores_follows_the_study_to_another_folder(tmp_path):
+    """The searcher's Optuna database and the results callback, pickled in one folder (as Tune pickles
+    them into tuner.pkl), restored by a driver that runs the study in another (a working copy pulled
+    elsewhere): both take the new folder."""
+    from optuna.storages import RDBStorage
+
+    from study import home
+    from study.results import ResultsCallback
+    from study.search import StudyStorage
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    own = RDBStorage(f"sqlite:///{tmp_path / 'mine.db'}")  # a user's own: stays where it is
+    saved = pickle.dumps(
+        {"study": StudyStorage(f"sqlite:///{old / 'optuna.db'}"), "own": own, "callback": ResultsCallback(old)}
+    )
+    shutil.rmtree(old)  # the first driver's working copy is gone (another machine)
+    home.set_home(new, None)
+    try:
+        restored = pickle.loads(saved)
+    finally:
+        home._home.clear()
+    assert type(restored["study"]) is StudyStorage
+    assert restored["study"].url == f"sqlite:///{new / 'optuna.db'}" and (new / "optuna.db").is_file()
+    assert restored["own"].url == own.url
+    assert restored["callback"].folder == new and restored["callback"].remote is None
 
 
 @pytest.mark.parametrize(
@@ -282,9 +335,11 @@ def test_a_study_on_object_storage_without_a_shared_folder(s3, tmp_path, synthet
             first.wait()
         assert killed_at is not None, (tmp_path / "first.log").read_text()[-4000:]
 
-        shutil.rmtree(results / ".object_storage")  # the resume has nothing but the URI
+        shutil.rmtree(results / ".object_storage")  # the resume has nothing but the URI,
+        elsewhere = results / "elsewhere"  # and runs in another directory (hidden from the worker too)
+        elsewhere.mkdir()
         second = subprocess.run(
-            list(map(str, args)), cwd=tmp_path, env=driver_env(**auth), capture_output=True, text=True, timeout=300
+            list(map(str, args)), cwd=elsewhere, env=driver_env(**auth), capture_output=True, text=True, timeout=300
         )
         text = second.stdout + second.stderr
         (tmp_path / "second.log").write_text(text)
@@ -300,6 +355,10 @@ def test_a_study_on_object_storage_without_a_shared_folder(s3, tmp_path, synthet
         assert t["node_id"].nunique() == 2  # the node without the driver's folder ran trials too
         assert (t["start_epoch"] > 0).any()  # a trial went on from its checkpoint on the URI
         assert "the study was interrupted" not in second.stdout
+        assert not (copy / "trials.parquet").exists()  # the restored callback wrote into the new copy, not the old path
+        assert (
+            elsewhere / "results" / ".object_storage" / "s3" / "bkt" / "studies" / "s3space" / "optuna.db"
+        ).is_file()
 
         import optuna
 
@@ -315,7 +374,7 @@ def test_a_study_on_object_storage_without_a_shared_folder(s3, tmp_path, synthet
             files = {r.rpartition("/")[2] for r, _ in remote.listing(folder[0])}
             assert BEST_CHECKPOINT in files and any(f.startswith("events.out.tfevents") for f in files), files
 
-        shutil.rmtree(results / ".object_storage")
+        shutil.rmtree(elsewhere / "results" / ".object_storage")
         report = subprocess.run(
             [*REPORT, study_uri(uri, "s3space")],
             cwd=tmp_path,
