@@ -15,6 +15,7 @@ names instead of copying them.
         optuna.db                  OPTUNA_FILE: the searcher's Optuna storage
         tuner.pkl                  TUNER_FILE: Tune's state; with study.json, the study resumes
         driver.lock                LOCK_FILE: flock'ed by the live driver, its PID and host (study/lock.py)
+        driver.lease               on object storage only: the live driver's lease (study/lease.py)
         .ray_processes             PIDFILE: the driver's Ray processes (study/procs.py), JSON; not
                                    named *.json, which Tune copies to its staging folder on a resume
                                    and back over the live file at every step

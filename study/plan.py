@@ -29,6 +29,7 @@ from mriadv.runtime import default_profile
 from mriadv.units import budgets_at_crop, to_reference
 from study.cluster import ClusterError, is_local, locate_cluster
 from study.layout import STATE_FILE, TUNER_FILE
+from study.lease import Held, Lease, StudyLeased
 from study.lock import StudyBusy, lock_study
 from study.run_summary import trial_statuses
 from study.spaces import SpaceError, StudySpace, load_space, parse_space_yaml, space_from_dict
@@ -59,7 +60,7 @@ class Plan:
     max_epochs: int
     located: str = ""  # the cluster's host:port
     remote: RemoteStudy | None = None  # --results URI: the study on object storage
-    lock: IO[str] | None = None  # the study's lock file (study/lock.py), open while this driver runs the study
+    lock: Any = None  # the study's lock file (study/lock.py; with the lease on object storage, study/lease.py)
 
 
 def check_options(args: argparse.Namespace) -> str | None:
@@ -140,7 +141,8 @@ def plan_study(args: argparse.Namespace) -> Plan:
     except OSError as exc:
         raise Refused(f"--results {args.results}: cannot lock the study folder {study_dir}: {exc.strerror}") from None
     try:
-        if remote is not None:  # the URI is the truth: the working copy becomes what is there
+        if remote is not None:  # one driver per study there too; the URI is the truth: the copy becomes it
+            lock = _lease(remote, lock)
             _pull(remote, args)
         plan = _plan_locked(args, space, results, name, cluster, here, res, remote)
     except BaseException:
@@ -150,11 +152,23 @@ def plan_study(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def _pull(remote: RemoteStudy, args: argparse.Namespace) -> None:
-    """Check that the object storage can be written, and replace the working copy with the driver's
-    files of the study there (none for a new study)."""
+def _lease(remote: RemoteStudy, lock: IO[str]) -> Held:
+    """Check that the object storage can be written and take the study's lease there
+    (:mod:`study.lease`): the working copy's lock and the lease, held together."""
     try:
         remote.check()
+        lease = Lease(remote)
+        lease.claim()
+    except (StorageError, StudyLeased) as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"--results {remote.shown}: cannot take the study's lease there: {first_line(exc)}") from None
+    return Held(lock, lease)
+
+
+def _pull(remote: RemoteStudy, args: argparse.Namespace) -> None:
+    """Replace the working copy with the driver's files of the study on the URI (none for a new study)."""
+    try:
         found = remote.pull_driver()
     except StorageError as exc:
         raise Refused(str(exc)) from None

@@ -26,8 +26,8 @@ back on the URI (:meth:`RemoteStudy.publish_state`), and what Tune restores from
 the new working copy (:mod:`study.home`). ``study/report.py <uri>/<name>`` downloads the trial folders
 without their checkpoints (:meth:`RemoteStudy.pull_trials`), writes the report and pushes it.
 
-One driver per study is enforced by the lock of the working copy, which is per machine: a second
-driver on another machine is not stopped (object stores have no lock). pyarrow only; no Ray.
+One driver per study: the working copy's lock (:mod:`study.lock`) and a lease on the URI
+(:mod:`study.lease`). pyarrow only; no Ray.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ class RemoteStudy:
         if not self.exists(STATE_FILE):
             return False
         for rel, is_dir in self.listing():
-            if not is_dir and not rel.rpartition("/")[2].startswith(".storage_check"):
+            if not is_dir and not rel.rpartition("/")[2].startswith((".storage_check", ".lease_probe", "driver.lease")):
                 self.download(rel, self.local / rel)
         number = self._state_number()
         files = [rel for rel, is_dir in self.listing(f"{TUNE_STATE_DIR}/{number}") if not is_dir] if number else []

@@ -179,6 +179,46 @@ def test_the_dashboard_and_a_reader_take_the_study_from_the_uri(s3, tmp_path, mo
     assert dashboard.serve_study(s3.uri("none"), "s") == 2
 
 
+def test_one_driver_per_study_on_object_storage(s3, tmp_path):
+    """The lease (study/lease.py): another host's fresh lease refuses, a stale one is taken over; on
+    this host a live holder refuses and a dead one is taken over at once; the CLI says it in one line."""
+    from study.lease import LEASE_FILE, Lease, StudyLeased
+
+    uri = study_uri(s3.uri("lease"), "s")
+    remote = RemoteStudy(uri, tmp_path / "copy")
+    remote.write_bytes(LEASE_FILE, json.dumps({"host": "login9", "pid": 4242}).encode())
+    with pytest.raises(StudyLeased, match=r"in use by another driver \(pid 4242 on host login9, its lease renewed"):
+        Lease(remote, lease_s=60).claim()
+    time.sleep(1.2)  # the store's clock counts whole seconds
+    lease = Lease(remote, lease_s=1.0)
+    lease.claim()  # stale: a killed driver's
+    assert json.loads(remote.read_bytes(LEASE_FILE))["pid"] == os.getpid()
+    lease.close()
+    assert remote.read_bytes(LEASE_FILE) is None
+
+    holder = subprocess.Popen(["sleep", "60"])  # a live process of this host
+    try:
+        remote.write_bytes(LEASE_FILE, json.dumps({"host": socket.gethostname(), "pid": holder.pid}).encode())
+        with pytest.raises(StudyLeased, match=rf"pid {holder.pid} on host"):
+            Lease(remote).claim()
+        out = subprocess.run(
+            [*RUN, "--space", "eps_sweep", "--profile", "smoke", "--results", s3.uri("lease"), "--name", "s"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=driver_env(**CREDENTIALS),
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0], out.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    lease = Lease(remote)
+    lease.claim()  # its holder is dead: at once
+    lease.close()
+
+
 def test_a_fine_tuned_trial_reads_the_reference_there(s3, tmp_path):
     uri = study_uri(s3.uri("ref"), "s")
     driver = RemoteStudy(uri, tmp_path / "driver")
