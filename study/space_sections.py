@@ -100,16 +100,20 @@ def points_as_choices(
             keys = list(point)
         if set(point) != set(keys):
             raise fail(where, f"every point must set the same keys {sorted(keys)}, got {sorted(point)}")
+        try:
+            TrainConfig.from_dict({**fixed, **point})  # beside the space's fixed values
+            joint = None
+        except (ConfigError, TypeError) as exc:
+            joint = exc
         for key, value in point.items():
             if key not in config_fields:
                 raise fail(f"{where}.{key}", "unknown key: not a TrainConfig field")
             if key in RUN_KEYS:
                 raise fail(f"{where}.{key}", "belongs to the run, not to a search space")
-            check_value(key, f"{where}.{key}", value)
-        try:
-            TrainConfig.from_dict({**fixed, **point})  # beside the space's fixed values
-        except (ConfigError, TypeError) as exc:
-            raise fail(where, str(exc)) from None
+            if joint is not None or key == "init_from":  # a key alone names the culprit; keys set together
+                check_value(key, f"{where}.{key}", value)  # (unroll_smooth_*) are valid only together
+        if joint is not None:
+            raise fail(where, str(joint))
     if len({repr(sorted(p.items())) for p in points}) != len(points):
         raise fail("points", "two points are the same trial")
     return {k: {"choice": list(dict.fromkeys(p[k] for p in points))} for k in keys or []}

@@ -208,7 +208,8 @@ def space_from_dict(raw: Any, space_name: str, source: str | Path) -> StudySpace
     if "points" in raw:  # a list of trials: searched as a choice over each key's values
         raw = {**raw, "parameters": points_as_choices(raw, fail, check_value, config_fields, beside)}
     params_raw = raw.get("parameters") or {}
-    params = read_parameters(params_raw, fail, check_value, config_fields)
+    # a list of points was checked point by point above (keys valid only together, unroll_smooth_*, pass there)
+    params = read_parameters(params_raw, fail, (lambda *_: None) if "points" in raw else check_value, config_fields)
     points = tuple(dict(p) for p in raw.get("points") or ())
     grid = all(p.kind == "grid" for p in params)
     num_samples = read_num_samples(raw, points, grid, fail)

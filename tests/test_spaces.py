@@ -304,3 +304,20 @@ def test_the_architectures_space_runs_both_networks_under_the_same_kspace_attack
     text = space.path.read_text().replace("  perturbation: kspace", "  perturbation: image")
     with pytest.raises(SpaceError, match="perturbation"):
         load_space(write(tmp_path, text))
+
+
+def test_points_may_set_keys_valid_only_together(tmp_path):
+    """SMUG's two keys are valid together or not at all: a point is checked whole (the repository's
+    smug space loads), and a point that sets one alone is refused naming the point and the key."""
+    space = load_space("smug")
+    assert space.points == (
+        {"unroll_smooth_samples": 0, "unroll_smooth_sigma": 0.0},
+        {"unroll_smooth_samples": 2, "unroll_smooth_sigma": 0.1},
+    )
+    head = (
+        "description: d\nfixed: {arch: unrolled, perturbation: kspace, attacks: [pgd_kspace]}\n"
+        "objectives: [{metric: val_nmse, mode: min}]\npoints:\n"
+    )
+    bad = write(tmp_path, head + "  - {unroll_smooth_samples: 0}\n  - {unroll_smooth_samples: 2}\n")
+    with pytest.raises(SpaceError, match=r"points\[1\]\.unroll_smooth_samples: config key 'unroll_smooth_sigma' = 0.0"):
+        load_space(str(bad))
