@@ -232,10 +232,7 @@ def storage_problem(
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     check = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(node_sees)  # its worker exits after it
     try:
-        if remote is None:
-            marker.write_text(token)
-        else:
-            remote.write_bytes(marker.name, token.encode())
+        _write(marker, token, remote)
     except OSError as exc:
         return f"this driver cannot write into the study folder {where}: {_first_line(exc)}"
     try:
@@ -327,10 +324,7 @@ def node_sees(
         name, size, ours = next((n, s, t) for (n, s), (_, t) in zip(there, here, strict=True) if s != t)
         return f"sees another data folder at {data} ({split}/{name}: {size} bytes there, {ours} here)"
     try:
-        if remote is None:
-            reply.write_text(node_id)
-        else:
-            remote.write_bytes(reply.name, node_id.encode())
+        _write(reply, node_id, remote)
     except OSError as exc:
         return f"cannot write into the study folder {study} ({exc.strerror or _first_line(exc)})"
     return None
@@ -346,6 +340,14 @@ def data_listing(data: str) -> dict[str, list | None]:
         except OSError:
             out[split] = None
     return out
+
+
+def _write(path: Path, text: str, remote: RemoteStudy | None) -> None:
+    """``text`` into the file ``path``, or with object storage into the study's object of that name."""
+    if remote is None:
+        path.write_text(text)
+    else:
+        remote.write_bytes(path.name, text.encode())
 
 
 def _read_object(remote: RemoteStudy, rel: str) -> str | None:

@@ -31,8 +31,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from test_cluster import RAY, REPO, driver_env, free_port, group_alive, stop_nodes, wait_for
-from test_storage import unshare_prefix
+from test_cluster import REPO, driver_env, free_port, group_alive, stop_nodes
+from test_storage import start_hidden_cluster, unshare_prefix
 
 from study.layout import BEST_CHECKPOINT, REFERENCE_FILE, STATE_FILE, TUNE_STATE_DIR
 from study.reference import record_reference, resolve_sampled
@@ -201,16 +201,8 @@ def test_one_driver_per_study_on_object_storage(s3, tmp_path):
         remote.write_bytes(LEASE_FILE, json.dumps({"host": socket.gethostname(), "pid": holder.pid}).encode())
         with pytest.raises(StudyLeased, match=rf"pid {holder.pid} on host"):
             Lease(remote).claim()
-        out = subprocess.run(
-            [*RUN, "--space", "eps_sweep", "--profile", "smoke", "--results", s3.uri("lease"), "--name", "s"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            env=driver_env(**CREDENTIALS),
-        )
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0], out.stderr[-2000:]
+        out, lines = _refused(tmp_path, s3.uri("lease"), "--name", "s")
+        assert f"pid {holder.pid}" in lines[0], lines
     finally:
         holder.kill()
         holder.wait()
@@ -281,19 +273,25 @@ def test_what_tune_restores_follows_the_study_to_another_folder(tmp_path):
 )
 def test_storage_that_cannot_be_used_is_one_line(s3, tmp_path, where, says):
     t0 = time.monotonic()
+    out, lines = _refused(tmp_path, where.format(port=s3.port))
+    assert re.match(rf"error: --results s3://\w+/p/eps_sweep: {says}", lines[0]), lines[0]
+    assert time.monotonic() - t0 < 30 and "ray" not in out.stdout.lower()
+    assert not (tmp_path / "s3:").exists()  # a URI was once taken for a folder named 's3:'
+
+
+def _refused(cwd: Path, results: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The smoke study at ``results``, which must end with exit status 2 and one line on stderr."""
     out = subprocess.run(
-        [*RUN, "--space", "eps_sweep", "--profile", "smoke", "--results", where.format(port=s3.port)],
+        [*RUN, "--space", "eps_sweep", "--profile", "smoke", "--results", results, *extra],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=cwd,
         env=driver_env(**CREDENTIALS),
     )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
-    assert re.match(rf"error: --results s3://\w+/p/eps_sweep: {says}", lines[0]), lines[0]
-    assert time.monotonic() - t0 < 30 and "ray" not in out.stdout.lower()
-    assert not (tmp_path / "s3:").exists()  # a URI was once taken for a folder named 's3:'
+    return out, lines
 
 
 def _table(remote: RemoteStudy, name: str) -> pd.DataFrame:
@@ -302,8 +300,7 @@ def _table(remote: RemoteStudy, name: str) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_a_study_on_object_storage_without_a_shared_folder(s3, tmp_path, synthetic_root):
-    prefix = unshare_prefix()
-    if prefix is None:
+    if unshare_prefix() is None:
         pytest.skip("mount namespaces are not permitted here (unshare --mount with a tmpfs)")
     results = tmp_path / "results"  # the driver's working copies are under it; the worker gets a tmpfs over it
     results.mkdir()
@@ -317,33 +314,14 @@ def test_a_study_on_object_storage_without_a_shared_folder(s3, tmp_path, synthet
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **CREDENTIALS}
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = driver_env(RAY_TMPDIR=str(temps[0]), PYTHONPATH=pythonpath, **auth)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     nodes: list[subprocess.Popen] = []
     logs = [tmp_path / "head.log", tmp_path / "worker.log"]
-    start = [RAY, "start", "--num-cpus", "1", "--disable-usage-stats", "--block"]
-    hide = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
     uri = s3.uri("studies")
     remote = RemoteStudy(study_uri(uri, "s3space"))
-    args = [*RUN, "--space", space, "--profile", "smoke", "--max-epochs", 5, "--data", synthetic_root]
-    args += ["--results", uri, "--address", address, "--no-report"]
     try:
-        with open(logs[0], "w") as log:
-            head = [*start, "--head", "--port", str(port), "--include-dashboard=false"]
-            nodes.append(subprocess.Popen(head, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(logs[0], "Ray runtime started", nodes[0], 60)
-        worker = [*start, "--address", address, "--temp-dir", str(temps[1])]
-        with open(logs[1], "w") as log:
-            nodes.append(
-                subprocess.Popen(
-                    [*prefix, "sh", "-c", hide, str(results), *worker],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        wait_for(logs[1], "Ray runtime started", nodes[1], 60)
+        address, _ = start_hidden_cluster(nodes, temps, logs, env, [results])
+        args = [*RUN, "--space", space, "--profile", "smoke", "--max-epochs", 5, "--data", synthetic_root]
+        args += ["--results", uri, "--address", address, "--no-report"]
 
         # the driver is killed with one trial finished and another part-way
         copy = results / ".object_storage" / "s3" / "bkt" / "studies" / "s3space"

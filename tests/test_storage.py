@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,39 @@ def unshare_prefix() -> list[str] | None:
     return prefix if probe.returncode == 0 else None
 
 
+def start_hidden_cluster(
+    nodes: list[subprocess.Popen], temps: list[Path], logs: list[Path], env: dict[str, str], hidden: list[Path]
+) -> tuple[str, str]:
+    """A head and a second node of one CPU each, the second in a mount namespace of its own with an empty
+    tmpfs over each of ``hidden`` (as a machine without the shared disk); ``nodes`` is filled as they
+    start (the caller stops them, :func:`test_cluster.stop_nodes`). Returns the head's address and the
+    second node's id."""
+    prefix = unshare_prefix()
+    assert prefix is not None
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    start = [RAY, "start", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+    hide = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}" for p in hidden) + ' && exec "$@"'
+    with open(logs[0], "w") as log:
+        head = [*start, "--head", "--port", str(port), "--include-dashboard=false"]
+        nodes.append(subprocess.Popen(head, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    wait_for(logs[0], "Ray runtime started", nodes[0], 60)
+    worker = [*start, "--address", address, "--temp-dir", str(temps[1])]
+    with open(logs[1], "w") as log:
+        nodes.append(
+            subprocess.Popen(
+                [*prefix, "sh", "-c", hide, "sh", *worker],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    wait_for(logs[1], "Ray runtime started", nodes[1], 60)
+    raylet = (temps[1] / "session_latest" / "logs" / "raylet.out").read_text()
+    return address, re.search(r"Setting node ID node_id=([0-9a-f]+)", raylet).group(1)
+
+
 # the driver side on the same cluster, directly: a shared folder passes; a data folder whose split the
 # worker sees empty is named
 CHECKS = r"""
@@ -111,8 +145,7 @@ for study, data in zip(sys.argv[2::2], sys.argv[3::2]):
 
 @pytest.mark.slow
 def test_a_node_without_the_shared_folder_is_refused(tmp_path, synthetic_root):
-    prefix = unshare_prefix()
-    if prefix is None:
+    if unshare_prefix() is None:
         pytest.skip("mount namespaces are not permitted here (unshare --mount with a tmpfs)")
     results = tmp_path / "results"  # the worker gets an empty tmpfs of its own over this
     results.mkdir()
@@ -124,32 +157,10 @@ def test_a_node_without_the_shared_folder_is_refused(tmp_path, synthetic_root):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = driver_env(RAY_TMPDIR=str(temps[0]), PYTHONPATH=pythonpath, **auth)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     nodes: list[subprocess.Popen] = []
     logs = [tmp_path / "head.log", tmp_path / "worker.log"]
-    start = [RAY, "start", "--num-cpus", "1", "--disable-usage-stats", "--block"]
-    hide = 'mount -t tmpfs tmpfs "$0" && mount -t tmpfs tmpfs "$1" && shift && exec "$@"'
     try:
-        with open(logs[0], "w") as log:
-            head = [*start, "--head", "--port", str(port), "--include-dashboard=false"]
-            nodes.append(subprocess.Popen(head, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(logs[0], "Ray runtime started", nodes[0], 60)
-        worker = [*start, "--address", address, "--temp-dir", str(temps[1])]
-        hidden = [str(results), str(partial / "singlecoil_val")]
-        with open(logs[1], "w") as log:
-            nodes.append(
-                subprocess.Popen(
-                    [*prefix, "sh", "-c", hide, *hidden, *worker],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        wait_for(logs[1], "Ray runtime started", nodes[1], 60)
-        raylet = (temps[1] / "session_latest" / "logs" / "raylet.out").read_text()
-        worker_id = re.search(r"Setting node ID node_id=([0-9a-f]+)", raylet).group(1)
+        address, worker_id = start_hidden_cluster(nodes, temps, logs, env, [results, partial / "singlecoil_val"])
 
         t0 = time.monotonic()
         out = run_study(
