@@ -201,8 +201,8 @@ class ResultsCallback(tune.Callback):
         """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`) and
         mirror the state copy into the working copy. A failed push is said once and tried again at the
         next save; the working copy keeps everything."""
-        if self.remote is None:
-            return
+        if self.remote is None or (stage == "rest" and self._push_failed):  # Optuna's tells never ahead of
+            return  # the state set on the URI: where this save's set failed to go up, they wait for the next
         try:
             self.remote.push_driver(stage)
         except (OSError, StorageError) as exc:
