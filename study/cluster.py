@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from study.storage import first_line
+
 if TYPE_CHECKING:
     from study.storage import RemoteStudy
 
@@ -64,7 +66,7 @@ def locate_cluster(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
             resolved = canonicalize_bootstrap_address("auto")
         except (ConnectionError, ValueError) as exc:
             raise ClusterError(
-                f"--address auto: no running Ray cluster found on this machine ({_first_line(exc)}); "
+                f"--address auto: no running Ray cluster found on this machine ({first_line(exc)}); "
                 "start one with `ray start --head`, or give --address HEAD:PORT"
             ) from None
         if os.environ.get("RAY_ADDRESS"):
@@ -180,7 +182,7 @@ def _connect_failure(address: str, text: str, error: Exception | None, timeout_s
             "head's GCS port, 6379 by default?)"
         )
     return (
-        f"--address {address}: cannot connect to the Ray cluster: {_first_line(error)} (something accepts "
+        f"--address {address}: cannot connect to the Ray cluster: {first_line(error)} (something accepts "
         "connections there: is it a Ray head's GCS port, 6379 by default?)"
     )
 
@@ -234,7 +236,7 @@ def storage_problem(
     try:
         _write(marker, token, remote)
     except OSError as exc:
-        return f"this driver cannot write into the study folder {where}: {_first_line(exc)}"
+        return f"this driver cannot write into the study folder {where}: {first_line(exc)}"
     try:
         expected = data_listing(str(data_dir))
         refs = [
@@ -256,7 +258,7 @@ def storage_problem(
             try:
                 problem = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - the node's failure, in one line
-                return f"{name}: the shared-storage check of {where} failed there: {_first_line(exc)}; {advice}"
+                return f"{name}: the shared-storage check of {where} failed there: {first_line(exc)}; {advice}"
             reply = f"{marker.name}_{node['NodeID']}"
             seen = _read(study_dir / reply) if remote is None else _read_object(remote, reply)
             if problem is None and seen != node["NodeID"]:
@@ -302,7 +304,7 @@ def node_sees(
         try:
             seen = remote.read_bytes(Path(marker).name)
         except Exception as exc:  # noqa: BLE001 - the storage's error, in one line
-            return f"cannot read the object storage {study} ({_first_line(exc)})"
+            return f"cannot read the object storage {study} ({first_line(exc)})"
         if seen is None:
             return f"does not see the object storage {study} as this driver does (the driver's marker is missing there)"
         seen = seen.decode()
@@ -326,7 +328,7 @@ def node_sees(
     try:
         _write(reply, node_id, remote)
     except OSError as exc:
-        return f"cannot write into the study folder {study} ({exc.strerror or _first_line(exc)})"
+        return f"cannot write into the study folder {study} ({exc.strerror or first_line(exc)})"
     return None
 
 
@@ -370,8 +372,3 @@ def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

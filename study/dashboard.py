@@ -61,21 +61,16 @@ def serve_study(results: str | Path, name: str) -> int:
     """Serve the study ``name`` of ``--results``. A study on object storage is served from its working
     copy: the driver's files downloaded first unless this machine's driver runs it (its copy is current;
     the working copy's lock tells), the trials' files in either case."""
-    from study.lock import StudyBusy, lock_study
     from study.storage import RemoteStudy, StorageError, first_line, is_uri, study_uri
 
     if not is_uri(results):
         return serve(Path(results).resolve() / name)
     remote = RemoteStudy(study_uri(str(results), name))
     try:
-        try:
-            with lock_study(remote.local):  # released before serving: a driver may start meanwhile
-                if not remote.pull_driver():
-                    print(f"error: --results {remote.shown}: no study there (no study.json)", file=sys.stderr)
-                    return 2
-        except StudyBusy:
-            pass
-        remote.pull_trials()
+        with remote.reading() as found:  # the lock is released before serving: a driver may start meanwhile
+            if not found:
+                print(f"error: --results {remote.shown}: no study there (no study.json)", file=sys.stderr)
+                return 2
     except (StorageError, OSError) as exc:
         print(f"error: --results {remote.shown}: {first_line(exc)}", file=sys.stderr)
         return 2

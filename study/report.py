@@ -186,35 +186,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _remote_report(uri: str) -> int:
     """The report of a study on object storage: its driver's files and trial folders (without the
-    checkpoints) downloaded into the working copy, the report written there and pushed beside them.
-    Where this machine's driver runs the study, its working copy is current and is used as it is."""
-    from study.lock import StudyBusy, lock_study
+    checkpoints) downloaded into the working copy (:meth:`study.storage.RemoteStudy.reading`), the
+    report written there and pushed beside them."""
     from study.storage import RemoteStudy, StorageError, first_line
 
     remote = RemoteStudy(uri)
     try:
-        lock = lock_study(remote.local)  # not to pull under this machine's live driver
-    except StudyBusy:
-        lock = None  # its working copy is current
-    except OSError as exc:
-        print(f"error: cannot use the working copy {remote.local}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    try:
-        if lock is not None and not remote.pull_driver():
-            print(f"error: {remote.shown}: no study there (no study.json)", file=sys.stderr)
-            return 2
-        remote.pull_trials()
-        folder = write_report(remote.local)
-        remote.push_tree(folder.name)
+        with remote.reading() as found:
+            if not found:
+                print(f"error: {remote.shown}: no study there (no study.json)", file=sys.stderr)
+                return 2
+            folder = write_report(remote.local)
+            remote.push_tree(folder.name)
     except (StorageError, OSError) as exc:
         print(f"error: {remote.shown}: {first_line(exc)}", file=sys.stderr)
         return 2
     except NotAStudyFolder as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if lock is not None:
-            lock.close()
     print(f"report: {remote.shown}/{folder.name}/ (written in {folder})")
     return 0
 

@@ -17,7 +17,7 @@ from study.home import home, home_remote
 from study.procs import ProcessRecord
 from study.reference import is_reference, record_reference
 from study.search import commit as commit_searchers
-from study.storage import RemoteStudy, StorageError
+from study.storage import RemoteStudy, StorageError, first_line
 from study.tables import ResultsLog, load_tables, read_parquet
 from study.tune_state import backup_state, saves_replace_files, state_signature
 
@@ -198,8 +198,8 @@ class ResultsCallback(tune.Callback):
         self._push()
 
     def _push(self, stage: str = "all") -> None:
-        """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`) and
-        mirror the state copy into the working copy. A failed push is said once and tried again at the
+        """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`). A
+        failed push is said once and tried again at the
         next save; the working copy keeps everything."""
         if self.remote is None or (stage == "rest" and self._push_failed):  # Optuna's tells never ahead of
             return  # the state set on the URI: where this save's set failed to go up, they wait for the next
@@ -209,15 +209,12 @@ class ResultsCallback(tune.Callback):
             self._push_failed = self._warn(exc, self._push_failed)
         else:
             self._push_failed = False
-        if stage != "state":
-            self.remote.mirror_state()
 
     def _warn(self, exc: BaseException, said: bool) -> bool:
         """One warning line for a failed exchange with the object storage, the first time; True."""
         if not said:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(
-                f"warning: could not push the study's files to {self.remote.shown}: {first}; the working copy "
+                f"warning: could not push the study's files to {self.remote.shown}: {first_line(exc)}; the working copy "
                 "keeps them and the next save tries again (until then a resume from the URI goes back further)",
                 flush=True,
             )

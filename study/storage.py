@@ -32,10 +32,12 @@ One driver per study: the working copy's lock (:mod:`study.lock`) and a lease on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -217,34 +219,36 @@ class RemoteStudy:
 
     def push_driver(self, stage: str = "all") -> None:
         """The driver's files after a save of Tune's state, in the order of the local rule. ``"state"``
-        (before Optuna is told what that save holds): the tables (they may run ahead of the state copy,
-        never behind it), ``optuna.db`` (its asks: every Optuna trial the state names), then Tune's state
-        copy as one set (:meth:`push_state`). ``"rest"`` (after Optuna was told): ``optuna.db`` again and
-        the other files. ``"all"``: both, each file where it changed."""
+        (before Optuna is told what that save holds): the state copy mirrored into the working copy
+        (:meth:`mirror_state`), then pushed: the tables (they may run ahead of the state copy, never
+        behind it), ``optuna.db`` (its asks: every Optuna trial the state names), Tune's state copy as one
+        set (:meth:`push_state`). ``"rest"`` (after Optuna was told): ``optuna.db`` again and the other
+        files. ``"all"``: both, each file where it changed."""
         if stage in ("state", "all"):
+            from study.tune_state import saved_set
+
+            files = saved_set(self.local / TUNE_STATE_DIR)  # parsed once a save, for both
+            self.mirror_state(files)
             for rel in (*TABLES, OPTUNA_FILE):
                 self.push(rel)
-            self.push_state()
+            self.push_state(files)
         if stage in ("rest", "all"):
             for rel in AFTER_STATE:
                 self.push(rel)
 
-    def mirror_state(self) -> None:
-        """The working copy's Tune state files become its state copy's (hard links where possible), as
-        in a local study folder, where Tune writes them: what reads the folder (the trials' statuses at
-        the end, the report) sees the state of this session, not the one pulled at its start."""
-        from study.tune_state import copy_atomic, saved_set
+    def mirror_state(self, files: list[Path] | None) -> None:
+        """The working copy's Tune state files become its state copy's ``files`` (hard links where
+        possible), as in a local study folder, where Tune writes them: what reads the folder (the trials'
+        statuses at the end, the report) sees the state of this session, not the one pulled at its start."""
+        from study.tune_state import copy_atomic
 
-        for f in saved_set(self.local / TUNE_STATE_DIR) or []:
+        for f in files or []:
             copy_atomic(f, self.local / f.name, link=True)
 
-    def push_state(self) -> bool:
-        """The working copy's ``.tune_state/`` (one complete save, :func:`study.tune_state.saved_set`) as
-        ``.tune_state/<n>/`` (emptied first: a push cut short may have left files of another session
+    def push_state(self, files: list[Path] | None) -> bool:
+        """The working copy's ``.tune_state/`` (``files``: one complete save, :func:`study.tune_state.saved_set`)
+        as ``.tune_state/<n>/`` (emptied first: a push cut short may have left files of another session
         there) followed by ``.tune_state/current`` = n; the previous set is deleted after."""
-        from study.tune_state import saved_set
-
-        files = saved_set(self.local / TUNE_STATE_DIR)
         if files is None:
             return False
         marks = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
@@ -310,6 +314,26 @@ class RemoteStudy:
 
             record_set(backup, [backup / rel.rpartition("/")[2] for rel in files])
         return True
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[bool]:
+        """The study brought into the working copy for a reader (the report, ``--dashboard``), under the
+        working copy's lock for the block: the driver's files pulled unless this machine's driver holds
+        that lock (its copy is current), the trials' files in either case. Yields whether a study is there."""
+        from study.lock import StudyBusy, lock_study
+
+        try:
+            lock = lock_study(self.local)
+        except StudyBusy:
+            lock = None
+        try:
+            found = lock is None or self.pull_driver()
+            if found:
+                self.pull_trials()
+            yield found
+        finally:
+            if lock is not None:
+                lock.close()
 
     def pull_trials(self) -> int:
         """Every trial folder's files but its checkpoints (``best.pt``, TensorBoard runs, previews) into

@@ -122,8 +122,9 @@ def test_the_state_copy_is_pushed_as_one_set(s3, tmp_path):
     driver.push(STATE_FILE)
     staging = tmp_path / "staging"
     _state_files(staging, "2026-01-01_00-00-00", 1)
-    assert backup_state(staging, driver.local) and driver.push_state()
-    assert not driver.push_state()  # unchanged: not pushed again
+    state = driver.local / TUNE_STATE_DIR
+    assert backup_state(staging, driver.local) and driver.push_state(saved_set(state))
+    assert not driver.push_state(saved_set(state))  # unchanged: not pushed again
 
     _state_files(staging, "2026-01-01_00-00-00", 2)
     assert backup_state(staging, driver.local)
@@ -134,7 +135,7 @@ def test_the_state_copy_is_pushed_as_one_set(s3, tmp_path):
     assert fresh.pull_driver()
     assert _saves_in(fresh.local) == {1}  # the last complete set, all three of one save
 
-    assert driver.push_state()
+    assert driver.push_state(saved_set(state))
     assert fresh.pull_driver() and _saves_in(fresh.local) == {2}
     assert [r for r, is_dir in driver.listing(TUNE_STATE_DIR) if is_dir] == [
         f"{TUNE_STATE_DIR}/2"
