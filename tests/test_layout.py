@@ -1,6 +1,7 @@
 """The house rules of the source tree (issue 14): no import cycle in ``mriadv/`` and ``study/``
 (counting imports inside functions too: a cycle that only a deferred import breaks is still one),
-no module much over 400 lines, and no ``sys.path`` edits outside ``benchmarks/``."""
+no module much over 400 lines, no ``sys.path`` edits outside ``benchmarks/``, and ``docs/layout.md``'s
+table names every module, benchmark and space."""
 
 from __future__ import annotations
 
@@ -92,3 +93,35 @@ def test_no_sys_path_edits_outside_benchmarks():
         if "sys.path.insert" in p.read_text() and p.name != "test_layout.py"
     ]
     assert not offenders, offenders
+
+
+def test_the_layout_table_names_every_module_benchmark_and_space():
+    """``docs/layout.md`` (the README's map of the tree) names every module of ``mriadv/`` and ``study/``,
+    every benchmark and every search space, and every file it names in backticks exists: the table
+    matches the code (issue 23)."""
+    import re
+
+    text = (REPO / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`([A-Za-z_0-9./]+)`", text))
+    files = [p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))]
+    files += sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.sh"))
+    missing = []
+    for path in files:
+        rel = path.relative_to(REPO).as_posix()
+        if path.name == "__init__.py" or path.name.startswith("_"):
+            continue
+        if path.name not in named and rel not in named:
+            missing.append(rel)
+    missing += [
+        f"search_spaces/{p.name}" for p in sorted((REPO / "search_spaces").glob("*.yaml")) if p.stem not in named
+    ]
+    assert not missing, f"docs/layout.md does not name: {missing}"
+    # every module-like name it gives exists somewhere in the tree
+    stale = [
+        n
+        for n in named
+        if n.endswith((".py", ".sh"))
+        and not (REPO / n).exists()
+        and not any(p.name == Path(n).name for p in files + sorted((REPO / "docs").glob("*.py")))
+    ]
+    assert not stale, f"docs/layout.md names files that do not exist: {stale}"
