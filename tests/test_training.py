@@ -587,12 +587,16 @@ def test_a_projected_generator_is_never_counted_over_its_budget(synthetic_root, 
 def test_what_a_run_evaluates_does_not_change_what_it_trains(synthetic_root, tiny_config, tmp_path):
     """The same standard config trains the same model whatever it evaluates: the per-epoch attacks
     (k-space ones make the evaluation batches carry k-space), their budgets and the held-out protocol
-    (``l2-kspace-curve`` made the training batches bucketed by k-space shape, a different order)."""
-    base = dict(epsilon=0.0, adversary="none", max_epochs=2, max_train_batches=3, instabilities=False, seed=3)
+    (``l2-kspace-curve`` made the training batches bucketed by k-space shape, a different order), none at
+    all (``benchmarks/recipe_check.py``'s quality-only evaluation) and the instabilities (their feature
+    search and sampling sweep draw masks and positions)."""
+    base = dict(epsilon=0.0, adversary="none", max_epochs=2, max_train_batches=3, seed=3)
     variants = {
-        "plain": {"attacks": ["pgd"]},
-        "kspace_attacks": {"attacks": ["pgd", "pgd_kspace"], "attack_budgets": [7.0]},
-        "protocol": {"attacks": ["noise"], "report_protocol": "l2-kspace-curve"},
+        "plain": {"attacks": ["pgd"], "instabilities": False},
+        "kspace_attacks": {"attacks": ["pgd", "pgd_kspace"], "attack_budgets": [7.0], "instabilities": False},
+        "protocol": {"attacks": ["noise"], "report_protocol": "l2-kspace-curve", "instabilities": False},
+        "nothing": {"attacks": [], "instabilities": False},
+        "instabilities": {"attacks": ["pgd"], "instabilities": True},
     }
     weights, losses = {}, {}
     for name, extra in variants.items():
