@@ -326,9 +326,9 @@ def launch(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]) -> int
 def summarise(plan: Plan, report: bool) -> None:
     """Print the study's summary, write its report (``report``), and say whether it was interrupted."""
     print()
-    if plan.remote is not None:  # the trials' files (best.pt, TensorBoard runs) are on the URI
+    if plan.remote is not None:  # the trials' files (TensorBoard runs; best.pt for a report) are on the URI
         try:
-            plan.remote.pull_trials()
+            plan.remote.pull_trials(models=report)
         except (StorageError, OSError) as exc:
             print(f"warning: could not download the trials' files from {plan.remote.shown}: {first_line(exc)}")
     lines, warning = summary_and_warning(plan.study_dir, plan.space)  # one read of the tables for both

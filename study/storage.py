@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from study.layout import (
+    BEST_CHECKPOINT,
     JOURNAL_FILE,
     LOCK_FILE,
     MLFLOW_FILE,
@@ -335,10 +336,11 @@ class RemoteStudy:
             if lock is not None:
                 lock.close()
 
-    def pull_trials(self) -> int:
+    def pull_trials(self, models: bool = True) -> int:
         """Every trial folder's files but its checkpoints (``best.pt``, TensorBoard runs, previews) into
         the working copy, where they are missing or differ from the URI's in size or modification time
-        (which the downloaded copy keeps); how many files were downloaded."""
+        (which the downloaded copy keeps); how many files were downloaded. ``models=False`` leaves the
+        ``best.pt`` files on the URI too (the end of a study without a report needs none of them)."""
         import pyarrow.fs as pafs
 
         root = self.path.rstrip("/") + "/"
@@ -350,7 +352,7 @@ class RemoteStudy:
             trial = parts[0].startswith("trial_") or "_trial_" in parts[0]
             if info.type != pafs.FileType.File or len(parts) < 2 or not trial:
                 continue
-            if any(p.startswith("checkpoint_") for p in parts[1:]):
+            if any(p.startswith("checkpoint_") for p in parts[1:]) or (not models and parts[-1] == BEST_CHECKPOINT):
                 continue
             dest = self.local / rel
             stamp = info.mtime_ns

@@ -177,6 +177,8 @@ def test_the_dashboard_and_a_reader_take_the_study_from_the_uri(s3, tmp_path, mo
     time.sleep(1.1)  # an object store's modification times are in seconds
     there.write_bytes("trial_a_x=1/best.pt", b"w2")  # the same size, a newer file: downloaded again
     assert RemoteStudy(uri, local).pull_trials() == 1 and (local / "trial_a_x=1" / "best.pt").read_bytes() == b"w2"
+    there.write_bytes("trial_b_x=2/best.pt", b"w3")  # the end of a study without a report leaves models there
+    assert RemoteStudy(uri, local).pull_trials(models=False) == 0 and not (local / "trial_b_x=2").exists()
     assert dashboard.serve_study(s3.uri("none"), "s") == 2
 
 
