@@ -62,10 +62,16 @@ Usage::
     python benchmarks/vs_fastmri.py --steps 120 --threads 0     # torch's default threads (a quiet machine)
     python benchmarks/vs_fastmri.py --profile smoke     # seconds: a check that it runs
     python benchmarks/vs_fastmri.py --data FOLDER --set residual=true   # the project's model, changed
+    python benchmarks/vs_fastmri.py --data FOLDER --seed 0 1 2          # three seeds, one interval
 
 Steps: by default the profile's updates on the folder as ``fit`` counts them (``steps_per_epoch`` x
 ``max_epochs``; demo: 720 whatever the folder's size), both models fed ``fit``'s own training batches
 (``Data.train_loader``: a smaller training set cycled, a larger one sampled).
+
+``--seed 0 1 2`` trains both models once per seed: the NMSE ratio is then the ratio of the means over
+seeds and volumes, with a 95 % interval over both (:mod:`mriadv.intervals`, paired by seed and volume),
+so one seed's draw is not read as a difference of recipes (on ``small128`` the seeds gave 1.074, 0.862
+and 0.894: 0.937 +- 0.223 over the three).
 
 The last line is ``ratios: nmse <mriadv / fastMRI> step_time <mriadv / fastMRI>``.
 """
@@ -88,6 +94,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
+from mriadv.intervals import Interval, interval  # noqa: E402
 from mriadv.perturbations import reconstruct  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
@@ -171,9 +178,11 @@ def transform_parity(data: Data, cfg: TrainConfig, UnetDataTransform) -> tuple[f
 
 def fastmri_metrics(
     models: dict[str, torch.nn.Module | None], data: Data, runtime: Runtime, Metrics, METRIC_FUNCS
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """fastMRI's evaluation of each model (None: the zero-filled input) on every validation volume:
-    de-normalised slices stacked per volume, ``Metrics.push(target, recons)`` per volume, means."""
+    de-normalised slices stacked per volume, ``Metrics.push(target, recons)`` per volume, means; and each
+    model's per-volume NMSE (``{model: {file: NMSE}}``, fastMRI's ``nmse`` of the same stacks) for paired
+    comparisons."""
     per_volume: dict[str, dict[str, list]] = {}
     for m in models.values():
         if m is not None:
@@ -195,20 +204,33 @@ def fastmri_metrics(
                 vol["slice"].append(s)
                 for k, v in outs.items():
                     vol[k].append(v[i, 0].cpu().numpy().astype(np.float32))
-    results = {}
+    results, volume_nmse = {}, {}
     for name in models:
         metrics = Metrics(METRIC_FUNCS)
+        volume_nmse[name] = {}
         for fname in sorted(per_volume):
             vol = per_volume[fname]
             order = np.argsort(vol["slice"])
             target = np.stack([vol["target"][j] for j in order])
             recons = np.stack([vol[name][j] for j in order])
             metrics.push(target, recons)
+            volume_nmse[name][fname] = float(METRIC_FUNCS["NMSE"](target, recons))
         results[name] = {k: float(np.asarray(v).item()) for k, v in metrics.means().items()}
-    return results
+    return results, volume_nmse
 
 
-def main(argv: list[str] | None = None) -> int:
+def paired_ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, Interval]:
+    """``mean(a) / mean(b)`` of two ``(seeds, volumes)`` NMSE tables (the project's and fastMRI's on the same
+    volumes after the same batches) and the 95 % interval of :func:`mriadv.intervals.interval` of its
+    linearisation ``a - R b`` (over volumes with one seed, over seeds and volumes with several), divided by
+    ``mean(b)``: the ``half`` of the returned interval is the ratio's half-width."""
+    r = float(a.mean() / b.mean())
+    spread = interval(a - r * b)
+    scale = float(b.mean())
+    return r, Interval(r, spread.se / scale, spread.df, spread.half / scale, spread.seeds, spread.volumes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="recipe and data (default: demo)")
     parser.add_argument(
@@ -226,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (default: 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seed(s); with several, both models are trained once per seed and the ratio's interval "
+        "covers seeds and volumes (default: 0)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -235,35 +264,70 @@ def main(argv: list[str] | None = None) -> int:
         help="a TrainConfig field of the project's model (e.g. residual=true); fastMRI's recipe is fixed",
     )
     args = parser.parse_args(argv)
-    Unet, Metrics, METRIC_FUNCS, UnetDataTransform = import_fastmri()
-
-    profile = get_profile(args.profile)
-    folder = args.data if args.data is not None else synthetic_data(profile, args.results)
-    # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
     try:
-        sets = parse_sets(args.set)
+        args.sets = parse_sets(args.set)
     except ConfigError as exc:
         parser.error(str(exc))
+    if (args.steps is not None and args.steps < 1) or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    fastmri = import_fastmri()
+    profile = get_profile(args.profile)
+    folder = args.data if args.data is not None else synthetic_data(profile, args.results)
+    runs = [one_seed(args, profile, folder, seed, fastmri) for seed in args.seed]
+    tables = {k: np.array([[r["volume_nmse"][k][v] for v in sorted(r["volume_nmse"][k])] for r in runs]) for k in NAMES}
+    nmse_ratio, iv = paired_ratio(tables["mriadv"], tables["fastMRI"])
+    paired = statistics.median(r["time_ratio"] for r in runs)
+    over = f"{len(runs)} seeds x {iv.volumes} volumes" if len(runs) > 1 else f"{iv.volumes} volumes"
+    if len(runs) > 1:
+        print(f"over the seeds {args.seed}: mean NMSE " + ", ".join(f"{k} {tables[k].mean():.4f}" for k in NAMES))
+        print("  per seed, mriadv / fastMRI: " + ", ".join(f"{r['nmse_ratio']:.3f}" for r in runs))
+    print(
+        f"NMSE ratio mriadv / fastMRI {nmse_ratio:.3f} ± {iv.half:.3f} (95 % interval over {over}, paired, "
+        f"{iv.df:.1f} degrees of freedom)"
+    )
+    print(
+        f"target: mriadv NMSE <= {TARGET_NMSE_RATIO:g}x fastMRI's at equal steps: "
+        f"{'met' if nmse_ratio <= TARGET_NMSE_RATIO else 'NOT met'}"
+        + (" (within the interval)" if abs(nmse_ratio - TARGET_NMSE_RATIO) <= iv.half else "")
+        + f"; step time <= {TARGET_TIME_RATIO:g}x at equal size: {'met' if paired <= TARGET_TIME_RATIO else 'NOT met'}"
+        f" (paired {paired:.3f})"
+    )
+    print(f"ratios: nmse {nmse_ratio:.3f} step_time {paired:.3f}")
+    return 0
+
+
+NAMES = ("zero-filled", "fastMRI", "mriadv")
+
+
+def one_seed(args: argparse.Namespace, profile, folder: Path, seed: int, fastmri) -> dict:
+    """Both models trained on the same batches under ``seed`` and evaluated with fastMRI's functions;
+    prints the set-up, the losses per epoch and the scores; returns the per-volume NMSE and the ratios."""
+    Unet, Metrics, METRIC_FUNCS, UnetDataTransform = fastmri
+    # standard training; every validation volume evaluated (no selection happens here); no per-epoch extras
     cfg = profile.config(
         **{
             "epsilon": 0.0,
             "data": str(folder),
             "device": args.device,
             "threads": args.threads or None,
-            "seed": args.seed,
+            "seed": seed,
             "report_fraction": 0.0,
             "train_eval_volumes": 0,
-            **sets,
+            **args.sets,
         }
     )
     rt = Runtime.resolve(cfg.device, cfg.precision, cfg.threads)
     seed_everything(cfg.seed)
     data = build_data(cfg, rt)
     clock = data.clock(cfg)  # the profile's updates on this folder, as fit() makes them (demo: 6 x 120)
-    steps_per_epoch = clock.steps_per_epoch
     steps = args.steps if args.steps is not None else clock.total_steps
-    if steps < 1 or args.warmup < 0 or args.warmup >= steps:
-        parser.error("--steps must be >= 1 and 0 <= --warmup < steps")
+    if args.warmup >= steps:
+        raise SystemExit(f"--warmup {args.warmup} must be below the steps ({steps})")
 
     seed_everything(cfg.seed)
     ours = Trainer(cfg, rt)
@@ -272,6 +336,50 @@ def main(argv: list[str] | None = None) -> int:
     theirs = FastMRIRecipe(
         rt.prepare_model(Unet(1, 1, chans=cfg.unet_chans, num_pool_layers=cfg.unet_pools, drop_prob=0.0)), rt
     )
+    describe(cfg, rt, data, folder, steps, clock.steps_per_epoch, ours, theirs, args.profile, UnetDataTransform)
+    times, elapsed, share = train_both(ours, theirs, data, rt, cfg, steps, clock.steps_per_epoch, args.warmup)
+
+    t_eval = time.perf_counter()
+    models = {"zero-filled": None, "fastMRI": theirs.unet, "mriadv": ours.recon}
+    scores, volume_nmse = fastmri_metrics(models, data, rt, Metrics, METRIC_FUNCS)
+    check = mriadv_evaluate(ours.recon, data.loader(data.val, shuffle=False), ours.loss_fn, rt, clamp=cfg.clamp)
+    t_eval = time.perf_counter() - t_eval
+
+    step_s = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times["mriadv"], times["fastMRI"]))
+    print(
+        f"seed {seed}: trained in {elapsed:.0f}s, evaluated in {t_eval:.0f}s; step times: median of "
+        f"{len(times['mriadv'])} steps after {args.warmup} warm-up steps"
+    )
+    if share is not None:
+        cpus = share * (torch.multiprocessing.cpu_count() or 1)
+        print(
+            f"machine: other processes kept {cpus:.2f} of {torch.multiprocessing.cpu_count()} CPUs busy "
+            f"({100 * share:.0f}%) during training"
+            + ("; timings are noisy (paired ratios compensate in part)" if share > 0.1 else "")
+        )
+    print(f"fastMRI evaluation ({len(data.val.volumes)} validation volumes, de-normalised, maxval = volume max):")
+    print(f"  {'':14s} {'NMSE':>8s} {'PSNR':>7s} {'SSIM':>7s} {'s/step':>8s}")
+    for name in NAMES:
+        s = scores[name]
+        t = f"{step_s[name]:8.3f}" if name in step_s else f"{'-':>8s}"
+        print(f"  {name:14s} {s['NMSE']:8.4f} {s['PSNR']:7.2f} {s['SSIM']:7.4f} {t}")
+    print(
+        f"cross-check, the project's evaluate() of the mriadv model: NMSE {check.nmse:.4f} PSNR {check.psnr:.2f} "
+        f"SSIM {check.ssim:.4f}"
+    )
+    a, b = (np.array([[volume_nmse[k][v] for v in sorted(volume_nmse[k])]]) for k in ("mriadv", "fastMRI"))
+    ratio, iv = paired_ratio(a, b)
+    print(
+        f"seed {seed}: NMSE ratio mriadv / fastMRI {ratio:.3f} ± {iv.half:.3f} (95 % interval over "
+        f"{iv.volumes} volumes, paired); step time {step_s['mriadv'] / step_s['fastMRI']:.3f} (ratio of medians), "
+        f"{paired:.3f} (paired)"
+    )
+    return {"volume_nmse": volume_nmse, "nmse_ratio": ratio, "time_ratio": paired}
+
+
+def describe(cfg, rt, data, folder, steps, steps_per_epoch, ours, theirs, profile_name, UnetDataTransform) -> None:
+    """The set-up in five lines: the data, the steps and device, both recipes, the transforms' parity."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     where = f"{rt.device}" + (
         f" ({torch.cuda.get_device_name(rt.device)})"
@@ -285,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"steps {steps} ({steps / steps_per_epoch:.2f} epochs) for each model, same batches; device {where}, "
-        f"precision {rt.dtype or 'fp32'}"
+        f"precision {rt.dtype or 'fp32'}, seed {cfg.seed}"
     )
     print(
         f"fastMRI: Unet {cfg.unet_chans}/{cfg.unet_pools} ({count(theirs.unet) / 1e6:.3f} M params), L1, RMSprop "
@@ -294,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"mriadv:  UNet {cfg.unet_chans}/{cfg.unet_pools} ({count(ours.recon) / 1e6:.3f} M params, "
-        f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {args.profile}: "
+        f"{cfg.unet_activation}, {cfg.unet_pooling} pool, {cfg.unet_norm} norm), profile {profile_name}: "
         f"{cfg.loss.upper()}, AdamW lr {cfg.lr_recon:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} schedule"
         + (", residual (x + f(x))" if cfg.residual else "")
     )
@@ -305,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * clipped:.3f}% of its pixels; both models here train on the unclamped target)"
     )
 
+
+def train_both(ours, theirs, data, rt, cfg, steps, steps_per_epoch, warmup):
+    """Both models on ``fit``'s own training batches, one step each per batch, alternating which goes
+    first; returns the step times after ``warmup`` (seconds, per model), the wall time and the share of
+    the machine other processes used meanwhile."""
     times: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
     losses: dict[str, list[float]] = {"mriadv": [], "fastMRI": []}
 
@@ -333,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = batch.to(rt.device)
             order = ("mriadv", "fastMRI") if step % 2 == 0 else ("fastMRI", "mriadv")
             for name in order:
-                timed(name, batch, record=step >= args.warmup)
+                timed(name, batch, record=step >= warmup)
             step += 1
         theirs.end_epoch()
         epoch += 1
@@ -345,47 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     elapsed = time.perf_counter() - t_start
-    share = others_share(usage, elapsed)
-
-    t_eval = time.perf_counter()
-    scores = fastmri_metrics(
-        {"zero-filled": None, "fastMRI": theirs.unet, "mriadv": ours.recon}, data, rt, Metrics, METRIC_FUNCS
-    )
-    check = mriadv_evaluate(ours.recon, data.loader(data.val, shuffle=False), ours.loss_fn, rt, clamp=cfg.clamp)
-    t_eval = time.perf_counter() - t_eval
-
-    step_s = {k: statistics.median(v) for k, v in times.items()}
-    paired = statistics.median(a / b for a, b in zip(times["mriadv"], times["fastMRI"]))
-    print(
-        f"trained in {elapsed:.0f}s, evaluated in {t_eval:.0f}s; step times: median of {len(times['mriadv'])} "
-        f"steps after {args.warmup} warm-up steps"
-    )
-    if share is not None:
-        cpus = share * (torch.multiprocessing.cpu_count() or 1)
-        print(
-            f"machine: other processes kept {cpus:.2f} of {torch.multiprocessing.cpu_count()} CPUs busy "
-            f"({100 * share:.0f}%) during training"
-            + ("; timings are noisy (paired ratios compensate in part)" if share > 0.1 else "")
-        )
-    print(f"fastMRI evaluation ({len(data.val.volumes)} validation volumes, de-normalised, maxval = volume max):")
-    print(f"  {'':14s} {'NMSE':>8s} {'PSNR':>7s} {'SSIM':>7s} {'s/step':>8s}")
-    for name in ("zero-filled", "fastMRI", "mriadv"):
-        s = scores[name]
-        t = f"{step_s[name]:8.3f}" if name in step_s else f"{'-':>8s}"
-        print(f"  {name:14s} {s['NMSE']:8.4f} {s['PSNR']:7.2f} {s['SSIM']:7.4f} {t}")
-    print(
-        f"cross-check, the project's evaluate() of the mriadv model: NMSE {check.nmse:.4f} PSNR {check.psnr:.2f} "
-        f"SSIM {check.ssim:.4f}"
-    )
-    nmse_ratio = scores["mriadv"]["NMSE"] / scores["fastMRI"]["NMSE"]
-    print(
-        f"target: mriadv NMSE <= {TARGET_NMSE_RATIO:g}x fastMRI's at equal steps: "
-        f"{'met' if nmse_ratio <= TARGET_NMSE_RATIO else 'NOT met'}; step time <= {TARGET_TIME_RATIO:g}x at equal "
-        f"size: {'met' if paired <= TARGET_TIME_RATIO else 'NOT met'} (ratio of medians "
-        f"{step_s['mriadv'] / step_s['fastMRI']:.3f}, paired {paired:.3f})"
-    )
-    print(f"ratios: nmse {nmse_ratio:.3f} step_time {paired:.3f}")
-    return 0
+    return times, elapsed, others_share(usage, elapsed)
 
 
 if __name__ == "__main__":
