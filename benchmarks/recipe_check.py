@@ -189,7 +189,7 @@ def make_folder(name: str, results: Path) -> Path:
 
 # What ``--evaluation quality`` (the default) turns off: the robustness a study measures on top of the model's
 # quality (each epoch's attacks on the selection subset, small-feature recovery, the held-out report's attacks
-# and sampling sweep). Training does not depend on them (tests/test_replicates.py), so the model, its best
+# and sampling sweep). Training does not depend on them (tests/test_training.py), so the model, its best
 # epoch and every figure this script prints are the same with ``--evaluation full``; only the minutes differ.
 QUALITY_ONLY: dict[str, Any] = {"attacks": (), "instabilities": False, "report_protocol": None}
 
