@@ -199,10 +199,11 @@ class ResultsCallback(tune.Callback):
 
     def _push(self, stage: str = "all") -> None:
         """With object storage: push the driver's files (:meth:`study.storage.RemoteStudy.push_driver`). A
-        failed push is said once and tried again at the
-        next save; the working copy keeps everything."""
-        if self.remote is None or (stage == "rest" and self._push_failed):  # Optuna's tells never ahead of
-            return  # the state set on the URI: where this save's set failed to go up, they wait for the next
+        failed push is said once and tried again at the next save; the working copy keeps everything.
+        Optuna's tells never go up ahead of the state set on the URI: where this save's set failed to go
+        up, the ``"rest"`` stage waits for the next save."""
+        if self.remote is None or (stage == "rest" and self._push_failed):
+            return
         try:
             self.remote.push_driver(stage)
         except (OSError, StorageError) as exc:
