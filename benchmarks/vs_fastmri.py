@@ -94,7 +94,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mriadv.config import PROFILES, TrainConfig, get_profile  # noqa: E402
 from mriadv.data.transforms import Batch, center_crop, denormalize  # noqa: E402
 from mriadv.evaluate import evaluate as mriadv_evaluate  # noqa: E402
-from mriadv.intervals import Interval, interval  # noqa: E402
+from mriadv.intervals import ratio_interval  # noqa: E402
 from mriadv.perturbations import reconstruct  # noqa: E402
 from mriadv.runtime import Runtime, seed_everything  # noqa: E402
 from mriadv.data.loading import Data, build_data, synthetic_data  # noqa: E402
@@ -220,17 +220,6 @@ def fastmri_metrics(
     return results, volume_nmse
 
 
-def paired_ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, Interval]:
-    """``mean(a) / mean(b)`` of two ``(seeds, volumes)`` NMSE tables (the project's and fastMRI's on the same
-    volumes after the same batches) and the 95 % interval of :func:`mriadv.intervals.interval` of its
-    linearisation ``a - R b`` (over volumes with one seed, over seeds and volumes with several), divided by
-    ``mean(b)``: the ``half`` of the returned interval is the ratio's half-width."""
-    r = float(a.mean() / b.mean())
-    spread = interval(a - r * b)
-    scale = float(b.mean())
-    return r, Interval(r, spread.se / scale, spread.df, spread.half / scale, spread.seeds, spread.volumes)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="recipe and data (default: demo)")
@@ -281,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.data if args.data is not None else synthetic_data(profile, args.results)
     runs = [one_seed(args, profile, folder, seed, fastmri) for seed in args.seed]
     tables = {k: np.array([[r["volume_nmse"][k][v] for v in sorted(r["volume_nmse"][k])] for r in runs]) for k in NAMES}
-    nmse_ratio, iv = paired_ratio(tables["mriadv"], tables["fastMRI"])
+    iv = ratio_interval(tables["mriadv"], tables["fastMRI"])
+    nmse_ratio = iv.mean
     paired = statistics.median(r["time_ratio"] for r in runs)
     over = f"{len(runs)} seeds x {iv.volumes} volumes" if len(runs) > 1 else f"{iv.volumes} volumes"
     if len(runs) > 1:
@@ -367,7 +357,8 @@ def one_seed(args: argparse.Namespace, profile, folder: Path, seed: int, fastmri
         f"SSIM {check.ssim:.4f}"
     )
     a, b = (np.array([[volume_nmse[k][v] for v in sorted(volume_nmse[k])]]) for k in ("mriadv", "fastMRI"))
-    ratio, iv = paired_ratio(a, b)
+    iv = ratio_interval(a, b)
+    ratio = iv.mean
     print(
         f"seed {seed}: NMSE ratio mriadv / fastMRI {ratio:.3f} ± {iv.half:.3f} (95 % interval over "
         f"{iv.volumes} volumes, paired); step time {step_s['mriadv'] / step_s['fastMRI']:.3f} (ratio of medians), "

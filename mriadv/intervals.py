@@ -144,4 +144,21 @@ def interval(values: np.ndarray, level: float = LEVEL) -> Interval:
     return Interval(float(d.mean()), se, df, half, s, v)
 
 
-__all__ = ["LEVEL", "Interval", "interval", "t_cdf", "t_quantile"]
+def ratio_interval(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> Interval:
+    """The ratio of means ``R = mean(a) / mean(b)`` of two paired ``(S, V)`` tables (two configurations
+    under the same seeds on the same volumes; ``mean(b) > 0``) with its interval by the ratio
+    estimator's linearisation: :func:`interval` of ``a - R b``, divided by ``mean(b)``. A relative
+    change is ``R - 1`` with the same half-width. Unlike ``interval(a - b) / mean(b)``, this counts the
+    denominator's own variation over seeds and volumes."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"the tables are not paired: shapes {a.shape} and {b.shape}")
+    scale = float(b.mean()) if b.size else math.nan
+    if not scale > 0:
+        raise ValueError(f"the denominator's mean must be positive, got {scale}")
+    r = float(a.mean()) / scale
+    spread = interval(a - r * b, level)
+    return Interval(r, spread.se / scale, spread.df, spread.half / scale, spread.seeds, spread.volumes)
+
+
+__all__ = ["LEVEL", "Interval", "interval", "ratio_interval", "t_cdf", "t_quantile"]

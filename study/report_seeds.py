@@ -8,7 +8,8 @@ A *configuration* is a trial's searched values without ``seed``; a space with ``
 N times (:mod:`study.spaces`). Every number is a mean over seeds and held-out volumes with a 95 %
 Student-t interval that holds both the seed-to-seed and the volume-to-volume variation
 (:func:`mriadv.intervals.interval`); differences against the reference configuration are paired by seed
-(the same data order and masks) and by volume. NMSE and its degradation under attack are per volume
+(the same data order and masks) and by volume; a change relative to the reference's degradation is a
+ratio of means with the ratio's linearised interval (:func:`mriadv.intervals.ratio_interval`). NMSE and its degradation under attack are per volume
 (``volume_nmse`` of ``robustness.parquet``); PSNR, SSIM and the NMSE ratio to the zero-filled input are
 per trial, so their intervals are over seeds only (none with one seed). With one seed the intervals
 are the paired t-intervals over volumes: what they leave out, run-to-run variation, is said in the
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from mriadv.intervals import LEVEL, Interval, interval
+from mriadv.intervals import LEVEL, Interval, interval, ratio_interval
 from study.analysis import finished_trials
 from study.report_data import (
     ATTACK_COLUMNS,
@@ -170,9 +171,10 @@ def configuration_tables(res: StudyResults) -> ConfigurationTables:
                 row[name] = found.mean if found else math.nan
                 row[f"{name} ±"] = found.half if found else math.nan
                 row[f"{name} df"] = found.df if found else math.nan
-                if kind == "attacked" and found and b is not None:
-                    row[f"{delta} %"] = 100.0 * found.mean / float(b.mean())
-                    row[f"{delta} % ±"] = 100.0 * found.half / float(b.mean())
+                if kind == "attacked" and found and float(b.mean()) > 0:
+                    relative = ratio_interval(a, b)  # the denominator's own variation counted
+                    row[f"{delta} %"] = 100.0 * (relative.mean - 1.0)
+                    row[f"{delta} % ±"] = 100.0 * relative.half
             versus.append(row)
     return ConfigurationTables(table, pd.DataFrame(versus), reference, standard, attack, budget)
 
@@ -261,7 +263,9 @@ def configurations_markdown(tables: ConfigurationTables) -> list[str]:
         (
             f"Each configuration minus {reference}, trained with the same seeds and evaluated on the same "
             f"volumes: mean ± half-width of the {LEVEL:.0%} t-interval (degrees of freedom by Welch–Satterthwaite "
-            f"over the seed and volume components); *%*: of {reference}'s own degradation. A difference whose "
+            f"over the seed and volume components); *%*: of {reference}'s own degradation (the ratio of the mean "
+            f"degradations minus one; its interval by the ratio's linearisation, so the reference's own variation "
+            f"counts: `mriadv.intervals.ratio_interval`). A difference whose "
             f"interval holds zero is marked *within noise*.{which}"
         ),
         "",

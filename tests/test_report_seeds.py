@@ -330,8 +330,13 @@ def test_with_two_standard_configurations_the_first_is_the_reference(tmp_path):
         assert versus.loc[label, "Δ PGD-k dNMSE"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
         assert versus.loc[label, "Δ PGD-k dNMSE ±"] == pytest.approx(half, rel=1e-6)
         assert versus.loc[label, "Δ PGD-k dNMSE df"] == pytest.approx(df)
-        own = _degradation(robust, unet, "pgd_kspace").mean()
+        theirs = _degradation(robust, unet, "pgd_kspace")
+        own = theirs.mean()
         assert versus.loc[label, "Δ PGD-k dNMSE %"] == pytest.approx(100 * mean / own, rel=1e-9)
+        # its interval: the ratio of means linearised, mine - R * theirs, over seeds and volumes, / own
+        ratio = _degradation(robust, mine, "pgd_kspace").mean() / own
+        _, half_r, _ = _expected(_degradation(robust, mine, "pgd_kspace") - ratio * theirs)
+        assert versus.loc[label, "Δ PGD-k dNMSE % ±"] == pytest.approx(100 * half_r / own, rel=1e-6)
         clean = _table(robust, mine, "trained", "clean", 0.0) - _table(robust, unet, "trained", "clean", 0.0)
         assert versus.loc[label, "ΔNMSE"] == pytest.approx(_expected(clean)[0], rel=1e-9, abs=1e-12)
     markdown = "\n".join(configurations_markdown(tables))

@@ -24,7 +24,8 @@ def test_ratio_and_paired_errors_against_closed_forms():
     c = versus_input(_vols(a), _vols(b), _vols(s), _vols(t))
     ratio = 0.12 / 0.24  # mean(a) / mean(b) = 0.04 / 0.08
     assert c.ratio == pytest.approx(ratio)
-    d = [x - ratio * y for x, y in zip(a, b)]  # [-0.005, 0.005, 0.0]: sd 0.005, SE(R) = 0.005 / sqrt(3) / 0.08
+    d = [x - ratio * y for x, y in zip(a, b)]  # sd 0.005, so SE(R) = 0.005 / sqrt(3) / 0.08
+    assert d == pytest.approx([-0.005, 0.005, 0.0])
     assert c.ratio_se == pytest.approx(0.005 / math.sqrt(3) / 0.08)
     diffs = [-0.03, -0.03, -0.06]  # a - b: mean -0.04, sd 0.017320508
     assert c.d_nmse == pytest.approx(-0.04)
