@@ -200,22 +200,6 @@ def searched_metric(metric: str) -> str:
     return f"best_{metric}"
 
 
-def scheduler(space: StudySpace, max_epochs: int):
-    if space.scheduler.get("type") != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    obj = space.objectives[0]
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=searched_metric(obj.metric),
-        mode=obj.mode,
-        max_t=max_epochs,
-        grace_period=int(space.scheduler.get("grace_period", 1)),
-        reduction_factor=float(space.scheduler.get("reduction_factor", 2)),
-    )
-
-
 def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
     """The study's Tuner: restored from its folder when resuming (with the same resource-wrapped
     trainable, or pending trials would lose their GPU request, and the callbacks it started with),
@@ -225,6 +209,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
     from study.console import StudyReporter
     from study.home import set_home
     from study.results import ResultsCallback
+    from study.schedulers import for_space
     from study.trackers import tracking_callbacks
     from study.trainable import StudyContext, train_trial
     from study.tune_state import CHECKPOINTS_KEPT, install_state_saving
@@ -262,7 +247,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
         param_space=param_space(space),
         tune_config=tune.TuneConfig(
             search_alg=searcher(space, plan.study_dir, plan.name, int(base.get("seed", 0))),
-            scheduler=scheduler(space, plan.max_epochs),
+            scheduler=for_space(space, plan.max_epochs),
             num_samples=plan.num_samples,
             max_concurrent_trials=args.max_concurrent,
             reuse_actors=True,
