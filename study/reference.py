@@ -109,7 +109,8 @@ def reference_checkpoint(
     if remote is not None:
         dest = (work or Path(study_dir)) / f"reference_{BEST_CHECKPOINT}"
         return remote.reference_best(info, dest) or str(info["best"])
-    return str(info["best"])
+    here = Path(study_dir) / info["folder"] / BEST_CHECKPOINT if info.get("folder") else None
+    return str(here) if here is not None and here.is_file() else str(info["best"])  # a moved study folder too
 
 
 def resolve_sampled(

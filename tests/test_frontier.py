@@ -99,6 +99,16 @@ def test_a_fine_tuned_trial_waits_for_the_reference_best(tmp_path):
     }
 
 
+def test_a_moved_study_folder_fine_tunes_the_reference_where_it_now_is(tmp_path):
+    study = tmp_path / "study"
+    (study / "trial_ref").mkdir(parents=True)
+    (study / "trial_ref" / "best.pt").write_bytes(b"weights")
+    record_reference(study, "ref", study / "trial_ref", "TERMINATED")
+    study.rename(tmp_path / "moved")
+    values = resolve_sampled({"init_from": "reference"}, tmp_path / "moved", print)
+    assert values == {"init_from": str(tmp_path / "moved" / "trial_ref" / "best.pt")}
+
+
 def test_a_reference_without_a_best_fails_the_fine_tuned_trial_in_one_line(tmp_path):
     record_reference(tmp_path, "ref", None, "ERROR")
     assert json.loads((tmp_path / REFERENCE_FILE).read_text())["best"] is None
