@@ -9,7 +9,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from mriadv.intervals import LEVEL, interval
 from study.report_data import StudyResults, float_of, format_number, held_out, markdown_table, plus_minus
+
+FEATURE_ATTACKS = ("feature_random", "feature_worst")  # a small feature at a random tissue position; worst of 8
 
 
 def instability_tables(res: StudyResults) -> list[str]:
@@ -113,15 +116,17 @@ def _stagnant_flags(res: StudyResults) -> dict[tuple[str, str, float], bool]:
 
 
 def _fnr_notes(res: StudyResults) -> list[str]:
-    """Feature FNRs against the reference (ε = 0) model, paired by volume (``volume_fnr``): the mean
-    difference ± its paired SE; and a note where the worst-position FNR is the same for every model."""
+    """Feature FNRs of each configuration against the reference (standard) one, paired by training seed
+    and volume (``volume_fnr``): the mean difference with its 95 % t-interval over seeds and volumes
+    (:func:`mriadv.intervals.interval`; over the volumes alone with one seed); and a note where the
+    worst-position FNR is the same for every model."""
+    from study.report_seeds import configurations, standard_configurations
+
     rob = res.robust
     if rob.empty or "fnr" not in rob:
         return []
-    rows = rob[rob["attack"].isin(("feature_random", "feature_worst")) & (rob["model"] == "trained")]
+    rows = rob[rob["attack"].isin(FEATURE_ATTACKS) & (rob["model"] == "trained")]
     rows = rows[rows["split"].isin(("report", "test"))]
-    eps = res.best.set_index("trial_id")["epsilon_ref"] if "epsilon_ref" in res.best else pd.Series(dtype=float)
-    standard = [t for t in res.best["trial_id"] if eps.get(t) == 0]
     out = []
     worst = rows[rows["attack"] == "feature_worst"]["fnr"]
     if len(worst) > 1 and worst.nunique() == 1:
@@ -129,27 +134,32 @@ def _fnr_notes(res: StudyResults) -> list[str]:
             f"- The worst-of-8 FNR is {float(worst.iloc[0]):.2f} for every model: at this contrast and size the "
             "search finds a lost feature in every slice, so this column cannot rank the models."
         )
-    if len(standard) != 1 or "volume_fnr" not in rows:  # per-volume rates: recorded since issue 20
+    groups = configurations(res)
+    standard = standard_configurations(res, groups)
+    if not standard or "volume_fnr" not in rows:  # per-volume rates: recorded since issue 20
         return out + ([""] if out else [])
     rows = rows[rows["volume_fnr"].fillna("").ne("")]
-    ref = {k: json.loads(v) for k, v in rows[rows["trial_id"] == standard[0]][["attack", "volume_fnr"]].values}
-    lines = []
-    for _, b in res.best.iterrows():
-        if b["trial_id"] == standard[0]:
+    rates = {(str(t), a): json.loads(v) for t, a, v in rows[["trial_id", "attack", "volume_fnr"]].values}
+    ref, lines = groups[standard[0]], []
+    for label, seeds in groups.items():
+        pairs = [(seeds[s], ref[s]) for s in sorted(set(seeds) & set(ref))]
+        if label == standard[0] or not pairs:
             continue
-        mine = {k: json.loads(v) for k, v in rows[rows["trial_id"] == b["trial_id"]][["attack", "volume_fnr"]].values}
         cells = []
-        for kind in ("feature_random", "feature_worst"):
-            if kind in mine and kind in ref:
-                common = sorted(set(mine[kind]) & set(ref[kind]))
-                d = np.array([mine[kind][v] - ref[kind][v] for v in common])
-                se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-                cells.append(f"{kind.removeprefix('feature_')} {plus_minus(d.mean(), se, '+.2f')}")
+        for kind in FEATURE_ATTACKS:
+            if not all((a, kind) in rates and (b, kind) in rates for a, b in pairs):
+                continue
+            volumes = sorted(set.intersection(*(set(rates[(a, kind)]) & set(rates[(b, kind)]) for a, b in pairs)))
+            if volumes:
+                d = np.array([[rates[(a, kind)][v] - rates[(b, kind)][v] for v in volumes] for a, b in pairs])
+                cells.append(f"{kind.removeprefix('feature_')} {interval(d).text('+.2f')}")
         if cells:
-            lines.append(f"- {res.label(b['trial_id'])}: " + "; ".join(cells))
+            lines.append(f"- {label} ({len(pairs)} seed{'s' if len(pairs) > 1 else ''}): " + "; ".join(cells))
     if lines:
         out += [
-            f"Feature FNR minus the standard model's ({res.label(standard[0])}), paired by volume (± SE):",
+            f"Feature FNR minus the standard configuration's ({standard[0]}), paired by training seed and volume: "
+            f"mean ± half-width of the {LEVEL:.0%} t-interval over seeds and volumes (over the volumes alone "
+            "with one seed):",
             "",
             *lines,
         ]

@@ -46,6 +46,7 @@ __all__ = [
     "findings",
     "configurations",
     "configurations_markdown",
+    "standard_configurations",
     "write_configuration_tables",
 ]
 
@@ -126,7 +127,7 @@ def _names(attack: str, budget: float | None) -> tuple[str, str]:
 
 def configuration_tables(res: StudyResults) -> ConfigurationTables:
     """The configurations over their seeds and against the reference: the first configuration trained
-    with ε = 0 in the report's order (:func:`_standard`); without one, ``versus`` is empty. The
+    with ε = 0 in the report's order (:func:`standard_configurations`); without one, ``versus`` is empty. The
     degradation is under the attack and budget the objectives name (image PGD at the largest budget
     where they name none)."""
     groups = configurations(res)
@@ -149,7 +150,7 @@ def configuration_tables(res: StudyResults) -> ConfigurationTables:
             row[f"{name} ±"] = found.half if found else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
-    standard = _standard(res, groups)
+    standard = standard_configurations(res, groups)
     reference = standard[0] if standard else None
     versus = []
     if reference is not None:
@@ -179,7 +180,7 @@ def configuration_tables(res: StudyResults) -> ConfigurationTables:
     return ConfigurationTables(table, pd.DataFrame(versus), reference, standard, attack, budget)
 
 
-def _standard(res: StudyResults, groups: dict[str, dict[int, str]]) -> list[str]:
+def standard_configurations(res: StudyResults, groups: dict[str, dict[int, str]]) -> list[str]:
     """The configurations trained with ε = 0 (every seed), in the report's order; the first is the
     reference (in the ``architectures`` space the U-Net's, which the unrolled network is set against)."""
     return [

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from study import layout, report
 
@@ -498,5 +499,6 @@ def test_type_3_marks_and_paired_fnr_are_the_stored_per_volume_numbers(study, wr
     per = {r.trial_id: json.loads(r.volume_fnr) for r in feats.itertuples()}
     std_id, adv_id = trials.sort_values("epsilon_ref").index
     d = np.array([per[adv_id][v] - per[std_id][v] for v in sorted(per[std_id])])
-    assert "paired by volume" in section
-    assert f"random {d.mean():+.2f}" in section
+    assert "paired by training seed and volume" in section
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))  # one seed: over the volumes
+    assert f"random {d.mean():+.2f} ± {half:.2f}" in section

@@ -179,10 +179,11 @@ ARCHITECTURES = (("unet", "none", 0.0), ("unrolled", "none", 0.0), ("unet", "pgd
 VOLUMES = ("file_a", "file_b", "file_c", "file_d")
 
 
-def _synthetic_study(folder: Path, configs=ARCHITECTURES, seeds: int = 3) -> Path:
+def _synthetic_study(folder: Path, configs=ARCHITECTURES, seeds: int = 3, features: bool = False) -> Path:
     """trials.parquet and robustness.parquet of a finished study (one epoch per trial, held-out rows
     of the trained model and the zero-filled input; per-volume NMSE clean, under image PGD and k-space
-    PGD at 1000 and 5000), random but seeded."""
+    PGD at 1000 and 5000; with ``features``, the trained model's per-volume feature FNRs), random but
+    seeded."""
     rng = np.random.default_rng(7)
     folder.mkdir(parents=True, exist_ok=True)
     trials, robust = [], []
@@ -232,6 +233,21 @@ def _synthetic_study(folder: Path, configs=ARCHITECTURES, seeds: int = 3) -> Pat
                             "volume_nmse": json.dumps(per),
                         }
                     )
+            for attack in ("feature_random", "feature_worst") if features else ():
+                rates = {v: float(rng.integers(0, 11)) / 10 for v in VOLUMES}  # share of 10 slices
+                robust.append(
+                    {
+                        "trial_id": trial,
+                        "epoch": 1,
+                        "split": "report",
+                        "model": "trained",
+                        "protocol": "",
+                        "attack": attack,
+                        "budget_ref": 0.0,
+                        "fnr": float(np.mean(list(rates.values()))),
+                        "volume_fnr": json.dumps(rates),
+                    }
+                )
     pd.DataFrame(trials).to_parquet(folder / "trials.parquet", index=False)
     pd.DataFrame(robust).to_parquet(folder / "robustness.parquet", index=False)
     return folder
@@ -369,3 +385,27 @@ def test_the_pareto_figure_and_the_summary_name_the_kspace_attack(tmp_path):
     image = _load(folder, "rob_pgd_e5000_nmse")
     assert pareto_points(image, table1(image)).y_metric == "PGD@5000 NMSE"
     assert "| PGD@5000 NMSE |" in summary_markdown(image, [], None)
+
+
+def test_feature_fnrs_are_compared_with_the_standard_configuration_paired_by_seed_and_volume(tmp_path):
+    from study.report_held_out import _fnr_notes
+
+    folder = _synthetic_study(tmp_path / "features", features=True)
+    robust = pd.read_parquet(folder / "robustness.parquet")
+    notes = "\n".join(_fnr_notes(_load(folder, "rob_pgd_e5000_nmse")))
+    reference = "ε=0, adversary=none, arch=unet"
+    assert f"Feature FNR minus the standard configuration's ({reference}), paired by training seed and volume" in notes
+
+    def rates(trials, attack):  # (seeds, volumes), written out from the rows
+        rows = robust[robust["attack"] == attack].set_index("trial_id")
+        return np.array([[json.loads(rows.loc[t, "volume_fnr"])[v] for v in VOLUMES] for t in trials])
+
+    unet = _ids(folder, "unet", "none")
+    for arch, adversary, eps in ARCHITECTURES[1:]:
+        mine = _ids(folder, arch, adversary)
+        cells = []
+        for attack in ("feature_random", "feature_worst"):
+            mean, half, _ = _expected(rates(mine, attack) - rates(unet, attack))
+            cells.append(f"{attack.removeprefix('feature_')} {mean:+.2f} ± {half:.2f}")
+        label = f"ε={eps:g}, adversary={adversary}, arch={arch}"
+        assert f"- {label} (3 seeds): " + "; ".join(cells) in notes
