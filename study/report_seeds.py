@@ -9,9 +9,9 @@ N times (:mod:`study.spaces`). Every number is a mean over seeds and held-out vo
 Student-t interval that holds both the seed-to-seed and the volume-to-volume variation
 (:func:`mriadv.intervals.interval`); differences against the reference configuration are paired by seed
 (the same data order and masks) and by volume; a change relative to the reference's degradation is a
-ratio of means with the ratio's linearised interval (:func:`mriadv.intervals.ratio_interval`). NMSE and its degradation under attack are per volume
-(``volume_nmse`` of ``robustness.parquet``); PSNR, SSIM and the NMSE ratio to the zero-filled input are
-per trial, so their intervals are over seeds only (none with one seed). With one seed the intervals
+ratio of means with the ratio's linearised interval (:func:`mriadv.intervals.ratio_interval`). NMSE
+and its degradation under attack are per volume (``volume_nmse`` of ``robustness.parquet``); PSNR,
+SSIM and the NMSE ratio to the zero-filled input are per trial, so their intervals are over seeds only (none with one seed). With one seed the intervals
 are the paired t-intervals over volumes: what they leave out, run-to-run variation, is said in the
 caption.
 """
@@ -127,8 +127,8 @@ def _names(attack: str, budget: float | None) -> tuple[str, str]:
 
 def configuration_tables(res: StudyResults) -> ConfigurationTables:
     """The configurations over their seeds and against the reference: the first configuration trained
-    with ε = 0 in the report's order (:func:`standard_configurations`); without one, ``versus`` is empty. The
-    degradation is under the attack and budget the objectives name (image PGD at the largest budget
+    with ε = 0 in the report's order (:func:`standard_configurations`); without one, ``versus`` is
+    empty. The degradation is under the attack and budget the objectives name (image PGD at the largest budget
     where they name none)."""
     groups = configurations(res)
     attack, budget = reference_attack(res) or ("pgd", None)

@@ -12,11 +12,12 @@ the ranking of MO-ASHA (Schmucker, Donini, Zafar, Salinas & Archambeau, "Multi-o
 successive halving", 2021): non-dominated sorting. Of the ``n`` trials at a rung (the new one
 included), the fronts that hold the best ``⌈n/η⌉`` go on (:func:`continues`). So a trial that no
 other trial at its rung dominates always goes on, the first trial at a rung goes on, and with one
-objective the rule is ASHA's up to the tie at its cutoff.
+objective the rule is close to ASHA's (it ranks, where ASHA interpolates a percentile of the trials
+recorded before: they agree with 0, 1 or 3 of them, and this rule keeps a little more otherwise).
 
 The decision (:func:`fronts`, :func:`continues`) is pure NumPy; :class:`ParetoASHA` is the thin Tune
-scheduler around it, and :func:`for_space` picks a space's scheduler (Ray's ASHA for one objective). Like Ray's ASHA it is pickled with the study's tuner: a resumed study starts its
-rungs afresh.
+scheduler around it, and :func:`for_space` picks a space's scheduler (Ray's ASHA for one objective).
+Like Ray's ASHA it is pickled with the study's tuner: a resumed study starts its rungs afresh.
 """
 
 from __future__ import annotations
