@@ -13,7 +13,7 @@ successive halving", 2021): non-dominated sorting. Of the ``n`` trials at a rung
 included), the fronts that hold the best ``⌈n/η⌉`` go on (:func:`continues`). So a trial that no
 other trial at its rung dominates always goes on, the first trial at a rung goes on, and with one
 objective the rule is close to ASHA's (it ranks, where ASHA interpolates a percentile of the trials
-recorded before: they agree with 0, 1 or 3 of them, and this rule keeps a little more otherwise).
+recorded before: at η = 2 they agree with 0, 1 or 3 of them, and this rule keeps a little more otherwise).
 
 The decision (:func:`fronts`, :func:`continues`) is pure NumPy; :class:`ParetoASHA` is the thin Tune
 scheduler around it, and :func:`for_space` picks a space's scheduler (Ray's ASHA for one objective).
