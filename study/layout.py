@@ -95,3 +95,9 @@ def best_checkpoint(study_dir: str | Path, trial_id: str) -> Path | None:
     """The trial's ``best.pt``, or None where the trial folder or the file is missing."""
     folder = trial_folder(study_dir, trial_id)
     return folder / BEST_CHECKPOINT if folder is not None and (folder / BEST_CHECKPOINT).is_file() else None
+
+
+def searched_metric(metric: str) -> str:
+    """What Optuna and ASHA are told for an objective: its value at the trial's best selection epoch
+    so far (``best_<metric>``, see :class:`study.trainable.BestSoFar`), the epoch the study keeps."""
+    return f"best_{metric}"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from study.cluster import ClusterError, alive_nodes, cluster_problem, start_ray, storage_problem
-from study.layout import OPTUNA_FILE, trial_dirname
+from study.layout import OPTUNA_FILE, searched_metric, trial_dirname
 from study.plan import Plan, Refused, check_options, plan_study, settle_resources, study_space
 from study.procs import ProcessRecord
 from study.run_summary import here, summary_and_warning, trial_statuses
@@ -192,12 +192,6 @@ def searcher(space: StudySpace, study_dir: Path, name: str, seed: int):
         reference=space.reference,
         reference_first=space.fine_tunes_reference,
     )
-
-
-def searched_metric(metric: str) -> str:
-    """What Optuna and ASHA are told for an objective: its value at the trial's best selection epoch
-    so far (``best_<metric>``, see :class:`study.trainable.BestSoFar`), the epoch the study keeps."""
-    return f"best_{metric}"
 
 
 def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):

@@ -29,6 +29,7 @@ import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from study.analysis import pareto_mask
+from study.layout import searched_metric
 
 
 def fronts(points: np.ndarray) -> np.ndarray:
@@ -139,7 +140,7 @@ def for_space(space, max_epochs: int) -> TrialScheduler | None:
     are told each objective at the trial's best selection epoch so far (``best_<metric>``)."""
     if space.scheduler.get("type") != "asha":
         return None
-    metrics = [f"best_{o.metric}" for o in space.objectives]  # study.run.searched_metric
+    metrics = [searched_metric(o.metric) for o in space.objectives]
     grace, rf = int(space.scheduler.get("grace_period", 1)), float(space.scheduler.get("reduction_factor", 2))
     if len(metrics) > 1:
         modes = [o.mode for o in space.objectives]
