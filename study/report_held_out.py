@@ -11,6 +11,7 @@ import pandas as pd
 
 from mriadv.intervals import LEVEL, interval
 from study.report_data import StudyResults, float_of, format_number, held_out, markdown_table, plus_minus
+from study.report_seeds import configurations, standard_configurations
 
 FEATURE_ATTACKS = ("feature_random", "feature_worst")  # a small feature at a random tissue position; worst of 8
 
@@ -120,8 +121,6 @@ def _fnr_notes(res: StudyResults) -> list[str]:
     and volume (``volume_fnr``): the mean difference with its 95 % t-interval over seeds and volumes
     (:func:`mriadv.intervals.interval`; over the volumes alone with one seed); and a note where the
     worst-position FNR is the same for every model."""
-    from study.report_seeds import configurations, standard_configurations
-
     rob = res.robust
     if rob.empty or "fnr" not in rob:
         return []
