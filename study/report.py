@@ -42,7 +42,8 @@ from study.analysis import failed_trials, identical_trials, trial_messages, tria
 from study.layout import REPORT_DIR
 from study.report_data import NotAStudyFolder, StudyResults, held_out, load_results
 from study.report_plots import pareto_points, plot_curves, plot_pareto, plot_protocol_curves, plot_robustness
-from study.report_seeds import configuration_tables, findings, write_configuration_tables
+from study.report_findings import findings
+from study.report_seeds import configuration_tables, write_configuration_tables
 from study.report_summary import summary_markdown
 from study.report_tables import markdown_cell, write_table1
 
@@ -64,7 +65,7 @@ REPORT_FILES = (
 def write_report(study_dir: Path, found: list[str] | None = None) -> Path:
     """Write ``<study_dir>/report/`` and return its path; raises :class:`NotAStudyFolder` for a
     folder that is not a study. Anything missing or broken inside a study becomes a note. ``found``,
-    when given, receives the study's closing lines (:func:`study.report_seeds.findings`), from the
+    when given, receives the study's closing lines (:func:`study.report_findings.findings`), from the
     same tables as the report."""
     res = load_results(study_dir)
     out = res.folder / REPORT_DIR

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,7 +44,6 @@ from study.report_data import (
 
 __all__ = [
     "configuration_tables",
-    "findings",
     "configurations",
     "configurations_markdown",
     "standard_configurations",
@@ -105,6 +105,32 @@ def _interval(table: np.ndarray | None) -> Interval | None:
     return interval(table) if table is not None else None
 
 
+def _selection(res: StudyResults, trials: list[str], key: str | None) -> np.ndarray | None:
+    """``(seeds,)`` of a selection-split value (``val_nmse``, ``val_psnr``, ``rob_pgd_e5000_nmse``) at each
+    trial's best epoch: what early stopping and the search chose on, never what the report reports."""
+    best = res.best.set_index("trial_id")
+    values = [float_of(best.loc[t], key) if key and t in best.index else math.nan for t in trials]
+    return np.array(values) if values and all(math.isfinite(v) for v in values) else None
+
+
+def _selection_degradation(
+    res: StudyResults, trials: list[str], attack: str, budget: float | None
+) -> np.ndarray | None:
+    """``(seeds,)`` of the selection split's NMSE increase under ``attack`` at ``budget`` (its
+    ``rob_<attack>_e<budget>_nmse`` minus ``val_nmse``); None where a trial has no such figure."""
+    key = next(
+        (
+            c
+            for c in res.best.columns
+            if (hit := re.fullmatch(rf"rob_{re.escape(attack)}_e([0-9p.e+]+)_nmse", str(c)))
+            and float(hit.group(1).replace("p", ".")) == budget
+        ),
+        None,
+    )
+    attacked, clean = _selection(res, trials, key), _selection(res, trials, "val_nmse")
+    return attacked - clean if attacked is not None and clean is not None else None
+
+
 class ConfigurationTables(NamedTuple):
     """What :func:`configuration_tables` gives: ``table`` (one row per configuration over its seeds),
     ``versus`` (one row per configuration against ``reference``; empty without one), ``reference``
@@ -148,6 +174,8 @@ def configuration_tables(res: StudyResults) -> ConfigurationTables:
         ):
             row[name] = found.mean if found else math.nan
             row[f"{name} ±"] = found.half if found else math.nan
+        nmse = _selection(res, trials, "val_nmse")
+        row["selection NMSE"] = float(nmse.mean()) if nmse is not None else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     standard = standard_configurations(res, groups)
@@ -176,6 +204,13 @@ def configuration_tables(res: StudyResults) -> ConfigurationTables:
                     relative = ratio_interval(a, b)  # the denominator's own variation counted
                     row[f"{delta} %"] = 100.0 * (relative.mean - 1.0)
                     row[f"{delta} % ±"] = 100.0 * relative.half
+            # the same comparison on the selection split, which the findings choose by (point estimates)
+            psnr = [_selection(res, t, "val_psnr") for t in (mine, theirs)]
+            worse = [_selection_degradation(res, t, attack, budget) for t in (mine, theirs)]
+            have = [all(x is not None for x in pair) for pair in (psnr, worse)]
+            row["selection ΔPSNR"] = float((psnr[0] - psnr[1]).mean()) if have[0] else math.nan
+            ok = have[1] and float(worse[1].mean()) > 0
+            row["selection %"] = 100.0 * (float(worse[0].mean()) / float(worse[1].mean()) - 1.0) if ok else math.nan
             versus.append(row)
     return ConfigurationTables(table, pd.DataFrame(versus), reference, standard, attack, budget)
 
@@ -307,66 +342,3 @@ def write_configuration_tables(tables: ConfigurationTables, out: Path) -> list[s
     if not tables.versus.empty:
         tables.versus.to_csv(out / "versus_reference.csv", index=False)
     return configurations_markdown(tables)
-
-
-def findings(res: StudyResults, tables: ConfigurationTables | None = None) -> list[str]:
-    """The lines a study ends with, what a user would paste into a message: the best configuration on
-    held-out NMSE beside the zero-filled input's and the reference's, and the configuration that cuts
-    the degradation under the objectives' attack most against the reference, with the intervals of
-    :func:`configuration_tables` (``tables``: those already computed for ``res``)."""
-    table, versus, reference, _, attack, budget = tables if tables is not None else configuration_tables(res)
-    if table.empty or not table["NMSE"].notna().any():
-        return []
-    zf = held_out(res, "zero_filled")
-    zf_nmse = float(zf.loc[zf["attack"] == "clean", "nmse"].mean()) if len(zf) else math.nan
-    best = table.loc[table["NMSE"].idxmin()]
-    seeds = int(best["seeds"])
-    line = (
-        f"found: best held-out NMSE {best['configuration']}: {_cell(best, 'NMSE', '.4f')} "
-        + (f"({seeds} seeds, 95 % interval)" if seeds > 1 else "(1 seed: 95 % interval over volumes only)")
-        + f"; zero-filled input {zf_nmse:.4f}"
-    )
-    if reference is not None and reference != best["configuration"]:
-        ref = table.loc[table["configuration"] == reference].iloc[0]
-        line += f"; {reference} {_cell(ref, 'NMSE', '.4f')}"
-    out = [line]
-    _, delta = _names(attack, budget)
-    if not versus.empty and versus[delta].notna().any():
-        top = versus.loc[versus[delta].idxmin()]
-        out.append(
-            f"found: against {reference} under {ATTACK_NAMES.get(attack, attack)}@{budget:g}, {top['configuration']} "
-            f"changes the degradation by {_cell(top, delta, '+.4f')} ({_cell(top, f'{delta} %', '+.1f')} %, "
-            f"{_verdict(top, delta, 'a gain', 'a loss')}) at a clean NMSE change of {_cell(top, 'ΔNMSE', '+.4f')} "
-            f"({_verdict(top, 'ΔNMSE', 'better', 'worse')})"
-        )
-        out += _within_psnr(versus, reference, delta, attack, budget)
-    return out
-
-
-PSNR_COST_DB = 0.5  # the clean PSNR a recipe may give up against the reference (issue 22's frontier)
-
-
-def _within_psnr(versus: pd.DataFrame, reference: str, delta: str, attack: str, budget: float) -> list[str]:
-    """The recipe that cuts the degradation most among those whose held-out clean PSNR is within
-    :data:`PSNR_COST_DB` of the reference's (point estimates; their intervals beside them), or, where
-    none is, the one that comes closest."""
-    if f"{delta} %" not in versus or "ΔPSNR" not in versus:
-        return []
-    rows = versus[versus[f"{delta} %"].notna() & versus["ΔPSNR"].notna()]
-    if rows.empty:
-        return []
-    near = rows[rows["ΔPSNR"] >= -PSNR_COST_DB]
-    name = f"{ATTACK_NAMES.get(attack, attack)}@{budget:g}"
-    if near.empty:
-        top = rows.loc[rows["ΔPSNR"].idxmax()]
-        return [
-            f"found: no configuration is within {PSNR_COST_DB:g} dB of {reference}'s clean PSNR; the closest, "
-            f"{top['configuration']}, at {_cell(top, 'ΔPSNR', '+.2f')} dB, changes the {name} "
-            f"degradation by {_cell(top, f'{delta} %', '+.1f')} %"
-        ]
-    top = near.loc[near[f"{delta} %"].idxmin()]
-    return [
-        f"found: within {PSNR_COST_DB:g} dB of {reference}'s clean PSNR, the best recipe is {top['configuration']}: "
-        f"{name} degradation {_cell(top, f'{delta} %', '+.1f')} % ({_verdict(top, delta, 'a gain', 'a loss')}) "
-        f"at {_cell(top, 'ΔPSNR', '+.2f')} dB"
-    ]

@@ -235,8 +235,9 @@ def test_smoke_study_console(smoke_study):
     # the closing lines, from the report's own tables, just before where the report is
     lines = out.stdout.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("report: "))
-    assert lines[at - 3].startswith("found: best held-out NMSE ") and lines[at - 2].startswith("found: against ")
+    assert lines[at - 3].startswith("found: best clean NMSE ") and lines[at - 2].startswith("found: against ")
     assert lines[at - 1].startswith(("found: within 0.5 dB of ε=0", "found: no configuration is within 0.5 dB"))
+    assert all("(chosen on the selection volumes)" in x for x in lines[at - 3 : at - 1])
 
 
 def test_runner_imports_ray_only_when_it_starts_it():
