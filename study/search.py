@@ -21,6 +21,12 @@ finds the Optuna trial still running, and the re-run of its lost epochs is what 
 after a kill Optuna never keeps a value of a timeline the tables discarded, even where re-runs are not
 bit-exact (a GPU with ``cudnn.benchmark``, a scheduler deciding in arrival order).
 
+A trial a scheduler stops (ASHA) is told COMPLETE with the values of its last epoch, as Ray's
+searcher tells it, not PRUNED: Optuna 5.1's TPE ranks pruned trials by their last intermediate value
+through ``study.direction``, which raises in a multi-objective study (measured), and every trial here
+has intermediate values. Its values are those of fewer epochs, so they rank it worse than it might have
+ended, which is what stopping it meant.
+
 All of it runs in the driver, where Ray keeps the Optuna trial of each Ray trial, with one SQLite
 write per result (the intermediate value) and three per trial besides Optuna's own. The searcher's
 saved state (:meth:`StudySearch.save`, after every Tune state save) holds only what the database
