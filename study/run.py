@@ -241,7 +241,7 @@ def make_tuner(plan: Plan, args: argparse.Namespace, trackers: list[Tracker]):
         param_space=param_space(space),
         tune_config=tune.TuneConfig(
             search_alg=searcher(space, plan.study_dir, plan.name, int(base.get("seed", 0))),
-            scheduler=for_space(space, plan.max_epochs),
+            scheduler=for_space(space, plan.max_epochs, plan.study_dir),
             num_samples=plan.num_samples,
             max_concurrent_trials=args.max_concurrent,
             reuse_actors=True,

@@ -17,19 +17,29 @@ recorded before: at η = 2 they agree with 0, 1 or 3 of them, and this rule keep
 
 The decision (:func:`fronts`, :func:`continues`) is pure NumPy; :class:`ParetoASHA` is the thin Tune
 scheduler around it, and :func:`for_space` picks a space's scheduler (Ray's ASHA for one objective).
-Like Ray's ASHA it is pickled with the study's tuner: a resumed study starts its rungs afresh.
+Tune pickles a scheduler with the study's tuner when the study starts and saves no later state of it,
+so a resumed study would start its rungs empty: a restored trial would be judged only against trials
+that report after the resume, and more of them would run on than in the uninterrupted study. Both
+schedulers of :func:`for_space` refill their rungs, once, before the first trial a resumed driver
+adds: from ``trials.parquet``, whose epochs are those of the Tune state the resume starts from
+(:class:`study.results.ResultsCallback`), each trial's objectives at each milestone epoch
+(:func:`recorded_epochs`, :func:`refill`), as the rungs had recorded them. Decisions taken before the
+stop are not retaken: a stopped trial stays stopped.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from study.analysis import pareto_mask
+from study.home import home
 from study.layout import searched_metric
+from study.tables import load_tables
 
 
 def fronts(points: np.ndarray) -> np.ndarray:
@@ -60,11 +70,62 @@ def continues(recorded: np.ndarray, point: np.ndarray, reduction_factor: float) 
     return bool(ranks[-1] <= np.sort(ranks)[keep - 1])
 
 
-class ParetoASHA(FIFOScheduler):
+def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tuple[str, int, list[float]]]:
+    """``(trial id, epoch, [value of each metric])`` of every epoch the tables (``trials.parquet`` and its
+    journal, :func:`study.tables.load_tables`) hold in the study folder this driver runs (:func:`study.home.home`: a moved folder too), in the order they were
+    recorded; [] for a new study (no folder or file) or without ``study_dir``."""
+    if not study_dir or not home(study_dir).is_dir():
+        return []
+    rows = load_tables(home(study_dir))[0]  # the Parquet file with its journal replayed
+    if rows.empty or not {"trial_id", "epoch", *metrics} <= set(rows.columns):
+        return []
+    rows = rows[rows["epoch"] > 0]
+    return [
+        (str(r[0]), int(r[1]), [float(v) for v in r[2:]])
+        for r in rows[["trial_id", "epoch", *metrics]].itertuples(index=False)
+    ]
+
+
+def refill(rungs: list[tuple[float, dict[str, Any]]], records: list[tuple[str, int, Any]]) -> int:
+    """Record each ``(trial id, epoch, value)`` of ``records`` at the rung whose milestone is that epoch
+    (a trial reports once per epoch, so ASHA judged it there), keeping what a rung already holds; a
+    ``None`` value is left out. Returns how many were recorded. ``rungs``: ``[(milestone, {trial id:
+    value})]``, ParetoASHA's or a Ray ASHA bracket's ``_rungs``."""
+    added = 0
+    for trial_id, epoch, value in records:
+        for milestone, recorded in rungs:
+            if value is not None and epoch == milestone and trial_id not in recorded:
+                recorded[trial_id] = value
+                added += 1
+    return added
+
+
+class _Refilled:
+    """Rungs refilled from the study's tables before the first trial a driver adds (see the module's
+    docstring); ``_refilled`` is cleared when the scheduler is unpickled, as a resume does."""
+
+    study_dir: str | None = None
+    _refilled = False
+    refilled = 0  # how many epochs the last refill recorded
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._refilled = False
+
+    def _refill_once(self) -> None:
+        if not self._refilled:
+            self._refilled = True
+            self.refilled = self._refill()
+
+    def _refill(self) -> int:
+        raise NotImplementedError
+
+
+class ParetoASHA(_Refilled, FIFOScheduler):
     """ASHA over several ``metrics`` (each with its ``modes`` entry, "min" or "max"), one bracket, with
     the rule of :func:`continues`; ``time_attr``, ``max_t``, ``grace_period`` and ``reduction_factor``
     as Ray's ``ASHAScheduler``. A result without every metric, or with a non-finite one, is not
-    recorded and the trial goes on."""
+    recorded and the trial goes on. ``study_dir``: the study whose tables refill the rungs on resume."""
 
     def __init__(
         self,
@@ -74,6 +135,7 @@ class ParetoASHA(FIFOScheduler):
         grace_period: int = 1,
         reduction_factor: float = 2,
         time_attr: str = "training_iteration",
+        study_dir: str | Path | None = None,
     ):
         if len(metrics) != len(modes) or not metrics:
             raise ValueError("ParetoASHA: one mode per metric, at least one metric")
@@ -91,6 +153,15 @@ class ParetoASHA(FIFOScheduler):
             (grace_period * self.rf**k, {}) for k in reversed(range(rungs)) if grace_period * self.rf**k < max_t
         ]
         self.stopped = 0
+        self.study_dir = str(study_dir) if study_dir else None
+
+    def _refill(self) -> int:
+        records = recorded_epochs(self.study_dir, self.metrics)
+        return refill(self.rungs, [(t, e, self._point(dict(zip(self.metrics, v)))) for t, e, v in records])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._refill_once()
+        super().on_trial_add(tune_controller, trial)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # the metrics are its own; Tune's single metric (None for a multi-objective study) is not
@@ -134,25 +205,48 @@ class ParetoASHA(FIFOScheduler):
         return f"Using ParetoASHA over {', '.join(self.metrics)}: {self.stopped} stopped; rungs {rungs}"
 
 
-def for_space(space, max_epochs: int) -> TrialScheduler | None:
+class StudyASHA(_Refilled, ASHAScheduler):
+    """Ray's ``ASHAScheduler`` (one bracket) whose rungs are refilled on resume from the tables of
+    ``study_dir`` (a keyword besides Ray's)."""
+
+    def __init__(self, *args: Any, study_dir: str | Path | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.study_dir = str(study_dir) if study_dir else None
+
+    def _refill(self) -> int:
+        records = recorded_epochs(self.study_dir, [self._metric])
+        rungs = self._brackets[0]._rungs  # Ray 2.x's bracket: [(milestone, {trial id: metric_op * value})]
+        return refill(rungs, [(t, e, self._metric_op * v[0] if math.isfinite(v[0]) else None) for t, e, v in records])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._refill_once()
+        super().on_trial_add(tune_controller, trial)
+
+
+def for_space(space, max_epochs: int, study_dir: str | Path | None = None) -> TrialScheduler | None:
     """A space's scheduler (:class:`study.spaces.StudySpace`, ``scheduler: asha``): Ray's ASHA on its one
     objective; with several, :class:`ParetoASHA` on all of them. ``None`` for ``scheduler: none``. Both
-    are told each objective at the trial's best selection epoch so far (``best_<metric>``)."""
+    are told each objective at the trial's best selection epoch so far (``best_<metric>``), and refill
+    their rungs from the tables of ``study_dir`` when the study resumes."""
     if space.scheduler.get("type") != "asha":
         return None
     metrics = [searched_metric(o.metric) for o in space.objectives]
     grace, rf = int(space.scheduler.get("grace_period", 1)), float(space.scheduler.get("reduction_factor", 2))
     if len(metrics) > 1:
         modes = [o.mode for o in space.objectives]
-        return ParetoASHA(metrics, modes, max_t=max_epochs, grace_period=grace, reduction_factor=rf)
-    return ASHAScheduler(
+        return ParetoASHA(
+            metrics, modes, max_t=max_epochs, grace_period=grace, reduction_factor=rf, study_dir=study_dir
+        )
+    return StudyASHA(
         time_attr="training_iteration",
         metric=metrics[0],
         mode=space.objectives[0].mode,
         max_t=max_epochs,
         grace_period=grace,
         reduction_factor=rf,
+        brackets=1,
+        study_dir=study_dir,
     )
 
 
-__all__ = ["ParetoASHA", "continues", "for_space", "fronts"]
+__all__ = ["ParetoASHA", "StudyASHA", "continues", "for_space", "fronts", "recorded_epochs", "refill"]

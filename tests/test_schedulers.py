@@ -157,3 +157,132 @@ def test_in_a_tune_run_dominated_trials_stop_and_the_front_runs_to_the_end(tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = json.loads(out.stdout.strip().splitlines()[-1])
     assert epochs == {"standard": 6, "robust": 6, "worse": 2, "both": 6}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: the rungs refilled from the study's tables
+
+
+def _rows(records: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    return [
+        {"trial_id": t, "epoch": e, "c": c, "r": r}
+        for t, values in records.items()
+        for e, (c, r) in enumerate(values, 1)
+    ]
+
+
+def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path):
+    """A scheduler unpickled (as Tune restores it) records, before its first trial, each trial's values
+    at each milestone epoch of trials.parquet; a trial recorded there is not judged again, a new one is
+    judged against them. Both Ray's ASHA (one objective) and ParetoASHA."""
+    import pickle
+
+    import pandas as pd
+
+    from study.schedulers import StudyASHA, recorded_epochs, refill
+
+    assert recorded_epochs(tmp_path, ["c"]) == [] and recorded_epochs(None, ["c"]) == []  # a new study: none
+    rungs = [(4.0, {}), (2.0, {"B": 9.9}), (1.0, {})]
+    assert refill(rungs, [("A", 2, 1.0), ("B", 2, 2.0), ("A", 3, 3.0), ("A", 4, None)]) == 1
+    assert rungs == [(4.0, {}), (2.0, {"B": 9.9, "A": 1.0}), (1.0, {})]  # held kept; epoch 3 no rung; None left out
+
+    pareto = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=1, study_dir=tmp_path)
+    asha = StudyASHA(metric="c", mode="min", max_t=6, grace_period=1, reduction_factor=2, study_dir=tmp_path)
+    saved = {name: pickle.dumps(s) for name, s in (("pareto", pareto), ("asha", asha))}  # tuner.pkl, at the start
+    for fresh in (pareto, asha):
+        fresh.on_trial_add(None, SimpleNamespace(trial_id="A"))
+        assert fresh.refilled == 0  # a new study: no tables yet
+    # then the study ran: A 6 epochs at (0.05, 0.40); B was at epoch 3 when the driver stopped
+    pd.DataFrame(_rows({"A": [(0.05, 0.40)] * 6, "B": [(0.04, 0.20)] * 3})).to_parquet(tmp_path / "trials.parquet")
+    assert recorded_epochs(tmp_path, ["c", "r"])[:2] == [("A", 1, [0.05, 0.40]), ("A", 2, [0.05, 0.40])]
+    for name, state in saved.items():
+        restored = pickle.loads(state)
+        new, b = SimpleNamespace(trial_id="C"), SimpleNamespace(trial_id="B")
+        restored.on_trial_add(None, b)
+        restored.on_trial_add(None, new)  # refilled once, before the first
+        assert restored.refilled == 5  # A at 1, 2 and 4; B at 1 and 2
+        rungs = restored.rungs if name == "pareto" else restored._brackets[0]._rungs
+        assert {m: sorted(r) for m, r in rungs} == {4.0: ["A"], 2.0: ["A", "B"], 1.0: ["A", "B"]}
+        if name == "asha":
+            assert rungs[0][1]["A"] == -0.05  # as Ray records it: metric_op * value
+        # B, recorded at rung 2, is not judged there again; C, worse than A at rung 4, stops
+        assert restored.on_trial_result(None, b, {"training_iteration": 3, "c": 0.9, "r": 0.9}) == CONTINUE
+        assert restored.on_trial_result(None, new, {"training_iteration": 4, "c": 0.09, "r": 0.45}) == STOP
+        # without the tables C would be the first at rung 4, and go on
+        empty = pickle.loads(state)
+        empty.study_dir = str(tmp_path / "elsewhere")
+        empty.on_trial_add(None, new)
+        assert empty.on_trial_result(None, new, {"training_iteration": 4, "c": 0.09, "r": 0.45}) == CONTINUE
+
+
+RESUME_RUN = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+from ray import tune
+from study.cluster import start_ray
+from study.schedulers import ParetoASHA, StudyASHA
+
+root, marker = Path(sys.argv[1]), Path(sys.argv[1]) / "fail_b"
+EARLY, LATE = {"a": (0.05, 0.40), "b": (0.04, 0.20)}, {"a": (0.05, 0.40), "b": (0.09, 0.45)}
+
+def trainable(config):
+    for epoch in range(1, 7):
+        if config["kind"] == "b" and epoch == 3 and marker.exists():
+            raise RuntimeError("the driver stops here")
+        c, r = (EARLY if epoch < 4 else LATE)[config["kind"]]
+        tune.report({"c": c, "r": r, "trial_id_": tune.get_context().get_trial_id()})
+
+start_ray(None, cpus=1, gpus=0)
+out = {}
+for name in ("pareto", "asha"):
+    study = root / name
+    study.mkdir()
+    marker.touch()
+    scheduler = (
+        ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=1, study_dir=study)
+        if name == "pareto"
+        else StudyASHA(metric="c", mode="min", max_t=6, grace_period=1, reduction_factor=2, study_dir=study)
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"kind": tune.grid_search(["a", "b"])},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(root / "tune"), name=name, verbose=0),
+    )
+    grid = tuner.fit()
+    rows = [  # what the study's tables hold when the driver stops: every reported epoch
+        {"trial_id": r.metrics["trial_id_"], "epoch": int(e), "c": c, "r": rr}
+        for r in grid
+        for e, c, rr in r.metrics_dataframe[["training_iteration", "c", "r"]].itertuples(index=False)
+    ]
+    pd.DataFrame(rows).to_parquet(study / "trials.parquet")
+    first = {r.config["kind"]: (r.metrics["training_iteration"], r.error is not None) for r in grid}
+    marker.unlink()
+    grid = tune.Tuner.restore(str(root / "tune" / name), trainable, resume_errored=True).fit()
+    out[name] = {"first": first, "resumed": {r.config["kind"]: r.metrics["training_iteration"] for r in grid}}
+print(json.dumps(out))
+"""
+
+
+def test_a_resumed_tune_run_judges_a_restored_trial_against_the_trials_before_the_stop(tmp_path):
+    """Through Tune's own restore: trial b passes rungs 1 and 2 (better than a), fails at epoch 3 and is
+    resumed from scratch; at rung 4, worse than a on both, it stops there, which it does only because
+    the rungs were refilled from the tables (an empty rung 4 would let it run to epoch 6)."""
+    out = subprocess.run(
+        [sys.executable, "-c", RESUME_RUN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")},
+            "RAY_DISABLE_USAGE_STATS": "1",
+            "PYTHONPATH": str(REPO),
+        },
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("pareto", "asha"):
+        assert got[name]["first"] == {"a": [6, False], "b": [2, True]}, got
+        assert got[name]["resumed"] == {"a": 6, "b": 4}, got
