@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mriadv.intervals import LEVEL, Interval, interval, ratio_interval
+from mriadv.units import robust_key
 from study.analysis import finished_trials
 from study.report_data import (
     ATTACK_COLUMNS,
@@ -116,19 +116,10 @@ def _selection(res: StudyResults, trials: list[str], key: str | None) -> np.ndar
 def _selection_degradation(
     res: StudyResults, trials: list[str], attack: str, budget: float | None
 ) -> np.ndarray | None:
-    """``(seeds,)`` of the selection split's NMSE increase under ``attack`` at ``budget`` (its
-    ``rob_<attack>_e<budget>_nmse`` minus ``val_nmse``); None where a trial has no such figure."""
-    key = next(
-        (
-            c
-            for c in res.best.columns
-            if (hit := re.fullmatch(rf"rob_{re.escape(attack)}_e([0-9p.e+]+)_nmse", str(c)))
-            and float(hit.group(1).replace("p", ".")) == budget
-        ),
-        None,
-    )
-    attacked, clean = _selection(res, trials, key), _selection(res, trials, "val_nmse")
-    return attacked - clean if attacked is not None and clean is not None else None
+    """``(seeds,)`` of the selection split's NMSE increase under ``attack`` at ``budget`` at each trial's
+    best epoch (``rob_<attack>_e<budget>_d_nmse``: attacked minus clean on the same slices, the attack's
+    subset of the selection volumes); None where a trial has no such figure."""
+    return _selection(res, trials, robust_key(attack, budget, "d_nmse")) if budget is not None else None
 
 
 class ConfigurationTables(NamedTuple):

@@ -72,8 +72,9 @@ def continues(recorded: np.ndarray, point: np.ndarray, reduction_factor: float) 
 
 def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tuple[str, int, list[float]]]:
     """``(trial id, epoch, [value of each metric])`` of every epoch the tables (``trials.parquet`` and its
-    journal, :func:`study.tables.load_tables`) hold in the study folder this driver runs (:func:`study.home.home`: a moved folder too), in the order they were
-    recorded; [] for a new study (no folder or file) or without ``study_dir``."""
+    journal, :func:`study.tables.load_tables`) hold in the study folder this driver runs
+    (:func:`study.home.home`: a moved folder too); [] for a new study (no folder or file), without
+    ``study_dir``, or where the tables lack a metric. A missing value reads as NaN."""
     if not study_dir or not home(study_dir).is_dir():
         return []
     rows = load_tables(home(study_dir))[0]  # the Parquet file with its journal replayed
@@ -81,22 +82,28 @@ def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tu
         return []
     rows = rows[rows["epoch"] > 0]
     return [
-        (str(r[0]), int(r[1]), [float(v) for v in r[2:]])
+        (str(r[0]), int(r[1]), [float(v) if v is not None else math.nan for v in r[2:]])
         for r in rows[["trial_id", "epoch", *metrics]].itertuples(index=False)
     ]
 
 
 def refill(rungs: list[tuple[float, dict[str, Any]]], records: list[tuple[str, int, Any]]) -> int:
-    """Record each ``(trial id, epoch, value)`` of ``records`` at the rung whose milestone is that epoch
-    (a trial reports once per epoch, so ASHA judged it there), keeping what a rung already holds; a
-    ``None`` value is left out. Returns how many were recorded. ``rungs``: ``[(milestone, {trial id:
-    value})]``, ParetoASHA's or a Ray ASHA bracket's ``_rungs``."""
+    """Record ``records`` (``(trial id, epoch, value)``, each trial's epochs in any order) at the rungs as
+    ASHA recorded them, without deciding anything: each epoch, in order, at the highest milestone ≤
+    it that does not hold the trial yet, unless a higher one holds it (so at the first epoch ≥ each
+    milestone: epoch 3 for a milestone of 2.25); a ``None`` value is not recorded, as ASHA records no
+    result without its metrics. What a rung already holds is kept. Returns how many were recorded.
+    ``rungs``: ``[(milestone, {trial id: value})]`` with descending milestones, ParetoASHA's or a Ray
+    ASHA bracket's ``_rungs``."""
     added = 0
-    for trial_id, epoch, value in records:
+    for trial_id, epoch, value in sorted(records, key=lambda r: r[1]):
         for milestone, recorded in rungs:
-            if value is not None and epoch == milestone and trial_id not in recorded:
+            if epoch < milestone:
+                continue
+            if trial_id not in recorded and value is not None:
                 recorded[trial_id] = value
                 added += 1
+            break
     return added
 
 
@@ -113,9 +120,16 @@ class _Refilled:
         self._refilled = False
 
     def _refill_once(self) -> None:
-        if not self._refilled:
-            self._refilled = True
+        if self._refilled:
+            return
+        self._refilled = True
+        try:
             self.refilled = self._refill()
+        except Exception as exc:  # noqa: BLE001 - a table it cannot read must not stop the resume
+            print(f"warning: ASHA's rungs start empty: the study's tables could not be read ({exc})", flush=True)
+            return
+        if self.refilled:
+            print(f"resume: ASHA's rungs hold {self.refilled} epochs from the study's tables", flush=True)
 
     def _refill(self) -> int:
         raise NotImplementedError

@@ -150,6 +150,50 @@ def test_the_best_recipe_within_half_a_decibel(tmp_path):
     assert "on the held-out volumes" in _within_psnr(gap, "std", d, "pgd", 5000)[0]
 
 
+def test_the_findings_choose_on_the_selection_volumes_and_report_the_held_out_figures(monkeypatch):
+    """Where the selection split and the held-out split would pick differently, the findings name the
+    selection split's pick, with its held-out figures; without selection figures, the held-out pick."""
+    import study.report_findings as rf
+    from study.report_seeds import ConfigurationTables
+
+    monkeypatch.setattr(rf, "held_out", lambda res, model="trained": pd.DataFrame({"attack": ["clean"], "nmse": [0.1]}))
+    d = "Δ PGD dNMSE"
+    table = pd.DataFrame(
+        {
+            "configuration": ["std", "a", "b"],
+            "seeds": [1, 1, 1],
+            "NMSE": [0.040, 0.035, 0.038],  # held-out: a is best
+            "NMSE ±": [0.002] * 3,
+            "selection NMSE": [0.050, 0.052, 0.047],  # selection: b is best
+        }
+    )
+    versus = pd.DataFrame(
+        {
+            "configuration": ["a", "b"],
+            "ΔNMSE": [-0.005, -0.002],
+            "ΔNMSE ±": [0.001, 0.001],
+            d: [-0.10, -0.05],  # held-out: a cuts more
+            f"{d} ±": [0.01, 0.01],
+            f"{d} %": [-33.0, -17.0],
+            f"{d} % ±": [3.0, 3.0],
+            "ΔPSNR": [-0.2, -0.1],
+            "ΔPSNR ±": [0.1, 0.1],
+            "selection ΔPSNR": [-0.3, -0.1],
+            "selection %": [-10.0, -25.0],  # selection: b cuts more
+        }
+    )
+    tables = ConfigurationTables(table, versus, "std", ["std"], "pgd", 5000.0)
+    first, second, third = rf.findings(None, tables)
+    assert first.startswith("found: best clean NMSE b (chosen on the selection volumes): held-out 0.0380 ± 0.0020")
+    assert "zero-filled input 0.1000; std 0.0400" in first
+    assert ", b (chosen on the selection volumes) changes the held-out degradation by -0.0500 ± 0.0100" in second
+    assert "the best recipe there is b: held-out PGD@5000 degradation -17.0 ± 3.0 %" in third
+    plain = tables._replace(table=table.drop(columns="selection NMSE"), versus=versus.drop(columns="selection %"))
+    first, second, _ = rf.findings(None, plain)
+    assert first.startswith("found: best clean NMSE a (chosen on the held-out volumes): held-out 0.0350")
+    assert ", a (chosen on the held-out volumes) changes the held-out degradation by -0.1000" in second
+
+
 def test_a_fine_tuned_trial_costs_the_reference_too(tmp_path):
     """The report's minutes per trial: a fine-tuned trial's own, plus the reference's shown beside."""
     from study.report_data import load_results

@@ -171,7 +171,7 @@ def _rows(records: dict[str, list[tuple[float, float]]]) -> list[dict]:
     ]
 
 
-def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path):
+def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path, capsys):
     """A scheduler unpickled (as Tune restores it) records, before its first trial, each trial's values
     at each milestone epoch of trials.parquet; a trial recorded there is not judged again, a new one is
     judged against them. Both Ray's ASHA (one objective) and ParetoASHA."""
@@ -182,9 +182,17 @@ def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path):
     from study.schedulers import StudyASHA, recorded_epochs, refill
 
     assert recorded_epochs(tmp_path, ["c"]) == [] and recorded_epochs(None, ["c"]) == []  # a new study: none
-    rungs = [(4.0, {}), (2.0, {"B": 9.9}), (1.0, {})]
-    assert refill(rungs, [("A", 2, 1.0), ("B", 2, 2.0), ("A", 3, 3.0), ("A", 4, None)]) == 1
-    assert rungs == [(4.0, {}), (2.0, {"B": 9.9, "A": 1.0}), (1.0, {})]  # held kept; epoch 3 no rung; None left out
+    # ASHA's recording, replayed: each epoch at the highest milestone <= it unless one holds the trial
+    # (so at the first epoch >= each milestone), held values kept, None (no metrics) not recorded
+    rungs = [(4.0, {}), (2.25, {"B": 9.9}), (1.5, {})]
+    records = [("A", e, float(e)) for e in (5, 4, 3, 2, 1)] + [
+        ("B", 3, 7.0),
+        ("B", 2, 2.0),
+        ("C", 2, None),
+        ("C", 3, 5.0),
+    ]
+    assert refill(rungs, records) == 5
+    assert rungs == [(4.0, {"A": 4.0}), (2.25, {"B": 9.9, "A": 3.0, "C": 5.0}), (1.5, {"A": 2.0, "B": 2.0})]
 
     pareto = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=1, study_dir=tmp_path)
     asha = StudyASHA(metric="c", mode="min", max_t=6, grace_period=1, reduction_factor=2, study_dir=tmp_path)
@@ -208,11 +216,26 @@ def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path):
         # B, recorded at rung 2, is not judged there again; C, worse than A at rung 4, stops
         assert restored.on_trial_result(None, b, {"training_iteration": 3, "c": 0.9, "r": 0.9}) == CONTINUE
         assert restored.on_trial_result(None, new, {"training_iteration": 4, "c": 0.09, "r": 0.45}) == STOP
+        # unpickled again (a second resume), it reads the tables again: what came since is added
+        again = pickle.loads(pickle.dumps(restored))
+        more = _rows({"A": [(0.05, 0.40)] * 6, "B": [(0.04, 0.20)] * 3 + [(0.09, 0.45)]})
+        pd.DataFrame(more).to_parquet(tmp_path / "trials.parquet")
+        again.on_trial_add(None, b)
+        assert again.refilled == 1 and "B" in (again.rungs if name == "pareto" else again._brackets[0]._rungs)[0][1]
+        pd.DataFrame(_rows({"A": [(0.05, 0.40)] * 6, "B": [(0.04, 0.20)] * 3})).to_parquet(tmp_path / "trials.parquet")
         # without the tables C would be the first at rung 4, and go on
         empty = pickle.loads(state)
         empty.study_dir = str(tmp_path / "elsewhere")
         empty.on_trial_add(None, new)
         assert empty.on_trial_result(None, new, {"training_iteration": 4, "c": 0.09, "r": 0.45}) == CONTINUE
+    # tables it cannot read: a warning, empty rungs, and the resume goes on
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "trials.parquet").write_text("not a Parquet file")
+    broken = pickle.loads(saved["pareto"])
+    broken.study_dir = str(tmp_path / "bad")
+    capsys.readouterr()
+    broken.on_trial_add(None, SimpleNamespace(trial_id="C"))
+    assert "warning: ASHA's rungs start empty" in capsys.readouterr().out and broken.refilled == 0
 
 
 RESUME_RUN = """
