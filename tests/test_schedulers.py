@@ -139,6 +139,15 @@ print(json.dumps({r.config["kind"]: r.metrics["training_iteration"] for r in gri
 """
 
 
+def _tune_env() -> dict[str, str]:
+    """This process's environment for a plain Tune run: without a cluster address or token, and without
+    the ``TUNE_*`` settings a study's driver puts in ``os.environ`` when a test runs it in-process (its
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` leaves a plain run's results without metrics)."""
+    drop = ("RAY_ADDRESS", "RAY_AUTH", "TUNE_")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**keep, "RAY_DISABLE_USAGE_STATS": "1", "PYTHONPATH": str(REPO)}
+
+
 def test_in_a_tune_run_dominated_trials_stop_and_the_front_runs_to_the_end(tmp_path):
     """Four trials one at a time through Tune: the standard, a robust recipe and one better on both go
     to the last epoch; the recipe the standard dominates stops at the first rung (epoch 2)."""
@@ -148,11 +157,7 @@ def test_in_a_tune_run_dominated_trials_stop_and_the_front_runs_to_the_end(tmp_p
         text=True,
         timeout=180,
         cwd=REPO,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")},
-            "RAY_DISABLE_USAGE_STATS": "1",
-            "PYTHONPATH": str(REPO),
-        },
+        env=_tune_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = json.loads(out.stdout.strip().splitlines()[-1])
@@ -298,11 +303,7 @@ def test_a_resumed_tune_run_judges_a_restored_trial_against_the_trials_before_th
         text=True,
         timeout=240,
         cwd=REPO,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")},
-            "RAY_DISABLE_USAGE_STATS": "1",
-            "PYTHONPATH": str(REPO),
-        },
+        env=_tune_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
