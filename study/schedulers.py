@@ -87,6 +87,22 @@ def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tu
     ]
 
 
+def trial_groups(study_dir: str | Path | None, column: str) -> dict[str, str]:
+    """Each trial's :func:`group_name` of ``column`` (``init_from``) in the study's tables; {} without."""
+    if not study_dir or not home(study_dir).is_dir():
+        return {}
+    rows = load_tables(home(study_dir))[0]
+    if rows.empty or not {"trial_id", column} <= set(rows.columns):
+        return {}
+    return {str(t): group_name(v) for t, v in rows.groupby("trial_id")[column].first().items()}
+
+
+def group_name(value: Any) -> str:
+    """The rung group of a trial's ``init_from``: ``scratch`` for none (the tables write ``scratch``,
+    the trial's config holds None), else the value as a string (``reference``, a checkpoint path)."""
+    return "scratch" if value is None or str(value).lower() in ("", "scratch", "null", "none", "nan") else str(value)
+
+
 def refill(rungs: list[tuple[float, dict[str, Any]]], records: list[tuple[str, int, Any]]) -> int:
     """Record ``records`` (``(trial id, epoch, value)``, each trial's epochs in any order) at the rungs as
     ASHA recorded them, without deciding anything: each epoch, in order, at the highest milestone ≤
@@ -139,7 +155,12 @@ class ParetoASHA(_Refilled, FIFOScheduler):
     """ASHA over several ``metrics`` (each with its ``modes`` entry, "min" or "max"), one bracket, with
     the rule of :func:`continues`; ``time_attr``, ``max_t``, ``grace_period`` and ``reduction_factor``
     as Ray's ``ASHAScheduler``. A result without every metric, or with a non-finite one, is not
-    recorded and the trial goes on. ``study_dir``: the study whose tables refill the rungs on resume."""
+    recorded and the trial goes on. ``study_dir``: the study whose tables refill the rungs on resume.
+
+    ``group``: a config key (``init_from``) whose values keep rungs of their own, so that a trial is
+    ranked only against trials that started alike: a trial fine-tuning the reference's ``best.pt`` has
+    had the reference's epochs besides its own, and at equal epochs it would dominate every trial from
+    scratch, which would all stop at the first rung (the ``frontier`` run before this: all of them)."""
 
     def __init__(
         self,
@@ -150,6 +171,7 @@ class ParetoASHA(_Refilled, FIFOScheduler):
         reduction_factor: float = 2,
         time_attr: str = "training_iteration",
         study_dir: str | Path | None = None,
+        group: str | None = None,
     ):
         if len(metrics) != len(modes) or not metrics:
             raise ValueError("ParetoASHA: one mode per metric, at least one metric")
@@ -168,10 +190,23 @@ class ParetoASHA(_Refilled, FIFOScheduler):
         ]
         self.stopped = 0
         self.study_dir = str(study_dir) if study_dir else None
+        self.group, self.grouped = group, {}  # group name -> its own rungs, like self.rungs
+
+    def rungs_of(self, value: Any = None) -> list[tuple[float, dict[str, np.ndarray]]]:
+        """The rungs a trial whose ``group`` key holds ``value`` is ranked in (all trials share
+        :attr:`rungs` without a ``group``)."""
+        if getattr(self, "group", None) is None:
+            return self.rungs
+        return self.grouped.setdefault(group_name(value), [(m, {}) for m, _ in self.rungs])
 
     def _refill(self) -> int:
         records = recorded_epochs(self.study_dir, self.metrics)
-        return refill(self.rungs, [(t, e, self._point(dict(zip(self.metrics, v)))) for t, e, v in records])
+        groups = trial_groups(self.study_dir, self.group) if getattr(self, "group", None) else {}
+        added = 0
+        for value in {groups.get(t) for t, _, _ in records}:
+            mine = [(t, e, self._point(dict(zip(self.metrics, v)))) for t, e, v in records if groups.get(t) == value]
+            added += refill(self.rungs_of(value), mine)
+        return added
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._refill_once()
@@ -187,9 +222,10 @@ class ParetoASHA(_Refilled, FIFOScheduler):
             return None
         return values * self.signs if np.isfinite(values).all() else None
 
-    def on_result(self, trial_id: str, t: float, point: np.ndarray | None) -> str:
-        """The rung decision for ``trial_id`` at time ``t`` (ASHA's bookkeeping, Tune-free)."""
-        for milestone, recorded in self.rungs:
+    def on_result(self, trial_id: str, t: float, point: np.ndarray | None, group: Any = None) -> str:
+        """The rung decision for ``trial_id`` at time ``t`` (ASHA's bookkeeping, Tune-free), among the
+        trials of its ``group`` value (:meth:`rungs_of`)."""
+        for milestone, recorded in self.rungs_of(group):
             if t < milestone:
                 continue
             if trial_id in recorded:
@@ -206,16 +242,21 @@ class ParetoASHA(_Refilled, FIFOScheduler):
             return TrialScheduler.CONTINUE
         if result[self.time_attr] >= self.max_t:
             return TrialScheduler.STOP
-        action = self.on_result(trial.trial_id, result[self.time_attr], self._point(result))
+        action = self.on_result(trial.trial_id, result[self.time_attr], self._point(result), self._group_of(trial))
         self.stopped += action == TrialScheduler.STOP
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict[str, Any]) -> None:
         if result and self.time_attr in result:
-            self.on_result(trial.trial_id, result[self.time_attr], self._point(result))
+            self.on_result(trial.trial_id, result[self.time_attr], self._point(result), self._group_of(trial))
+
+    def _group_of(self, trial) -> Any:
+        group = getattr(self, "group", None)  # a scheduler pickled before groups existed has none
+        return (getattr(trial, "config", None) or {}).get(group) if group else None
 
     def debug_string(self) -> str:
-        rungs = ", ".join(f"{m:g}: {len(r)} recorded" for m, r in self.rungs)
+        every = self.grouped.values() if getattr(self, "group", None) else [self.rungs]
+        rungs = ", ".join(f"{m:g}: {sum(len(g[i][1]) for g in every)} recorded" for i, (m, _) in enumerate(self.rungs))
         return f"Using ParetoASHA over {', '.join(self.metrics)}: {self.stopped} stopped; rungs {rungs}"
 
 
@@ -239,17 +280,19 @@ class StudyASHA(_Refilled, ASHAScheduler):
 
 def for_space(space, max_epochs: int, study_dir: str | Path | None = None) -> TrialScheduler | None:
     """A space's scheduler (:class:`study.spaces.StudySpace`, ``scheduler: asha``): Ray's ASHA on its one
-    objective; with several, :class:`ParetoASHA` on all of them. ``None`` for ``scheduler: none``. Both
+    objective; with several, :class:`ParetoASHA` on all of them; where the space searches
+    ``init_from``, :class:`ParetoASHA` with rungs per value of it (fine-tuning or from scratch). ``None`` for ``scheduler: none``. Both
     are told each objective at the trial's best selection epoch so far (``best_<metric>``), and refill
     their rungs from the tables of ``study_dir`` when the study resumes."""
     if space.scheduler.get("type") != "asha":
         return None
     metrics = [searched_metric(o.metric) for o in space.objectives]
     grace, rf = int(space.scheduler.get("grace_period", 1)), float(space.scheduler.get("reduction_factor", 2))
-    if len(metrics) > 1:
+    group = "init_from" if "init_from" in {p.name for p in space.params} else None
+    if len(metrics) > 1 or group:
         modes = [o.mode for o in space.objectives]
         return ParetoASHA(
-            metrics, modes, max_t=max_epochs, grace_period=grace, reduction_factor=rf, study_dir=study_dir
+            metrics, modes, max_t=max_epochs, grace_period=grace, reduction_factor=rf, study_dir=study_dir, group=group
         )
     return StudyASHA(
         time_attr="training_iteration",
@@ -263,4 +306,14 @@ def for_space(space, max_epochs: int, study_dir: str | Path | None = None) -> Tr
     )
 
 
-__all__ = ["ParetoASHA", "StudyASHA", "continues", "for_space", "fronts", "recorded_epochs", "refill"]
+__all__ = [
+    "ParetoASHA",
+    "StudyASHA",
+    "continues",
+    "for_space",
+    "fronts",
+    "group_name",
+    "recorded_epochs",
+    "refill",
+    "trial_groups",
+]

@@ -108,6 +108,7 @@ def test_a_space_with_several_objectives_gets_the_pareto_scheduler():
 
     frontier = for_space(load_space("frontier"), 6)
     assert isinstance(frontier, ParetoASHA) and frontier.metrics == ["best_val_nmse", "best_rob_pgd_e5000_nmse"]
+    assert frontier.group == "init_from"  # the frontier searches fine-tuning against training from scratch
     assert isinstance(for_space(load_space("lr_sweep"), 6), ASHAScheduler)
     assert for_space(load_space("eps_sweep"), 6) is None
 
@@ -310,3 +311,49 @@ def test_a_resumed_tune_run_judges_a_restored_trial_against_the_trials_before_th
     for name in ("pareto", "asha"):
         assert got[name]["first"] == {"a": [6, False], "b": [2, True]}, got
         assert got[name]["resumed"] == {"a": 6, "b": 4}, got
+
+
+def test_fine_tuned_trials_and_trials_from_scratch_are_ranked_in_rungs_of_their_own(tmp_path):
+    """At epoch 2 a trial fine-tuning the reference has had the reference's epochs too, and dominates a
+    trial from scratch. Ranked together (the frontier run before groups) the scratch trial stops at the
+    first rung; with rungs per init_from it is ranked against scratch trials only: the first goes on,
+    one it dominates stops. The tables' init_from ('scratch', 'reference') refill the matching rungs."""
+    import pandas as pd
+
+    from study.schedulers import group_name, trial_groups
+
+    def run(scheduler):
+        out = {}
+        for name, init, c, r in [
+            ("tuned", "reference", 0.05, 0.30),
+            ("scratch1", None, 0.08, 0.45),
+            ("scratch2", None, 0.09, 0.50),  # dominated by scratch1
+            ("tuned2", "reference", 0.06, 0.35),  # dominated by tuned
+        ]:
+            trial = SimpleNamespace(trial_id=name, config={"init_from": init, "x": 1})
+            out[name] = scheduler.on_trial_result(None, trial, {"training_iteration": 2, "c": c, "r": r})
+        return out
+
+    together = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=2)
+    # together, of 4 at the rung the best 2 go on: tuned (front 0) and tuned2 (front 1), never a scratch trial
+    assert run(together) == {"tuned": CONTINUE, "scratch1": STOP, "scratch2": STOP, "tuned2": CONTINUE}
+    apart = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=2, group="init_from")
+    assert run(apart) == {"tuned": CONTINUE, "scratch1": CONTINUE, "scratch2": STOP, "tuned2": STOP}  # 1 of 2 each
+    assert sorted(apart.rungs_of("reference")[1][1]) == ["tuned", "tuned2"] and apart.rungs[1][1] == {}
+    assert "2: 4 recorded" in apart.debug_string()
+
+    assert [group_name(v) for v in (None, "scratch", "", "reference")] == ["scratch", "scratch", "scratch", "reference"]
+    rows = [
+        {"trial_id": t, "epoch": e, "init_from": init, "c": c, "r": 0.4}
+        for t, init, c in [("A", "reference", 0.05), ("B", "scratch", 0.08)]
+        for e in (1, 2)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet")
+    assert trial_groups(tmp_path, "init_from") == {"A": "reference", "B": "scratch"}
+    resumed = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=2, study_dir=tmp_path, group="init_from")
+    resumed.on_trial_add(None, SimpleNamespace(trial_id="C", config={"init_from": None}))
+    assert resumed.refilled == 2
+    assert list(resumed.rungs_of(None)[1][1]) == ["B"] and list(resumed.rungs_of("reference")[1][1]) == ["A"]
+    # C from scratch, worse than B on both, stops; it would go on if ranked against A's group alone
+    late = SimpleNamespace(trial_id="C", config={"init_from": None})
+    assert resumed.on_trial_result(None, late, {"training_iteration": 2, "c": 0.09, "r": 0.5}) == STOP
