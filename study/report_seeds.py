@@ -284,6 +284,13 @@ def configurations_markdown(tables: ConfigurationTables) -> list[str]:
         if others
         else ""
     )
+    tuned = sum("init_from=" in c and "init_from=scratch" not in c for c in versus["configuration"])
+    if tuned:  # their clean figures hold more training than the reference's, not only their defence
+        which += (
+            f" The {tuned} configurations with an `init_from` other than scratch started from a trained model and "
+            f"then ran their own schedule: they have had its updates and as many again, so their clean "
+            f"differences against {reference} hold that extra training as well as their defence."
+        )
     out += [
         f"## Against {reference} (held-out split, paired by seed and volume)",
         "",

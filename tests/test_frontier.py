@@ -194,6 +194,25 @@ def test_the_findings_choose_on_the_selection_volumes_and_report_the_held_out_fi
     assert ", a (chosen on the held-out volumes) changes the held-out degradation by -0.1000" in second
 
 
+def test_the_comparison_says_that_fine_tuned_configurations_had_more_training():
+    from study.report_seeds import ConfigurationTables, configurations_markdown
+
+    ref = "adversary=none, init_from=scratch"
+    rows = [
+        "adversary=pgd, init_from=reference",
+        "adversary=pgd, init_from=scratch",
+        "adversary=trades, init_from=reference",
+    ]
+    table = pd.DataFrame({"configuration": [ref, *rows], "seeds": [1] * 4})
+    versus = pd.DataFrame({"configuration": rows, "seeds": [1] * 3})
+    text = "\n".join(configurations_markdown(ConfigurationTables(table, versus, ref, [ref], "pgd", 5000.0)))
+    assert "The 2 configurations with an `init_from` other than scratch started from a trained model" in text
+    plain = versus.iloc[[1]]
+    assert "other than scratch" not in "\n".join(
+        configurations_markdown(ConfigurationTables(table, plain, ref, [ref], "pgd", 5000.0))
+    )
+
+
 def test_a_fine_tuned_trial_costs_the_reference_too(tmp_path):
     """The report's minutes per trial: a fine-tuned trial's own, plus the reference's shown beside."""
     from study.report_data import load_results
