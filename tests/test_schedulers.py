@@ -149,19 +149,24 @@ def _tune_env() -> dict[str, str]:
     return {**keep, "RAY_DISABLE_USAGE_STATS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_in_a_tune_run_dominated_trials_stop_and_the_front_runs_to_the_end(tmp_path):
-    """Four trials one at a time through Tune: the standard, a robust recipe and one better on both go
-    to the last epoch; the recipe the standard dominates stops at the first rung (epoch 2)."""
+def _run_tune(script: str, tmp_path: Path) -> dict:
+    """Run a plain Tune ``script`` (argument: ``tmp_path``) in a process of its own; its last line, JSON."""
     out = subprocess.run(
-        [sys.executable, "-c", TUNE_RUN, str(tmp_path)],
+        [sys.executable, "-c", script, str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
         cwd=REPO,
         env=_tune_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    epochs = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_in_a_tune_run_dominated_trials_stop_and_the_front_runs_to_the_end(tmp_path):
+    """Four trials one at a time through Tune: the standard, a robust recipe and one better on both go
+    to the last epoch; the recipe the standard dominates stops at the first rung (epoch 2)."""
+    epochs = _run_tune(TUNE_RUN, tmp_path)
     assert epochs == {"standard": 6, "robust": 6, "worse": 2, "both": 6}
 
 
@@ -298,16 +303,7 @@ def test_a_resumed_tune_run_judges_a_restored_trial_against_the_trials_before_th
     """Through Tune's own restore: trial b passes rungs 1 and 2 (better than a), fails at epoch 3 and is
     resumed from scratch; at rung 4, worse than a on both, it stops there, which it does only because
     the rungs were refilled from the tables (an empty rung 4 would let it run to epoch 6)."""
-    out = subprocess.run(
-        [sys.executable, "-c", RESUME_RUN, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO,
-        env=_tune_env(),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _run_tune(RESUME_RUN, tmp_path)
     for name in ("pareto", "asha"):
         assert got[name]["first"] == {"a": [6, False], "b": [2, True]}, got
         assert got[name]["resumed"] == {"a": 6, "b": 4}, got
