@@ -15,13 +15,12 @@ from study.report_seeds import ConfigurationTables, _cell, _names, _verdict, con
 __all__ = ["PSNR_COST_DB", "findings"]
 
 
-def _chosen(rows: pd.DataFrame, selection: str, held: str, best: str = "min") -> tuple[pd.Series, str]:
-    """The row with the lowest (``best="max"``: highest) ``selection`` value, the selection split's, where
-    every row has one, so that what a finding reports, the held-out figures, is not what chose it; else by
-    the held-out column ``held``. With the phrase that says which split chose."""
+def _chosen(rows: pd.DataFrame, selection: str, held: str) -> tuple[pd.Series, str]:
+    """The row with the lowest ``selection`` value, the selection split's, where every row has one, so that
+    what a finding reports, the held-out figures, is not what chose it; else the row with the lowest
+    held-out ``held``. With the phrase that says which split chose."""
     by, where = (selection, "selection") if selection in rows and rows[selection].notna().all() else (held, "held-out")
-    pick = rows[by].idxmin() if best == "min" else rows[by].idxmax()
-    return rows.loc[pick], f"chosen on the {where} volumes"
+    return rows.loc[rows[by].idxmin()], f"chosen on the {where} volumes"
 
 
 def findings(res: StudyResults, tables: ConfigurationTables | None = None) -> list[str]:

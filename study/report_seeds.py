@@ -287,7 +287,8 @@ def configurations_markdown(tables: ConfigurationTables) -> list[str]:
     tuned = sum("init_from=" in c and "init_from=scratch" not in c for c in versus["configuration"])
     if tuned:  # their clean figures hold more training than the reference's, not only their defence
         which += (
-            f" The {tuned} configurations with an `init_from` other than scratch started from a trained model and "
+            f" The {tuned} configuration{'s' if tuned > 1 else ''} with an `init_from` other than scratch started "
+            f"from a trained model and "
             f"then ran their own schedule: they have had its updates and as many again, so their clean "
             f"differences against {reference} hold that extra training as well as their defence."
         )
