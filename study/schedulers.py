@@ -23,7 +23,7 @@ that report after the resume, and more of them would run on than in the uninterr
 schedulers of :func:`for_space` refill their rungs, once, before the first trial a resumed driver
 adds: from ``trials.parquet``, whose epochs are those of the Tune state the resume starts from
 (:class:`study.results.ResultsCallback`), each trial's objectives at each milestone epoch
-(:func:`recorded_epochs`, :func:`refill`), as the rungs had recorded them. Decisions taken before the
+(:func:`study_tables`, :func:`recorded_epochs`, :func:`refill`), as the rungs had recorded them. Decisions taken before the
 stop are not retaken: a stopped trial stays stopped.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from study.analysis import pareto_mask
@@ -70,14 +71,18 @@ def continues(recorded: np.ndarray, point: np.ndarray, reduction_factor: float) 
     return bool(ranks[-1] <= np.sort(ranks)[keep - 1])
 
 
-def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tuple[str, int, list[float]]]:
-    """``(trial id, epoch, [value of each metric])`` of every epoch the tables (``trials.parquet`` and its
-    journal, :func:`study.tables.load_tables`) hold in the study folder this driver runs
-    (:func:`study.home.home`: a moved folder too); [] for a new study (no folder or file), without
-    ``study_dir``, or where the tables lack a metric. A missing value reads as NaN."""
+def study_tables(study_dir: str | Path | None) -> pd.DataFrame:
+    """The trials table (``trials.parquet`` with its journal replayed, :func:`study.tables.load_tables`)
+    of the study folder this driver runs (:func:`study.home.home`: a moved folder too); empty for a new
+    study (no folder or file) or without ``study_dir``. Read once per refill."""
     if not study_dir or not home(study_dir).is_dir():
-        return []
-    rows = load_tables(home(study_dir))[0]  # the Parquet file with its journal replayed
+        return pd.DataFrame()
+    return load_tables(home(study_dir))[0]
+
+
+def recorded_epochs(rows: pd.DataFrame, metrics: list[str]) -> list[tuple[str, int, list[float]]]:
+    """``(trial id, epoch, [value of each metric])`` of every epoch of the trials table ``rows``
+    (:func:`study_tables`); [] where it is empty or lacks a metric. A missing value reads as NaN."""
     if rows.empty or not {"trial_id", "epoch", *metrics} <= set(rows.columns):
         return []
     rows = rows[rows["epoch"] > 0]
@@ -87,11 +92,8 @@ def recorded_epochs(study_dir: str | Path | None, metrics: list[str]) -> list[tu
     ]
 
 
-def trial_groups(study_dir: str | Path | None, column: str) -> dict[str, str]:
-    """Each trial's :func:`group_name` of ``column`` (``init_from``) in the study's tables; {} without."""
-    if not study_dir or not home(study_dir).is_dir():
-        return {}
-    rows = load_tables(home(study_dir))[0]
+def trial_groups(rows: pd.DataFrame, column: str) -> dict[str, str]:
+    """Each trial's :func:`group_name` of ``column`` (``init_from``) in the trials table ``rows``; {} without."""
     if rows.empty or not {"trial_id", column} <= set(rows.columns):
         return {}
     return {str(t): group_name(v) for t, v in rows.groupby("trial_id")[column].first().items()}
@@ -200,8 +202,9 @@ class ParetoASHA(_Refilled, FIFOScheduler):
         return self.grouped.setdefault(group_name(value), [(m, {}) for m, _ in self.rungs])
 
     def _refill(self) -> int:
-        records = recorded_epochs(self.study_dir, self.metrics)
-        groups = trial_groups(self.study_dir, self.group) if getattr(self, "group", None) else {}
+        rows = study_tables(self.study_dir)
+        records = recorded_epochs(rows, self.metrics)
+        groups = trial_groups(rows, self.group) if getattr(self, "group", None) else {}
         added = 0
         for value in {groups.get(t) for t, _, _ in records}:
             mine = [(t, e, self._point(dict(zip(self.metrics, v)))) for t, e, v in records if groups.get(t) == value]
@@ -269,7 +272,7 @@ class StudyASHA(_Refilled, ASHAScheduler):
         self.study_dir = str(study_dir) if study_dir else None
 
     def _refill(self) -> int:
-        records = recorded_epochs(self.study_dir, [self._metric])
+        records = recorded_epochs(study_tables(self.study_dir), [self._metric])
         rungs = self._brackets[0]._rungs  # Ray 2.x's bracket: [(milestone, {trial id: metric_op * value})]
         return refill(rungs, [(t, e, self._metric_op * v[0] if math.isfinite(v[0]) else None) for t, e, v in records])
 
@@ -315,5 +318,6 @@ __all__ = [
     "group_name",
     "recorded_epochs",
     "refill",
+    "study_tables",
     "trial_groups",
 ]

@@ -190,9 +190,9 @@ def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path, 
 
     import pandas as pd
 
-    from study.schedulers import StudyASHA, recorded_epochs, refill
+    from study.schedulers import StudyASHA, recorded_epochs, refill, study_tables
 
-    assert recorded_epochs(tmp_path, ["c"]) == [] and recorded_epochs(None, ["c"]) == []  # a new study: none
+    assert recorded_epochs(study_tables(tmp_path), ["c"]) == [] and study_tables(None).empty  # a new study: none
     # ASHA's recording, replayed: each epoch at the highest milestone <= it unless one holds the trial
     # (so at the first epoch >= each milestone), held values kept, None (no metrics) not recorded
     rungs = [(4.0, {}), (2.25, {"B": 9.9}), (1.5, {})]
@@ -213,7 +213,7 @@ def test_the_rungs_are_refilled_from_the_tables_once_after_unpickling(tmp_path, 
         assert fresh.refilled == 0  # a new study: no tables yet
     # then the study ran: A 6 epochs at (0.05, 0.40); B was at epoch 3 when the driver stopped
     pd.DataFrame(_rows({"A": [(0.05, 0.40)] * 6, "B": [(0.04, 0.20)] * 3})).to_parquet(tmp_path / "trials.parquet")
-    assert recorded_epochs(tmp_path, ["c", "r"])[:2] == [("A", 1, [0.05, 0.40]), ("A", 2, [0.05, 0.40])]
+    assert recorded_epochs(study_tables(tmp_path), ["c", "r"])[:2] == [("A", 1, [0.05, 0.40]), ("A", 2, [0.05, 0.40])]
     for name, state in saved.items():
         restored = pickle.loads(state)
         new, b = SimpleNamespace(trial_id="C"), SimpleNamespace(trial_id="B")
@@ -316,7 +316,7 @@ def test_fine_tuned_trials_and_trials_from_scratch_are_ranked_in_rungs_of_their_
     one it dominates stops. The tables' init_from ('scratch', 'reference') refill the matching rungs."""
     import pandas as pd
 
-    from study.schedulers import group_name, trial_groups
+    from study.schedulers import group_name, study_tables, trial_groups
 
     def run(scheduler):
         out = {}
@@ -345,7 +345,7 @@ def test_fine_tuned_trials_and_trials_from_scratch_are_ranked_in_rungs_of_their_
         for e in (1, 2)
     ]
     pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet")
-    assert trial_groups(tmp_path, "init_from") == {"A": "reference", "B": "scratch"}
+    assert trial_groups(study_tables(tmp_path), "init_from") == {"A": "reference", "B": "scratch"}
     resumed = ParetoASHA(["c", "r"], ["min", "min"], max_t=6, grace_period=2, study_dir=tmp_path, group="init_from")
     resumed.on_trial_add(None, SimpleNamespace(trial_id="C", config={"init_from": None}))
     assert resumed.refilled == 2
